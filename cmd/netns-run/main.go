@@ -1,0 +1,174 @@
+// Command netns-run runs a command in new user and network namespaces with
+// userspace networking: the unprivileged way to get a networked sandbox.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+
+	"github.com/spf13/pflag"
+
+	"github.com/netns-run/netns-run/launcher"
+	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/tap"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// Exit codes for failures of netns-run itself, as env(1) and chroot(1) use.
+const exitSetupFailed = 125
+
+const usageText = `Usage: netns-run [OPTION]... -- COMMAND [ARG]...
+Run COMMAND in new user, network, mount and UTS namespaces with userspace
+networking, without root.
+
+Inside, COMMAND is root (mapped to your own uid) and sees a TAP interface
+with address 10.0.2.100/24, default gateway 10.0.2.2 (the host's 127.0.0.1
+unless --disable-host-loopback) and DNS at 10.0.2.3 (forwarded to the host's
+resolvers). /etc/resolv.conf is replaced inside only.
+
+Options:
+`
+
+const usageTail = `
+Exit status: COMMAND's own, 128+N if it was killed by signal N, 125 if
+netns-run itself failed, 126/127 if COMMAND could not be run / found.
+
+Examples:
+  netns-run -- ip addr
+  netns-run --mtu 1500 -- curl http://10.0.2.2:8080/
+  netns-run --disable-host-loopback -- sh
+
+If /dev/net/tun cannot be opened, see "Troubleshooting" in the README.
+`
+
+type options struct {
+	mtu                 int
+	disableHostLoopback bool
+	dnsUpstreams        []string
+	debug               bool
+	version             bool
+	help                bool
+}
+
+func main() {
+	if launcher.IsChild() {
+		launcher.RunChild()
+	}
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	opts, cmdArgs, err := parseFlags(args, stdout)
+	if errors.Is(err, pflag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "netns-run: %v\nTry 'netns-run --help' for more information.\n", err)
+		return exitSetupFailed
+	}
+	if opts.version {
+		fmt.Fprintf(stdout, "netns-run version %s\n", version)
+		return 0
+	}
+	level := slog.LevelWarn
+	if opts.debug {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+	netCfg := netstack.DefaultConfig()
+	netCfg.MTU = uint32(opts.mtu)
+	netCfg.DisableHostLoopback = opts.disableHostLoopback
+	netCfg.Logger = log
+	netCfg.DNSUpstreams, err = dnsUpstreams(opts.dnsUpstreams)
+	if err != nil {
+		fmt.Fprintf(stderr, "netns-run: %v\n", err)
+		return exitSetupFailed
+	}
+	if len(netCfg.DNSUpstreams) == 0 {
+		log.Warn("no nameserver found in /etc/resolv.conf; DNS inside will not resolve (use --dns-upstream)")
+	}
+
+	guest := launcher.GuestConfig{
+		TapName:    "tap0",
+		MTU:        opts.mtu,
+		TxQueueLen: 10000,
+		Address:    netip.PrefixFrom(netstack.DefaultGuestAddr, netCfg.Network.Bits()),
+		Gateway:    netCfg.Gateway,
+		Nameserver: netCfg.DNS,
+	}
+	code, err := launcher.Run(context.Background(), launcher.Options{
+		Args:   cmdArgs,
+		Guest:  guest,
+		Logger: log,
+		Network: func(ctx context.Context, dev tap.Device, _ net.HardwareAddr) (io.Closer, error) {
+			return netstack.New(ctx, netCfg, dev)
+		},
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "netns-run: %v\n", err)
+		return exitSetupFailed
+	}
+	return code
+}
+
+func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
+	var o options
+	fs := pflag.NewFlagSet("netns-run", pflag.ContinueOnError)
+	// Errors are reported once, by run; help is printed on request only.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	// Everything from the first non-flag word on belongs to COMMAND.
+	fs.SetInterspersed(false)
+	fs.IntVar(&o.mtu, "mtu", netstack.DefaultMTU, "MTU of the namespace's tap0 (68-65521)")
+	fs.BoolVar(&o.disableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway 10.0.2.2 (the host's loopback) and to 127.0.0.0/8")
+	fs.StringArrayVar(&o.dnsUpstreams, "dns-upstream", nil, "DNS server ADDR[:PORT] the forwarder at 10.0.2.3 asks (repeatable; default: nameservers in /etc/resolv.conf)")
+	fs.BoolVar(&o.debug, "debug", false, "log setup steps and every flow to stderr")
+	fs.BoolVarP(&o.help, "help", "h", false, "show this help and exit")
+	fs.BoolVar(&o.version, "version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		return o, nil, err
+	}
+	if o.help {
+		fmt.Fprint(stdout, usageText+fs.FlagUsages()+usageTail)
+		return o, nil, pflag.ErrHelp
+	}
+	if o.version {
+		return o, nil, nil
+	}
+	if o.mtu < 68 || o.mtu > 65521 {
+		return o, nil, fmt.Errorf("--mtu %d: must be between 68 and 65521", o.mtu)
+	}
+	rest := fs.Args()
+	if len(rest) == 0 {
+		return o, nil, errors.New("missing COMMAND (usage: netns-run [OPTION]... -- COMMAND [ARG]...)")
+	}
+	return o, rest, nil
+}
+
+func dnsUpstreams(flags []string) ([]netip.AddrPort, error) {
+	if len(flags) == 0 {
+		servers, err := netstack.ReadResolvConf("/etc/resolv.conf")
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
+		return servers, nil
+	}
+	var out []netip.AddrPort
+	for _, f := range flags {
+		ap, err := netstack.ParseDNSUpstream(f)
+		if err != nil {
+			return nil, fmt.Errorf("--dns-upstream: %w", err)
+		}
+		out = append(out, ap)
+	}
+	return out, nil
+}

@@ -1,0 +1,202 @@
+package launcher
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/tap"
+)
+
+// childFD is where the parent puts its end of the handshake socket
+// (the first of exec.Cmd's ExtraFiles).
+const childFD = 3
+
+// IsChild reports whether this process is the re-executed namespace child.
+// Binaries that use Run must check it first thing in main and call RunChild.
+func IsChild() bool {
+	return os.Getenv(childEnv) == "1"
+}
+
+// RunChild sets up the namespace, then execs the command. It never returns:
+// on failure it reports to the parent and exits.
+func RunChild() {
+	os.Unsetenv(childEnv)
+	f := os.NewFile(childFD, "launcher-child")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: namespace child: handshake socket: %v\n", err)
+		os.Exit(125)
+	}
+	conn := c.(*net.UnixConn)
+	ch := channel{conn: conn}
+
+	args, err := setUpChild(ch)
+	if err != nil {
+		var fail *childFailure
+		if !errors.As(err, &fail) {
+			fail = &childFailure{Step: "handshake", Message: err.Error()}
+		}
+		_ = ch.send(message{Kind: kindFailure, Failure: fail})
+		os.Exit(125)
+	}
+	conn.Close()
+	os.Exit(execCommand(args))
+}
+
+func failed(step string, err error) error {
+	return &childFailure{Step: step, Message: err.Error()}
+}
+
+func setUpChild(ch channel) ([]string, error) {
+	m, _, err := ch.recv(kindConfig)
+	if err != nil {
+		return nil, err
+	}
+	if m.Config == nil {
+		return nil, errors.New("config message without body")
+	}
+	cfg := m.Config
+	if err := replaceResolvConf(cfg.Guest); err != nil {
+		// Networking still works without it; only name lookups through
+		// the host's file may not. Say so and go on.
+		fmt.Fprintf(os.Stderr, "netns-run: warning: %v; DNS inside the namespace uses the host's resolv.conf\n", err)
+	}
+	dev, mac, err := configureNetwork(cfg.Guest)
+	if err != nil {
+		return nil, err
+	}
+	ready := tapReady{Name: dev.Name(), MAC: mac.String(), Queues: len(dev.Queues())}
+	err = ch.send(message{Kind: kindTap, Tap: &ready}, dev.Queues()...)
+	// The parent has its own copies now; ours must not leak into the command.
+	dev.Close()
+	if err != nil {
+		return nil, err
+	}
+	if _, _, err := ch.recv(kindProceed); err != nil {
+		return nil, err
+	}
+	return cfg.Args, nil
+}
+
+// configureNetwork brings up lo, creates the TAP and gives it the guest
+// address, MTU and default route.
+func configureNetwork(g GuestConfig) (*tap.TapDevice, net.HardwareAddr, error) {
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return nil, nil, failed("find lo", err)
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		return nil, nil, failed("bring up lo", err)
+	}
+	dev, err := tap.Create(g.TapName, tap.Options{})
+	if err != nil {
+		return nil, nil, failed("create tap", err)
+	}
+	mac, err := configureTap(dev.Name(), g)
+	if err != nil {
+		dev.Close()
+		return nil, nil, err
+	}
+	return dev, mac, nil
+}
+
+func configureTap(name string, g GuestConfig) (net.HardwareAddr, error) {
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		return nil, failed("find "+name, err)
+	}
+	if err := netlink.LinkSetMTU(link, g.MTU); err != nil {
+		return nil, failed(fmt.Sprintf("set mtu %d on %s", g.MTU, name), err)
+	}
+	if g.TxQueueLen > 0 {
+		// The kernel default of 1000 frames overflows silently when the
+		// stack's receive window is larger than that at small MTUs.
+		if err := netlink.LinkSetTxQLen(link, g.TxQueueLen); err != nil {
+			return nil, failed("set txqueuelen on "+name, err)
+		}
+	}
+	addr := &netlink.Addr{IPNet: &net.IPNet{
+		IP:   g.Address.Addr().AsSlice(),
+		Mask: net.CIDRMask(g.Address.Bits(), g.Address.Addr().BitLen()),
+	}}
+	if err := netlink.AddrAdd(link, addr); err != nil {
+		return nil, failed(fmt.Sprintf("add address %s to %s", g.Address, name), err)
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return nil, failed("bring up "+name, err)
+	}
+	route := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: g.Gateway.AsSlice()}
+	if err := netlink.RouteAdd(route); err != nil {
+		return nil, failed("add default route via "+g.Gateway.String(), err)
+	}
+	return link.Attrs().HardwareAddr, nil
+}
+
+const resolvConfPath = "/etc/resolv.conf"
+
+// replaceResolvConf bind-mounts a generated resolv.conf over the host's in
+// the child's private mount namespace. The source is a temporary file that is
+// removed right after mounting: the mount keeps the inode alive, so nothing
+// is left on disk. (A memfd would be neater, but the kernel refuses to
+// bind-mount from its internal mount.)
+func replaceResolvConf(g GuestConfig) error {
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make mounts private: %w", err)
+	}
+	f, err := os.CreateTemp("", "netns-run-resolv-*.conf")
+	if err != nil {
+		return fmt.Errorf("create resolv.conf: %w", err)
+	}
+	defer os.Remove(f.Name())
+	_, werr := fmt.Fprintf(f, "nameserver %s\n", g.Nameserver)
+	if cerr := f.Close(); werr == nil {
+		werr = cerr
+	}
+	if werr != nil {
+		return fmt.Errorf("write resolv.conf: %w", werr)
+	}
+	if err := os.Chmod(f.Name(), 0o644); err != nil {
+		return fmt.Errorf("write resolv.conf: %w", err)
+	}
+	if err := unix.Mount(f.Name(), resolvConfPath, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind-mount over %s: %w", resolvConfPath, err)
+	}
+	return nil
+}
+
+// execCommand replaces the child with the command. It returns only on
+// failure, with the exit code a shell would use (127 not found, 126 not
+// executable).
+func execCommand(args []string) int {
+	path, err := exec.LookPath(args[0])
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: %s: %v\n", args[0], lookPathReason(err))
+		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
+			return 127
+		}
+		return 126
+	}
+	err = unix.Exec(path, args, os.Environ())
+	fmt.Fprintf(os.Stderr, "netns-run: exec %s: %v\n", path, err)
+	if errors.Is(err, unix.ENOENT) {
+		return 127
+	}
+	return 126
+}
+
+func lookPathReason(err error) string {
+	var e *exec.Error
+	if errors.As(err, &e) {
+		return strings.TrimPrefix(e.Err.Error(), "exec: ")
+	}
+	return err.Error()
+}

@@ -1,0 +1,109 @@
+package launcher
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+
+	"github.com/netns-run/netns-run/tap"
+)
+
+// The parent and the re-executed child talk over a SOCK_SEQPACKET socketpair:
+// every message is one datagram holding one JSON object, so no framing is
+// needed and a short read is an error rather than a partial message.
+//
+//	parent -> child   childConfig
+//	child  -> parent  tapReady (+ TAP queue fds)   or  childFailure
+//	parent -> child   proceed                      (or the socket closes)
+//	child             execs CMD
+const maxMessage = 64 << 10
+
+type messageKind string
+
+const (
+	kindConfig  messageKind = "config"
+	kindTap     messageKind = "tap"
+	kindFailure messageKind = "failure"
+	kindProceed messageKind = "proceed"
+)
+
+// message is the envelope of every datagram; exactly one body field is set,
+// matching Kind.
+type message struct {
+	Kind    messageKind   `json:"kind"`
+	Config  *childConfig  `json:"config,omitempty"`
+	Tap     *tapReady     `json:"tap,omitempty"`
+	Failure *childFailure `json:"failure,omitempty"`
+}
+
+// childConfig is everything the child needs to set up the namespace.
+type childConfig struct {
+	Guest GuestConfig `json:"guest"`
+	Args  []string    `json:"args"`
+}
+
+// tapReady announces the TAP queues carried as SCM_RIGHTS with the message.
+type tapReady struct {
+	Name   string `json:"name"`
+	MAC    string `json:"mac"`
+	Queues int    `json:"queues"`
+}
+
+// childFailure reports why the child could not set up the namespace.
+type childFailure struct {
+	Step    string `json:"step"`
+	Message string `json:"message"`
+}
+
+func (f *childFailure) Error() string {
+	return f.Step + ": " + f.Message
+}
+
+type channel struct {
+	conn *net.UnixConn
+}
+
+func (c channel) send(m message, files ...*os.File) error {
+	b, err := json.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("encode %s message: %w", m.Kind, err)
+	}
+	if len(b) > maxMessage {
+		return fmt.Errorf("encode %s message: %d bytes exceed %d", m.Kind, len(b), maxMessage)
+	}
+	return tap.SendFiles(c.conn, b, files...)
+}
+
+// recv reads one message and checks it is of the wanted kind (or a failure,
+// which is returned as an error). Any files that came with it are returned.
+func (c channel) recv(want messageKind) (message, []*os.File, error) {
+	buf := make([]byte, maxMessage)
+	n, files, err := tap.RecvFiles(c.conn, buf)
+	if err != nil {
+		return message{}, nil, err
+	}
+	closeAll := func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}
+	if n == 0 {
+		closeAll()
+		return message{}, nil, fmt.Errorf("waiting for %s message: peer closed the channel", want)
+	}
+	var m message
+	if err := json.Unmarshal(buf[:n], &m); err != nil {
+		closeAll()
+		return message{}, nil, fmt.Errorf("decode message: %w", err)
+	}
+	if m.Kind == kindFailure && m.Failure != nil {
+		closeAll()
+		return message{}, nil, m.Failure
+	}
+	if m.Kind != want {
+		closeAll()
+		return message{}, nil, fmt.Errorf("protocol error: got %q message, want %q", m.Kind, want)
+	}
+	return m, files, nil
+}

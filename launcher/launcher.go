@@ -1,0 +1,203 @@
+// Package launcher starts a command in fresh user, network, mount and UTS
+// namespaces with a TAP device for userspace networking.
+//
+// It follows rootlesskit's parent/child split. The parent (the process the
+// user ran, still in the host namespaces) re-executes its own binary with
+// CLONE_NEWUSER|CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWUTS. The child, root in its
+// new user namespace, configures loopback and the TAP with netlink, replaces
+// /etc/resolv.conf in its private mount namespace, passes the TAP queues back
+// over a socketpair with SCM_RIGHTS and, once the parent has the network up,
+// execs the command. The parent serves the TAP until the command exits.
+//
+// Because the namespaces are created by clone itself, no thread of the child
+// ever runs outside them; joining existing namespaces (usernet's PID mode)
+// needs a different mechanism.
+package launcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"runtime"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/tap"
+)
+
+// childEnv marks the re-executed process as the namespace child.
+const childEnv = "_NETNS_RUN_LAUNCHER_CHILD"
+
+// handshakeTimeout bounds how long the parent waits for the child to set up
+// the namespace; it only matters when something is badly wrong.
+const handshakeTimeout = 30 * time.Second
+
+// GuestConfig describes the network the command sees inside the namespace.
+type GuestConfig struct {
+	TapName    string         `json:"tap_name"`
+	MTU        int            `json:"mtu"`
+	TxQueueLen int            `json:"tx_queue_len"`
+	Address    netip.Prefix   `json:"address"`
+	Gateway    netip.Addr     `json:"gateway"`
+	Nameserver netip.Addr     `json:"nameserver"`
+}
+
+// NetworkFunc starts the host side of the network on the TAP the child
+// created. Run closes the returned Closer after the command and everything
+// it left in the namespace are gone. dev is owned by the network from then on.
+type NetworkFunc func(ctx context.Context, dev tap.Device, guestMAC net.HardwareAddr) (io.Closer, error)
+
+// Options configure Run.
+type Options struct {
+	Args    []string
+	Guest   GuestConfig
+	Network NetworkFunc
+	Logger  *slog.Logger
+}
+
+// Run starts opts.Args in new namespaces, serves its network and returns its
+// exit status: the command's own code, or 128+N when a signal N killed it.
+// An error means the namespace could not be set up; the command then did not
+// run.
+func Run(ctx context.Context, opts Options) (int, error) {
+	if len(opts.Args) == 0 {
+		return 0, errors.New("no command given")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	// Pdeathsig fires when the thread that started the child exits, so
+	// that thread must live as long as the child does.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+
+	// Catch the forwarded signals before the child exists so none is lost.
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGHUP)
+	defer signal.Stop(sigs)
+
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("socketpair: %w", err)
+	}
+	childEnd := os.NewFile(uintptr(pair[1]), "launcher-child")
+	conn, err := unixConn(pair[0])
+	if err != nil {
+		childEnd.Close()
+		return 0, err
+	}
+	defer conn.Close()
+	ch := channel{conn: conn}
+
+	term := foregroundTerminal()
+	cmd := exec.Command("/proc/self/exe")
+	cmd.Args = []string{os.Args[0]}
+	cmd.Env = append(os.Environ(), childEnv+"=1")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.ExtraFiles = []*os.File{childEnd}
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags:                 unix.CLONE_NEWUSER | unix.CLONE_NEWNET | unix.CLONE_NEWNS | unix.CLONE_NEWUTS,
+		UidMappings:                []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getuid(), Size: 1}},
+		GidMappings:                []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getgid(), Size: 1}},
+		GidMappingsEnableSetgroups: false,
+		Pdeathsig:                  unix.SIGKILL,
+	}
+	if term != nil {
+		// The command gets its own process group in the terminal's
+		// foreground, so Ctrl-C and job control reach it and not us.
+		cmd.SysProcAttr.Foreground = true
+		cmd.SysProcAttr.Ctty = 0
+	}
+	err = cmd.Start()
+	childEnd.Close()
+	if err != nil {
+		return 0, explainStartError(err)
+	}
+	child := &childProcess{pid: cmd.Process.Pid, term: term}
+	log.Debug("namespace child started", "pid", child.pid)
+
+	network, err := setUp(ctx, ch, opts, child.pid)
+	if err != nil {
+		code, _ := child.killAndWait()
+		if code != 0 && errors.Is(err, errPeerGone) {
+			return 0, fmt.Errorf("namespace child exited with status %d before it was ready: %w", code, err)
+		}
+		return 0, err
+	}
+	conn.Close()
+
+	code := child.supervise(sigs, log)
+	child.killLeftovers(log)
+	if err := network.Close(); err != nil {
+		log.Warn("stopping the network", "err", err)
+	}
+	return code, nil
+}
+
+var errPeerGone = errors.New("namespace child went away")
+
+// setUp runs the parent's half of the handshake and starts the network.
+func setUp(ctx context.Context, ch channel, opts Options, pid int) (io.Closer, error) {
+	if err := ch.conn.SetDeadline(time.Now().Add(handshakeTimeout)); err != nil {
+		return nil, fmt.Errorf("handshake: %w", err)
+	}
+	cfg := childConfig{Guest: opts.Guest, Args: opts.Args}
+	if err := ch.send(message{Kind: kindConfig, Config: &cfg}); err != nil {
+		return nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
+	}
+	m, files, err := ch.recv(kindTap)
+	if err != nil {
+		var fail *childFailure
+		if errors.As(err, &fail) {
+			return nil, fmt.Errorf("set up namespace: %w", err)
+		}
+		return nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
+	}
+	if m.Tap == nil || len(files) == 0 || len(files) != m.Tap.Queues {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, fmt.Errorf("handshake: child sent %d TAP queues, announced %v", len(files), m.Tap)
+	}
+	dev := tap.FromFiles(m.Tap.Name, files)
+	mac, err := net.ParseMAC(m.Tap.MAC)
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("handshake: guest MAC %q: %w", m.Tap.MAC, err)
+	}
+	network, err := opts.Network(ctx, dev, mac)
+	if err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("start network: %w", err)
+	}
+	if err := ch.send(message{Kind: kindProceed}); err != nil {
+		network.Close()
+		return nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
+	}
+	return network, nil
+}
+
+func unixConn(fd int) (*net.UnixConn, error) {
+	f := os.NewFile(uintptr(fd), "launcher-parent")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("socketpair: %w", err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("socketpair: unexpected connection type %T", c)
+	}
+	return uc, nil
+}

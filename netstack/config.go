@@ -1,0 +1,132 @@
+package netstack
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+)
+
+// Config describes the virtual network the guest sees and how the helper
+// reaches the outside on its behalf.
+type Config struct {
+	// MTU of the guest link; the TAP must use the same.
+	MTU uint32
+	// Network is the guest subnet (10.0.2.0/24 by default).
+	Network netip.Prefix
+	// Gateway is the guest's default router; connections to it go to the
+	// host's loopback unless DisableHostLoopback is set.
+	Gateway netip.Addr
+	// DNS is the address of the built-in DNS forwarder.
+	DNS netip.Addr
+	// GatewayMAC is the Ethernet address the stack answers with.
+	GatewayMAC net.HardwareAddr
+	// DisableHostLoopback refuses every flow that would end on the
+	// host's loopback addresses.
+	DisableHostLoopback bool
+	// DNSUpstreams are the servers the DNS forwarder asks, in order.
+	DNSUpstreams []netip.AddrPort
+	// Logger receives debug detail and one line per problem. Nil: quiet.
+	Logger *slog.Logger
+}
+
+// Default addressing, identical to slirp4netns so guests and tools that
+// hard-code it keep working.
+var (
+	DefaultNetwork   = netip.MustParsePrefix("10.0.2.0/24")
+	DefaultGateway   = netip.MustParseAddr("10.0.2.2")
+	DefaultDNS       = netip.MustParseAddr("10.0.2.3")
+	DefaultGuestAddr = netip.MustParseAddr("10.0.2.100")
+)
+
+// DefaultMTU matches slirp4netns and rootlesskit: large frames make the
+// userspace stack cheaper per byte.
+const DefaultMTU = 65520
+
+// DefaultGatewayMAC is the locally administered address of the gateway.
+var DefaultGatewayMAC = net.HardwareAddr{0x52, 0x55, 0x0a, 0x00, 0x02, 0x02}
+
+// DefaultConfig returns the slirp4netns-compatible addressing.
+func DefaultConfig() Config {
+	return Config{
+		MTU:        DefaultMTU,
+		Network:    DefaultNetwork,
+		Gateway:    DefaultGateway,
+		DNS:        DefaultDNS,
+		GatewayMAC: DefaultGatewayMAC,
+	}
+}
+
+func (c *Config) validate() error {
+	if c.MTU < 68 || c.MTU > 65521 {
+		return fmt.Errorf("mtu %d out of range 68..65521", c.MTU)
+	}
+	if !c.Network.IsValid() || !c.Network.Addr().Is4() {
+		return fmt.Errorf("network %v: want an IPv4 prefix", c.Network)
+	}
+	for name, a := range map[string]netip.Addr{"gateway": c.Gateway, "dns": c.DNS} {
+		if !c.Network.Contains(a) {
+			return fmt.Errorf("%s %v is outside network %v", name, a, c.Network)
+		}
+	}
+	if len(c.GatewayMAC) != 6 {
+		return fmt.Errorf("gateway MAC %v: want 6 bytes", c.GatewayMAC)
+	}
+	return nil
+}
+
+const dnsPort = 53
+
+// ParseDNSUpstream parses ADDR or ADDR:PORT ([ADDR]:PORT for IPv6); the
+// port defaults to 53.
+func ParseDNSUpstream(s string) (netip.AddrPort, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		if ap.Port() == 0 {
+			return netip.AddrPort{}, fmt.Errorf("dns upstream %q: port 0", s)
+		}
+		return ap, nil
+	}
+	a, err := netip.ParseAddr(strings.Trim(s, "[]"))
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("dns upstream %q: want ADDR or ADDR:PORT ([ADDR]:PORT for IPv6)", s)
+	}
+	if a.Zone() != "" {
+		return netip.AddrPort{}, fmt.Errorf("dns upstream %q: zoned addresses are not supported", s)
+	}
+	return netip.AddrPortFrom(a, dnsPort), nil
+}
+
+// ReadResolvConf returns the nameservers listed in a resolv.conf file.
+func ReadResolvConf(path string) ([]netip.AddrPort, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read nameservers: %w", err)
+	}
+	defer f.Close()
+	return parseResolvConf(f)
+}
+
+func parseResolvConf(r io.Reader) ([]netip.AddrPort, error) {
+	var servers []netip.AddrPort
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 2 || fields[0] != "nameserver" {
+			continue
+		}
+		// Link-local IPv6 servers carry a zone ("fe80::1%eth0").
+		a, err := netip.ParseAddr(fields[1])
+		if err != nil {
+			continue
+		}
+		servers = append(servers, netip.AddrPortFrom(a, dnsPort))
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read nameservers: %w", err)
+	}
+	return servers, nil
+}

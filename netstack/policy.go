@@ -1,0 +1,39 @@
+package netstack
+
+import (
+	"net/netip"
+)
+
+var hostLoopback4 = netip.MustParseAddr("127.0.0.1")
+
+// hostTarget maps the destination a guest flow was sent to onto the address
+// the helper connects to on the host, or refuses it.
+//
+// The DNS address is not handled here: its flows go to the forwarder.
+func (s *Stack) hostTarget(dst netip.AddrPort) (netip.AddrPort, error) {
+	a := dst.Addr().Unmap()
+	switch {
+	case a == s.cfg.Gateway:
+		if s.cfg.DisableHostLoopback {
+			return netip.AddrPort{}, errBlocked
+		}
+		return netip.AddrPortFrom(hostLoopback4, dst.Port()), nil
+	case a.IsLoopback():
+		// A guest's own kernel never routes loopback out of the TAP;
+		// only a crafted packet gets here.
+		if s.cfg.DisableHostLoopback {
+			return netip.AddrPort{}, errBlocked
+		}
+	case a.IsUnspecified(), a.IsMulticast(), a == limitedBroadcast:
+		return netip.AddrPort{}, errBlocked
+	case s.cfg.Network.Contains(a):
+		// Nothing but the gateway and DNS lives in the guest subnet.
+		return netip.AddrPort{}, errBlocked
+	}
+	if dst.Port() == 0 {
+		return netip.AddrPort{}, errBlocked
+	}
+	return netip.AddrPortFrom(a, dst.Port()), nil
+}
+
+var limitedBroadcast = netip.MustParseAddr("255.255.255.255")

@@ -1,0 +1,138 @@
+package netstack
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+)
+
+// relayBufferSize is the copy buffer of one direction of one flow.
+const relayBufferSize = 64 << 10
+
+var relayBuffers = sync.Pool{New: func() any {
+	b := make([]byte, relayBufferSize)
+	return &b
+}}
+
+// relayTCP copies both ways between a guest connection and a host socket
+// until both directions have finished or ctx ends. A FIN on one side becomes
+// a half-close on the other; a reset or error on one side resets the other.
+// It returns the bytes copied guest->host and host->guest.
+func relayTCP(ctx context.Context, guest *gonet.TCPConn, ep tcpip.Endpoint, host *net.TCPConn) (up, down int64) {
+	var once sync.Once
+	abort := func() {
+		once.Do(func() {
+			// Linger 0 makes Close send RST rather than FIN.
+			_ = host.SetLinger(0)
+			host.Close()
+			ep.Abort()
+		})
+	}
+	stop := context.AfterFunc(ctx, abort)
+	defer stop()
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		var err error
+		down, err = copyStream(guest, host)
+		if err != nil {
+			abort()
+			return
+		}
+		_ = guest.CloseWrite()
+	}()
+	var err error
+	up, err = copyStream(host, guest)
+	if err != nil {
+		abort()
+	} else {
+		_ = host.CloseWrite()
+	}
+	wg.Wait()
+	guest.Close()
+	host.Close()
+	return up, down
+}
+
+// copyStream copies src to dst until EOF (nil error) or a failure.
+func copyStream(dst io.Writer, src io.Reader) (int64, error) {
+	bp := relayBuffers.Get().(*[]byte)
+	defer relayBuffers.Put(bp)
+	buf := *bp
+	var total int64
+	for {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			w, werr := dst.Write(buf[:n])
+			total += int64(w)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if rerr == io.EOF {
+			return total, nil
+		}
+		if rerr != nil {
+			return total, rerr
+		}
+	}
+}
+
+// relayDatagrams copies datagrams both ways between two connected sockets
+// until neither direction has seen traffic for idle, or ctx ends.
+func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duration) {
+	var closeOnce sync.Once
+	closeBoth := func() {
+		closeOnce.Do(func() {
+			guest.Close()
+			host.Close()
+		})
+	}
+	stop := context.AfterFunc(ctx, closeBoth)
+	defer stop()
+
+	var last atomic.Int64
+	last.Store(time.Now().UnixNano())
+	pump := func(dst, src net.Conn) {
+		defer closeBoth()
+		bp := relayBuffers.Get().(*[]byte)
+		defer relayBuffers.Put(bp)
+		buf := *bp
+		for {
+			_ = src.SetReadDeadline(time.Unix(0, last.Load()).Add(idle))
+			n, err := src.Read(buf)
+			if err != nil {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() && time.Since(time.Unix(0, last.Load())) < idle {
+					continue // the other direction kept the flow alive
+				}
+				if isRefused(err) {
+					// An ICMP error from the far end; the flow stays.
+					continue
+				}
+				return
+			}
+			last.Store(time.Now().UnixNano())
+			if _, err := dst.Write(buf[:n]); err != nil && !isRefused(err) {
+				return
+			}
+		}
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		pump(guest, host)
+	}()
+	pump(host, guest)
+	wg.Wait()
+}

@@ -1,0 +1,207 @@
+// Package netstack is the host side of the userspace network: a gVisor
+// TCP/IP stack on the guest's TAP that answers for every destination and turns
+// each guest flow into an ordinary host socket.
+//
+// The forwarders follow gvisor-tap-vsock's shape: a TCP SYN is held until the
+// host connection is up, so a refused or unreachable destination becomes an
+// RST for the guest instead of a connection that dies after the handshake.
+package netstack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
+	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+
+	"github.com/netns-run/netns-run/tap"
+)
+
+const nicID tcpip.NICID = 1
+
+// maxInFlightSYNs bounds connections the TCP forwarder is still dialing;
+// SYNs beyond it are dropped (the guest retries). gvisor-tap-vsock's 10 is
+// far too low for a build that opens many connections at once.
+const maxInFlightSYNs = 4096
+
+// Stack is a running userspace network attached to one TAP device.
+type Stack struct {
+	cfg    Config
+	log    *slog.Logger
+	dev    tap.Device
+	stack  *stack.Stack
+	ctx    context.Context
+	cancel context.CancelFunc
+	flows  flowGroup
+	closed sync.Once
+}
+
+// New starts serving the guest behind dev. The Stack owns dev from now on
+// and closes it in Close.
+func New(ctx context.Context, cfg Config, dev tap.Device) (*Stack, error) {
+	if err := cfg.validate(); err != nil {
+		dev.Close()
+		return nil, fmt.Errorf("netstack config: %w", err)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Stack{cfg: cfg, log: log, dev: dev}
+	s.ctx, s.cancel = context.WithCancel(ctx)
+	if err := s.start(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Stack) start() error {
+	s.stack = stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+	})
+	if err := s.tuneTCP(); err != nil {
+		return err
+	}
+	fds := make([]int, 0, len(s.dev.Queues()))
+	for _, q := range s.dev.Queues() {
+		fds = append(fds, int(q.Fd()))
+	}
+	link, err := fdbased.New(&fdbased.Options{
+		FDs:            fds,
+		MTU:            s.cfg.MTU,
+		EthernetHeader: true,
+		Address:        tcpip.LinkAddress(s.cfg.GatewayMAC),
+		// The guest kernel checksums what it sends through a TAP without
+		// offloads, so verifying again here only costs CPU. Outbound
+		// frames must carry real checksums: the guest checks them.
+		RXChecksumOffload: true,
+	})
+	if err != nil {
+		return fmt.Errorf("tap link endpoint: %w", err)
+	}
+	if terr := s.stack.CreateNIC(nicID, link); terr != nil {
+		return fmt.Errorf("create NIC: %s", terr)
+	}
+	// The gateway and DNS addresses are the stack's own: it answers ARP
+	// and ICMP echo for them itself.
+	for _, a := range []netip.Addr{s.cfg.Gateway, s.cfg.DNS} {
+		pa := tcpip.ProtocolAddress{
+			Protocol:          ipv4.ProtocolNumber,
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpipAddr(a), PrefixLen: s.cfg.Network.Bits()},
+		}
+		if terr := s.stack.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); terr != nil {
+			return fmt.Errorf("add address %s: %s", a, terr)
+		}
+	}
+	// Promiscuous: accept packets for any destination, so every outside
+	// address is "local" to the stack. Spoofing: reply from those addresses.
+	if terr := s.stack.SetPromiscuousMode(nicID, true); terr != nil {
+		return fmt.Errorf("promiscuous mode: %s", terr)
+	}
+	if terr := s.stack.SetSpoofing(nicID, true); terr != nil {
+		return fmt.Errorf("spoofing: %s", terr)
+	}
+	s.stack.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: nicID},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID},
+	})
+	tcpFwd := tcp.NewForwarder(s.stack, 0, maxInFlightSYNs, s.handleTCP)
+	s.stack.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
+	udpFwd := udp.NewForwarder(s.stack, s.handleUDP)
+	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
+	s.log.Debug("netstack up", "mtu", s.cfg.MTU, "gateway", s.cfg.Gateway, "dns", s.cfg.DNS,
+		"host_loopback", !s.cfg.DisableHostLoopback, "dns_upstreams", s.cfg.DNSUpstreams)
+	return nil
+}
+
+// tuneTCP sets the options gVisor leaves conservative by default.
+func (s *Stack) tuneTCP() error {
+	sack := tcpip.TCPSACKEnabled(true)
+	moderate := tcpip.TCPModerateReceiveBufferOption(true)
+	opts := []tcpip.SettableTransportProtocolOption{
+		&sack,
+		&moderate,
+		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
+		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
+	}
+	for _, o := range opts {
+		if terr := s.stack.SetTransportProtocolOption(tcp.ProtocolNumber, o); terr != nil {
+			return fmt.Errorf("tcp option %T: %s", o, terr)
+		}
+	}
+	return nil
+}
+
+// Close stops every flow and the stack, then closes the TAP. It waits for
+// all goroutines the Stack started.
+func (s *Stack) Close() error {
+	s.closed.Do(func() {
+		s.cancel()
+		// Closing the stack first aborts every gVisor endpoint, which
+		// unblocks flows still in a handshake with a silent guest.
+		if s.stack != nil {
+			s.stack.Close()
+		}
+		s.flows.closeAndWait()
+		if s.stack != nil {
+			s.stack.Wait()
+		}
+		s.dev.Close()
+	})
+	return nil
+}
+
+// flowGroup tracks the goroutines serving flows so Close can wait for them.
+type flowGroup struct {
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// enter registers a flow goroutine; it fails once the group is closing.
+func (g *flowGroup) enter() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return false
+	}
+	g.wg.Add(1)
+	return true
+}
+
+func (g *flowGroup) leave() { g.wg.Done() }
+
+// spawn runs f in a tracked goroutine, or not at all when closing.
+func (g *flowGroup) spawn(f func()) bool {
+	if !g.enter() {
+		return false
+	}
+	go func() {
+		defer g.leave()
+		f()
+	}()
+	return true
+}
+
+func (g *flowGroup) closeAndWait() {
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
+	g.wg.Wait()
+}
+
+var errBlocked = errors.New("destination blocked by policy")

@@ -1,0 +1,58 @@
+// Command nettool is the traffic generator and test server of the
+// integration tests and benchmarks: echo servers, a DNS server that knows
+// test names, and clients that check what comes back with sha256.
+//
+// Servers print "listening ADDR" on stdout once ready. Clients print one
+// result line and exit non-zero on any mismatch.
+package main
+
+import (
+	"fmt"
+	"os"
+)
+
+type command struct {
+	usage string
+	run   func(args []string) error
+}
+
+var commands = map[string]command{
+	"tcp-echo-server": {"ADDR", tcpEchoServer},
+	"udp-echo-server": {"ADDR", udpEchoServer},
+	"dns-server":      {"ADDR NAME=IPV4...", dnsServer},
+	"tcp-echo-check":  {"ADDR BYTES", tcpEchoCheck},
+	"udp-echo-check":  {"ADDR COUNT SIZE", udpEchoCheck},
+	"dns-query":       {"SERVER NAME udp|tcp", dnsQuery},
+	"resolve":         {"NAME", resolve},
+	"tcp-connect":     {"ADDR", tcpConnect},
+	"sleep":           {"TOKEN", sleepForever},
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+	}
+	c, ok := commands[os.Args[1]]
+	if !ok {
+		usage()
+	}
+	if err := c.run(os.Args[2:]); err != nil {
+		fmt.Fprintf(os.Stderr, "nettool %s: %v\n", os.Args[1], err)
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: nettool COMMAND ARGS...")
+	for name, c := range commands {
+		fmt.Fprintf(os.Stderr, "  %s %s\n", name, c.usage)
+	}
+	os.Exit(2)
+}
+
+func needArgs(args []string, n int) error {
+	if len(args) != n {
+		return fmt.Errorf("want %d arguments, got %d", n, len(args))
+	}
+	return nil
+}
