@@ -43,12 +43,12 @@ const handshakeTimeout = 30 * time.Second
 
 // GuestConfig describes the network the command sees inside the namespace.
 type GuestConfig struct {
-	TapName    string         `json:"tap_name"`
-	MTU        int            `json:"mtu"`
-	TxQueueLen int            `json:"tx_queue_len"`
-	Address    netip.Prefix   `json:"address"`
-	Gateway    netip.Addr     `json:"gateway"`
-	Nameserver netip.Addr     `json:"nameserver"`
+	TapName    string       `json:"tap_name"`
+	MTU        int          `json:"mtu"`
+	TxQueueLen int          `json:"tx_queue_len"`
+	Address    netip.Prefix `json:"address"`
+	Gateway    netip.Addr   `json:"gateway"`
+	Nameserver netip.Addr   `json:"nameserver"`
 }
 
 // NetworkFunc starts the host side of the network on the TAP the child

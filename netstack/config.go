@@ -90,7 +90,11 @@ func ParseDNSUpstream(s string) (netip.AddrPort, error) {
 		}
 		return ap, nil
 	}
-	a, err := netip.ParseAddr(strings.Trim(s, "[]"))
+	host := s
+	if strings.HasPrefix(s, "[") && strings.HasSuffix(s, "]") {
+		host = s[1 : len(s)-1]
+	}
+	a, err := netip.ParseAddr(host)
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("dns upstream %q: want ADDR or ADDR:PORT ([ADDR]:PORT for IPv6)", s)
 	}
