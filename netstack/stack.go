@@ -185,18 +185,6 @@ func (g *flowGroup) enter() bool {
 
 func (g *flowGroup) leave() { g.wg.Done() }
 
-// spawn runs f in a tracked goroutine, or not at all when closing.
-func (g *flowGroup) spawn(f func()) bool {
-	if !g.enter() {
-		return false
-	}
-	go func() {
-		defer g.leave()
-		f()
-	}()
-	return true
-}
-
 func (g *flowGroup) closeAndWait() {
 	g.mu.Lock()
 	g.closed = true

@@ -269,3 +269,37 @@ func TestTunNotAccessibleNamesTheFix(t *testing.T) {
 		}
 	}
 }
+
+// TestCommandOwnsTerminal runs netns-run on a pseudo-terminal (script(1))
+// and checks the command is the terminal's foreground process group, so
+// Ctrl-C and job control reach it rather than netns-run.
+func TestCommandOwnsTerminal(t *testing.T) {
+	wd := newWorld(t)
+	if _, err := exec.LookPath("script"); err != nil {
+		t.Skip("needs script(1) from bsdutils/util-linux")
+	}
+	inner := fmt.Sprintf("ip netns exec %s setpriv --reuid=%d --regid=%d --clear-groups -- %s -- sh -c 'cat /proc/self/stat'",
+		wd.w, unprivUID, unprivUID, bins.netnsRun)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "script", "-q", "-e", "-c", inner, "/dev/null")
+	cmd.Stdin = strings.NewReader("")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("script: %v\n%s", err, out)
+	}
+	// /proc/PID/stat: pid (comm) state ppid pgrp session tty_nr tpgid ...
+	text := string(out)
+	i := strings.LastIndex(text, ")")
+	if i < 0 {
+		t.Fatalf("no stat line in %q", text)
+	}
+	f := strings.Fields(text[i+1:])
+	if len(f) < 6 {
+		t.Fatalf("short stat line %q", text)
+	}
+	pgrp, tpgid := f[2], f[5]
+	if pgrp != tpgid || tpgid == "-1" {
+		t.Errorf("command's process group %s is not the terminal's foreground group %s", pgrp, tpgid)
+	}
+}

@@ -57,7 +57,7 @@ func udpEchoServer(args []string) error {
 // NXDOMAIN for everything else.
 func dnsServer(args []string) error {
 	if len(args) < 1 {
-		return fmt.Errorf("want ADDR NAME=IPV4...")
+		return fmt.Errorf("want ADDR NAME=IPV4 [NAME=IPV4]")
 	}
 	records := map[string]net.IP{}
 	for _, kv := range args[1:] {
