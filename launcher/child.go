@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/netns-run/netns-run/launcher/nsenter"
 	"github.com/netns-run/netns-run/tap"
 )
 
@@ -49,6 +50,9 @@ func RunChild() {
 		os.Exit(125)
 	}
 	conn.Close()
+	if args == nil {
+		os.Exit(0)
+	}
 	os.Exit(execCommand(args))
 }
 
@@ -65,12 +69,17 @@ func setUpChild(ch channel) ([]string, error) {
 		return nil, errors.New("config message without body")
 	}
 	cfg := m.Config
-	if err := replaceResolvConf(cfg.Guest); err != nil {
-		// Networking still works without it; only name lookups through
-		// the host's file may not. Say so and go on.
-		fmt.Fprintf(os.Stderr, "netns-run: warning: %v; DNS inside the namespace uses the host's resolv.conf\n", err)
+	if err := nsenter.Err(); err != nil {
+		return nil, failed("join namespaces", err)
 	}
-	dev, mac, err := configureNetwork(cfg.Guest)
+	if cfg.Exec {
+		if err := replaceResolvConf(cfg.Guest); err != nil {
+			// Networking still works without it; only name lookups
+			// through the host's file may not. Say so and go on.
+			fmt.Fprintf(os.Stderr, "netns-run: warning: %v; DNS inside the namespace uses the host's resolv.conf\n", err)
+		}
+	}
+	dev, mac, err := openTap(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -81,38 +90,57 @@ func setUpChild(ch channel) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
+	if !cfg.Exec {
+		return nil, nil
+	}
 	if _, _, err := ch.recv(kindProceed); err != nil {
 		return nil, err
 	}
 	return cfg.Args, nil
 }
 
-// configureNetwork brings up lo, creates the TAP and gives it the guest
-// address, MTU and default route.
-func configureNetwork(g GuestConfig) (*tap.TapDevice, net.HardwareAddr, error) {
-	lo, err := netlink.LinkByName("lo")
-	if err != nil {
-		return nil, nil, failed("find lo", err)
-	}
-	if err := netlink.LinkSetUp(lo); err != nil {
-		return nil, nil, failed("bring up lo", err)
+// openTap creates the TAP (or attaches to an existing one of that name)
+// and, if asked, brings up lo and gives the TAP the guest address, MTU and
+// default route.
+func openTap(cfg *childConfig) (*tap.TapDevice, net.HardwareAddr, error) {
+	g := cfg.Guest
+	if cfg.Configure {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return nil, nil, failed("find lo", err)
+		}
+		if err := netlink.LinkSetUp(lo); err != nil {
+			return nil, nil, failed("bring up lo", err)
+		}
 	}
 	dev, err := tap.Create(g.TapName, tap.Options{})
 	if err != nil {
 		return nil, nil, failed("create tap", err)
 	}
-	mac, err := configureTap(dev.Name(), g)
+	link, err := netlink.LinkByName(dev.Name())
 	if err != nil {
 		dev.Close()
-		return nil, nil, err
+		return nil, nil, failed("find "+dev.Name(), err)
 	}
-	return dev, mac, nil
+	if cfg.Configure {
+		if link, err = configureTap(link, g); err != nil {
+			dev.Close()
+			return nil, nil, err
+		}
+	}
+	return dev, link.Attrs().HardwareAddr, nil
 }
 
-func configureTap(name string, g GuestConfig) (net.HardwareAddr, error) {
-	link, err := netlink.LinkByName(name)
-	if err != nil {
-		return nil, failed("find "+name, err)
+func configureTap(link netlink.Link, g GuestConfig) (netlink.Link, error) {
+	name := link.Attrs().Name
+	if g.MAC != "" {
+		mac, err := net.ParseMAC(g.MAC)
+		if err != nil {
+			return nil, failed("parse MAC", err)
+		}
+		if err := netlink.LinkSetHardwareAddr(link, mac); err != nil {
+			return nil, failed("set MAC on "+name, err)
+		}
 	}
 	if err := netlink.LinkSetMTU(link, g.MTU); err != nil {
 		return nil, failed(fmt.Sprintf("set mtu %d on %s", g.MTU, name), err)
@@ -138,7 +166,12 @@ func configureTap(name string, g GuestConfig) (net.HardwareAddr, error) {
 	if err := netlink.RouteAdd(route); err != nil {
 		return nil, failed("add default route via "+g.Gateway.String(), err)
 	}
-	return link.Attrs().HardwareAddr, nil
+	// Read back: the MAC may have changed.
+	link, err := netlink.LinkByIndex(link.Attrs().Index)
+	if err != nil {
+		return nil, failed("find "+name, err)
+	}
+	return link, nil
 }
 
 const resolvConfPath = "/etc/resolv.conf"

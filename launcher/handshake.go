@@ -40,7 +40,13 @@ type message struct {
 // childConfig is everything the child needs to set up the namespace.
 type childConfig struct {
 	Guest GuestConfig `json:"guest"`
-	Args  []string    `json:"args"`
+	// Configure: bring up lo and give the TAP its address and route.
+	Configure bool `json:"configure"`
+	// Exec: replace resolv.conf, wait for proceed, then exec Args. Without
+	// it the child exits once the TAP is sent (joining an existing
+	// namespace for usernet).
+	Exec bool     `json:"exec"`
+	Args []string `json:"args"`
 }
 
 // tapReady announces the TAP queues carried as SCM_RIGHTS with the message.

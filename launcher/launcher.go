@@ -49,6 +49,8 @@ type GuestConfig struct {
 	Address    netip.Prefix `json:"address"`
 	Gateway    netip.Addr   `json:"gateway"`
 	Nameserver netip.Addr   `json:"nameserver"`
+	// MAC of the TAP; empty keeps the kernel's random one.
+	MAC string `json:"mac,omitempty"`
 }
 
 // NetworkFunc starts the host side of the network on the TAP the child
@@ -86,14 +88,8 @@ func Run(ctx context.Context, opts Options) (int, error) {
 	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGHUP)
 	defer signal.Stop(sigs)
 
-	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	conn, childEnd, err := socketPair()
 	if err != nil {
-		return 0, fmt.Errorf("socketpair: %w", err)
-	}
-	childEnd := os.NewFile(uintptr(pair[1]), "launcher-child")
-	conn, err := unixConn(pair[0])
-	if err != nil {
-		childEnd.Close()
 		return 0, err
 	}
 	defer conn.Close()
@@ -148,32 +144,10 @@ var errPeerGone = errors.New("namespace child went away")
 
 // setUp runs the parent's half of the handshake and starts the network.
 func setUp(ctx context.Context, ch channel, opts Options, pid int) (io.Closer, error) {
-	if err := ch.conn.SetDeadline(time.Now().Add(handshakeTimeout)); err != nil {
-		return nil, fmt.Errorf("handshake: %w", err)
-	}
-	cfg := childConfig{Guest: opts.Guest, Args: opts.Args}
-	if err := ch.send(message{Kind: kindConfig, Config: &cfg}); err != nil {
-		return nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
-	}
-	m, files, err := ch.recv(kindTap)
+	cfg := childConfig{Guest: opts.Guest, Configure: true, Exec: true, Args: opts.Args}
+	dev, mac, err := tapHandshake(ch, cfg)
 	if err != nil {
-		var fail *childFailure
-		if errors.As(err, &fail) {
-			return nil, fmt.Errorf("set up namespace: %w", err)
-		}
-		return nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
-	}
-	if m.Tap == nil || len(files) == 0 || len(files) != m.Tap.Queues {
-		for _, f := range files {
-			f.Close()
-		}
-		return nil, fmt.Errorf("handshake: child sent %d TAP queues, announced %v", len(files), m.Tap)
-	}
-	dev := tap.FromFiles(m.Tap.Name, files)
-	mac, err := net.ParseMAC(m.Tap.MAC)
-	if err != nil {
-		dev.Close()
-		return nil, fmt.Errorf("handshake: guest MAC %q: %w", m.Tap.MAC, err)
+		return nil, err
 	}
 	network, err := opts.Network(ctx, dev, mac)
 	if err != nil {
@@ -185,6 +159,48 @@ func setUp(ctx context.Context, ch channel, opts Options, pid int) (io.Closer, e
 		return nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
 	}
 	return network, nil
+}
+
+// handshakeError tells a setup failure the child reported from the child
+// dying or the channel breaking.
+func handshakeError(err error) error {
+	var fail *childFailure
+	if errors.As(err, &fail) {
+		return fmt.Errorf("set up namespace: %w", err)
+	}
+	return fmt.Errorf("handshake: %w: %w", errPeerGone, err)
+}
+
+func tapFromMessage(t *tapReady, files []*os.File) (*tap.TapDevice, net.HardwareAddr, error) {
+	if t == nil || len(files) == 0 || len(files) != t.Queues {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, nil, fmt.Errorf("handshake: child sent %d TAP queues, announced %v", len(files), t)
+	}
+	dev := tap.FromFiles(t.Name, files)
+	mac, err := net.ParseMAC(t.MAC)
+	if err != nil {
+		dev.Close()
+		return nil, nil, fmt.Errorf("handshake: guest MAC %q: %w", t.MAC, err)
+	}
+	return dev, mac, nil
+}
+
+// socketPair returns the parent's end as a connection and the child's end
+// as a file to pass in ExtraFiles.
+func socketPair() (*net.UnixConn, *os.File, error) {
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	childEnd := os.NewFile(uintptr(pair[1]), "launcher-child")
+	conn, err := unixConn(pair[0])
+	if err != nil {
+		childEnd.Close()
+		return nil, nil, err
+	}
+	return conn, childEnd, nil
 }
 
 func unixConn(fd int) (*net.UnixConn, error) {

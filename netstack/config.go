@@ -2,8 +2,10 @@ package netstack
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -30,6 +32,12 @@ type Config struct {
 	DisableHostLoopback bool
 	// DNSUpstreams are the servers the DNS forwarder asks, in order.
 	DNSUpstreams []netip.AddrPort
+	// DisableDNS turns the forwarder off: flows to the DNS address are
+	// dropped like any other address in the guest subnet.
+	DisableDNS bool
+	// OutboundAddr4 and OutboundAddr6, if valid, are the local addresses
+	// host-side sockets are bound to.
+	OutboundAddr4, OutboundAddr6 netip.Addr
 	// Logger receives debug detail and one line per problem. Nil: quiet.
 	Logger *slog.Logger
 }
@@ -102,6 +110,27 @@ func ParseDNSUpstream(s string) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("dns upstream %q: zoned addresses are not supported", s)
 	}
 	return netip.AddrPortFrom(a, dnsPort), nil
+}
+
+// DNSUpstreams returns the servers named by flags (ADDR[:PORT] each), or
+// when there are none, the nameservers of resolvConf (none if it is missing).
+func DNSUpstreams(flags []string, resolvConf string) ([]netip.AddrPort, error) {
+	if len(flags) == 0 {
+		servers, err := ReadResolvConf(resolvConf)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		return servers, nil
+	}
+	out := make([]netip.AddrPort, 0, len(flags))
+	for _, f := range flags {
+		ap, err := ParseDNSUpstream(f)
+		if err != nil {
+			return nil, fmt.Errorf("--dns-upstream: %w", err)
+		}
+		out = append(out, ap)
+	}
+	return out, nil
 }
 
 // ReadResolvConf returns the nameservers listed in a resolv.conf file.

@@ -192,4 +192,8 @@ func (g *flowGroup) closeAndWait() {
 	g.wg.Wait()
 }
 
-var errBlocked = errors.New("destination blocked by policy")
+var (
+	errBlocked = errors.New("destination blocked by policy")
+	// errSilentDrop: ignore the SYN, as if nothing were there.
+	errSilentDrop = errors.New("destination silently dropped")
+)

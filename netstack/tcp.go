@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"time"
@@ -28,7 +29,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	host, err := s.dialTCP(dst)
 	if err != nil {
 		s.log.Debug("tcp connect refused", "src", src, "dst", dst, "err", err)
-		r.Complete(true)
+		r.Complete(!errors.Is(err, errSilentDrop))
 		return
 	}
 	var wq waiter.Queue
@@ -49,6 +50,9 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 // dialTCP opens the host side of a guest connection.
 func (s *Stack) dialTCP(dst netip.AddrPort) (*net.TCPConn, error) {
 	if dst.Addr() == s.cfg.DNS {
+		if s.cfg.DisableDNS {
+			return nil, errSilentDrop
+		}
 		if dst.Port() != dnsPort {
 			return nil, errBlocked
 		}
@@ -58,10 +62,27 @@ func (s *Stack) dialTCP(dst netip.AddrPort) (*net.TCPConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := net.Dialer{Timeout: tcpDialTimeout}
+	d := net.Dialer{Timeout: tcpDialTimeout, LocalAddr: s.outboundAddr("tcp", target.Addr())}
 	c, err := d.DialContext(s.ctx, "tcp", target.String())
 	if err != nil {
 		return nil, err
 	}
 	return c.(*net.TCPConn), nil
+}
+
+// outboundAddr is the local address for a host socket to dst: the
+// configured outbound address of dst's family, or nil to let the kernel
+// choose.
+func (s *Stack) outboundAddr(network string, dst netip.Addr) net.Addr {
+	a := s.cfg.OutboundAddr4
+	if dst.Is6() {
+		a = s.cfg.OutboundAddr6
+	}
+	if !a.IsValid() {
+		return nil
+	}
+	if network == "udp" {
+		return net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 0))
+	}
+	return net.TCPAddrFromAddrPort(netip.AddrPortFrom(a, 0))
 }

@@ -27,6 +27,9 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	var target netip.AddrPort
 	isDNS := dst.Addr() == s.cfg.DNS
 	if isDNS {
+		if s.cfg.DisableDNS {
+			return true // dropped without an ICMP error, as slirp4netns does
+		}
 		if dst.Port() != dnsPort {
 			return false
 		}
@@ -60,7 +63,11 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 }
 
 func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort) {
-	host, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(target))
+	var laddr *net.UDPAddr
+	if a := s.outboundAddr("udp", target.Addr()); a != nil {
+		laddr = a.(*net.UDPAddr)
+	}
+	host, err := net.DialUDP("udp", laddr, net.UDPAddrFromAddrPort(target))
 	if err != nil {
 		s.log.Debug("udp socket", "src", src, "dst", dst, "err", err)
 		guest.Close()

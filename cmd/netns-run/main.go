@@ -88,7 +88,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	netCfg.MTU = uint32(opts.mtu)
 	netCfg.DisableHostLoopback = opts.disableHostLoopback
 	netCfg.Logger = log
-	netCfg.DNSUpstreams, err = dnsUpstreams(opts.dnsUpstreams)
+	netCfg.DNSUpstreams, err = netstack.DNSUpstreams(opts.dnsUpstreams, "/etc/resolv.conf")
 	if err != nil {
 		fmt.Fprintf(stderr, "netns-run: %v\n", err)
 		return exitSetupFailed
@@ -152,23 +152,4 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 		return o, nil, errors.New("missing COMMAND (usage: netns-run [OPTION]... -- COMMAND [ARG]...)")
 	}
 	return o, rest, nil
-}
-
-func dnsUpstreams(flags []string) ([]netip.AddrPort, error) {
-	if len(flags) == 0 {
-		servers, err := netstack.ReadResolvConf("/etc/resolv.conf")
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, err
-		}
-		return servers, nil
-	}
-	var out []netip.AddrPort
-	for _, f := range flags {
-		ap, err := netstack.ParseDNSUpstream(f)
-		if err != nil {
-			return nil, fmt.Errorf("--dns-upstream: %w", err)
-		}
-		out = append(out, ap)
-	}
-	return out, nil
 }

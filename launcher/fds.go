@@ -1,0 +1,43 @@
+package launcher
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// NotifyReady writes the single byte "1" to fd and closes it: the readiness
+// signal podman and rootlesskit wait for on a slirp4netns ready fd.
+func NotifyReady(fd int) error {
+	f := os.NewFile(uintptr(fd), "ready-fd")
+	if f == nil {
+		return fmt.Errorf("ready-fd %d: not a valid descriptor", fd)
+	}
+	defer f.Close()
+	if _, err := f.Write([]byte("1")); err != nil {
+		return fmt.Errorf("ready-fd %d: %w", fd, err)
+	}
+	return nil
+}
+
+// WaitHangup blocks until fd reports a hang-up, an error, or is not an open
+// descriptor at all, as slirp4netns's exit fd does. Data waiting on fd does
+// not count. It holds an OS thread while it waits; it is meant to run for
+// the life of the process.
+func WaitHangup(fd int) error {
+	fds := []unix.PollFd{{Fd: int32(fd), Events: 0}}
+	for {
+		_, err := unix.Poll(fds, -1)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("exit-fd %d: %w", fd, err)
+		}
+		if fds[0].Revents != 0 {
+			return nil
+		}
+	}
+}

@@ -1,0 +1,108 @@
+package launcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/launcher/nsenter"
+	"github.com/netns-run/netns-run/tap"
+)
+
+// Target names existing namespaces to attach a TAP to.
+type Target struct {
+	// NetNS is a network namespace path (/proc/PID/ns/net or a bind mount).
+	NetNS string
+	// UserNS is the user namespace owning it; empty to stay in our own
+	// (when we are root, or already inside it).
+	UserNS string
+}
+
+// TargetOfPID returns the namespaces of process pid. A process that has
+// just unshared may not be in its new namespace yet, so this waits (up to
+// timeout) until its network namespace differs from ours.
+func TargetOfPID(pid int, timeout time.Duration) (Target, error) {
+	if pid <= 0 {
+		return Target{}, fmt.Errorf("PID must be a positive integer")
+	}
+	dir := "/proc/" + strconv.Itoa(pid) + "/ns/"
+	var own unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &own); err != nil {
+		return Target{}, fmt.Errorf("stat own network namespace: %w", err)
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		var st unix.Stat_t
+		if err := unix.Stat(dir+"net", &st); err != nil {
+			return Target{}, fmt.Errorf("network namespace of PID %d: %w", pid, err)
+		}
+		if st.Ino != own.Ino || st.Dev != own.Dev {
+			break
+		}
+		if time.Now().After(deadline) {
+			return Target{}, fmt.Errorf("PID %d is still in our network namespace after %v", pid, timeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return Target{NetNS: dir + "net", UserNS: dir + "user"}, nil
+}
+
+// OpenTapIn creates or attaches to the TAP g.TapName inside the target's
+// network namespace and returns it for use from our own namespaces, with the
+// TAP's MAC address. With configure, lo is brought up and the TAP gets g's
+// address, MAC, MTU and default route.
+//
+// A helper process (our own binary, re-executed) joins the namespaces
+// before its Go runtime starts (see package nsenter), opens the TAP and
+// passes it back over SCM_RIGHTS.
+func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (tap.Device, net.HardwareAddr, error) {
+	if _, err := os.Stat(t.NetNS); err != nil {
+		return nil, nil, fmt.Errorf("network namespace: %w", err)
+	}
+	conn, childEnd, err := socketPair()
+	if err != nil {
+		return nil, nil, err
+	}
+	defer conn.Close()
+	cmd := exec.CommandContext(ctx, "/proc/self/exe")
+	cmd.Args = []string{os.Args[0]}
+	cmd.Env = append(os.Environ(), childEnv+"=1", nsenter.EnvNetNS+"="+t.NetNS, nsenter.EnvUserNS+"="+t.UserNS)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.ExtraFiles = []*os.File{childEnd}
+	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
+	err = cmd.Start()
+	childEnd.Close()
+	if err != nil {
+		return nil, nil, fmt.Errorf("start tap helper: %w", err)
+	}
+	dev, mac, err := tapHandshake(channel{conn: conn}, childConfig{Guest: g, Configure: configure})
+	werr := cmd.Wait()
+	if err != nil {
+		if werr != nil && !errors.Is(err, errPeerGone) {
+			return nil, nil, err
+		}
+		return nil, nil, errors.Join(err, werr)
+	}
+	return dev, mac, nil
+}
+
+func tapHandshake(ch channel, cfg childConfig) (*tap.TapDevice, net.HardwareAddr, error) {
+	if err := ch.conn.SetDeadline(time.Now().Add(handshakeTimeout)); err != nil {
+		return nil, nil, fmt.Errorf("handshake: %w", err)
+	}
+	if err := ch.send(message{Kind: kindConfig, Config: &cfg}); err != nil {
+		return nil, nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
+	}
+	m, files, err := ch.recv(kindTap)
+	if err != nil {
+		return nil, nil, handshakeError(err)
+	}
+	return tapFromMessage(m.Tap, files)
+}

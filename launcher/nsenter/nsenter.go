@@ -1,0 +1,44 @@
+// Package nsenter joins a user and a network namespace before the Go runtime
+// starts, in the style of runc's nsenter.
+//
+// setns(CLONE_NEWUSER) fails with EINVAL in a multi-threaded process, and a
+// Go program is multi-threaded before main runs; so the join happens in a C
+// constructor, gated by environment variables that a parent sets when it
+// re-executes its own binary. Importing this package links the constructor
+// in; it does nothing unless those variables are set.
+package nsenter
+
+/*
+extern int nsenter_errno;
+extern const char *nsenter_step;
+extern int nsenter_userns_errno;
+*/
+import "C"
+
+import (
+	"fmt"
+	"syscall"
+)
+
+// Environment variables read by the constructor.
+const (
+	EnvNetNS  = "_NETNS_RUN_NSENTER_NET"
+	EnvUserNS = "_NETNS_RUN_NSENTER_USER"
+)
+
+// Err reports whether joining the network namespace failed.
+func Err() error {
+	if C.nsenter_errno == 0 {
+		return nil
+	}
+	return fmt.Errorf("%s: %w", C.GoString(C.nsenter_step), syscall.Errno(C.nsenter_errno))
+}
+
+// UserNSErr reports a failure to join the user namespace, which callers may
+// ignore (slirp4netns does).
+func UserNSErr() error {
+	if C.nsenter_userns_errno == 0 {
+		return nil
+	}
+	return fmt.Errorf("join user namespace: %w", syscall.Errno(C.nsenter_userns_errno))
+}

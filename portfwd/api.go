@@ -1,0 +1,230 @@
+package portfwd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+)
+
+// The API speaks slirp4netns's protocol byte for byte: one JSON request per
+// connection, read until EOF (at most 4095 bytes), one compact JSON reply in
+// a single write, then close. Runtimes (podman, rootlesskit) depend on the
+// exact shapes, including list_hostfwd's reply having no "return" wrapper.
+const (
+	apiMaxRequest = 4096
+	// apiReadTimeout bounds a client that never finishes its request.
+	apiReadTimeout = 5 * time.Second
+	// apiMaxClients bounds requests handled at once.
+	apiMaxClients = 16
+)
+
+// API serves the port-forwarding API for a PortMap.
+type API struct {
+	ports *PortMap
+	// DefaultGuest is used when a request leaves guest_addr empty.
+	defaultGuest netip.Addr
+	log          *slog.Logger
+}
+
+// NewAPI returns an API editing ports; defaultGuest is the guest address
+// used when a request names none (net+100 in slirp4netns).
+func NewAPI(ports *PortMap, defaultGuest netip.Addr, log *slog.Logger) *API {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &API{ports: ports, defaultGuest: defaultGuest, log: log}
+}
+
+// ListenUnix replaces any file at path with a Unix socket only its owner
+// may use.
+func ListenUnix(path string) (*net.UnixListener, error) {
+	if len(path) >= 108 {
+		return nil, fmt.Errorf("api socket path %q: longer than the 107 bytes a Unix socket path may have", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("api socket %q: %w", path, err)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("api socket %q: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("api socket %q: %w", path, err)
+	}
+	// Removing the file is the caller's business (Serve's owner), so
+	// that a sandboxed helper can still do it on exit.
+	ln.SetUnlinkOnClose(false)
+	return ln, nil
+}
+
+// Serve answers requests on ln until ctx ends or ln is closed, then waits
+// for requests in progress.
+func (a *API) Serve(ctx context.Context, ln net.Listener) {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	slots := make(chan struct{}, apiMaxClients)
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		slots <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-slots }()
+			a.serveConn(conn)
+		}()
+	}
+}
+
+func (a *API) serveConn(conn net.Conn) {
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(apiReadTimeout))
+	req, err := io.ReadAll(io.LimitReader(conn, apiMaxRequest))
+	var resp []byte
+	switch {
+	case err != nil:
+		a.log.Debug("api: reading request", "err", err)
+		resp = apiError("bad request: cannot parse JSON")
+	case len(req) >= apiMaxRequest:
+		resp = apiError("bad request: too large message")
+	default:
+		a.log.Debug("api: request", "body", string(req))
+		resp = a.Handle(req)
+	}
+	_, _ = conn.Write(resp)
+}
+
+// Handle answers one request with slirp4netns's exact reply bytes.
+func (a *API) Handle(req []byte) []byte {
+	var v any
+	if err := json.Unmarshal(req, &v); err != nil {
+		return apiError("bad request: cannot parse JSON")
+	}
+	obj, ok := v.(map[string]any)
+	if !ok {
+		return apiError("bad request: json_object() failed")
+	}
+	exec, ok := obj["execute"].(string)
+	if !ok {
+		return apiError("bad request: no execute found")
+	}
+	args, _ := obj["arguments"].(map[string]any)
+	switch exec {
+	case "add_hostfwd":
+		return a.add(args)
+	case "list_hostfwd":
+		return a.list()
+	case "remove_hostfwd":
+		return a.remove(args)
+	}
+	return apiError("bad request: unknown execute")
+}
+
+func (a *API) add(args map[string]any) []byte {
+	const prefix = "bad request: add_hostfwd: "
+	proto, _ := args["proto"].(string)
+	if proto != "tcp" && proto != "udp" {
+		return apiError(prefix + "bad arguments.proto")
+	}
+	hostAddr, ok := ipv4Arg(args, "host_addr", netip.IPv4Unspecified())
+	if !ok {
+		return apiError(prefix + "bad arguments.host_addr")
+	}
+	hostPort, ok := portArg(args, "host_port")
+	if !ok {
+		return apiError(prefix + "bad arguments.host_port")
+	}
+	guestAddr, ok := ipv4Arg(args, "guest_addr", a.defaultGuest)
+	if !ok {
+		return apiError(prefix + "bad arguments.guest_addr")
+	}
+	guestPort, ok := portArg(args, "guest_port")
+	if !ok {
+		return apiError(prefix + "bad arguments.guest_port")
+	}
+	id, err := a.ports.Add(Rule{Proto: proto, HostAddr: hostAddr, HostPort: hostPort, GuestAddr: guestAddr, GuestPort: guestPort})
+	if err != nil {
+		a.log.Warn("api: add_hostfwd", "err", err)
+		return apiError(prefix + "slirp_add_hostfwd failed")
+	}
+	return mustJSON(map[string]any{"return": map[string]int{"id": id}})
+}
+
+// apiEntry fixes the key order of list_hostfwd entries.
+type apiEntry struct {
+	ID        int    `json:"id"`
+	Proto     string `json:"proto"`
+	HostAddr  string `json:"host_addr"`
+	HostPort  uint16 `json:"host_port"`
+	GuestAddr string `json:"guest_addr"`
+	GuestPort uint16 `json:"guest_port"`
+}
+
+func (a *API) list() []byte {
+	entries := []apiEntry{}
+	for _, e := range a.ports.List() {
+		entries = append(entries, apiEntry{e.ID, e.Proto, e.HostAddr.String(), e.HostPort, e.GuestAddr.String(), e.GuestPort})
+	}
+	return mustJSON(struct {
+		Entries []apiEntry `json:"entries"`
+	}{entries})
+}
+
+func (a *API) remove(args map[string]any) []byte {
+	const prefix = "bad request: remove_hostfwd: "
+	n, _ := args["id"].(float64)
+	if n < 1 || n > math.MaxInt32 || a.ports.Remove(int(n)) != nil {
+		return apiError(prefix + "bad arguments.id")
+	}
+	return []byte(`{"return":{}}`)
+}
+
+// ipv4Arg reads an IPv4 address argument; absent, empty or not a string
+// means def, as in slirp4netns.
+func ipv4Arg(args map[string]any, key string, def netip.Addr) (netip.Addr, bool) {
+	s, _ := args[key].(string)
+	if s == "" {
+		return def, true
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil || !a.Is4() {
+		return netip.Addr{}, false
+	}
+	return a, true
+}
+
+// portArg reads a port number; fractions are truncated like the C cast.
+func portArg(args map[string]any, key string) (uint16, bool) {
+	n, ok := args[key].(float64)
+	if !ok || n < 1 || n >= 65536 {
+		return 0, false
+	}
+	return uint16(n), true
+}
+
+func apiError(desc string) []byte {
+	return mustJSON(map[string]any{"error": map[string]string{"desc": desc}})
+}
+
+func mustJSON(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		// Only fixed, marshalable shapes get here.
+		return []byte(`{"error":{"desc":"internal error"}}`)
+	}
+	return b
+}

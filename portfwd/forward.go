@@ -1,0 +1,180 @@
+package portfwd
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+)
+
+const (
+	// udpFlowIdle ends a published UDP flow after this long without a
+	// datagram either way.
+	udpFlowIdle = 60 * time.Second
+	// maxUDPFlows bounds the clients one published UDP port tracks; a
+	// datagram from a new client beyond it is dropped.
+	maxUDPFlows = 4096
+)
+
+// forward is one rule's host listener and the goroutines serving it.
+type forward struct {
+	id   int
+	rule Rule
+	// closeListener unblocks the accept or read loop.
+	closeListener func() error
+	wg            sync.WaitGroup
+}
+
+func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
+	f := &forward{rule: r}
+	host := net.JoinHostPort(r.HostAddr.String(), fmt.Sprint(r.HostPort))
+	target := netip.AddrPortFrom(r.GuestAddr, r.GuestPort)
+	network := r.Proto + "4"
+	if r.HostAddr.Is6() {
+		network = r.Proto + "6"
+	}
+	switch r.Proto {
+	case "tcp":
+		ln, err := net.Listen(network, host)
+		if err != nil {
+			return nil, fmt.Errorf("publish %s: %w", r, err)
+		}
+		f.closeListener = ln.Close
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			f.acceptTCP(ln.(*net.TCPListener), guest, target, log)
+		}()
+	case "udp":
+		pc, err := net.ListenPacket(network, host)
+		if err != nil {
+			return nil, fmt.Errorf("publish %s: %w", r, err)
+		}
+		f.closeListener = pc.Close
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			f.serveUDP(pc.(*net.UDPConn), guest, target, log)
+		}()
+	}
+	return f, nil
+}
+
+func (f *forward) stop() {
+	_ = f.closeListener()
+	f.wg.Wait()
+}
+
+func (f *forward) acceptTCP(ln *net.TCPListener, guest Guest, target netip.AddrPort, log *slog.Logger) {
+	for {
+		conn, err := ln.AcceptTCP()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				log.Warn("published port stopped accepting", "rule", f.rule.String(), "err", err)
+			}
+			return
+		}
+		// Connection goroutines are not waited for by stop: a removed
+		// rule lets its open connections finish. Their owner is the
+		// Guest, which ends them when it shuts down.
+		go func() {
+			if err := guest.ForwardTCP(conn, target); err != nil {
+				log.Debug("published tcp connection", "rule", f.rule.String(), "client", conn.RemoteAddr(), "err", err)
+			}
+		}()
+	}
+}
+
+// udpFlow is one client of a published UDP port.
+type udpFlow struct {
+	conn     net.Conn
+	lastSeen time.Time
+}
+
+func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, target netip.AddrPort, log *slog.Logger) {
+	var mu sync.Mutex
+	flows := map[netip.AddrPort]*udpFlow{}
+	var wg sync.WaitGroup
+	defer func() {
+		mu.Lock()
+		for _, fl := range flows {
+			fl.conn.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	}()
+	buf := make([]byte, 65535)
+	for {
+		n, client, err := pc.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				log.Warn("published port stopped reading", "rule", f.rule.String(), "err", err)
+			}
+			return
+		}
+		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
+		mu.Lock()
+		fl, ok := flows[client]
+		if !ok {
+			if len(flows) >= maxUDPFlows {
+				mu.Unlock()
+				log.Debug("published udp port: flow table full; dropping", "rule", f.rule.String(), "client", client)
+				continue
+			}
+			conn, err := guest.DialGuestUDP(client, target)
+			if err != nil {
+				mu.Unlock()
+				log.Debug("published udp flow", "rule", f.rule.String(), "client", client, "err", err)
+				continue
+			}
+			fl = &udpFlow{conn: conn}
+			flows[client] = fl
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				replyUDP(pc, fl, client, &mu)
+				mu.Lock()
+				if flows[client] == fl {
+					delete(flows, client)
+				}
+				mu.Unlock()
+			}()
+		}
+		fl.lastSeen = time.Now()
+		mu.Unlock()
+		_, _ = fl.conn.Write(buf[:n])
+	}
+}
+
+// replyUDP sends the guest's datagrams back to client until the flow has
+// been idle for udpFlowIdle.
+func replyUDP(pc *net.UDPConn, fl *udpFlow, client netip.AddrPort, mu *sync.Mutex) {
+	defer fl.conn.Close()
+	buf := make([]byte, 65535)
+	for {
+		mu.Lock()
+		deadline := fl.lastSeen.Add(udpFlowIdle)
+		mu.Unlock()
+		_ = fl.conn.SetReadDeadline(deadline)
+		n, err := fl.conn.Read(buf)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				mu.Lock()
+				idle := time.Since(fl.lastSeen) >= udpFlowIdle
+				mu.Unlock()
+				if !idle {
+					continue
+				}
+			}
+			return
+		}
+		mu.Lock()
+		fl.lastSeen = time.Now()
+		mu.Unlock()
+		_, _ = pc.WriteToUDPAddrPort(buf[:n], client)
+	}
+}

@@ -1,0 +1,136 @@
+// Package portfwd publishes host ports into the guest: a PortMap of
+// forwarding rules with their host listeners, and the slirp4netns-compatible
+// JSON API that edits it at runtime.
+package portfwd
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sort"
+	"sync"
+)
+
+// Rule is one published port.
+type Rule struct {
+	Proto     string // "tcp" or "udp"
+	HostAddr  netip.Addr
+	HostPort  uint16
+	GuestAddr netip.Addr
+	GuestPort uint16
+}
+
+func (r Rule) String() string {
+	return fmt.Sprintf("%s %s -> %s", r.Proto,
+		netip.AddrPortFrom(r.HostAddr, r.HostPort), netip.AddrPortFrom(r.GuestAddr, r.GuestPort))
+}
+
+// Entry is a rule with the ID it was given.
+type Entry struct {
+	ID int
+	Rule
+}
+
+// Guest is the way into the namespace that forwarded flows take.
+type Guest interface {
+	// ForwardTCP connects to guest and relays conn until done; it owns conn.
+	ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error
+	// DialGuestUDP opens a datagram flow to guest on behalf of client.
+	DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error)
+}
+
+// PortMap holds the published ports. Its methods are safe for concurrent use.
+type PortMap struct {
+	guest Guest
+	log   *slog.Logger
+
+	mu     sync.Mutex
+	nextID int
+	fwds   map[int]*forward
+	closed bool
+}
+
+// New returns an empty PortMap delivering to guest.
+func New(guest Guest, log *slog.Logger) *PortMap {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &PortMap{guest: guest, log: log, nextID: 1, fwds: map[int]*forward{}}
+}
+
+// ErrNotFound is returned by Remove for an unknown ID.
+var ErrNotFound = errors.New("no such forward")
+
+// Add starts listening for r and returns its ID. IDs start at 1 and are
+// never reused.
+func (m *PortMap) Add(r Rule) (int, error) {
+	if r.Proto != "tcp" && r.Proto != "udp" {
+		return 0, fmt.Errorf("publish %s: protocol must be tcp or udp", r)
+	}
+	if r.HostPort == 0 || r.GuestPort == 0 {
+		return 0, fmt.Errorf("publish %s: ports must be 1-65535", r)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return 0, net.ErrClosed
+	}
+	for _, f := range m.fwds {
+		if f.rule.Proto == r.Proto && f.rule.HostPort == r.HostPort &&
+			(f.rule.HostAddr == r.HostAddr || f.rule.HostAddr.IsUnspecified() || r.HostAddr.IsUnspecified()) {
+			return 0, fmt.Errorf("publish %s: host port already published as %s", r, f.rule)
+		}
+	}
+	f, err := startForward(r, m.guest, m.log)
+	if err != nil {
+		return 0, err
+	}
+	id := m.nextID
+	m.nextID++
+	f.id = id
+	m.fwds[id] = f
+	m.log.Debug("port published", "id", id, "rule", r.String())
+	return id, nil
+}
+
+// Remove stops listening for the rule with this ID. Connections already
+// forwarded keep running until they end.
+func (m *PortMap) Remove(id int) error {
+	m.mu.Lock()
+	f, ok := m.fwds[id]
+	delete(m.fwds, id)
+	m.mu.Unlock()
+	if !ok {
+		return ErrNotFound
+	}
+	f.stop()
+	return nil
+}
+
+// List returns the rules in ID order.
+func (m *PortMap) List() []Entry {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]Entry, 0, len(m.fwds))
+	for id, f := range m.fwds {
+		out = append(out, Entry{ID: id, Rule: f.rule})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Close stops every listener and waits for the forwarding goroutines.
+// Flows in progress end when the Guest behind them shuts down.
+func (m *PortMap) Close() error {
+	m.mu.Lock()
+	m.closed = true
+	fwds := m.fwds
+	m.fwds = map[int]*forward{}
+	m.mu.Unlock()
+	for _, f := range fwds {
+		f.stop()
+	}
+	return nil
+}
