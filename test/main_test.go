@@ -17,6 +17,7 @@ import (
 var bins struct {
 	dir      string
 	netnsRun string
+	usernet  string
 	nettool  string
 }
 
@@ -42,8 +43,9 @@ func runTests(m *testing.M) int {
 	}
 	bins.dir = dir
 	bins.netnsRun = filepath.Join(dir, "netns-run")
+	bins.usernet = filepath.Join(dir, "usernet")
 	bins.nettool = filepath.Join(dir, "nettool")
-	for out, pkg := range map[string]string{bins.netnsRun: "../cmd/netns-run", bins.nettool: "./nettool"} {
+	for out, pkg := range map[string]string{bins.netnsRun: "../cmd/netns-run", bins.usernet: "../cmd/usernet", bins.nettool: "./nettool"} {
 		cmd := exec.Command("go", "build", "-o", out, pkg)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {

@@ -26,6 +26,8 @@ var commands = map[string]command{
 	"resolve":         {"NAME", resolve},
 	"tcp-connect":     {"ADDR", tcpConnect},
 	"sleep":           {"TOKEN", sleepForever},
+	"peer-server":     {"tcp|udp ADDR", peerServer},
+	"peer-query":      {"tcp|udp ADDR", peerQuery},
 }
 
 func main() {

@@ -1,0 +1,389 @@
+package test
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// sandboxProc is a process in fresh user and network namespaces, standing
+// in for a container that a runtime hands to slirp4netns by PID.
+type sandboxProc struct {
+	pid int
+}
+
+// startSandbox starts `unshare --user --map-root-user --net` as the
+// unprivileged user inside W, the way rootless runtimes do.
+func (wd *world) startSandbox() *sandboxProc {
+	wd.t.Helper()
+	token := fmt.Sprintf("sandbox-%d-%d", os.Getpid(), worldSeq.Add(1))
+	cmd := exec.Command("ip", "netns", "exec", wd.w,
+		"setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--",
+		"unshare", "--user", "--map-root-user", "--net", bins.nettool, "sleep", token)
+	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+	if err := cmd.Start(); err != nil {
+		wd.t.Fatal(err)
+	}
+	wd.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	return &sandboxProc{pid: cmd.Process.Pid}
+}
+
+// inSandbox runs CMD inside the sandbox's namespaces as the unprivileged
+// user (root inside) and returns its output; it fails the test on error.
+func (wd *world) inSandbox(sb *sandboxProc, cmdline ...string) string {
+	wd.t.Helper()
+	out, err := wd.sandboxCommand(sb, cmdline...).CombinedOutput()
+	if err != nil {
+		wd.t.Fatalf("in sandbox: %v: %v\n%s", cmdline, err, out)
+	}
+	return string(out)
+}
+
+func (wd *world) sandboxCommand(sb *sandboxProc, cmdline ...string) *exec.Cmd {
+	args := []string{fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--",
+		"nsenter", "-t", fmt.Sprint(sb.pid), "-U", "-n", "--preserve-credentials", "--"}
+	return exec.Command("setpriv", append(args, cmdline...)...)
+}
+
+// usernetProc is a running usernet with the ready and exit pipes a runtime
+// would hold.
+type usernetProc struct {
+	cmd            *exec.Cmd
+	exitW          *os.File
+	stdout, stderr bytes.Buffer
+	done           chan error
+}
+
+// startUsernet runs usernet ARGS... -r 3 -e 4 as the unprivileged user in W
+// and waits for the ready byte.
+func (wd *world) startUsernet(args ...string) *usernetProc {
+	wd.t.Helper()
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		wd.t.Fatal(err)
+	}
+	defer readyR.Close()
+	exitR, exitW, err := os.Pipe()
+	if err != nil {
+		wd.t.Fatal(err)
+	}
+	full := append([]string{"netns", "exec", wd.w,
+		"setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--",
+		bins.usernet, "-r", "3", "-e", "4"}, args...)
+	u := &usernetProc{cmd: exec.Command("ip", full...), exitW: exitW, done: make(chan error, 1)}
+	u.cmd.Stdout, u.cmd.Stderr = &u.stdout, &u.stderr
+	u.cmd.ExtraFiles = []*os.File{readyW, exitR}
+	err = u.cmd.Start()
+	readyW.Close()
+	exitR.Close()
+	if err != nil {
+		wd.t.Fatal(err)
+	}
+	go func() { u.done <- u.cmd.Wait() }()
+	wd.t.Cleanup(func() {
+		u.exitW.Close()
+		select {
+		case <-u.done:
+		case <-time.After(5 * time.Second):
+			_ = u.cmd.Process.Kill()
+			<-u.done
+		}
+	})
+	got := make(chan string, 1)
+	go func() {
+		b, _ := io.ReadAll(readyR)
+		got <- string(b)
+	}()
+	select {
+	case b := <-got:
+		if b != "1" {
+			<-u.done
+			wd.t.Fatalf("ready fd gave %q, want \"1\"\nstdout:\n%s\nstderr:\n%s", b, &u.stdout, &u.stderr)
+		}
+	case <-time.After(20 * time.Second):
+		wd.t.Fatalf("usernet not ready\nstdout:\n%s\nstderr:\n%s", &u.stdout, &u.stderr)
+	}
+	return u
+}
+
+// stop closes the exit fd and returns usernet's exit status.
+func (u *usernetProc) stop(t *testing.T) int {
+	t.Helper()
+	u.exitW.Close()
+	select {
+	case err := <-u.done:
+		u.done <- err
+		if ee, ok := err.(*exec.ExitError); ok {
+			return ee.ExitCode()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 0
+	case <-time.After(2 * time.Second):
+		t.Fatalf("usernet did not exit within 2s of the exit fd hang-up")
+	}
+	return -1
+}
+
+func apiSocketPath(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "usernet-api-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chown(dir, unprivUID, unprivUID); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(dir, "api.sock")
+}
+
+// apiCall sends one request like podman does (write, half-close, read).
+func apiCall(t *testing.T, sock, req string) string {
+	t.Helper()
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatalf("api dial: %v", err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(req)); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.CloseWrite()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	b, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestUsernetAttachByPID(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
+	wd.startServer(wd.r, "udp-echo-server", remoteAddr+":7")
+	wd.startServer(wd.r, "dns-server", routerAddr+":53", testName+"="+testNameIP)
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
+	sb := wd.startSandbox()
+	sock := apiSocketPath(t)
+	u := wd.startUsernet("--configure", "--mtu=65520", "--api-socket", sock, fmt.Sprint(sb.pid), "tap0")
+	if st, err := os.Stat(sock); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("api socket: %v, mode %v; want 0600", err, st.Mode().Perm())
+	}
+	for _, want := range []string{"Starting slirp", "* MTU:             65520", "* Recommended IP:  10.0.2.100", "* API Socket:      " + sock, "WARNING: 127.0.0.1:* on the host is accessible as 10.0.2.2"} {
+		if !strings.Contains(u.stdout.String(), want) {
+			t.Errorf("banner lacks %q:\n%s", want, &u.stdout)
+		}
+	}
+	out := wd.inSandbox(sb, "sh", "-c", "ip -4 addr show dev tap0; ip -4 route; ip link show dev lo")
+	for _, want := range []string{"inet 10.0.2.100/24", "default via 10.0.2.2 dev tap0", "mtu 65520", "LOWER_UP"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("guest view lacks %q:\n%s", want, out)
+		}
+	}
+	const size = 64 << 20
+	checkEcho(t, result{stdout: wd.inSandbox(sb, bins.nettool, "tcp-echo-check", remoteAddr+":7", fmt.Sprint(size))}, size)
+	checkEcho(t, result{stdout: wd.inSandbox(sb, bins.nettool, "tcp-echo-check", "10.0.2.2:8080", "1048576")}, 1<<20)
+	if out := wd.inSandbox(sb, bins.nettool, "udp-echo-check", remoteAddr+":7", "100", "1400"); !strings.Contains(out, "datagrams=100") {
+		t.Errorf("udp echo: %s", out)
+	}
+	for _, proto := range []string{"udp", "tcp"} {
+		if out := wd.inSandbox(sb, bins.nettool, "dns-query", "10.0.2.3:53", testName, proto); !strings.Contains(out, "A "+testNameIP) {
+			t.Errorf("dns over %s: %s", proto, out)
+		}
+	}
+	if code := u.stop(t); code != 0 {
+		t.Errorf("exit status after exit-fd hang-up: %d\nstderr:\n%s", code, &u.stderr)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("api socket left behind after exit: %v", err)
+	}
+}
+
+// TestUsernetPathAndExistingTap attaches the way rootlesskit does: the TAP
+// already exists and is configured by the caller, usernet gets a netns path
+// and the user namespace path.
+func TestUsernetPathAndExistingTap(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
+	sb := wd.startSandbox()
+	wd.inSandbox(sb, "sh", "-c", "ip tuntap add name tap0 mode tap && ip link set tap0 up && ip link set lo up")
+	u := wd.startUsernet("--mtu", "1500", "--netns-type=path",
+		fmt.Sprintf("--userns-path=/proc/%d/ns/user", sb.pid), fmt.Sprintf("/proc/%d/ns/net", sb.pid), "tap0")
+	wd.inSandbox(sb, "sh", "-c", "ip addr add 10.0.2.100/24 dev tap0 && ip route add default via 10.0.2.2")
+	const size = 8 << 20
+	checkEcho(t, result{stdout: wd.inSandbox(sb, bins.nettool, "tcp-echo-check", remoteAddr+":7", fmt.Sprint(size))}, size)
+	if code := u.stop(t); code != 0 {
+		t.Errorf("exit status %d\n%s", code, &u.stderr)
+	}
+}
+
+func TestUsernetPortForwardingAPI(t *testing.T) {
+	wd := newWorld(t)
+	sb := wd.startSandbox()
+	sock := apiSocketPath(t)
+	wd.startUsernet("-c", "--mtu=65520", "-a", sock, fmt.Sprint(sb.pid), "tap0")
+
+	// Servers in the guest that report the peer they see.
+	for _, proto := range []string{"tcp", "udp"} {
+		cmd := wd.sandboxCommand(sb, bins.nettool, "peer-server", proto, "0.0.0.0:9000")
+		cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	}
+	echo := wd.sandboxCommand(sb, bins.nettool, "tcp-echo-server", "0.0.0.0:9001")
+	echo.Stdout, echo.Stderr = io.Discard, io.Discard
+	if err := echo.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = echo.Process.Kill(); _ = echo.Wait() })
+
+	if got := apiCall(t, sock, `{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
+		t.Errorf("empty list: %s", got)
+	}
+	adds := []struct{ req, want string }{
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"0.0.0.0","host_port":19000,"guest_addr":"","guest_port":9000}}` + "\n", `{"return":{"id":1}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"udp","host_port":19000,"guest_port":9000}}`, `{"return":{"id":2}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":19001,"guest_addr":"10.0.2.100","guest_port":9001}}`, `{"return":{"id":3}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":19000,"guest_port":9000}}`, `{"error":{"desc":"bad request: add_hostfwd: slirp_add_hostfwd failed"}}`},
+		{`{"execute":"add_hostfwd","arguments":{"host_port":19002,"guest_port":9000}}`, `{"error":{"desc":"bad request: add_hostfwd: bad arguments.proto"}}`},
+		{`not json`, `{"error":{"desc":"bad request: cannot parse JSON"}}`},
+	}
+	for _, a := range adds {
+		if got := apiCall(t, sock, a.req); got != a.want {
+			t.Errorf("%s\n got %s\nwant %s", a.req, got, a.want)
+		}
+	}
+	wantList := `{"entries":[{"id":1,"proto":"tcp","host_addr":"0.0.0.0","host_port":19000,"guest_addr":"10.0.2.100","guest_port":9000},` +
+		`{"id":2,"proto":"udp","host_addr":"0.0.0.0","host_port":19000,"guest_addr":"10.0.2.100","guest_port":9000},` +
+		`{"id":3,"proto":"tcp","host_addr":"127.0.0.1","host_port":19001,"guest_addr":"10.0.2.100","guest_port":9001}]}`
+	if got := apiCall(t, sock, `{"execute":"list_hostfwd"}`); got != wantList {
+		t.Errorf("list:\n got %s\nwant %s", got, wantList)
+	}
+
+	// A loopback client appears as the gateway; a client on another host
+	// keeps its own address.
+	peer := func(ns, proto, addr string) string {
+		out, err := exec.Command("ip", "netns", "exec", ns, bins.nettool, "peer-query", proto, addr).CombinedOutput()
+		if err != nil {
+			t.Fatalf("peer-query %s %s from %s: %v\n%s", proto, addr, ns, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	for _, proto := range []string{"tcp", "udp"} {
+		if got := peer(wd.w, proto, "127.0.0.1:19000"); !strings.HasPrefix(got, "peer=10.0.2.2:") {
+			t.Errorf("%s from host loopback: guest saw %q, want the gateway 10.0.2.2", proto, got)
+		}
+		if got := peer(wd.r, proto, worldAddr+":19000"); !strings.HasPrefix(got, "peer="+routerAddr+":") {
+			t.Errorf("%s from %s: guest saw %q, want the real client address", proto, routerAddr, got)
+		}
+	}
+	out, err := exec.Command("ip", "netns", "exec", wd.w, bins.nettool, "tcp-echo-check", "127.0.0.1:19001", fmt.Sprint(32<<20)).CombinedOutput()
+	if err != nil {
+		t.Fatalf("echo through forward: %v\n%s", err, out)
+	}
+	checkEcho(t, result{stdout: string(out)}, 32<<20)
+
+	if got := apiCall(t, sock, `{"execute":"remove_hostfwd","arguments":{"id":1}}`); got != `{"return":{}}` {
+		t.Errorf("remove: %s", got)
+	}
+	if got := apiCall(t, sock, `{"execute":"remove_hostfwd","arguments":{"id":1}}`); got != `{"error":{"desc":"bad request: remove_hostfwd: bad arguments.id"}}` {
+		t.Errorf("remove again: %s", got)
+	}
+	out, _ = exec.Command("ip", "netns", "exec", wd.w, bins.nettool, "tcp-connect", "127.0.0.1:19000").CombinedOutput()
+	if strings.TrimSpace(string(out)) != "refused" {
+		t.Errorf("removed forward still accepts: %s", out)
+	}
+}
+
+func TestUsernetSIGTERM(t *testing.T) {
+	wd := newWorld(t)
+	sb := wd.startSandbox()
+	sock := apiSocketPath(t)
+	u := wd.startUsernet("-c", "-a", sock, fmt.Sprint(sb.pid), "tap0")
+	// `ip netns exec` and setpriv exec, so this PID is usernet itself, the
+	// process runtimes signal.
+	if err := u.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-u.done:
+		u.done <- err
+		if err != nil {
+			t.Errorf("exit after SIGTERM: %v\n%s", err, &u.stderr)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("usernet did not exit within 2s of SIGTERM")
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("api socket left behind after SIGTERM: %v", err)
+	}
+}
+
+func TestUsernetCommandLineErrors(t *testing.T) {
+	cases := []struct {
+		args   []string
+		stderr string
+	}{
+		{[]string{"--mtu=65522", "1", "tap0"}, "MTU must be a positive integer (< 65522)\n"},
+		{[]string{"--mtu", "0", "1", "tap0"}, "MTU must be a positive integer (< 65522)\n"},
+		{[]string{"-e", "x", "1", "tap0"}, "exit-fd must be a non-negative integer\n"},
+		{[]string{"-r", "-2", "1", "tap0"}, "ready-fd must be a non-negative integer\n"},
+		{[]string{"--cidr=10.0.2.0/26", "1", "tap0"}, "prefix length needs to be 1-25\n"},
+		{[]string{"--cidr", "10.0.2.100/24", "1", "tap0"}, "CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24\n"},
+		{[]string{"--cidr=foo", "1", "tap0"}, "invalid CIDR: foo\n"},
+		{[]string{"--macaddress=52:54:00:12:34:56", "1", "tap0"}, "--macaddr cannot be specified when --configure or -c is not specified\n"},
+		{[]string{"--target-type=x", "1", "tap0"}, "--target-type must be either \"netns\" or \"bess\"\n"},
+		{[]string{"0", "tap0"}, "PID must be a positive integer\n"},
+		{[]string{"tap0", "--userns-path=/nonexistent", "1"}, "userns path doesn't exist: /nonexistent\n"},
+	}
+	for _, c := range cases {
+		cmd := exec.Command(bins.usernet, c.args...)
+		var stdout, stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
+			t.Errorf("%v: want exit 1, got %v", c.args, err)
+		}
+		if stderr.String() != c.stderr {
+			t.Errorf("%v: stderr %q, want %q", c.args, stderr.String(), c.stderr)
+		}
+		if !strings.HasPrefix(stdout.String(), "Usage: ") {
+			t.Errorf("%v: usage not printed on stdout: %q", c.args, stdout.String())
+		}
+	}
+}
+
+func TestUsernetHelpAndVersion(t *testing.T) {
+	out, err := exec.Command(bins.usernet, "--help").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Every substring podman, rootlesskit and docker probe for.
+	for _, want := range []string{"--netns-type", "--mtu", "--cidr", "--disable-host-loopback", "--api-socket",
+		"--enable-sandbox", "--enable-seccomp", "--enable-ipv6", "--outbound-addr", "--userns-path", "--disable-dns",
+		"--netns-type=TYPE \t specify", "--userns-path=PATH\t specify"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("--help lacks %q", want)
+		}
+	}
+	out, err = exec.Command(bins.usernet, "-v").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"slirp4netns version 1.", "\nSLIRP_CONFIG_VERSION_MAX: ", "\nlibslirp: "} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("--version lacks %q:\n%s", want, out)
+		}
+	}
+}
