@@ -53,6 +53,11 @@ func runTests(m *testing.M) int {
 			return 1
 		}
 	}
+	// Run the usernet tests against another slirp4netns-compatible binary
+	// (e.g. the real /usr/bin/slirp4netns) to compare behaviour.
+	if alt := os.Getenv("USERNET_UNDER_TEST"); alt != "" {
+		bins.usernet = alt
+	}
 	if os.Geteuid() == 0 {
 		restore, err := openTunForEveryone()
 		if err != nil {

@@ -81,8 +81,11 @@ type config struct {
 }
 
 // usageError is a command-line error: slirp4netns prints the message to
-// stderr and the usage to stdout, then exits 1.
-type usageError struct{ msg string }
+// stderr and (for most errors) the usage to stdout, then exits 1.
+type usageError struct {
+	msg     string
+	noUsage bool
+}
 
 func (e *usageError) Error() string { return e.msg }
 
@@ -217,8 +220,18 @@ func nonNegative(s string) (int, error) {
 	return n, err
 }
 
-// parseCIDR applies slirp4netns's checks and messages.
+// parseCIDR applies slirp4netns's checks and messages (which come without
+// the usage text).
 func parseCIDR(s string) (netip.Prefix, error) {
+	p, err := checkCIDR(s)
+	var ue *usageError
+	if errors.As(err, &ue) {
+		ue.noUsage = true
+	}
+	return p, err
+}
+
+func checkCIDR(s string) (netip.Prefix, error) {
 	m := cidrPattern.FindStringSubmatch(s)
 	if m == nil {
 		return netip.Prefix{}, usagef("invalid CIDR: %s", s)

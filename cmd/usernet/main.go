@@ -36,7 +36,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var ue *usageError
 	if errors.As(err, &ue) {
 		fmt.Fprintln(stderr, ue.msg)
-		fmt.Fprintf(stdout, helpText, os.Args[0])
+		if !ue.noUsage {
+			fmt.Fprintf(stdout, helpText, os.Args[0])
+		}
 		return 1
 	}
 	if err != nil {
