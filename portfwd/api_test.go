@@ -1,0 +1,134 @@
+package portfwd
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// nullGuest accepts forwards but never carries traffic: the API tests only
+// look at bookkeeping and listeners.
+type nullGuest struct{}
+
+func (nullGuest) ForwardTCP(c *net.TCPConn, _ netip.AddrPort) error { c.Close(); return nil }
+func (nullGuest) DialGuestUDP(_, _ netip.AddrPort) (net.Conn, error) {
+	return nil, errors.New("no guest")
+}
+
+func newTestAPI(t *testing.T) *API {
+	t.Helper()
+	ports := New(nullGuest{}, nil)
+	t.Cleanup(func() { ports.Close() })
+	return NewAPI(ports, netip.MustParseAddr("10.0.2.100"), nil)
+}
+
+// freePort returns a loopback TCP and UDP port that is free right now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func TestAPIExactReplies(t *testing.T) {
+	a := newTestAPI(t)
+	p := itoa(freePort(t))
+	steps := []struct{ req, want string }{
+		{`{"execute":"list_hostfwd"}`, `{"entries":[]}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":` + p + `,"guest_port":80}}` + "\n", `{"return":{"id":1}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"udp","host_addr":"127.0.0.1","host_port":` + p + `.7,"guest_addr":"10.0.2.5","guest_port":81}}`, `{"return":{"id":2}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":` + p + `,"guest_port":80}}`, `{"error":{"desc":"bad request: add_hostfwd: slirp_add_hostfwd failed"}}`},
+		{`{"execute":"list_hostfwd"}`, `{"entries":[{"id":1,"proto":"tcp","host_addr":"127.0.0.1","host_port":` + p + `,"guest_addr":"10.0.2.100","guest_port":80},{"id":2,"proto":"udp","host_addr":"127.0.0.1","host_port":` + p + `,"guest_addr":"10.0.2.5","guest_port":81}]}`},
+		{`{"execute":"remove_hostfwd","arguments":{"id":1}}`, `{"return":{}}`},
+		{`{"execute":"remove_hostfwd","arguments":{"id":1}}`, `{"error":{"desc":"bad request: remove_hostfwd: bad arguments.id"}}`},
+		{`{"execute":"remove_hostfwd"}`, `{"error":{"desc":"bad request: remove_hostfwd: bad arguments.id"}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":` + p + `,"guest_port":80}}`, `{"return":{"id":3}}`},
+		{`badjson`, `{"error":{"desc":"bad request: cannot parse JSON"}}`},
+		{`[1,2]`, `{"error":{"desc":"bad request: json_object() failed"}}`},
+		{`{"x":1}`, `{"error":{"desc":"bad request: no execute found"}}`},
+		{`{"execute":1}`, `{"error":{"desc":"bad request: no execute found"}}`},
+		{`{"execute":"reboot"}`, `{"error":{"desc":"bad request: unknown execute"}}`},
+		{`{"execute":"add_hostfwd"}`, `{"error":{"desc":"bad request: add_hostfwd: bad arguments.proto"}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"sctp","host_port":1,"guest_port":1}}`, `{"error":{"desc":"bad request: add_hostfwd: bad arguments.proto"}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"::1","host_port":1,"guest_port":1}}`, `{"error":{"desc":"bad request: add_hostfwd: bad arguments.host_addr"}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":"80","guest_port":1}}`, `{"error":{"desc":"bad request: add_hostfwd: bad arguments.host_port"}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":70000,"guest_port":1}}`, `{"error":{"desc":"bad request: add_hostfwd: bad arguments.host_port"}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1,"guest_addr":"x","guest_port":1}}`, `{"error":{"desc":"bad request: add_hostfwd: bad arguments.guest_addr"}}`},
+		{`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1,"guest_port":0}}`, `{"error":{"desc":"bad request: add_hostfwd: bad arguments.guest_port"}}`},
+	}
+	for _, s := range steps {
+		if got := string(a.Handle([]byte(s.req))); got != s.want {
+			t.Errorf("%s\n got %s\nwant %s", s.req, got, s.want)
+		}
+	}
+}
+
+func TestAPIOverSocket(t *testing.T) {
+	a := newTestAPI(t)
+	path := t.TempDir() + "/api.sock"
+	ln, err := ListenUnix(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); a.Serve(t.Context(), ln) }()
+	t.Cleanup(func() { ln.Close(); <-done })
+
+	call := func(req string) string {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Write([]byte(req)); err != nil {
+			t.Fatal(err)
+		}
+		c.(*net.UnixConn).CloseWrite()
+		buf := make([]byte, 8192)
+		n, _ := c.Read(buf)
+		return string(buf[:n])
+	}
+	if got := call(`{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
+		t.Errorf("list: %q", got)
+	}
+	big := `{"execute":"list_hostfwd","pad":"` + strings.Repeat("x", 5000) + `"}`
+	if got := call(big); got != `{"error":{"desc":"bad request: too large message"}}` {
+		t.Errorf("oversized: %q", got)
+	}
+	if _, err := ListenUnix(strings.Repeat("a", 120)); err == nil {
+		t.Error("a 120-byte socket path was accepted")
+	}
+}
+
+// FuzzAPIHandle: no request may panic, and every reply is one of the
+// protocol's shapes.
+func FuzzAPIHandle(f *testing.F) {
+	for _, s := range []string{
+		`{"execute":"list_hostfwd"}`,
+		`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":1,"guest_port":1}}`,
+		`{"execute":"remove_hostfwd","arguments":{"id":1e300}}`,
+		`{"execute":"add_hostfwd","arguments":{"proto":"udp","host_port":-1,"guest_port":1.5}}`,
+		`{"execute":"add_hostfwd","arguments":null}`,
+		`[]`, `null`, `"x"`, `{`, ``,
+	} {
+		f.Add([]byte(s))
+	}
+	a := NewAPI(New(nullGuest{}, nil), netip.MustParseAddr("10.0.2.100"), nil)
+	f.Fuzz(func(t *testing.T, req []byte) {
+		got := string(a.Handle(req))
+		if !strings.HasPrefix(got, `{"error":{"desc":"bad request: `) && !strings.HasPrefix(got, `{"return":`) && !strings.HasPrefix(got, `{"entries":[`) {
+			t.Fatalf("reply %q to %q", got, req)
+		}
+		for _, e := range a.ports.List() {
+			_ = a.ports.Remove(e.ID)
+		}
+	})
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
