@@ -3,14 +3,11 @@ package portfwd
 import (
 	"context"
 	"encoding/json"
-	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"math"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"time"
 )
@@ -42,29 +39,6 @@ func NewAPI(ports *PortMap, defaultGuest netip.Addr, log *slog.Logger) *API {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &API{ports: ports, defaultGuest: defaultGuest, log: log}
-}
-
-// ListenUnix replaces any file at path with a Unix socket only its owner
-// may use.
-func ListenUnix(path string) (*net.UnixListener, error) {
-	if len(path) >= 108 {
-		return nil, fmt.Errorf("api socket path %q: longer than the 107 bytes a Unix socket path may have", path)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("api socket %q: %w", path, err)
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("api socket %q: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("api socket %q: %w", path, err)
-	}
-	// Removing the file is the caller's business (Serve's owner), so
-	// that a sandboxed helper can still do it on exit.
-	ln.SetUnlinkOnClose(false)
-	return ln, nil
 }
 
 // Serve answers requests on ln until ctx ends or ln is closed, then waits

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -72,13 +73,14 @@ func TestAPIExactReplies(t *testing.T) {
 func TestAPIOverSocket(t *testing.T) {
 	a := newTestAPI(t)
 	path := t.TempDir() + "/api.sock"
-	ln, err := ListenUnix(path)
+	sock, err := ListenAPISocket(path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	ln := sock.Listener
 	done := make(chan struct{})
 	go func() { defer close(done); a.Serve(t.Context(), ln) }()
-	t.Cleanup(func() { ln.Close(); <-done })
+	t.Cleanup(func() { sock.Close(); <-done })
 
 	call := func(req string) string {
 		c, err := net.Dial("unix", path)
@@ -101,7 +103,10 @@ func TestAPIOverSocket(t *testing.T) {
 	if got := call(big); got != `{"error":{"desc":"bad request: too large message"}}` {
 		t.Errorf("oversized: %q", got)
 	}
-	if _, err := ListenUnix(strings.Repeat("a", 120)); err == nil {
+	if st, err := os.Stat(path); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode: %v, %v; want 0600", st.Mode(), err)
+	}
+	if _, err := ListenAPISocket(strings.Repeat("a", 120)); err == nil {
 		t.Error("a 120-byte socket path was accepted")
 	}
 }

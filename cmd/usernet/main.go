@@ -20,6 +20,7 @@ import (
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
 	"github.com/netns-run/netns-run/portfwd"
+	"github.com/netns-run/netns-run/tap"
 )
 
 var version = "dev"
@@ -32,7 +33,13 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
-	cfg, err := parseArgs(args, stdout)
+	parseOut := stdout
+	if launcher.IsSandboxedCopy() {
+		// The command line was parsed, and its warnings printed, before
+		// the re-exec into the sandbox.
+		parseOut = io.Discard
+	}
+	cfg, err := parseArgs(args, parseOut)
 	var ue *usageError
 	if errors.As(err, &ue) {
 		fmt.Fprintln(stderr, ue.msg)
@@ -75,6 +82,27 @@ func addressesOf(p netip.Prefix) addressing {
 	return addressing{gateway: at(2), dns: at(3), guest: at(100)}
 }
 
+// sandboxState is what the sandboxed copy of the process (see
+// launcher.ReexecSandboxed) inherits: descriptors by number, plus what it
+// can no longer read from the filesystem.
+type sandboxState struct {
+	TapFD     int              `json:"tap_fd"`
+	TapName   string           `json:"tap_name"`
+	APIFD     int              `json:"api_fd"`
+	APIDirFD  int              `json:"api_dir_fd"`
+	APIName   string           `json:"api_name"`
+	Upstreams []netip.AddrPort `json:"dns_upstreams"`
+}
+
+// helper is everything the long-running part needs.
+type helper struct {
+	cfg    *config
+	netCfg netstack.Config
+	guest  netip.Addr
+	dev    tap.Device
+	api    *portfwd.APISocket
+}
+
 func serve(cfg *config, stdout, stderr io.Writer) error {
 	level := slog.LevelWarn
 	if cfg.debug {
@@ -84,26 +112,58 @@ func serve(cfg *config, stdout, stderr io.Writer) error {
 	ctx, cancel := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
 	defer cancel()
 
-	addrs := addressesOf(cfg.cidr)
-	netCfg := netstack.DefaultConfig()
-	netCfg.MTU = uint32(cfg.mtu)
-	netCfg.Network = cfg.cidr
-	netCfg.Gateway, netCfg.DNS = addrs.gateway, addrs.dns
-	netCfg.GatewayMAC = net.HardwareAddr{0x52, 0x55, addrs.gateway.As4()[0], addrs.gateway.As4()[1], addrs.gateway.As4()[2], addrs.gateway.As4()[3]}
-	netCfg.DisableHostLoopback = cfg.disableHostLoopback
-	netCfg.DisableDNS = cfg.disableDNS
-	netCfg.Logger = log
-	var err error
-	if netCfg.OutboundAddr4, err = outboundAddr(cfg.outbound4, false); err != nil {
+	var st sandboxState
+	sandboxed, err := launcher.SandboxedState(&st)
+	if err != nil {
 		return err
 	}
-	if netCfg.OutboundAddr6, err = outboundAddr(cfg.outbound6, true); err != nil {
+	h, err := newHelper(cfg, log)
+	if err != nil {
 		return err
 	}
-	if netCfg.DNSUpstreams, err = netstack.DNSUpstreams(cfg.dnsUpstreams, "/etc/resolv.conf"); err != nil {
+	if sandboxed {
+		err = h.adopt(st)
+	} else {
+		err = h.setUp(ctx, stdout)
+	}
+	if err != nil {
 		return err
 	}
+	if cfg.sandbox && !sandboxed {
+		return h.enterSandbox()
+	}
+	return h.run(ctx, cancel, log, stderr)
+}
 
+func newHelper(cfg *config, log *slog.Logger) (*helper, error) {
+	addrs := addressesOf(cfg.cidr)
+	n := netstack.DefaultConfig()
+	n.MTU = uint32(cfg.mtu)
+	n.Network = cfg.cidr
+	n.Gateway, n.DNS = addrs.gateway, addrs.dns
+	gw := addrs.gateway.As4()
+	n.GatewayMAC = net.HardwareAddr{0x52, 0x55, gw[0], gw[1], gw[2], gw[3]}
+	n.DisableHostLoopback = cfg.disableHostLoopback
+	n.DisableDNS = cfg.disableDNS
+	n.Logger = log
+	var err error
+	if n.OutboundAddr4, err = outboundAddr(cfg.outbound4, false); err != nil {
+		return nil, err
+	}
+	if n.OutboundAddr6, err = outboundAddr(cfg.outbound6, true); err != nil {
+		return nil, err
+	}
+	return &helper{cfg: cfg, netCfg: n, guest: addrs.guest}, nil
+}
+
+// setUp opens the TAP in the target namespace, prints the banner and binds
+// the API socket.
+func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
+	cfg := h.cfg
+	var err error
+	if h.netCfg.DNSUpstreams, err = netstack.DNSUpstreams(cfg.dnsUpstreams, "/etc/resolv.conf"); err != nil {
+		return err
+	}
 	target := launcher.Target{NetNS: cfg.netnsPath, UserNS: cfg.usernsPath}
 	if cfg.pid > 0 {
 		t, err := launcher.TargetOfPID(cfg.pid, 10*time.Second)
@@ -115,23 +175,68 @@ func serve(cfg *config, stdout, stderr io.Writer) error {
 			target.UserNS = t.UserNS
 		}
 	}
+	h.cfg.usernsPath = target.UserNS
 	guest := launcher.GuestConfig{
 		TapName:    cfg.tapName,
 		MTU:        cfg.mtu,
 		TxQueueLen: 10000,
-		Address:    netip.PrefixFrom(addrs.guest, cfg.cidr.Bits()),
-		Gateway:    addrs.gateway,
-		Nameserver: addrs.dns,
+		Address:    netip.PrefixFrom(h.guest, cfg.cidr.Bits()),
+		Gateway:    h.netCfg.Gateway,
+		Nameserver: h.netCfg.DNS,
 		MAC:        cfg.macAddress,
 	}
-	dev, _, err := launcher.OpenTapIn(ctx, target, guest, cfg.configure)
-	if err != nil {
+	if h.dev, _, err = launcher.OpenTapIn(ctx, target, guest, cfg.configure); err != nil {
 		return err
 	}
-	printBanner(stdout, cfg, addrs, netCfg)
+	printBanner(stdout, cfg, addressesOf(cfg.cidr), h.netCfg)
+	if cfg.apiSocket != "" {
+		if h.api, err = portfwd.ListenAPISocket(cfg.apiSocket); err != nil {
+			h.dev.Close()
+			return err
+		}
+	}
+	return nil
+}
 
-	stack, err := netstack.New(ctx, netCfg, dev)
+// enterSandbox re-executes into the sandbox, carrying the TAP and the API
+// socket over. It returns only on failure.
+func (h *helper) enterSandbox() error {
+	q := h.dev.Queues()[0]
+	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, APIDirFD: -1, Upstreams: h.netCfg.DNSUpstreams}
+	keep := []*os.File{q}
+	if h.api != nil {
+		ln, dir, name, err := h.api.Files()
+		if err != nil {
+			return err
+		}
+		st.APIFD, st.APIDirFD, st.APIName = int(ln.Fd()), int(dir.Fd()), name
+		keep = append(keep, ln, dir)
+	}
+	return launcher.ReexecSandboxed(h.cfg.usernsPath, st, keep...)
+}
+
+// adopt takes over what the pre-sandbox process set up.
+func (h *helper) adopt(st sandboxState) error {
+	h.netCfg.DNSUpstreams = st.Upstreams
+	h.dev = tap.FromFiles(st.TapName, []*os.File{os.NewFile(uintptr(st.TapFD), "tap")})
+	if st.APIFD >= 0 {
+		var err error
+		h.api, err = portfwd.AdoptAPISocket(os.NewFile(uintptr(st.APIFD), "api"), os.NewFile(uintptr(st.APIDirFD), "api-dir"), st.APIName)
+		if err != nil {
+			h.dev.Close()
+			return err
+		}
+	}
+	return nil
+}
+
+// run serves the network until SIGTERM/SIGINT or the exit fd hangs up.
+func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.Logger, stderr io.Writer) error {
+	stack, err := netstack.New(ctx, h.netCfg, h.dev)
 	if err != nil {
+		if h.api != nil {
+			h.api.Close()
+		}
 		return err
 	}
 	ports := portfwd.New(stack, log)
@@ -141,31 +246,29 @@ func serve(cfg *config, stdout, stderr io.Writer) error {
 		stack.Close()
 		ports.Close()
 	}()
-
-	if cfg.apiSocket != "" {
-		ln, err := portfwd.ListenUnix(cfg.apiSocket)
-		if err != nil {
-			return err
-		}
-		defer os.Remove(cfg.apiSocket)
-		api := portfwd.NewAPI(ports, addrs.guest, log)
+	if h.api != nil {
+		api := portfwd.NewAPI(ports, h.guest, log)
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			api.Serve(ctx, ln)
+			api.Serve(ctx, h.api.Listener)
 		}()
-		defer func() { cancel(); <-done }()
+		defer func() {
+			cancel()
+			<-done
+			h.api.Close()
+		}()
 	}
-	if cfg.readyFD >= 0 {
-		if err := launcher.NotifyReady(cfg.readyFD); err != nil {
+	if h.cfg.readyFD >= 0 {
+		if err := launcher.NotifyReady(h.cfg.readyFD); err != nil {
 			return err
 		}
 	}
-	if cfg.exitFD >= 0 {
-		// The watcher may outlive serve by a moment; exiting the
-		// process ends it.
+	if h.cfg.exitFD >= 0 {
+		// The watcher may outlive run by a moment; exiting the process
+		// ends it.
 		go func() {
-			if err := launcher.WaitHangup(cfg.exitFD); err != nil {
+			if err := launcher.WaitHangup(h.cfg.exitFD); err != nil {
 				log.Warn("exit fd", "err", err)
 			}
 			fmt.Fprintln(stderr, "exitfd event")

@@ -12,6 +12,8 @@ package nsenter
 extern int nsenter_errno;
 extern const char *nsenter_step;
 extern int nsenter_userns_errno;
+extern int sandbox_errno;
+extern const char *sandbox_step;
 */
 import "C"
 
@@ -41,4 +43,18 @@ func UserNSErr() error {
 		return nil
 	}
 	return fmt.Errorf("join user namespace: %w", syscall.Errno(C.nsenter_userns_errno))
+}
+
+// Environment variables that make the constructor enter the sandbox.
+const (
+	EnvSandbox       = "_NETNS_RUN_SANDBOX"
+	EnvSandboxUserNS = "_NETNS_RUN_SANDBOX_USERNS"
+)
+
+// SandboxErr reports whether entering the sandbox failed.
+func SandboxErr() error {
+	if C.sandbox_errno == 0 {
+		return nil
+	}
+	return fmt.Errorf("sandbox: %s: %w", C.GoString(C.sandbox_step), syscall.Errno(C.sandbox_errno))
 }

@@ -1,0 +1,71 @@
+package launcher
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/launcher/nsenter"
+)
+
+// sandboxStateEnv carries the state of the process across the re-exec
+// into the sandbox.
+const sandboxStateEnv = "_NETNS_RUN_SANDBOX_STATE"
+
+// ReexecSandboxed replaces the running program, keeping its PID (which
+// runtimes track), with a fresh copy that enters a sandbox before its Go
+// runtime starts: a private mount namespace whose root holds only /etc and
+// /run read-only, no capabilities but CAP_NET_BIND_SERVICE, no_new_privs.
+// An unprivileged caller first joins userns (the container's user namespace)
+// to be allowed to do that.
+//
+// state is marshalled to JSON for SandboxedState; keep lists the files that
+// must stay open (their descriptor numbers do not change). It only returns on
+// failure.
+func ReexecSandboxed(userns string, state any, keep ...*os.File) error {
+	b, err := json.Marshal(state)
+	if err != nil {
+		return fmt.Errorf("sandbox: encode state: %w", err)
+	}
+	for _, f := range keep {
+		// Clearing close-on-exec is what carries the file across.
+		if _, err := unix.FcntlInt(f.Fd(), unix.F_SETFD, 0); err != nil {
+			return fmt.Errorf("sandbox: keep %s open: %w", f.Name(), err)
+		}
+	}
+	env := append(os.Environ(),
+		sandboxStateEnv+"="+string(b),
+		nsenter.EnvSandbox+"=1",
+		nsenter.EnvSandboxUserNS+"="+userns)
+	err = syscall.Exec("/proc/self/exe", os.Args, env)
+	return fmt.Errorf("sandbox: re-exec: %w", err)
+}
+
+// IsSandboxedCopy reports whether this process was started by
+// ReexecSandboxed (before SandboxedState consumes the marker).
+func IsSandboxedCopy() bool {
+	_, ok := os.LookupEnv(sandboxStateEnv)
+	return ok
+}
+
+// SandboxedState reports whether this process is the sandboxed copy made by
+// ReexecSandboxed and, if so, decodes the state it was given into v.
+func SandboxedState(v any) (bool, error) {
+	s, ok := os.LookupEnv(sandboxStateEnv)
+	if !ok {
+		return false, nil
+	}
+	for _, k := range []string{sandboxStateEnv, nsenter.EnvSandbox, nsenter.EnvSandboxUserNS} {
+		os.Unsetenv(k)
+	}
+	if err := nsenter.SandboxErr(); err != nil {
+		return true, err
+	}
+	if err := json.Unmarshal([]byte(s), v); err != nil {
+		return true, fmt.Errorf("sandbox: decode state: %w", err)
+	}
+	return true, nil
+}
