@@ -25,6 +25,11 @@ type Config struct {
 	Gateway netip.Addr
 	// DNS is the address of the built-in DNS forwarder.
 	DNS netip.Addr
+	// IPv6 adds Network6 with Gateway6 (the host's ::1 unless
+	// DisableHostLoopback) and DNS6, announced by router advertisements.
+	IPv6           bool
+	Network6       netip.Prefix
+	Gateway6, DNS6 netip.Addr
 	// GatewayMAC is the Ethernet address the stack answers with.
 	GatewayMAC net.HardwareAddr
 	// DisableHostLoopback refuses every flow that would end on the
@@ -49,6 +54,11 @@ var (
 	DefaultGateway   = netip.MustParseAddr("10.0.2.2")
 	DefaultDNS       = netip.MustParseAddr("10.0.2.3")
 	DefaultGuestAddr = netip.MustParseAddr("10.0.2.100")
+
+	DefaultNetwork6   = netip.MustParsePrefix("fd00::/64")
+	DefaultGateway6   = netip.MustParseAddr("fd00::2")
+	DefaultDNS6       = netip.MustParseAddr("fd00::3")
+	DefaultGuestAddr6 = netip.MustParseAddr("fd00::100")
 )
 
 // DefaultMTU matches slirp4netns and rootlesskit: large frames make the
@@ -66,6 +76,9 @@ func DefaultConfig() Config {
 		Gateway:    DefaultGateway,
 		DNS:        DefaultDNS,
 		GatewayMAC: DefaultGatewayMAC,
+		Network6:   DefaultNetwork6,
+		Gateway6:   DefaultGateway6,
+		DNS6:       DefaultDNS6,
 	}
 }
 
@@ -79,6 +92,16 @@ func (c *Config) validate() error {
 	for name, a := range map[string]netip.Addr{"gateway": c.Gateway, "dns": c.DNS} {
 		if !c.Network.Contains(a) {
 			return fmt.Errorf("%s %v is outside network %v", name, a, c.Network)
+		}
+	}
+	if c.IPv6 {
+		if !c.Network6.IsValid() || !c.Network6.Addr().Is6() || c.Network6.Bits() != 64 {
+			return fmt.Errorf("network6 %v: want an IPv6 /64 (SLAAC)", c.Network6)
+		}
+		for name, a := range map[string]netip.Addr{"gateway6": c.Gateway6, "dns6": c.DNS6} {
+			if !c.Network6.Contains(a) {
+				return fmt.Errorf("%s %v is outside network6 %v", name, a, c.Network6)
+			}
 		}
 	}
 	if len(c.GatewayMAC) != 6 {

@@ -4,7 +4,15 @@ import (
 	"net/netip"
 )
 
-var hostLoopback4 = netip.MustParseAddr("127.0.0.1")
+var (
+	hostLoopback4 = netip.MustParseAddr("127.0.0.1")
+	hostLoopback6 = netip.IPv6Loopback()
+)
+
+// isDNS reports whether a is one of the forwarder's addresses.
+func (s *Stack) isDNS(a netip.Addr) bool {
+	return a == s.cfg.DNS || (s.cfg.IPv6 && a == s.cfg.DNS6)
+}
 
 // hostTarget maps the destination a guest flow was sent to onto the address
 // the helper connects to on the host, or refuses it.
@@ -18,15 +26,20 @@ func (s *Stack) hostTarget(dst netip.AddrPort) (netip.AddrPort, error) {
 			return netip.AddrPort{}, errBlocked
 		}
 		return netip.AddrPortFrom(hostLoopback4, dst.Port()), nil
+	case s.cfg.IPv6 && a == s.cfg.Gateway6:
+		if s.cfg.DisableHostLoopback {
+			return netip.AddrPort{}, errBlocked
+		}
+		return netip.AddrPortFrom(hostLoopback6, dst.Port()), nil
 	case a.IsLoopback():
 		// A guest's own kernel never routes loopback out of the TAP;
 		// only a crafted packet gets here.
 		if s.cfg.DisableHostLoopback {
 			return netip.AddrPort{}, errBlocked
 		}
-	case a.IsUnspecified(), a.IsMulticast(), a == limitedBroadcast:
+	case a.IsUnspecified(), a.IsMulticast(), a == limitedBroadcast, a.Is6() && a.IsLinkLocalUnicast():
 		return netip.AddrPort{}, errBlocked
-	case s.cfg.Network.Contains(a):
+	case s.cfg.Network.Contains(a), s.cfg.IPv6 && s.cfg.Network6.Contains(a):
 		// Nothing but the gateway and DNS lives in the guest subnet.
 		return netip.AddrPort{}, errBlocked
 	}

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
 
@@ -69,8 +70,11 @@ func New(ctx context.Context, cfg Config, dev tap.Device) (*Stack, error) {
 }
 
 func (s *Stack) start() error {
+	// No duplicate address detection for our own addresses: the guest
+	// must be able to use the gateway and DNS addresses at once.
+	v6 := ipv6.NewProtocolWithOptions(ipv6.Options{DADConfigs: stack.DADConfigurations{DupAddrDetectTransmits: 0}})
 	s.stack = stack.New(stack.Options{
-		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol, arp.NewProtocol},
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, v6, arp.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
 	})
 	if err := s.tuneTCP(); err != nil {
@@ -98,13 +102,27 @@ func (s *Stack) start() error {
 	}
 	// The gateway and DNS addresses are the stack's own: it answers ARP
 	// and ICMP echo for them itself.
-	for _, a := range []netip.Addr{s.cfg.Gateway, s.cfg.DNS} {
+	own := []netip.Prefix{
+		netip.PrefixFrom(s.cfg.Gateway, s.cfg.Network.Bits()),
+		netip.PrefixFrom(s.cfg.DNS, s.cfg.Network.Bits()),
+	}
+	if s.cfg.IPv6 {
+		own = append(own,
+			netip.PrefixFrom(linkLocalGateway, 64),
+			netip.PrefixFrom(s.cfg.Gateway6, s.cfg.Network6.Bits()),
+			netip.PrefixFrom(s.cfg.DNS6, s.cfg.Network6.Bits()))
+	}
+	for _, p := range own {
+		proto := ipv4.ProtocolNumber
+		if p.Addr().Is6() {
+			proto = ipv6.ProtocolNumber
+		}
 		pa := tcpip.ProtocolAddress{
-			Protocol:          ipv4.ProtocolNumber,
-			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpipAddr(a), PrefixLen: s.cfg.Network.Bits()},
+			Protocol:          proto,
+			AddressWithPrefix: tcpip.AddressWithPrefix{Address: tcpipAddr(p.Addr()), PrefixLen: p.Bits()},
 		}
 		if terr := s.stack.AddProtocolAddress(nicID, pa, stack.AddressProperties{}); terr != nil {
-			return fmt.Errorf("add address %s: %s", a, terr)
+			return fmt.Errorf("add address %s: %s", p, terr)
 		}
 	}
 	// Promiscuous: accept packets for any destination, so every outside
@@ -123,6 +141,15 @@ func (s *Stack) start() error {
 	s.stack.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
 	udpFwd := udp.NewForwarder(s.stack, s.handleUDP)
 	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
+	if s.cfg.IPv6 {
+		if !s.flows.enter() {
+			return net.ErrClosed
+		}
+		go func() {
+			defer s.flows.leave()
+			s.advertiseRouter()
+		}()
+	}
 	s.log.Debug("netstack up", "mtu", s.cfg.MTU, "gateway", s.cfg.Gateway, "dns", s.cfg.DNS,
 		"host_loopback", !s.cfg.DisableHostLoopback, "dns_upstreams", s.cfg.DNSUpstreams)
 	return nil

@@ -49,7 +49,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 
 // dialTCP opens the host side of a guest connection.
 func (s *Stack) dialTCP(dst netip.AddrPort) (*net.TCPConn, error) {
-	if dst.Addr() == s.cfg.DNS {
+	if s.isDNS(dst.Addr()) {
 		if s.cfg.DisableDNS {
 			return nil, errSilentDrop
 		}

@@ -25,7 +25,7 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	src := netip.AddrPortFrom(netipAddr(id.RemoteAddress), id.RemotePort)
 
 	var target netip.AddrPort
-	isDNS := dst.Addr() == s.cfg.DNS
+	isDNS := s.isDNS(dst.Addr())
 	if isDNS {
 		if s.cfg.DisableDNS {
 			return true // dropped without an ICMP error, as slirp4netns does

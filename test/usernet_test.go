@@ -560,3 +560,37 @@ func TestUsernetSandbox(t *testing.T) {
 		t.Errorf("api socket left behind by the sandboxed helper: %v", err)
 	}
 }
+
+func TestUsernetIPv6(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.r, "tcp-echo-server", "["+remoteAddr6+"]:7")
+	wd.startServer(wd.r, "dns-server", routerAddr+":53", testName+"="+testNameIP)
+	wd.startServer(wd.w, "tcp-echo-server", "[::1]:8080")
+	sb := wd.startSandbox()
+	u := wd.startUsernet("-c", "-6", "--mtu=65520", fmt.Sprint(sb.pid), "tap0")
+	if !strings.Contains(u.stdout.String(), "WARNING: Support for IPv6 is experimental") {
+		t.Errorf("no IPv6 warning:\n%s", &u.stdout)
+	}
+	// SLAAC from the stack's router advertisement; the guest does its
+	// own duplicate address detection, so wait for the address to settle.
+	var out string
+	for i := 0; ; i++ {
+		out = wd.inSandbox(sb, "sh", "-c", "ip -6 addr show dev tap0; ip -6 route")
+		if strings.Contains(out, "inet6 fd00::") && !strings.Contains(out, "tentative") && strings.Contains(out, "default via fe80::2") {
+			break
+		}
+		if i == 100 {
+			t.Fatalf("no SLAAC address and default route from the router advertisement:\n%s", out)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	const size = 16 << 20
+	checkEcho(t, result{stdout: wd.inSandbox(sb, bins.nettool, "tcp-echo-check", "["+remoteAddr6+"]:7", fmt.Sprint(size))}, size)
+	checkEcho(t, result{stdout: wd.inSandbox(sb, bins.nettool, "tcp-echo-check", "[fd00::2]:8080", "1048576")}, 1<<20)
+	if out := wd.inSandbox(sb, bins.nettool, "dns-query", "[fd00::3]:53", testName, "udp"); !strings.Contains(out, "A "+testNameIP) {
+		t.Errorf("dns over fd00::3: %s", out)
+	}
+	if code := u.stop(t); code != 0 {
+		t.Errorf("exit status %d\n%s", code, &u.stderr)
+	}
+}

@@ -22,6 +22,10 @@ const (
 	worldAddr  = "203.0.113.1"   // W, where the helper runs ("the host")
 	routerAddr = "203.0.113.10"  // R, test router and DNS server
 	remoteAddr = "198.51.100.10" // a test host behind R
+
+	worldAddr6  = "2001:db8:1::1"
+	routerAddr6 = "2001:db8:1::10"
+	remoteAddr6 = "2001:db8:2::10"
 )
 
 // world is W ("the host", where netns-run runs) linked by veth to R (the
@@ -68,6 +72,12 @@ func newWorld(t *testing.T) *world {
 	// Anything else R is asked for is unreachable: no traffic loops or
 	// leaves the world.
 	wd.ip("-n", wd.r, "route", "add", "unreachable", "default")
+	// The same in IPv6; nodad so the addresses work at once.
+	wd.ip("-n", wd.w, "addr", "add", worldAddr6+"/64", "dev", "veth0", "nodad")
+	wd.ip("-n", wd.w, "-6", "route", "add", "default", "via", routerAddr6)
+	wd.ip("-n", wd.r, "addr", "add", routerAddr6+"/64", "dev", "veth0", "nodad")
+	wd.ip("-n", wd.r, "addr", "add", remoteAddr6+"/128", "dev", "lo", "nodad")
+	wd.ip("-n", wd.r, "-6", "route", "add", "unreachable", "default")
 	return wd
 }
 

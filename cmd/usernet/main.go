@@ -145,6 +145,7 @@ func newHelper(cfg *config, log *slog.Logger) (*helper, error) {
 	n.GatewayMAC = net.HardwareAddr{0x52, 0x55, gw[0], gw[1], gw[2], gw[3]}
 	n.DisableHostLoopback = cfg.disableHostLoopback
 	n.DisableDNS = cfg.disableDNS
+	n.IPv6 = cfg.enableIPv6
 	n.Logger = log
 	var err error
 	if n.OutboundAddr4, err = outboundAddr(cfg.outbound4, false); err != nil {
