@@ -10,10 +10,6 @@ func tcpipAddr(a netip.Addr) tcpip.Address {
 	return tcpip.AddrFromSlice(a.Unmap().AsSlice())
 }
 
-func tcpipLinkAddr(mac []byte) tcpip.LinkAddress {
-	return tcpip.LinkAddress(mac)
-}
-
 func netipAddr(a tcpip.Address) netip.Addr {
 	addr, _ := netip.AddrFromSlice(a.AsSlice())
 	return addr.Unmap()

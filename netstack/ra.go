@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -57,31 +56,16 @@ func (s *Stack) routerAdvertisement() []byte {
 	src, dst := tcpipAddr(linkLocalGateway), tcpipAddr(allNodes)
 	binary.BigEndian.PutUint16(icmp[2:], header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: icmp, Src: src, Dst: dst}))
 
-	frame := make([]byte, header.EthernetMinimumSize+header.IPv6MinimumSize, header.EthernetMinimumSize+header.IPv6MinimumSize+len(icmp))
-	header.Ethernet(frame).Encode(&header.EthernetFields{
-		SrcAddr: tcpipLinkAddr(mac),
-		DstAddr: header.EthernetAddressFromMulticastIPv6Address(dst),
-		Type:    header.IPv6ProtocolNumber,
-	})
-	header.IPv6(frame[header.EthernetMinimumSize:]).Encode(&header.IPv6Fields{
-		PayloadLength:     uint16(len(icmp)),
-		TransportProtocol: header.ICMPv6ProtocolNumber,
-		HopLimit:          255,
-		SrcAddr:           src,
-		DstAddr:           dst,
-	})
-	return append(frame, icmp...)
+	frame := s.ipFrame(header.EthernetAddressFromMulticastIPv6Address(dst), header.IPv6ProtocolNumber, src, dst, header.ICMPv6ProtocolNumber, icmp)
+	// Neighbor discovery messages must arrive with hop limit 255.
+	header.IPv6(frame[header.EthernetMinimumSize:]).SetHopLimit(255)
+	return frame
 }
 
 // advertiseRouter sends RAs until the stack closes.
 func (s *Stack) advertiseRouter() {
 	frame := s.routerAdvertisement()
-	fd := int(s.dev.Queues()[0].Fd())
-	send := func() {
-		if _, err := unix.Write(fd, frame); err != nil {
-			s.log.Debug("router advertisement", "err", err)
-		}
-	}
+	send := func() { s.writeFrame(frame) }
 	for _, d := range []time.Duration{0, 500 * time.Millisecond, time.Second, 2 * time.Second, 4 * time.Second} {
 		select {
 		case <-s.ctx.Done():

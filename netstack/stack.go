@@ -138,9 +138,9 @@ func (s *Stack) start() error {
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
 	tcpFwd := tcp.NewForwarder(s.stack, 0, maxInFlightSYNs, s.handleTCP)
-	s.stack.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
+	s.stack.SetTransportProtocolHandler(tcp.ProtocolNumber, s.guardTransport(tcpFwd.HandlePacket))
 	udpFwd := udp.NewForwarder(s.stack, s.handleUDP)
-	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
+	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, s.guardTransport(udpFwd.HandlePacket))
 	if s.cfg.IPv6 {
 		if !s.flows.enter() {
 			return net.ErrClosed

@@ -133,9 +133,10 @@ func TestGatewayReachesHostLoopback(t *testing.T) {
 	res := wd.mustRunGuest(nil, bins.nettool, "tcp-echo-check", "10.0.2.2:8080", fmt.Sprint(size))
 	checkEcho(t, res, size)
 
+	// Blocked like slirp4netns blocks it: ICMP network unreachable.
 	res = wd.mustRunGuest([]string{"--disable-host-loopback"}, bins.nettool, "tcp-connect", "10.0.2.2:8080")
-	if strings.TrimSpace(res.stdout) != "refused" {
-		t.Errorf("--disable-host-loopback: want refused, got:\n%s", res)
+	if strings.TrimSpace(res.stdout) != "unreachable" {
+		t.Errorf("--disable-host-loopback: want network unreachable, got:\n%s", res)
 	}
 	// A port nobody listens on is refused, not left hanging.
 	res = wd.mustRunGuest(nil, bins.nettool, "tcp-connect", "10.0.2.2:8081")

@@ -594,3 +594,32 @@ func TestUsernetIPv6(t *testing.T) {
 		t.Errorf("exit status %d\n%s", code, &u.stderr)
 	}
 }
+
+func TestUsernetOptions(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.w, "peer-server", "tcp", "127.0.0.1:9100")
+	wd.startServer(wd.r, "dns-server", routerAddr+":53", testName+"="+testNameIP)
+
+	// --macaddress and --outbound-addr given as an interface name: host
+	// sockets, even to the host's loopback, leave from veth0's address.
+	sb := wd.startSandbox()
+	wd.startUsernet("-c", "--macaddress=52:54:00:12:34:56", "--outbound-addr=veth0", fmt.Sprint(sb.pid), "tap0")
+	if out := wd.inSandbox(sb, "ip", "link", "show", "dev", "tap0"); !strings.Contains(out, "52:54:00:12:34:56") {
+		t.Errorf("--macaddress not applied:\n%s", out)
+	}
+	if out := wd.inSandbox(sb, bins.nettool, "peer-query", "tcp", "10.0.2.2:9100"); !strings.HasPrefix(out, "peer="+worldAddr+":") {
+		t.Errorf("--outbound-addr=veth0: host server saw %q, want %s", out, worldAddr)
+	}
+
+	// --disable-host-loopback answers "network unreachable" like
+	// slirp4netns; --disable-dns drops DNS queries.
+	sb2 := wd.startSandbox()
+	wd.startUsernet("-c", "--disable-host-loopback", "--disable-dns", fmt.Sprint(sb2.pid), "tap0")
+	if out := wd.inSandbox(sb2, bins.nettool, "tcp-connect", "10.0.2.2:9100"); strings.TrimSpace(out) != "unreachable" {
+		t.Errorf("--disable-host-loopback: %q, want unreachable", out)
+	}
+	cmd := wd.sandboxCommand(sb2, bins.nettool, "dns-query", "10.0.2.3:53", testName, "udp")
+	if out, err := cmd.CombinedOutput(); err == nil {
+		t.Errorf("--disable-dns: query answered:\n%s", out)
+	}
+}

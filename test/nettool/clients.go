@@ -156,7 +156,8 @@ func resolve(args []string) error {
 	return nil
 }
 
-// tcpConnect prints "connected" or "refused" and fails on anything else.
+// tcpConnect prints "connected", "refused" or "unreachable" (an ICMP
+// network or host unreachable) and fails on anything else.
 func tcpConnect(args []string) error {
 	if err := needArgs(args, 1); err != nil {
 		return err
@@ -164,6 +165,10 @@ func tcpConnect(args []string) error {
 	c, err := net.DialTimeout("tcp", args[0], 10*time.Second)
 	if errors.Is(err, syscall.ECONNREFUSED) {
 		fmt.Println("refused")
+		return nil
+	}
+	if errors.Is(err, syscall.ENETUNREACH) || errors.Is(err, syscall.EHOSTUNREACH) {
+		fmt.Println("unreachable")
 		return nil
 	}
 	if err != nil {
