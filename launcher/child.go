@@ -72,6 +72,9 @@ func setUpChild(ch channel) ([]string, error) {
 	if err := nsenter.Err(); err != nil {
 		return nil, failed("join namespaces", err)
 	}
+	if cfg.Ports {
+		return nil, servePorts(ch)
+	}
 	if cfg.Exec {
 		if err := replaceResolvConf(cfg.Guest); err != nil {
 			// Networking still works without it; only name lookups

@@ -1,6 +1,7 @@
 package launcher
 
 import (
+	"errors"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -26,6 +27,8 @@ const (
 	kindTap     messageKind = "tap"
 	kindFailure messageKind = "failure"
 	kindProceed messageKind = "proceed"
+	kindDial    messageKind = "dial"
+	kindDialed  messageKind = "dialed"
 )
 
 // message is the envelope of every datagram; exactly one body field is set,
@@ -35,6 +38,19 @@ type message struct {
 	Config  *childConfig  `json:"config,omitempty"`
 	Tap     *tapReady     `json:"tap,omitempty"`
 	Failure *childFailure `json:"failure,omitempty"`
+	Dial    *dialRequest  `json:"dial,omitempty"`
+	Dialed  *dialResult   `json:"dialed,omitempty"`
+}
+
+// dialRequest asks the port helper for a socket connected to Addr inside
+// the namespace; the answer carries it as SCM_RIGHTS.
+type dialRequest struct {
+	Network string `json:"network"`
+	Addr    string `json:"addr"`
+}
+
+type dialResult struct {
+	Error string `json:"error,omitempty"`
 }
 
 // childConfig is everything the child needs to set up the namespace.
@@ -42,6 +58,9 @@ type childConfig struct {
 	Guest GuestConfig `json:"guest"`
 	// Configure: bring up lo and give the TAP its address and route.
 	Configure bool `json:"configure"`
+	// Ports: stay in the namespace and serve dialRequests (the builtin
+	// port driver's helper) instead of opening a TAP.
+	Ports bool `json:"ports,omitempty"`
 	// Exec: replace resolv.conf, wait for proceed, then exec Args. Without
 	// it the child exits once the TAP is sent (joining an existing
 	// namespace for usernet).
@@ -65,6 +84,8 @@ type childFailure struct {
 func (f *childFailure) Error() string {
 	return f.Step + ": " + f.Message
 }
+
+var errChannelClosed = errors.New("peer closed the channel")
 
 type channel struct {
 	conn *net.UnixConn
@@ -96,7 +117,7 @@ func (c channel) recv(want messageKind) (message, []*os.File, error) {
 	}
 	if n == 0 {
 		closeAll()
-		return message{}, nil, fmt.Errorf("waiting for %s message: peer closed the channel", want)
+		return message{}, nil, fmt.Errorf("waiting for %s message: %w", want, errChannelClosed)
 	}
 	var m message
 	if err := json.Unmarshal(buf[:n], &m); err != nil {

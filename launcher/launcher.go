@@ -53,10 +53,27 @@ type GuestConfig struct {
 	MAC string `json:"mac,omitempty"`
 }
 
-// NetworkFunc starts the host side of the network on the TAP the child
-// created. Run closes the returned Closer after the command and everything
-// it left in the namespace are gone. dev is owned by the network from then on.
-type NetworkFunc func(ctx context.Context, dev tap.Device, guestMAC net.HardwareAddr) (io.Closer, error)
+// Namespace is the set-up namespace as the network sees it.
+type Namespace struct {
+	// PID is a process in the namespaces (the command, before exec).
+	PID int
+	// Tap is the guest's TAP, owned by the network from now on.
+	Tap tap.Device
+	// MAC is the guest side's Ethernet address.
+	MAC net.HardwareAddr
+}
+
+// Target names the namespace's user and network namespaces, for helpers
+// that join them (see StartPortHelper).
+func (n Namespace) Target() Target {
+	dir := fmt.Sprintf("/proc/%d/ns/", n.PID)
+	return Target{NetNS: dir + "net", UserNS: dir + "user"}
+}
+
+// NetworkFunc starts the host side of the network for the namespace the
+// child set up. Run closes the returned Closer after the command and
+// everything it left in the namespace are gone.
+type NetworkFunc func(ctx context.Context, ns Namespace) (io.Closer, error)
 
 // Options configure Run.
 type Options struct {
@@ -149,7 +166,7 @@ func setUp(ctx context.Context, ch channel, opts Options, pid int) (io.Closer, e
 	if err != nil {
 		return nil, err
 	}
-	network, err := opts.Network(ctx, dev, mac)
+	network, err := opts.Network(ctx, Namespace{PID: pid, Tap: dev, MAC: mac})
 	if err != nil {
 		dev.Close()
 		return nil, fmt.Errorf("start network: %w", err)

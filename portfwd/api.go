@@ -30,7 +30,12 @@ type API struct {
 	// DefaultGuest is used when a request leaves guest_addr empty.
 	defaultGuest netip.Addr
 	log          *slog.Logger
+	allowIPv6    bool
 }
+
+// AllowIPv6 lets requests name IPv6 host and guest addresses, an extension
+// slirp4netns clients never use (its API is IPv4-only).
+func (a *API) AllowIPv6() { a.allowIPv6 = true }
 
 // NewAPI returns an API editing ports; defaultGuest is the guest address
 // used when a request names none (net+100 in slirp4netns).
@@ -114,7 +119,7 @@ func (a *API) add(args map[string]any) []byte {
 	if proto != "tcp" && proto != "udp" {
 		return apiError(prefix + "bad arguments.proto")
 	}
-	hostAddr, ok := ipv4Arg(args, "host_addr", netip.IPv4Unspecified())
+	hostAddr, ok := a.addrArg(args, "host_addr", netip.IPv4Unspecified())
 	if !ok {
 		return apiError(prefix + "bad arguments.host_addr")
 	}
@@ -122,7 +127,7 @@ func (a *API) add(args map[string]any) []byte {
 	if !ok {
 		return apiError(prefix + "bad arguments.host_port")
 	}
-	guestAddr, ok := ipv4Arg(args, "guest_addr", a.defaultGuest)
+	guestAddr, ok := a.addrArg(args, "guest_addr", a.defaultGuest)
 	if !ok {
 		return apiError(prefix + "bad arguments.guest_addr")
 	}
@@ -151,7 +156,11 @@ type apiEntry struct {
 func (a *API) list() []byte {
 	entries := []apiEntry{}
 	for _, e := range a.ports.List() {
-		entries = append(entries, apiEntry{e.ID, e.Proto, e.HostAddr.String(), e.HostPort, e.GuestAddr.String(), e.GuestPort})
+		host := "::" // a dual-stack rule from netns-run -p
+		if e.HostAddr.IsValid() {
+			host = e.HostAddr.String()
+		}
+		entries = append(entries, apiEntry{e.ID, e.Proto, host, e.HostPort, e.GuestAddr.String(), e.GuestPort})
 	}
 	return mustJSON(struct {
 		Entries []apiEntry `json:"entries"`
@@ -167,18 +176,18 @@ func (a *API) remove(args map[string]any) []byte {
 	return []byte(`{"return":{}}`)
 }
 
-// ipv4Arg reads an IPv4 address argument; absent, empty or not a string
-// means def, as in slirp4netns.
-func ipv4Arg(args map[string]any, key string, def netip.Addr) (netip.Addr, bool) {
+// addrArg reads an address argument; absent, empty or not a string means
+// def, as in slirp4netns.
+func (a *API) addrArg(args map[string]any, key string, def netip.Addr) (netip.Addr, bool) {
 	s, _ := args[key].(string)
 	if s == "" {
 		return def, true
 	}
-	a, err := netip.ParseAddr(s)
-	if err != nil || !a.Is4() {
+	addr, err := netip.ParseAddr(s)
+	if err != nil || addr.Zone() != "" || (!addr.Is4() && !a.allowIPv6) {
 		return netip.Addr{}, false
 	}
-	return a, true
+	return addr, true
 }
 
 // portArg reads a port number; fractions are truncated like the C cast.

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -30,17 +31,21 @@ type forward struct {
 
 func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
 	f := &forward{rule: r}
-	host := net.JoinHostPort(r.HostAddr.String(), fmt.Sprint(r.HostPort))
 	target := netip.AddrPortFrom(r.GuestAddr, r.GuestPort)
-	network := r.Proto + "4"
-	if r.HostAddr.Is6() {
-		network = r.Proto + "6"
+	// No address: every address, IPv4 and IPv6 (one dual-stack socket).
+	network, host := r.Proto, fmt.Sprintf(":%d", r.HostPort)
+	if r.HostAddr.IsValid() {
+		network = r.Proto + "4"
+		if r.HostAddr.Is6() {
+			network = r.Proto + "6"
+		}
+		host = net.JoinHostPort(r.HostAddr.String(), fmt.Sprint(r.HostPort))
 	}
 	switch r.Proto {
 	case "tcp":
 		ln, err := net.Listen(network, host)
 		if err != nil {
-			return nil, fmt.Errorf("publish %s: %w", r, err)
+			return nil, explainListenError(r, err)
 		}
 		f.closeListener = ln.Close
 		f.wg.Add(1)
@@ -51,7 +56,7 @@ func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
 	case "udp":
 		pc, err := net.ListenPacket(network, host)
 		if err != nil {
-			return nil, fmt.Errorf("publish %s: %w", r, err)
+			return nil, explainListenError(r, err)
 		}
 		f.closeListener = pc.Close
 		f.wg.Add(1)
@@ -61,6 +66,20 @@ func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
 		}()
 	}
 	return f, nil
+}
+
+// explainListenError names the fix for the usual bind failures.
+func explainListenError(r Rule, err error) error {
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return fmt.Errorf("publish %s: host port %d/%s is already in use: %w", r, r.HostPort, r.Proto, err)
+	case errors.Is(err, syscall.EACCES) && r.HostPort < 1024:
+		return fmt.Errorf("publish %s: port %d is privileged: allow it with `sudo setcap cap_net_bind_service=ep BINARY` or `sudo sysctl net.ipv4.ip_unprivileged_port_start=%d`: %w",
+			r, r.HostPort, r.HostPort, err)
+	case errors.Is(err, syscall.EADDRNOTAVAIL):
+		return fmt.Errorf("publish %s: %s is not an address of this host: %w", r, r.HostAddr, err)
+	}
+	return fmt.Errorf("publish %s: %w", r, err)
 }
 
 func (f *forward) stop() {

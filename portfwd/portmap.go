@@ -23,8 +23,11 @@ type Rule struct {
 }
 
 func (r Rule) String() string {
-	return fmt.Sprintf("%s %s -> %s", r.Proto,
-		netip.AddrPortFrom(r.HostAddr, r.HostPort), netip.AddrPortFrom(r.GuestAddr, r.GuestPort))
+	host := "*:" + fmt.Sprint(r.HostPort)
+	if r.HostAddr.IsValid() {
+		host = netip.AddrPortFrom(r.HostAddr, r.HostPort).String()
+	}
+	return fmt.Sprintf("%s %s -> %s", r.Proto, host, netip.AddrPortFrom(r.GuestAddr, r.GuestPort))
 }
 
 // Entry is a rule with the ID it was given.
@@ -79,7 +82,7 @@ func (m *PortMap) Add(r Rule) (int, error) {
 	}
 	for _, f := range m.fwds {
 		if f.rule.Proto == r.Proto && f.rule.HostPort == r.HostPort &&
-			(f.rule.HostAddr == r.HostAddr || f.rule.HostAddr.IsUnspecified() || r.HostAddr.IsUnspecified()) {
+			(f.rule.HostAddr == r.HostAddr || anyAddr(f.rule.HostAddr) || anyAddr(r.HostAddr)) {
 			return 0, fmt.Errorf("publish %s: host port already published as %s", r, f.rule)
 		}
 	}
@@ -94,6 +97,9 @@ func (m *PortMap) Add(r Rule) (int, error) {
 	m.log.Debug("port published", "id", id, "rule", r.String())
 	return id, nil
 }
+
+// anyAddr reports whether a rule on a listens on every address.
+func anyAddr(a netip.Addr) bool { return !a.IsValid() || a.IsUnspecified() }
 
 // Remove stops listening for the rule with this ID. Connections already
 // forwarded keep running until they end.

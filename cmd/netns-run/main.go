@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 
@@ -16,7 +15,6 @@ import (
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
-	"github.com/netns-run/netns-run/tap"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -50,6 +48,9 @@ If /dev/net/tun cannot be opened, see "Troubleshooting" in the README.
 `
 
 type options struct {
+	publish             []string
+	portDriver          string
+	apiSocket           string
 	mtu                 int
 	disableHostLoopback bool
 	dnsUpstreams        []string
@@ -93,6 +94,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netns-run: %v\n", err)
 		return exitSetupFailed
 	}
+	rules, err := parsePublish(opts.publish)
+	if err != nil {
+		fmt.Fprintf(stderr, "netns-run: %v\n", err)
+		return exitSetupFailed
+	}
 	if len(netCfg.DNSUpstreams) == 0 {
 		log.Warn("no nameserver found in /etc/resolv.conf; DNS inside will not resolve (use --dns-upstream)")
 	}
@@ -109,8 +115,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		Args:   cmdArgs,
 		Guest:  guest,
 		Logger: log,
-		Network: func(ctx context.Context, dev tap.Device, _ net.HardwareAddr) (io.Closer, error) {
-			return netstack.New(ctx, netCfg, dev)
+		Network: func(ctx context.Context, ns launcher.Namespace) (io.Closer, error) {
+			return startHostSide(ctx, ns, netCfg, opts, rules, log)
 		},
 	})
 	if err != nil {
@@ -128,6 +134,9 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.Usage = func() {}
 	// Everything from the first non-flag word on belongs to COMMAND.
 	fs.SetInterspersed(false)
+	fs.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a port: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp] (repeatable; IPv6 HOSTIP in brackets; default: all addresses)")
+	fs.StringVar(&o.portDriver, "port-driver", driverBuiltin, "how published ports reach the guest: builtin (kernel sockets, fastest; the guest sees connections from 127.0.0.1) or netstack (through the userspace stack; the guest sees the real client address)")
+	fs.StringVar(&o.apiSocket, "api-socket", "", "serve slirp4netns's JSON API (add_hostfwd, list_hostfwd, remove_hostfwd) on this Unix socket")
 	fs.IntVar(&o.mtu, "mtu", netstack.DefaultMTU, "MTU of the namespace's tap0 (68-65521)")
 	fs.BoolVar(&o.disableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway 10.0.2.2 (the host's loopback) and to 127.0.0.0/8")
 	fs.StringArrayVar(&o.dnsUpstreams, "dns-upstream", nil, "DNS server ADDR[:PORT] the forwarder at 10.0.2.3 asks (repeatable; default: nameservers in /etc/resolv.conf)")
@@ -143,6 +152,9 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	}
 	if o.version {
 		return o, nil, nil
+	}
+	if o.portDriver != driverBuiltin && o.portDriver != driverNetstack {
+		return o, nil, fmt.Errorf("--port-driver %q: must be builtin or netstack", o.portDriver)
 	}
 	if o.mtu < 68 || o.mtu > 65521 {
 		return o, nil, fmt.Errorf("--mtu %d: must be between 68 and 65521", o.mtu)

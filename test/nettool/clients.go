@@ -62,6 +62,70 @@ func tcpEchoCheck(args []string) error {
 	return nil
 }
 
+// tcpEchoMany runs CONNS echo checks of BYTES each at the same time and
+// reports how many completed with matching data.
+func tcpEchoMany(args []string) error {
+	if err := needArgs(args, 3); err != nil {
+		return err
+	}
+	conns, err1 := strconv.Atoi(args[1])
+	size, err2 := strconv.Atoi(args[2])
+	if err := errors.Join(err1, err2); err != nil {
+		return err
+	}
+	errs := make(chan error, conns)
+	for i := 0; i < conns; i++ {
+		go func() { errs <- echoOnce(args[0], size, byte(i)) }()
+	}
+	ok := 0
+	var first error
+	for i := 0; i < conns; i++ {
+		if err := <-errs; err != nil {
+			if first == nil {
+				first = err
+			}
+			continue
+		}
+		ok++
+	}
+	fmt.Printf("conns=%d ok=%d\n", conns, ok)
+	if ok != conns {
+		return fmt.Errorf("%d of %d connections failed; first: %w", conns-ok, conns, first)
+	}
+	return nil
+}
+
+// echoOnce sends size bytes derived from seed and checks they come back.
+func echoOnce(addr string, size int, seed byte) error {
+	c, err := net.DialTimeout("tcp", addr, 20*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
+	msg := make([]byte, size)
+	rand.NewChaCha8([32]byte{seed}).Read(msg)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Write(msg)
+		if err == nil {
+			err = c.(*net.TCPConn).CloseWrite()
+		}
+		errc <- err
+	}()
+	got, err := io.ReadAll(c)
+	if err != nil {
+		return err
+	}
+	if err := <-errc; err != nil {
+		return err
+	}
+	if !bytes.Equal(got, msg) {
+		return fmt.Errorf("echo differs (%d of %d bytes)", len(got), size)
+	}
+	return nil
+}
+
 // udpEchoCheck sends COUNT numbered datagrams of SIZE bytes one at a time
 // and checks each echo, retrying a lost one a few times.
 func udpEchoCheck(args []string) error {

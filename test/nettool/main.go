@@ -21,6 +21,7 @@ var commands = map[string]command{
 	"udp-echo-server": {"ADDR", udpEchoServer},
 	"dns-server":      {"ADDR NAME=IPV4...", dnsServer},
 	"tcp-echo-check":  {"ADDR BYTES", tcpEchoCheck},
+	"tcp-echo-many":   {"ADDR CONNS BYTES", tcpEchoMany},
 	"udp-echo-check":  {"ADDR COUNT SIZE", udpEchoCheck},
 	"dns-query":       {"SERVER NAME udp|tcp", dnsQuery},
 	"resolve":         {"NAME", resolve},

@@ -1,0 +1,150 @@
+package launcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/launcher/nsenter"
+)
+
+// PortHelper is a process inside a namespace that opens connections there
+// on request and hands the connected sockets back: the child half of the
+// builtin port driver, as in rootlesskit. The parent then copies between two
+// kernel sockets, so published ports run at kernel speed.
+type PortHelper struct {
+	mu   sync.Mutex // one request at a time on the channel
+	ch   channel
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// dialTimeout bounds one connect inside the namespace (to its loopback or
+// own address, so normally instant).
+const dialTimeout = 10 * time.Second
+
+// StartPortHelper starts the helper in the target's namespaces.
+func StartPortHelper(ctx context.Context, t Target) (*PortHelper, error) {
+	conn, childEnd, err := socketPair()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("/proc/self/exe")
+	cmd.Args = []string{os.Args[0]}
+	cmd.Env = append(os.Environ(), childEnv+"=1", nsenter.EnvNetNS+"="+t.NetNS, nsenter.EnvUserNS+"="+t.UserNS)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.ExtraFiles = []*os.File{childEnd}
+	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
+	err = cmd.Start()
+	childEnd.Close()
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("start port helper: %w", err)
+	}
+	h := &PortHelper{ch: channel{conn: conn}, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		defer close(h.done)
+		_ = cmd.Wait()
+	}()
+	if err := h.ch.send(message{Kind: kindConfig, Config: &childConfig{Ports: true}}); err != nil {
+		h.Close()
+		return nil, fmt.Errorf("start port helper: %w", err)
+	}
+	return h, nil
+}
+
+// Dial returns a socket connected to addr ("tcp" or "udp") inside the
+// namespace, as a file owned by the caller.
+func (h *PortHelper) Dial(network string, addr netip.AddrPort) (*os.File, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if err := h.ch.conn.SetDeadline(time.Now().Add(dialTimeout + time.Second)); err != nil {
+		return nil, err
+	}
+	if err := h.ch.send(message{Kind: kindDial, Dial: &dialRequest{Network: network, Addr: addr.String()}}); err != nil {
+		return nil, fmt.Errorf("port helper: %w", err)
+	}
+	m, files, err := h.ch.recv(kindDialed)
+	if err != nil {
+		return nil, fmt.Errorf("port helper: %w", err)
+	}
+	if m.Dialed == nil || m.Dialed.Error != "" || len(files) != 1 {
+		for _, f := range files {
+			f.Close()
+		}
+		reason := "no socket"
+		if m.Dialed != nil && m.Dialed.Error != "" {
+			reason = m.Dialed.Error
+		}
+		return nil, fmt.Errorf("dial %s %s in the namespace: %s", network, addr, reason)
+	}
+	return files[0], nil
+}
+
+// Close stops the helper and waits for it.
+func (h *PortHelper) Close() error {
+	h.ch.conn.Close()
+	select {
+	case <-h.done:
+	case <-time.After(time.Second):
+		_ = h.cmd.Process.Kill()
+		<-h.done
+	}
+	return nil
+}
+
+// servePorts is the helper's side: dial what is asked, send the socket,
+// until the parent hangs up.
+func servePorts(ch channel) error {
+	for {
+		m, _, err := ch.recv(kindDial)
+		if errors.Is(err, io.EOF) || errors.Is(err, errChannelClosed) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if m.Dial == nil {
+			return errors.New("dial message without body")
+		}
+		f, derr := dialFile(m.Dial.Network, m.Dial.Addr)
+		if derr != nil {
+			if err := ch.send(message{Kind: kindDialed, Dialed: &dialResult{Error: derr.Error()}}); err != nil {
+				return err
+			}
+			continue
+		}
+		err = ch.send(message{Kind: kindDialed, Dialed: &dialResult{}}, f)
+		f.Close()
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func dialFile(network, addr string) (*os.File, error) {
+	if network != "tcp" && network != "udp" {
+		return nil, fmt.Errorf("network %q", network)
+	}
+	c, err := net.DialTimeout(network, addr, dialTimeout)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	switch c := c.(type) {
+	case *net.TCPConn:
+		return c.File()
+	case *net.UDPConn:
+		return c.File()
+	}
+	return nil, fmt.Errorf("unexpected connection %T", c)
+}

@@ -1,0 +1,191 @@
+package test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// guestServers is the command netns-run runs in the publish tests: servers
+// on fixed guest ports, then "ready".
+//
+//	9000 tcp peer-server   9001 tcp echo   9002 udp echo   9003 udp peer-server
+func guestServers() []string {
+	n := bins.nettool
+	script := fmt.Sprintf("%[1]s peer-server tcp 0.0.0.0:9000 >/dev/null & %[1]s tcp-echo-server 0.0.0.0:9001 >/dev/null & "+
+		"%[1]s udp-echo-server 0.0.0.0:9002 >/dev/null & %[1]s peer-server udp 0.0.0.0:9003 >/dev/null & "+
+		"sleep 0.3; echo ready; wait", n)
+	return []string{"sh", "-c", script}
+}
+
+// startPublishing runs netns-run FLAGS with the guest servers in the
+// background and waits until they are up; netns-run is stopped with SIGTERM
+// when the test ends.
+func (wd *world) startPublishing(flags ...string) {
+	wd.t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := wd.guestCommand(ctx, flags, guestServers()...)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		wd.t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		wd.t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	wd.t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			cancel()
+			<-done
+		}
+		cancel()
+	})
+	line := make(chan string, 1)
+	go func() {
+		s, _ := bufio.NewReader(stdout).ReadString('\n')
+		line <- s
+	}()
+	select {
+	case l := <-line:
+		if strings.TrimSpace(l) != "ready" {
+			<-done
+			wd.t.Fatalf("netns-run %v did not start: %q\n%s", flags, l, stderr.String())
+		}
+	case <-time.After(30 * time.Second):
+		wd.t.Fatalf("netns-run %v: no ready line\n%s", flags, stderr.String())
+	}
+}
+
+// client runs nettool ARGS in namespace ns and returns its output.
+func (wd *world) client(ns string, args ...string) string {
+	wd.t.Helper()
+	out, err := exec.Command("ip", append([]string{"netns", "exec", ns, bins.nettool}, args...)...).CombinedOutput()
+	if err != nil {
+		wd.t.Fatalf("nettool %v in %s: %v\n%s", args, ns, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+func TestPublishPorts(t *testing.T) {
+	for _, driver := range []string{"builtin", "netstack"} {
+		t.Run(driver, func(t *testing.T) {
+			wd := newWorld(t)
+			wd.startPublishing("--port-driver="+driver,
+				"-p", "19000:9000", "-p", "19001:9001/tcp", "-p", "19002:9002/udp", "-p", "19003:9003/udp",
+				"-p", "127.0.0.1:19101:9001", "-p", "[::1]:19201:9001")
+
+			// What the guest sees as the client: the netstack driver
+			// keeps real addresses (loopback clients appear as the
+			// gateway); the builtin driver dials from the guest's own
+			// loopback.
+			wantLoop, wantRemote := "10.0.2.2", routerAddr
+			if driver == "builtin" {
+				wantLoop, wantRemote = "127.0.0.1", "127.0.0.1"
+			}
+			for _, c := range []struct{ ns, proto, addr, want string }{
+				{wd.w, "tcp", "127.0.0.1:19000", wantLoop},
+				{wd.r, "tcp", worldAddr + ":19000", wantRemote},
+				{wd.w, "udp", "127.0.0.1:19003", wantLoop},
+				{wd.r, "udp", worldAddr + ":19003", wantRemote},
+			} {
+				if got := wd.client(c.ns, "peer-query", c.proto, c.addr); !strings.HasPrefix(got, "peer="+c.want+":") {
+					t.Errorf("%s %s from %s: guest saw %q, want %s", c.proto, c.addr, c.ns, got, c.want)
+				}
+			}
+			// IPv6 clients reach the guest too (host side dual stack).
+			for _, addr := range []string{"[::1]:19000", "[" + worldAddr6 + "]:19000"} {
+				if got := wd.client(wd.w, "peer-query", "tcp", addr); !strings.HasPrefix(got, "peer=") {
+					t.Errorf("v6 client %s: %q", addr, got)
+				}
+			}
+			const big = 256 << 20
+			for _, addr := range []string{"127.0.0.1:19001", "127.0.0.1:19101", "[::1]:19201"} {
+				size := big
+				if addr != "127.0.0.1:19001" {
+					size = 8 << 20
+				}
+				checkEcho(t, result{stdout: wd.client(wd.w, "tcp-echo-check", addr, fmt.Sprint(size))}, size)
+			}
+			checkEcho(t, result{stdout: wd.client(wd.r, "tcp-echo-check", worldAddr+":19001", fmt.Sprint(32<<20))}, 32<<20)
+			if got := wd.client(wd.w, "tcp-echo-many", "127.0.0.1:19001", "200", "65536"); got != "conns=200 ok=200" {
+				t.Errorf("200 concurrent connections: %s", got)
+			}
+			for _, addr := range []string{"127.0.0.1:19002", "[::1]:19002"} {
+				if got := wd.client(wd.w, "udp-echo-check", addr, "200", "1400"); !strings.Contains(got, "datagrams=200") {
+					t.Errorf("udp %s: %s", addr, got)
+				}
+			}
+			// Only the published addresses listen.
+			if got := wd.client(wd.w, "tcp-connect", "[::1]:19101"); got != "refused" {
+				t.Errorf("127.0.0.1-only port answers on ::1: %s", got)
+			}
+		})
+	}
+}
+
+func TestPublishErrors(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.w, "tcp-echo-server", "0.0.0.0:19500")
+	token := fmt.Sprintf("publish-err-%d", os.Getpid())
+	cases := []struct {
+		flags []string
+		want  string
+	}{
+		{[]string{"-p", "19500:80"}, "already in use"},
+		{[]string{"-p", "19501:80", "-p", "127.0.0.1:19501:81"}, "already published"},
+		{[]string{"-p", "80:80"}, "privileged"},
+		{[]string{"-p", "1.2.3:80:80"}, "is not an IPv4 address"},
+		{[]string{"-p", "8000-8010:80"}, "differ in size"},
+		{[]string{"-p", "19502:80/sctp"}, "neither tcp nor udp"},
+		{[]string{"--port-driver=magic", "-p", "19503:80"}, "must be builtin or netstack"},
+	}
+	for _, c := range cases {
+		res := wd.runGuest(c.flags, bins.nettool, "sleep", token)
+		if res.code != 125 || !strings.Contains(res.stderr, c.want) {
+			t.Errorf("%v: want exit 125 and %q:\n%s", c.flags, c.want, res)
+		}
+	}
+	waitGone(t, token)
+}
+
+func TestPublishAPIAtRuntime(t *testing.T) {
+	wd := newWorld(t)
+	dir, err := os.MkdirTemp("", "netns-run-api-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chown(dir, unprivUID, unprivUID); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "api.sock")
+	wd.startPublishing("--api-socket", sock)
+	req := `{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"::1","host_port":19300,"guest_port":9001}}`
+	if got := apiCall(t, sock, req); got != `{"return":{"id":1}}` {
+		t.Fatalf("add: %s", got)
+	}
+	checkEcho(t, result{stdout: wd.client(wd.w, "tcp-echo-check", "[::1]:19300", "1048576")}, 1<<20)
+	want := `{"entries":[{"id":1,"proto":"tcp","host_addr":"::1","host_port":19300,"guest_addr":"127.0.0.1","guest_port":9001}]}`
+	if got := apiCall(t, sock, `{"execute":"list_hostfwd"}`); got != want {
+		t.Errorf("list:\n got %s\nwant %s", got, want)
+	}
+	if got := apiCall(t, sock, `{"execute":"remove_hostfwd","arguments":{"id":1}}`); got != `{"return":{}}` {
+		t.Errorf("remove: %s", got)
+	}
+	if got := wd.client(wd.w, "tcp-connect", "[::1]:19300"); got != "refused" {
+		t.Errorf("after remove: %s", got)
+	}
+}
