@@ -1,8 +1,8 @@
 package launcher
 
 import (
-	"errors"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
