@@ -7,6 +7,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
@@ -29,6 +31,14 @@ func (s *Stack) guardTransport(next func(stack.TransportEndpointID, *stack.Packe
 			s.sendUnreachable(pkt, header.ICMPv4NetUnreachable, header.ICMPv6NetworkUnreachable)
 			return true
 		}
+		if nh := pkt.NetworkHeader().Slice(); len(nh) > 0 {
+			ttl := header.IPv4(nh).TTL()
+			if pkt.NetworkProtocolNumber == header.IPv6ProtocolNumber {
+				ttl = header.IPv6(nh).HopLimit()
+			}
+			s.newFlowTTL.Store(id, ttl)
+			defer s.newFlowTTL.Delete(id)
+		}
 		return next(id, pkt)
 	}
 }
@@ -44,34 +54,88 @@ func (s *Stack) loopbackBlocked(dst netip.Addr) bool {
 // gateway, quoting pkt's network header and the first 8 bytes after it as
 // RFC 792 and RFC 4443 ask.
 func (s *Stack) sendUnreachable(pkt *stack.PacketBuffer, code4 header.ICMPv4Code, code6 header.ICMPv6Code) {
-	eth := header.Ethernet(pkt.LinkHeader().Slice())
 	nh := pkt.NetworkHeader().Slice()
 	th := pkt.TransportHeader().Slice()
-	if len(eth) < header.EthernetMinimumSize || len(nh) == 0 {
+	if len(nh) == 0 {
 		return
 	}
 	quote := append(append([]byte(nil), nh...), th[:min(8, len(th))]...)
-	var frame []byte
 	switch pkt.NetworkProtocolNumber {
 	case header.IPv4ProtocolNumber:
-		guest := header.IPv4(nh).SourceAddress()
-		icmp := make([]byte, header.ICMPv4MinimumSize+len(quote))
-		icmp[0], icmp[1] = byte(header.ICMPv4DstUnreachable), byte(code4)
-		copy(icmp[header.ICMPv4MinimumSize:], quote)
-		header.ICMPv4(icmp).SetChecksum(^checksum.Checksum(icmp, 0))
-		frame = s.ipFrame(eth.SourceAddress(), header.IPv4ProtocolNumber, tcpipAddr(s.cfg.Gateway), guest, header.ICMPv4ProtocolNumber, icmp)
+		guest := netipAddr(header.IPv4(nh).SourceAddress())
+		s.sendICMP(guest, s.cfg.Gateway, uint8(header.ICMPv4DstUnreachable), uint8(code4), [4]byte{}, quote, 64)
 	case header.IPv6ProtocolNumber:
-		guest := header.IPv6(nh).SourceAddress()
-		src := tcpipAddr(s.cfg.Gateway6)
-		icmp := make([]byte, header.ICMPv6MinimumSize+len(quote))
-		icmp[0], icmp[1] = byte(header.ICMPv6DstUnreachable), byte(code6)
-		copy(icmp[header.ICMPv6MinimumSize:], quote)
-		header.ICMPv6(icmp).SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: icmp, Src: src, Dst: guest}))
-		frame = s.ipFrame(eth.SourceAddress(), header.IPv6ProtocolNumber, src, guest, header.ICMPv6ProtocolNumber, icmp)
-	default:
-		return
+		guest := netipAddr(header.IPv6(nh).SourceAddress())
+		s.sendICMP(guest, s.cfg.Gateway6, uint8(header.ICMPv6DstUnreachable), uint8(code6), [4]byte{}, quote, 64)
+	}
+}
+
+// sendICMP writes an ICMP (ICMPv6 for an IPv6 guest) message from "from"
+// to the guest: type, code, the 4 header bytes after the checksum (echo
+// identifier and sequence, or zero for errors) and the body.
+func (s *Stack) sendICMP(guest, from netip.Addr, typ, code uint8, rest [4]byte, body []byte, ttl uint8) {
+	msg := make([]byte, 8+len(body))
+	msg[0], msg[1] = typ, code
+	copy(msg[4:8], rest[:])
+	copy(msg[8:], body)
+	src, dst := tcpipAddr(from), tcpipAddr(guest)
+	netProto, proto := header.IPv4ProtocolNumber, header.ICMPv4ProtocolNumber
+	if guest.Is6() {
+		netProto, proto = header.IPv6ProtocolNumber, header.ICMPv6ProtocolNumber
+		header.ICMPv6(msg).SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: msg, Src: src, Dst: dst}))
+	} else {
+		header.ICMPv4(msg).SetChecksum(^checksum.Checksum(msg, 0))
+	}
+	frame := s.ipFrame(s.guestMAC(guest), netProto, src, dst, proto, msg)
+	ip := frame[header.EthernetMinimumSize:]
+	if guest.Is6() {
+		header.IPv6(ip).SetHopLimit(ttl)
+	} else {
+		h := header.IPv4(ip)
+		h.SetTTL(ttl)
+		h.SetChecksum(0)
+		h.SetChecksum(^h.CalculateChecksum())
 	}
 	s.writeFrame(frame)
+}
+
+// guestMAC is the guest's Ethernet address for a, from the stack's
+// neighbor table; broadcast (which the guest accepts) if not known yet.
+func (s *Stack) guestMAC(a netip.Addr) tcpip.LinkAddress {
+	proto := ipv4.ProtocolNumber
+	if a.Is6() {
+		proto = ipv6.ProtocolNumber
+	}
+	if entries, err := s.stack.Neighbors(nicID, proto); err == nil {
+		want := tcpipAddr(a)
+		for _, e := range entries {
+			if e.Addr == want && len(e.LinkAddr) == 6 {
+				return e.LinkAddr
+			}
+		}
+	}
+	return tcpip.LinkAddress([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+}
+
+// quotedPacket rebuilds the start of a packet the guest sent (its IP header
+// and first 8 bytes of transport header) for the body of an ICMP error the
+// host reported on our socket: the guest's kernel matches errors to its
+// sockets by exactly these fields.
+func quotedPacket(guest, remote netip.Addr, proto tcpip.TransportProtocolNumber, ttl uint8, transport8 []byte) []byte {
+	if guest.Is6() {
+		q := make([]byte, header.IPv6MinimumSize+len(transport8))
+		header.IPv6(q).Encode(&header.IPv6Fields{PayloadLength: uint16(len(transport8)), TransportProtocol: proto, HopLimit: ttl,
+			SrcAddr: tcpipAddr(guest), DstAddr: tcpipAddr(remote)})
+		copy(q[header.IPv6MinimumSize:], transport8)
+		return q
+	}
+	q := make([]byte, header.IPv4MinimumSize+len(transport8))
+	h := header.IPv4(q)
+	h.Encode(&header.IPv4Fields{TotalLength: uint16(len(q)), TTL: ttl, Protocol: uint8(proto),
+		SrcAddr: tcpipAddr(guest), DstAddr: tcpipAddr(remote)})
+	h.SetChecksum(^h.CalculateChecksum())
+	copy(q[header.IPv4MinimumSize:], transport8)
+	return q
 }
 
 // ipFrame wraps payload in IP and Ethernet headers from the gateway to dstMAC.

@@ -9,6 +9,14 @@ var (
 	hostLoopback6 = netip.IPv6Loopback()
 )
 
+// ownAddress reports whether the stack itself owns a (and answers for it).
+func (s *Stack) ownAddress(a netip.Addr) bool {
+	if a == s.cfg.Gateway || a == s.cfg.DNS {
+		return true
+	}
+	return s.cfg.IPv6 && (a == s.cfg.Gateway6 || a == s.cfg.DNS6 || a == linkLocalGateway)
+}
+
 // isDNS reports whether a is one of the forwarder's addresses.
 func (s *Stack) isDNS(a netip.Addr) bool {
 	return a == s.cfg.DNS || (s.cfg.IPv6 && a == s.cfg.DNS6)

@@ -88,8 +88,10 @@ func copyStream(dst io.Writer, src io.Reader) (int64, error) {
 }
 
 // relayDatagrams copies datagrams both ways between two connected sockets
-// until neither direction has seen traffic for idle, or ctx ends.
-func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duration) {
+// until neither direction has seen traffic for idle, or ctx ends. A failed
+// read on the host side (an ICMP error reported on the socket) calls
+// hostErr and the flow goes on.
+func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duration, hostErr func()) {
 	var closeOnce sync.Once
 	closeBoth := func() {
 		closeOnce.Do(func() {
@@ -102,7 +104,7 @@ func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duratio
 
 	var last atomic.Int64
 	last.Store(time.Now().UnixNano())
-	pump := func(dst, src net.Conn) {
+	pump := func(dst, src net.Conn, srcErr, dstErr func()) {
 		defer closeBoth()
 		bp := relayBuffers.Get().(*[]byte)
 		defer relayBuffers.Put(bp)
@@ -115,15 +117,20 @@ func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duratio
 				if errors.As(err, &ne) && ne.Timeout() && time.Since(time.Unix(0, last.Load())) < idle {
 					continue // the other direction kept the flow alive
 				}
-				if isRefused(err) {
+				if srcErr != nil && !errors.Is(err, net.ErrClosed) && !(errors.As(err, &ne) && ne.Timeout()) {
 					// An ICMP error from the far end; the flow stays.
+					srcErr()
 					continue
 				}
 				return
 			}
 			last.Store(time.Now().UnixNano())
-			if _, err := dst.Write(buf[:n]); err != nil && !isRefused(err) {
-				return
+			if _, err := dst.Write(buf[:n]); err != nil {
+				if dstErr == nil || errors.Is(err, net.ErrClosed) {
+					return
+				}
+				// A queued ICMP error surfaced on the write instead.
+				dstErr()
 			}
 		}
 	}
@@ -131,8 +138,8 @@ func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duratio
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		pump(guest, host)
+		pump(guest, host, hostErr, nil)
 	}()
-	pump(host, guest)
+	pump(host, guest, nil, hostErr)
 	wg.Wait()
 }

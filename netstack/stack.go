@@ -47,6 +47,9 @@ type Stack struct {
 	cancel context.CancelFunc
 	flows  flowGroup
 	closed sync.Once
+	// newFlowTTL carries the TTL of a new UDP flow's first packet from
+	// the transport guard to the forwarder (keyed by endpoint ID).
+	newFlowTTL sync.Map
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on
@@ -139,6 +142,9 @@ func (s *Stack) start() error {
 	})
 	tcpFwd := tcp.NewForwarder(s.stack, 0, maxInFlightSYNs, s.handleTCP)
 	s.stack.SetTransportProtocolHandler(tcp.ProtocolNumber, s.guardTransport(tcpFwd.HandlePacket))
+	ping := newPinger(s)
+	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber4, ping.handle)
+	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber6, ping.handle)
 	udpFwd := udp.NewForwarder(s.stack, s.handleUDP)
 	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, s.guardTransport(udpFwd.HandlePacket))
 	if s.cfg.IPv6 {

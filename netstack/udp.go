@@ -1,10 +1,9 @@
 package netstack
 
 import (
-	"errors"
+	"encoding/binary"
 	"net"
 	"net/netip"
-	"syscall"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -40,6 +39,7 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 			return false
 		}
 	}
+	ttl, _ := s.newFlowTTL.LoadAndDelete(id)
 	if !s.flows.enter() {
 		return true
 	}
@@ -53,16 +53,17 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	guest := gonet.NewUDPConn(&wq, ep)
 	go func() {
 		defer s.flows.leave()
+		ttl, _ := ttl.(uint8)
 		if isDNS {
 			s.serveDNS(guest)
 			return
 		}
-		s.serveUDP(guest, src, dst, target)
+		s.serveUDP(guest, src, dst, target, ttl)
 	}()
 	return true
 }
 
-func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort) {
+func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort, ttl uint8) {
 	var laddr *net.UDPAddr
 	if a := s.outboundAddr("udp", target.Addr()); a != nil {
 		laddr = a.(*net.UDPAddr)
@@ -73,11 +74,46 @@ func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort) 
 		guest.Close()
 		return
 	}
+	v6 := target.Addr().Is6()
+	rc, err := host.SyscallConn()
+	if err == nil {
+		err = enableRecvErr(rc, v6)
+	}
+	if err == nil && ttl > 0 {
+		// Carry the guest's TTL so that traceroute's probes expire where
+		// they would have without the helper.
+		err = setHopLimit(rc, v6, int(ttl))
+	}
+	if err != nil {
+		s.log.Debug("udp socket options", "dst", dst, "err", err)
+	}
+	hostErr := func() {
+		se := readSockError(rc)
+		if se == nil {
+			return
+		}
+		var udpHdr [8]byte
+		binary.BigEndian.PutUint16(udpHdr[0:], src.Port())
+		binary.BigEndian.PutUint16(udpHdr[2:], dst.Port())
+		quote := quotedPacket(src.Addr(), dst.Addr(), udp.ProtocolNumber, max(ttl, 1), udpHdr[:])
+		s.relayICMPError(src.Addr(), dst.Addr(), se, quote)
+	}
 	start := time.Now()
-	relayDatagrams(s.ctx, guest, host, udpIdleTimeout)
+	relayDatagrams(s.ctx, guest, host, udpIdleTimeout, hostErr)
 	s.log.Debug("udp flow closed", "src", src, "dst", dst, "duration", time.Since(start))
 }
 
-func isRefused(err error) bool {
-	return errors.Is(err, syscall.ECONNREFUSED)
+// relayICMPError hands an ICMP error the host received for a guest flow
+// to the guest, from the router that sent it. Errors about the host's
+// loopback (the gateway mapping) come from the gateway instead.
+func (s *Stack) relayICMPError(guest, remote netip.Addr, se *sockError, quote []byte) {
+	from := se.offender
+	if from.IsLoopback() {
+		from = remote
+	}
+	if guest.Is4() != from.Is4() {
+		return
+	}
+	var rest [4]byte
+	s.sendICMP(guest, from, se.icmpType, se.icmpCode, rest, quote, 64)
 }

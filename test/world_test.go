@@ -23,6 +23,11 @@ const (
 	routerAddr = "203.0.113.10"  // R, test router and DNS server
 	remoteAddr = "198.51.100.10" // a test host behind R
 
+	// expiringAddr is routed through R, so TTL 1 expires there.
+	expiringAddr = "198.51.100.20"
+	// unreachableAddr has no route on R: host/net unreachable.
+	unreachableAddr = "198.51.100.30"
+
 	worldAddr6  = "2001:db8:1::1"
 	routerAddr6 = "2001:db8:1::10"
 	remoteAddr6 = "2001:db8:2::10"
@@ -72,6 +77,11 @@ func newWorld(t *testing.T) *world {
 	// Anything else R is asked for is unreachable: no traffic loops or
 	// leaves the world.
 	wd.ip("-n", wd.r, "route", "add", "unreachable", "default")
+	// R routes 198.51.100.20 back to W, so a probe with TTL 1 expires on R
+	// (time exceeded, for traceroute tests) and nothing loops: W does not
+	// forward.
+	wd.ip("-n", wd.r, "route", "add", expiringAddr+"/32", "via", worldAddr)
+	wd.sysctl(wd.r, "net.ipv4.ip_forward", "1")
 	// The same in IPv6; nodad so the addresses work at once.
 	wd.ip("-n", wd.w, "addr", "add", worldAddr6+"/64", "dev", "veth0", "nodad")
 	wd.ip("-n", wd.w, "-6", "route", "add", "default", "via", routerAddr6)
@@ -86,6 +96,15 @@ func (wd *world) ip(args ...string) {
 	out, err := exec.Command("ip", args...).CombinedOutput()
 	if err != nil {
 		wd.t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// sysctl sets a per-network-namespace sysctl in ns.
+func (wd *world) sysctl(ns, key, value string) {
+	wd.t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", ns, "sysctl", "-qw", key+"="+value).CombinedOutput()
+	if err != nil {
+		wd.t.Fatalf("sysctl %s=%s in %s: %v\n%s", key, value, ns, err, out)
 	}
 }
 
@@ -148,9 +167,16 @@ func (r result) String() string {
 // guestCommand prepares `netns-run FLAGS -- CMD...` as the unprivileged
 // user inside W.
 func (wd *world) guestCommand(ctx context.Context, flags []string, cmdline ...string) *exec.Cmd {
+	return wd.guestCommandCaps(ctx, "", flags, cmdline...)
+}
+
+func (wd *world) guestCommandCaps(ctx context.Context, caps string, flags []string, cmdline ...string) *exec.Cmd {
 	args := []string{"netns", "exec", wd.w,
-		"setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--",
-		bins.netnsRun}
+		"setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups"}
+	if caps != "" {
+		args = append(args, "--inh-caps="+caps, "--ambient-caps="+caps)
+	}
+	args = append(args, "--", bins.netnsRun)
 	args = append(args, flags...)
 	args = append(args, "--")
 	args = append(args, cmdline...)
@@ -160,13 +186,31 @@ func (wd *world) guestCommand(ctx context.Context, flags []string, cmdline ...st
 	return cmd
 }
 
+// runGuestCaps is runGuest with ambient capabilities (e.g. "+net_raw")
+// given to the unprivileged user.
+func (wd *world) runGuestCaps(caps string, flags []string, cmdline ...string) result {
+	wd.t.Helper()
+	return wd.run(wd.guestCommandCaps(context.Background(), caps, flags, cmdline...))
+}
+
 // runGuest runs CMD under netns-run in W and returns what happened; it
 // fails the test only if the run could not happen at all.
 func (wd *world) runGuest(flags []string, cmdline ...string) result {
 	wd.t.Helper()
+	return wd.run(wd.guestCommand(context.Background(), flags, cmdline...))
+}
+
+// run runs a prepared netns-run command with a time limit.
+func (wd *world) run(cmd *exec.Cmd) result {
+	wd.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cmd := wd.guestCommand(ctx, flags, cmdline...)
+	stop := context.AfterFunc(ctx, func() {
+		if cmd.Process != nil {
+			_ = cmd.Process.Kill()
+		}
+	})
+	defer stop()
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()

@@ -28,6 +28,7 @@ var commands = map[string]command{
 	"tcp-connect":     {"ADDR", tcpConnect},
 	"sleep":           {"TOKEN", sleepForever},
 	"peer-server":     {"tcp|udp ADDR", peerServer},
+	"udp-probe":       {"ADDR TTL", udpProbe},
 	"peer-query":      {"tcp|udp ADDR", peerQuery},
 }
 
