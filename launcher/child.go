@@ -162,6 +162,16 @@ func configureTap(link netlink.Link, g GuestConfig) (netlink.Link, error) {
 	if err := netlink.AddrAdd(link, addr); err != nil {
 		return nil, failed(fmt.Sprintf("add address %s to %s", g.Address, name), err)
 	}
+	if g.Address6.IsValid() {
+		// Before the link comes up, or its link-local address goes
+		// through DAD and autoconfiguration starts.
+		for key, val := range map[string]string{"accept_ra": "0", "accept_dad": "0"} {
+			path := fmt.Sprintf("/proc/sys/net/ipv6/conf/%s/%s", name, key)
+			if err := os.WriteFile(path, []byte(val), 0o644); err != nil {
+				return nil, failed("set "+path, err)
+			}
+		}
+	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return nil, failed("bring up "+name, err)
 	}
@@ -169,12 +179,35 @@ func configureTap(link netlink.Link, g GuestConfig) (netlink.Link, error) {
 	if err := netlink.RouteAdd(route); err != nil {
 		return nil, failed("add default route via "+g.Gateway.String(), err)
 	}
+	if g.Address6.IsValid() {
+		if err := configureIPv6(link, g); err != nil {
+			return nil, err
+		}
+	}
 	// Read back: the MAC may have changed.
 	link, err := netlink.LinkByIndex(link.Attrs().Index)
 	if err != nil {
 		return nil, failed("find "+name, err)
 	}
 	return link, nil
+}
+
+// configureIPv6 gives the TAP its IPv6 address (without duplicate address
+// detection, so the first connection does not wait) and default route.
+func configureIPv6(link netlink.Link, g GuestConfig) error {
+	name := link.Attrs().Name
+	addr := &netlink.Addr{
+		IPNet: &net.IPNet{IP: g.Address6.Addr().AsSlice(), Mask: net.CIDRMask(g.Address6.Bits(), 128)},
+		Flags: unix.IFA_F_NODAD,
+	}
+	if err := netlink.AddrAdd(link, addr); err != nil {
+		return failed(fmt.Sprintf("add address %s to %s", g.Address6, name), err)
+	}
+	route := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: g.Gateway6.AsSlice()}
+	if err := netlink.RouteAdd(route); err != nil {
+		return failed("add default route via "+g.Gateway6.String(), err)
+	}
+	return nil
 }
 
 const resolvConfPath = "/etc/resolv.conf"
@@ -193,7 +226,11 @@ func replaceResolvConf(g GuestConfig) error {
 		return fmt.Errorf("create resolv.conf: %w", err)
 	}
 	defer os.Remove(f.Name())
-	_, werr := fmt.Fprintf(f, "nameserver %s\n", g.Nameserver)
+	conf := fmt.Sprintf("nameserver %s\n", g.Nameserver)
+	if g.Nameserver6.IsValid() {
+		conf += fmt.Sprintf("nameserver %s\n", g.Nameserver6)
+	}
+	_, werr := f.WriteString(conf)
 	if cerr := f.Close(); werr == nil {
 		werr = cerr
 	}

@@ -51,6 +51,12 @@ type GuestConfig struct {
 	Nameserver netip.Addr   `json:"nameserver"`
 	// MAC of the TAP; empty keeps the kernel's random one.
 	MAC string `json:"mac,omitempty"`
+	// Address6 and Gateway6, if valid, configure IPv6 directly (no
+	// router advertisement, no duplicate address detection, so the first
+	// connection does not wait), and Nameserver6 joins resolv.conf.
+	Address6    netip.Prefix `json:"address6,omitzero"`
+	Gateway6    netip.Addr   `json:"gateway6,omitzero"`
+	Nameserver6 netip.Addr   `json:"nameserver6,omitzero"`
 }
 
 // Namespace is the set-up namespace as the network sees it.

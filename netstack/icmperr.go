@@ -31,16 +31,53 @@ func (s *Stack) guardTransport(next func(stack.TransportEndpointID, *stack.Packe
 			s.sendUnreachable(pkt, header.ICMPv4NetUnreachable, header.ICMPv6NetworkUnreachable)
 			return true
 		}
-		if nh := pkt.NetworkHeader().Slice(); len(nh) > 0 {
-			ttl := header.IPv4(nh).TTL()
-			if pkt.NetworkProtocolNumber == header.IPv6ProtocolNumber {
-				ttl = header.IPv6(nh).HopLimit()
-			}
-			s.newFlowTTL.Store(id, ttl)
-			defer s.newFlowTTL.Delete(id)
-		}
+		s.noteFirstPacket(id, pkt)
 		return next(id, pkt)
 	}
+}
+
+// firstPacket is what the forwarders need of a flow's first packet that
+// gVisor's forwarder requests do not expose.
+type firstPacket struct {
+	ttl uint8
+	// seq is a TCP SYN's sequence number: an ICMP error about the SYN
+	// must quote it for the guest's kernel to accept the error.
+	seq uint32
+}
+
+// maxPendingFirst bounds the first-packet notes waiting for a forwarder
+// (SYNs the TCP forwarder drops leave theirs behind).
+const maxPendingFirst = 8192
+
+func (s *Stack) noteFirstPacket(id stack.TransportEndpointID, pkt *stack.PacketBuffer) {
+	nh := pkt.NetworkHeader().Slice()
+	if len(nh) == 0 || s.pendingFirst.Load() >= maxPendingFirst {
+		return
+	}
+	fp := firstPacket{ttl: header.IPv4(nh).TTL()}
+	if pkt.NetworkProtocolNumber == header.IPv6ProtocolNumber {
+		fp.ttl = header.IPv6(nh).HopLimit()
+	}
+	if pkt.TransportProtocolNumber == header.TCPProtocolNumber {
+		th := header.TCP(pkt.TransportHeader().Slice())
+		if len(th) < header.TCPMinimumSize || th.Flags()&(header.TCPFlagSyn|header.TCPFlagAck) != header.TCPFlagSyn {
+			return
+		}
+		fp.seq = th.SequenceNumber()
+	}
+	if _, loaded := s.firstPackets.Swap(id, fp); !loaded {
+		s.pendingFirst.Add(1)
+	}
+}
+
+// takeFirstPacket returns and forgets what noteFirstPacket saw for id.
+func (s *Stack) takeFirstPacket(id stack.TransportEndpointID) (firstPacket, bool) {
+	v, ok := s.firstPackets.LoadAndDelete(id)
+	if !ok {
+		return firstPacket{}, false
+	}
+	s.pendingFirst.Add(-1)
+	return v.(firstPacket), true
 }
 
 func (s *Stack) loopbackBlocked(dst netip.Addr) bool {

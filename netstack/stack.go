@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -47,9 +48,10 @@ type Stack struct {
 	cancel context.CancelFunc
 	flows  flowGroup
 	closed sync.Once
-	// newFlowTTL carries the TTL of a new UDP flow's first packet from
-	// the transport guard to the forwarder (keyed by endpoint ID).
-	newFlowTTL sync.Map
+	// firstPackets carries notes on a new flow's first packet from the
+	// transport guard to the forwarder (endpoint ID -> firstPacket).
+	firstPackets sync.Map
+	pendingFirst atomic.Int64
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on

@@ -1,12 +1,16 @@
 package netstack
 
 import (
+	"context"
+	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
+	"syscall"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
@@ -24,12 +28,13 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	defer s.flows.leave()
 
 	id := r.ID()
+	first, _ := s.takeFirstPacket(id)
 	dst := netip.AddrPortFrom(netipAddr(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(netipAddr(id.RemoteAddress), id.RemotePort)
 	host, err := s.dialTCP(dst)
 	if err != nil {
-		s.log.Debug("tcp connect refused", "src", src, "dst", dst, "err", err)
-		r.Complete(!errors.Is(err, errSilentDrop))
+		s.log.Debug("tcp connect failed", "src", src, "dst", dst, "err", err)
+		s.refuseSYN(r, src, dst, first, err)
 		return
 	}
 	var wq waiter.Queue
@@ -45,6 +50,42 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	up, down := relayTCP(s.ctx, gonet.NewTCPConn(&wq, ep), ep, host)
 	s.log.Debug("tcp flow closed", "src", src, "dst", dst, "remote", host.RemoteAddr(),
 		"duration", time.Since(start), "bytes_out", up, "bytes_in", down)
+}
+
+// refuseSYN tells the guest its connection failed the way the host's
+// kernel saw it fail: refused and policy blocks as a reset; unreachable
+// destinations as ICMP unreachable (so the guest sees EHOSTUNREACH or
+// ENETUNREACH); a timeout or a silent drop as nothing at all (the guest's own
+// connect times out).
+func (s *Stack) refuseSYN(r *tcp.ForwarderRequest, src, dst netip.AddrPort, first firstPacket, err error) {
+	var code4 uint8
+	var code6 uint8
+	switch {
+	case errors.Is(err, syscall.EHOSTUNREACH):
+		code4, code6 = uint8(header.ICMPv4HostUnreachable), uint8(header.ICMPv6AddressUnreachable)
+	case errors.Is(err, syscall.ENETUNREACH):
+		code4, code6 = uint8(header.ICMPv4NetUnreachable), uint8(header.ICMPv6NetworkUnreachable)
+	case errors.Is(err, errSilentDrop), errors.Is(err, syscall.ETIMEDOUT), errors.Is(err, context.DeadlineExceeded):
+		r.Complete(false)
+		return
+	default:
+		r.Complete(true)
+		return
+	}
+	r.Complete(false)
+	if first.seq == 0 && first.ttl == 0 {
+		return // not noted: the guest's connect times out instead
+	}
+	var th [8]byte
+	binary.BigEndian.PutUint16(th[0:], src.Port())
+	binary.BigEndian.PutUint16(th[2:], dst.Port())
+	binary.BigEndian.PutUint32(th[4:], first.seq)
+	quote := quotedPacket(src.Addr(), dst.Addr(), tcp.ProtocolNumber, max(first.ttl, 1), th[:])
+	from, typ, code := s.cfg.Gateway, uint8(header.ICMPv4DstUnreachable), code4
+	if src.Addr().Is6() {
+		from, typ, code = s.cfg.Gateway6, uint8(header.ICMPv6DstUnreachable), code6
+	}
+	s.sendICMP(src.Addr(), from, typ, code, [4]byte{}, quote, 64)
 }
 
 // dialTCP opens the host side of a guest connection.

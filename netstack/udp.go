@@ -20,6 +20,7 @@ const udpIdleTimeout = 60 * time.Second
 // Returning false makes the stack answer with ICMP port unreachable.
 func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	id := r.ID()
+	first, _ := s.takeFirstPacket(id)
 	dst := netip.AddrPortFrom(netipAddr(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(netipAddr(id.RemoteAddress), id.RemotePort)
 
@@ -39,7 +40,6 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 			return false
 		}
 	}
-	ttl, _ := s.newFlowTTL.LoadAndDelete(id)
 	if !s.flows.enter() {
 		return true
 	}
@@ -53,12 +53,11 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	guest := gonet.NewUDPConn(&wq, ep)
 	go func() {
 		defer s.flows.leave()
-		ttl, _ := ttl.(uint8)
 		if isDNS {
 			s.serveDNS(guest)
 			return
 		}
-		s.serveUDP(guest, src, dst, target, ttl)
+		s.serveUDP(guest, src, dst, target, first.ttl)
 	}()
 	return true
 }

@@ -101,3 +101,19 @@ func TestUDPErrorsReachTheGuest(t *testing.T) {
 		}
 	}
 }
+
+// TestTCPConnectFailures: a connection the host cannot make fails in the
+// guest as it would have on the host: refused as a reset, an unreachable
+// host as ICMP unreachable.
+func TestTCPConnectFailures(t *testing.T) {
+	wd := newWorld(t)
+	for addr, want := range map[string]string{
+		remoteAddr + ":81":      "refused",
+		unreachableAddr + ":80": "unreachable",
+	} {
+		res := wd.mustRunGuest(nil, bins.nettool, "tcp-connect", addr)
+		if got := strings.TrimSpace(res.stdout); got != want {
+			t.Errorf("connect %s: %q, want %q", addr, got, want)
+		}
+	}
+}

@@ -304,3 +304,50 @@ func TestCommandOwnsTerminal(t *testing.T) {
 		t.Errorf("command's process group %s is not the terminal's foreground group %s", pgrp, tpgid)
 	}
 }
+
+func TestIPv6ThroughStack(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.r, "tcp-echo-server", "["+remoteAddr6+"]:7")
+	wd.startServer(wd.r, "udp-echo-server", "["+remoteAddr6+"]:7")
+	wd.startServer(wd.r, "dns-server", routerAddr+":53", testName+"="+testNameIP)
+	wd.startServer(wd.w, "tcp-echo-server", "[::1]:8080")
+
+	res := wd.mustRunGuest(nil, "sh", "-c", "ip -6 addr show dev tap0; ip -6 route; cat /etc/resolv.conf")
+	for _, want := range []string{"inet6 fd00::100/64", "default via fd00::2 dev tap0", "nameserver fd00::3"} {
+		if !strings.Contains(res.stdout, want) {
+			t.Errorf("guest view lacks %q:\n%s", want, res)
+		}
+	}
+	if regexp.MustCompile(`fd00::100/64.*tentative`).MatchString(res.stdout) {
+		t.Errorf("guest address waits for DAD:\n%s", res)
+	}
+	const size = 64 << 20
+	res = wd.mustRunGuest(nil, bins.nettool, "tcp-echo-check", "["+remoteAddr6+"]:7", fmt.Sprint(size))
+	checkEcho(t, res, size)
+	res = wd.mustRunGuest(nil, bins.nettool, "udp-echo-check", "["+remoteAddr6+"]:7", "200", "1400")
+	if !strings.Contains(res.stdout, "datagrams=200") {
+		t.Errorf("udp over IPv6:\n%s", res)
+	}
+	for _, proto := range []string{"udp", "tcp"} {
+		res = wd.mustRunGuest(nil, bins.nettool, "dns-query", "[fd00::3]:53", testName, proto)
+		if !strings.Contains(res.stdout, "A "+testNameIP) {
+			t.Errorf("dns over fd00::3 %s:\n%s", proto, res)
+		}
+	}
+	checkEcho(t, wd.mustRunGuest(nil, bins.nettool, "tcp-echo-check", "[fd00::2]:8080", "1048576"), 1<<20)
+	res = wd.mustRunGuest([]string{"--disable-host-loopback"}, bins.nettool, "tcp-connect", "[fd00::2]:8080")
+	if strings.TrimSpace(res.stdout) != "unreachable" {
+		t.Errorf("fd00::2 with --disable-host-loopback: %s", res)
+	}
+	res = wd.mustRunGuest([]string{"--disable-ipv6"}, "ip", "-6", "addr", "show", "dev", "tap0")
+	if strings.Contains(res.stdout, "fd00::") {
+		t.Errorf("--disable-ipv6 still configured IPv6:\n%s", res)
+	}
+	if _, err := exec.LookPath("ping"); err == nil {
+		wd.sysctl(wd.w, "net.ipv4.ping_group_range", "0 2147483647")
+		res = wd.runGuest(nil, "ping", "-6", "-c", "3", "-i", "0.05", "-W", "2", remoteAddr6)
+		if !strings.Contains(res.stdout, "3 received") {
+			t.Errorf("ping -6 through ping sockets:\n%s", res)
+		}
+	}
+}

@@ -53,6 +53,7 @@ type options struct {
 	apiSocket           string
 	mtu                 int
 	disableHostLoopback bool
+	disableIPv6         bool
 	dnsUpstreams        []string
 	debug               bool
 	version             bool
@@ -111,6 +112,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		Gateway:    netCfg.Gateway,
 		Nameserver: netCfg.DNS,
 	}
+	if !opts.disableIPv6 && hostHasIPv6() {
+		netCfg.IPv6 = true
+		guest.Address6 = netip.PrefixFrom(netstack.DefaultGuestAddr6, netCfg.Network6.Bits())
+		guest.Gateway6 = netCfg.Gateway6
+		guest.Nameserver6 = netCfg.DNS6
+	}
 	code, err := launcher.Run(context.Background(), launcher.Options{
 		Args:   cmdArgs,
 		Guest:  guest,
@@ -126,6 +133,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return code
 }
 
+// hostHasIPv6 reports whether the host (our network namespace) has IPv6
+// at all; without it, offering IPv6 inside would only make programs try
+// addresses that cannot work.
+func hostHasIPv6() bool {
+	b, err := os.ReadFile("/proc/net/if_inet6")
+	return err == nil && len(b) > 0
+}
+
 func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	var o options
 	fs := pflag.NewFlagSet("netns-run", pflag.ContinueOnError)
@@ -139,6 +154,7 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.StringVar(&o.apiSocket, "api-socket", "", "serve slirp4netns's JSON API (add_hostfwd, list_hostfwd, remove_hostfwd) on this Unix socket")
 	fs.IntVar(&o.mtu, "mtu", netstack.DefaultMTU, "MTU of the namespace's tap0 (68-65521)")
 	fs.BoolVar(&o.disableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway 10.0.2.2 (the host's loopback) and to 127.0.0.0/8")
+	fs.BoolVar(&o.disableIPv6, "disable-ipv6", false, "no IPv6 inside (default: fd00::100/64, gateway fd00::2, DNS fd00::3 when the host has IPv6)")
 	fs.StringArrayVar(&o.dnsUpstreams, "dns-upstream", nil, "DNS server ADDR[:PORT] the forwarder at 10.0.2.3 asks (repeatable; default: nameservers in /etc/resolv.conf)")
 	fs.BoolVar(&o.debug, "debug", false, "log setup steps and every flow to stderr")
 	fs.BoolVarP(&o.help, "help", "h", false, "show this help and exit")
