@@ -35,6 +35,10 @@ type Config struct {
 	// DisableHostLoopback refuses every flow that would end on the
 	// host's loopback addresses.
 	DisableHostLoopback bool
+	// Restrict refuses every flow to the outside: the guest reaches only
+	// the stack's own addresses (and DNS through the forwarder), like
+	// libslirp's restricted mode.
+	Restrict bool
 	// DNSUpstreams are the servers the DNS forwarder asks, in order.
 	DNSUpstreams []netip.AddrPort
 	// DisableDNS turns the forwarder off: flows to the DNS address are

@@ -29,6 +29,8 @@ func (s *Stack) isDNS(a netip.Addr) bool {
 func (s *Stack) hostTarget(dst netip.AddrPort) (netip.AddrPort, error) {
 	a := dst.Addr().Unmap()
 	switch {
+	case s.cfg.Restrict:
+		return netip.AddrPort{}, errBlocked
 	case a == s.cfg.Gateway:
 		if s.cfg.DisableHostLoopback {
 			return netip.AddrPort{}, errBlocked
