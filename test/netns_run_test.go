@@ -351,3 +351,15 @@ func TestIPv6ThroughStack(t *testing.T) {
 		}
 	}
 }
+
+// TestLongEchoMTU1500 is the regression test for a stall: with gVisor's
+// RACK loss detection on, a bulk echo at MTU 1500 stopped for good after
+// about 130 MB, long after the 64 MiB echo above had passed.
+func TestLongEchoMTU1500(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
+	const size = 1 << 30
+	res := wd.mustRunGuest([]string{"--mtu", "1500"}, bins.nettool, "tcp-echo-check", remoteAddr+":7", fmt.Sprint(size))
+	checkEcho(t, res, size)
+	t.Logf("%s", strings.TrimSpace(res.stdout))
+}
