@@ -47,6 +47,9 @@ type Config struct {
 	// OutboundAddr4 and OutboundAddr6, if valid, are the local addresses
 	// host-side sockets are bound to.
 	OutboundAddr4, OutboundAddr6 netip.Addr
+	// Capture, if set, receives every guest frame in pcap format (wrap
+	// files in a CaptureWriter).
+	Capture io.Writer
 	// Logger receives debug detail and one line per problem. Nil: quiet.
 	Logger *slog.Logger
 }

@@ -28,6 +28,7 @@ func (s *Stack) writeFrame(frame []byte) {
 func (s *Stack) guardTransport(next func(stack.TransportEndpointID, *stack.PacketBuffer) bool) func(stack.TransportEndpointID, *stack.PacketBuffer) bool {
 	return func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
 		if s.loopbackBlocked(netipAddr(id.LocalAddress)) {
+			s.counters.dropBlocked.Add(1)
 			s.sendUnreachable(pkt, header.ICMPv4NetUnreachable, header.ICMPv6NetworkUnreachable)
 			return true
 		}

@@ -50,7 +50,12 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 		return fmt.Errorf("connect to guest %s: %w", guest, err)
 	}
 	start := time.Now()
+	flowStarted(&s.counters.tcpOpen, &s.counters.tcpTotal)
+	defer s.counters.tcpOpen.Add(-1)
+	s.log.Debug("inbound tcp flow opened", "client", client, "src", src, "guest", guest)
 	up, down := relayTCP(s.ctx, gc, ep, conn)
+	s.counters.bytesFromGuest.Add(uint64(up))
+	s.counters.bytesToGuest.Add(uint64(down))
 	s.log.Debug("inbound tcp flow closed", "client", client, "src", src, "guest", guest,
 		"duration", time.Since(start), "bytes_in", up, "bytes_out", down)
 	return nil

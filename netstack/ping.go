@@ -115,6 +115,7 @@ func (p *pinger) handle(id stack.TransportEndpointID, pkt *stack.PacketBuffer) b
 		return false // the stack answers for its own addresses
 	}
 	if p.s.loopbackBlocked(dst) {
+		p.s.counters.dropBlocked.Add(1)
 		p.s.sendUnreachable(pkt, header.ICMPv4NetUnreachable, header.ICMPv6NetworkUnreachable)
 		return true
 	}
@@ -126,6 +127,7 @@ func (p *pinger) handle(id stack.TransportEndpointID, pkt *stack.PacketBuffer) b
 		mode = p.mode6
 	}
 	if mode == pingNone {
+		p.s.counters.dropICMPUnavailable.Add(1)
 		p.warn.Do(func() { p.s.log.Warn(pingUnavailable()) })
 		return true
 	}
@@ -158,6 +160,7 @@ func (p *pinger) flow(k pingKey, v6 bool, mode pingMode) (*pingFlow, error) {
 		return f, nil
 	}
 	if len(p.flows) >= maxPingFlows {
+		p.s.counters.dropFlowLimit.Add(1)
 		return nil, errors.New("too many ping flows")
 	}
 	f, err := openPingFlow(k, v6, mode)
@@ -173,8 +176,10 @@ func (p *pinger) flow(k pingKey, v6 bool, mode pingMode) (*pingFlow, error) {
 		return nil, errors.New("stack closing")
 	}
 	p.flows[k] = f
+	flowStarted(&p.s.counters.icmpOpen, &p.s.counters.icmpTotal)
 	go func() {
 		defer p.s.flows.leave()
+		defer p.s.counters.icmpOpen.Add(-1)
 		// Closing the socket ends receive when the stack stops.
 		stop := context.AfterFunc(p.s.ctx, func() { f.file.Close() })
 		defer stop()

@@ -91,7 +91,9 @@ func copyStream(dst io.Writer, src io.Reader) (int64, error) {
 // until neither direction has seen traffic for idle, or ctx ends. A failed
 // read on the host side (an ICMP error reported on the socket) calls
 // hostErr and the flow goes on.
-func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duration, hostErr func()) {
+//
+// It returns the bytes relayed guest->host and host->guest.
+func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duration, hostErr func()) (up, down int64) {
 	var closeOnce sync.Once
 	closeBoth := func() {
 		closeOnce.Do(func() {
@@ -104,7 +106,7 @@ func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duratio
 
 	var last atomic.Int64
 	last.Store(time.Now().UnixNano())
-	pump := func(dst, src net.Conn, srcErr, dstErr func()) {
+	pump := func(dst, src net.Conn, srcErr, dstErr func(), total *int64) {
 		defer closeBoth()
 		bp := relayBuffers.Get().(*[]byte)
 		defer relayBuffers.Put(bp)
@@ -125,6 +127,7 @@ func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duratio
 				return
 			}
 			last.Store(time.Now().UnixNano())
+			*total += int64(n)
 			if _, err := dst.Write(buf[:n]); err != nil {
 				if dstErr == nil || errors.Is(err, net.ErrClosed) {
 					return
@@ -138,8 +141,9 @@ func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duratio
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		pump(guest, host, hostErr, nil)
+		pump(guest, host, hostErr, nil, &down)
 	}()
-	pump(host, guest, nil, hostErr)
+	pump(host, guest, nil, hostErr, &up)
 	wg.Wait()
+	return up, down
 }

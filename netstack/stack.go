@@ -16,10 +16,12 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
+	"gvisor.dev/gvisor/pkg/tcpip/link/sniffer"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
@@ -52,6 +54,9 @@ type Stack struct {
 	// transport guard to the forwarder (endpoint ID -> firstPacket).
 	firstPackets sync.Map
 	pendingFirst atomic.Int64
+	counters     counters
+	started      time.Time
+	ping         *pinger
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on
@@ -65,7 +70,7 @@ func New(ctx context.Context, cfg Config, dev tap.Device) (*Stack, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Stack{cfg: cfg, log: log, dev: dev}
+	s := &Stack{cfg: cfg, log: log, dev: dev, started: time.Now()}
 	s.ctx, s.cancel = context.WithCancel(ctx)
 	if err := s.start(); err != nil {
 		s.Close()
@@ -101,6 +106,16 @@ func (s *Stack) start() error {
 	})
 	if err != nil {
 		return fmt.Errorf("tap link endpoint: %w", err)
+	}
+	if s.cfg.Capture != nil {
+		// The sniffer also logs every packet to stderr unless told not
+		// to, through a package-level switch.
+		sniffer.LogPackets.Store(0)
+		// Guest frames both ways, as seen on the TAP, in pcap format
+		// (LINKTYPE_RAW: the IP packets).
+		if link, err = sniffer.NewWithWriter(link, s.cfg.Capture, s.cfg.MTU+header.EthernetMinimumSize); err != nil {
+			return fmt.Errorf("packet capture: %w", err)
+		}
 	}
 	if terr := s.stack.CreateNIC(nicID, link); terr != nil {
 		return fmt.Errorf("create NIC: %s", terr)
@@ -144,9 +159,9 @@ func (s *Stack) start() error {
 	})
 	tcpFwd := tcp.NewForwarder(s.stack, 0, maxInFlightSYNs, s.handleTCP)
 	s.stack.SetTransportProtocolHandler(tcp.ProtocolNumber, s.guardTransport(tcpFwd.HandlePacket))
-	ping := newPinger(s)
-	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber4, ping.handle)
-	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber6, ping.handle)
+	s.ping = newPinger(s)
+	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber4, s.ping.handle)
+	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber6, s.ping.handle)
 	udpFwd := udp.NewForwarder(s.stack, s.handleUDP)
 	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, s.guardTransport(udpFwd.HandlePacket))
 	if s.cfg.IPv6 {

@@ -47,7 +47,12 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	r.Complete(false)
 	start := time.Now()
+	flowStarted(&s.counters.tcpOpen, &s.counters.tcpTotal)
+	defer s.counters.tcpOpen.Add(-1)
+	s.log.Debug("tcp flow opened", "src", src, "dst", dst, "remote", host.RemoteAddr())
 	up, down := relayTCP(s.ctx, gonet.NewTCPConn(&wq, ep), ep, host)
+	s.counters.bytesFromGuest.Add(uint64(up))
+	s.counters.bytesToGuest.Add(uint64(down))
 	s.log.Debug("tcp flow closed", "src", src, "dst", dst, "remote", host.RemoteAddr(),
 		"duration", time.Since(start), "bytes_out", up, "bytes_in", down)
 }

@@ -98,8 +98,13 @@ func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort, 
 		s.relayICMPError(src.Addr(), dst.Addr(), se, quote)
 	}
 	start := time.Now()
-	relayDatagrams(s.ctx, guest, host, udpIdleTimeout, hostErr)
-	s.log.Debug("udp flow closed", "src", src, "dst", dst, "duration", time.Since(start))
+	flowStarted(&s.counters.udpOpen, &s.counters.udpTotal)
+	defer s.counters.udpOpen.Add(-1)
+	s.log.Debug("udp flow opened", "src", src, "dst", dst, "remote", target)
+	up, down := relayDatagrams(s.ctx, guest, host, udpIdleTimeout, hostErr)
+	s.counters.bytesFromGuest.Add(uint64(up))
+	s.counters.bytesToGuest.Add(uint64(down))
+	s.log.Debug("udp flow closed", "src", src, "dst", dst, "duration", time.Since(start), "bytes_out", up, "bytes_in", down)
 }
 
 // relayICMPError hands an ICMP error the host received for a guest flow

@@ -31,7 +31,13 @@ type API struct {
 	defaultGuest netip.Addr
 	log          *slog.Logger
 	allowIPv6    bool
+	info, stats  func() any
 }
+
+// SetReporter enables get_info and get_stats, our extensions to the
+// protocol (unknown to slirp4netns clients, which never send them): info
+// and stats return what the replies carry.
+func (a *API) SetReporter(info, stats func() any) { a.info, a.stats = info, stats }
 
 // AllowIPv6 lets requests name IPv6 host and guest addresses, an extension
 // slirp4netns clients never use (its API is IPv4-only).
@@ -109,6 +115,14 @@ func (a *API) Handle(req []byte) []byte {
 		return a.list()
 	case "remove_hostfwd":
 		return a.remove(args)
+	case "get_info":
+		if a.info != nil {
+			return mustJSON(map[string]any{"return": map[string]any{"network": a.info(), "ports": a.entries()}})
+		}
+	case "get_stats":
+		if a.stats != nil {
+			return mustJSON(map[string]any{"return": a.stats()})
+		}
 	}
 	return apiError("bad request: unknown execute")
 }
@@ -154,6 +168,12 @@ type apiEntry struct {
 }
 
 func (a *API) list() []byte {
+	return mustJSON(struct {
+		Entries []apiEntry `json:"entries"`
+	}{a.entries()})
+}
+
+func (a *API) entries() []apiEntry {
 	entries := []apiEntry{}
 	for _, e := range a.ports.List() {
 		host := "::" // a dual-stack rule from netns-run -p
@@ -162,9 +182,7 @@ func (a *API) list() []byte {
 		}
 		entries = append(entries, apiEntry{e.ID, e.Proto, host, e.HostPort, e.GuestAddr.String(), e.GuestPort})
 	}
-	return mustJSON(struct {
-		Entries []apiEntry `json:"entries"`
-	}{entries})
+	return entries
 }
 
 func (a *API) remove(args map[string]any) []byte {

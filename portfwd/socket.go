@@ -69,6 +69,9 @@ func (s *APISocket) Files() (listener, dir *os.File, name string, err error) {
 // Close stops listening and removes the socket file.
 func (s *APISocket) Close() error {
 	err := s.Listener.Close()
+	if errors.Is(err, net.ErrClosed) {
+		err = nil // Serve closed it already
+	}
 	if rerr := unix.Unlinkat(int(s.dir.Fd()), s.name, 0); rerr != nil && !errors.Is(rerr, unix.ENOENT) && err == nil {
 		err = rerr
 	}

@@ -163,15 +163,7 @@ func TestPublishErrors(t *testing.T) {
 
 func TestPublishAPIAtRuntime(t *testing.T) {
 	wd := newWorld(t)
-	dir, err := os.MkdirTemp("", "netns-run-api-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chown(dir, unprivUID, unprivUID); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "api.sock")
+	sock := filepath.Join(userDir(t, "netns-run-api-"), "api.sock")
 	wd.startPublishing("--api-socket", sock)
 	req := `{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"::1","host_port":19300,"guest_port":9001}}`
 	if got := apiCall(t, sock, req); got != `{"return":{"id":1}}` {

@@ -154,15 +154,7 @@ func (u *usernetProc) stop(t *testing.T) int {
 }
 
 func apiSocketPath(t *testing.T) string {
-	dir, err := os.MkdirTemp("", "usernet-api-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chown(dir, unprivUID, unprivUID); err != nil {
-		t.Fatal(err)
-	}
-	return filepath.Join(dir, "api.sock")
+	return filepath.Join(userDir(t, "usernet-api-"), "api.sock")
 }
 
 // apiCall sends one request like podman does (write, half-close, read).
@@ -217,6 +209,15 @@ func TestUsernetAttachByPID(t *testing.T) {
 	for _, proto := range []string{"udp", "tcp"} {
 		if out := wd.inSandbox(sb, bins.nettool, "dns-query", "10.0.2.3:53", testName, proto); !strings.Contains(out, "A "+testNameIP) {
 			t.Errorf("dns over %s: %s", proto, out)
+		}
+	}
+	if os.Getenv("USERNET_UNDER_TEST") == "" {
+		// Our extensions: slirp4netns answers "unknown execute".
+		if got := apiCall(t, sock, `{"execute":"get_info"}`); !strings.Contains(got, `"mtu":65520`) || !strings.Contains(got, `"ports":[]`) {
+			t.Errorf("get_info: %s", got)
+		}
+		if got := apiCall(t, sock, `{"execute":"get_stats"}`); !strings.Contains(got, `"tcp_total":3`) {
+			t.Errorf("get_stats after three TCP flows (two echoes, DNS over TCP): %s", got)
 		}
 	}
 	if code := u.stop(t); code != 0 {

@@ -7,12 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/netip"
 	"os"
 
 	"github.com/spf13/pflag"
 
+	"github.com/netns-run/netns-run/cmd/internal/cli"
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
 )
@@ -24,27 +24,44 @@ var version = "dev"
 const exitSetupFailed = 125
 
 const usageText = `Usage: netns-run [OPTION]... -- COMMAND [ARG]...
+       netns-run stats [--json] SOCKET
 Run COMMAND in new user, network, mount and UTS namespaces with userspace
 networking, without root.
 
-Inside, COMMAND is root (mapped to your own uid) and sees a TAP interface
-with address 10.0.2.100/24, default gateway 10.0.2.2 (the host's 127.0.0.1
-unless --disable-host-loopback) and DNS at 10.0.2.3 (forwarded to the host's
-resolvers). /etc/resolv.conf is replaced inside only.
+Inside, COMMAND is root (mapped to your own uid) and sees tap0 with
+10.0.2.100/24 and fd00::100/64, gateway 10.0.2.2 / fd00::2 (the host's
+127.0.0.1 / ::1 unless --disable-host-loopback) and DNS at 10.0.2.3 /
+fd00::3 (forwarded to the host's resolvers). /etc/resolv.conf is replaced
+inside only. Ports can be published from the host with -p.
 
 Options:
 `
 
 const usageTail = `
-Exit status: COMMAND's own, 128+N if it was killed by signal N, 125 if
-netns-run itself failed, 126/127 if COMMAND could not be run / found.
+Exit status:
+  COMMAND's own status, or 128+N if a signal N killed it
+  125  netns-run itself failed (the message names the cause and the fix)
+  126  COMMAND was found but could not be executed
+  127  COMMAND was not found
+
+Signals: SIGINT, SIGTERM and SIGHUP are forwarded to COMMAND. On a terminal
+COMMAND runs in the foreground process group (job control works).
+
+Environment:
+  TMPDIR  where the namespace's resolv.conf is staged before it is mounted
+  PATH    searched for COMMAND inside the namespace
 
 Examples:
   netns-run -- ip addr
   netns-run --mtu 1500 -- curl http://10.0.2.2:8080/
   netns-run --disable-host-loopback -- sh
+  netns-run -p 8080:80 -p 127.0.0.1:5353:53/udp -- ./server
+  netns-run -p 8080:80 --port-driver=netstack -- nginx   # nginx logs real client IPs
+  netns-run --api-socket /tmp/nr.sock --pcap /tmp/guest.pcap -- ./app
+  netns-run stats /tmp/nr.sock
 
-If /dev/net/tun cannot be opened, see "Troubleshooting" in the README.
+Troubleshooting (/dev/net/tun permissions, user namespaces, ping,
+subordinate ids): see the README's "Troubleshooting" section.
 `
 
 type options struct {
@@ -56,6 +73,9 @@ type options struct {
 	disableIPv6         bool
 	dnsUpstreams        []string
 	debug               bool
+	logFormat           string
+	pcap                string
+	pcapMaxSize         int64
 	version             bool
 	help                bool
 }
@@ -63,6 +83,9 @@ type options struct {
 func main() {
 	if launcher.IsChild() {
 		launcher.RunChild()
+	}
+	if len(os.Args) > 1 && os.Args[1] == "stats" {
+		os.Exit(runStats(os.Args[2:], os.Stdout, os.Stderr))
 	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
@@ -80,11 +103,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "netns-run version %s\n", version)
 		return 0
 	}
-	level := slog.LevelWarn
-	if opts.debug {
-		level = slog.LevelDebug
-	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	log := cli.NewLogger(stderr, opts.debug, opts.logFormat)
 
 	netCfg := netstack.DefaultConfig()
 	netCfg.MTU = uint32(opts.mtu)
@@ -94,6 +113,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintf(stderr, "netns-run: %v\n", err)
 		return exitSetupFailed
+	}
+	if opts.pcap != "" {
+		capture, f, err := netstack.OpenCapture(opts.pcap, opts.pcapMaxSize, log)
+		if err != nil {
+			fmt.Fprintf(stderr, "netns-run: %v\n", err)
+			return exitSetupFailed
+		}
+		defer f.Close()
+		netCfg.Capture = capture
 	}
 	rules, err := parsePublish(opts.publish)
 	if err != nil {
@@ -153,10 +181,13 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.StringVar(&o.portDriver, "port-driver", driverBuiltin, "how published ports reach the guest: builtin (kernel sockets, fastest; the guest sees connections from 127.0.0.1) or netstack (through the userspace stack; the guest sees the real client address)")
 	fs.StringVar(&o.apiSocket, "api-socket", "", "serve slirp4netns's JSON API (add_hostfwd, list_hostfwd, remove_hostfwd) on this Unix socket")
 	fs.IntVar(&o.mtu, "mtu", netstack.DefaultMTU, "MTU of the namespace's tap0 (68-65521)")
-	fs.BoolVar(&o.disableHostLoopback, "disable-host-loopback", false, "refuse connections to the gateway 10.0.2.2 (the host's loopback) and to 127.0.0.0/8")
+	fs.BoolVar(&o.disableHostLoopback, "disable-host-loopback", false, "block the host's loopback: 10.0.2.2, fd00::2, 127.0.0.0/8 and ::1 answer network unreachable")
 	fs.BoolVar(&o.disableIPv6, "disable-ipv6", false, "no IPv6 inside (default: fd00::100/64, gateway fd00::2, DNS fd00::3 when the host has IPv6)")
 	fs.StringArrayVar(&o.dnsUpstreams, "dns-upstream", nil, "DNS server ADDR[:PORT] the forwarder at 10.0.2.3 asks (repeatable; default: nameservers in /etc/resolv.conf)")
-	fs.BoolVar(&o.debug, "debug", false, "log setup steps and every flow to stderr")
+	fs.BoolVar(&o.debug, "debug", false, "log setup steps and every flow (4-tuple, duration, bytes) to stderr")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&o.pcap, "pcap", "", "capture the guest's frames to this pcap file (tcpdump -r / tshark -r)")
+	fs.Int64Var(&o.pcapMaxSize, "pcap-max-size", 1<<30, "stop capturing once the file reaches this many bytes (0: no limit)")
 	fs.BoolVarP(&o.help, "help", "h", false, "show this help and exit")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
@@ -168,6 +199,12 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	}
 	if o.version {
 		return o, nil, nil
+	}
+	if o.logFormat != "text" && o.logFormat != "json" {
+		return o, nil, fmt.Errorf("--log-format %q: must be text or json", o.logFormat)
+	}
+	if o.pcapMaxSize < 0 {
+		return o, nil, fmt.Errorf("--pcap-max-size %d: must not be negative", o.pcapMaxSize)
 	}
 	if o.portDriver != driverBuiltin && o.portDriver != driverNetstack {
 		return o, nil, fmt.Errorf("--port-driver %q: must be builtin or netstack", o.portDriver)

@@ -66,6 +66,7 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 		}
 		api := portfwd.NewAPI(h.ports, guestAddr, log)
 		api.AllowIPv6()
+		api.SetReporter(func() any { return h.stack.Info() }, func() any { return h.stack.Stats() })
 		h.apiEnd = make(chan struct{})
 		go func() {
 			defer close(h.apiEnd)

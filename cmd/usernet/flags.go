@@ -41,6 +41,9 @@ const helpText = "Usage: %s [OPTION]... PID|PATH [TAPNAME]\n" +
 	"usernet options (not in slirp4netns):\n" +
 	"--dns-upstream=ADDR[:PORT]  DNS server the forwarder asks (repeatable; default: /etc/resolv.conf)\n" +
 	"--debug                  log every flow and API request to stderr\n" +
+	"--log-format=FORMAT      text (default) or json\n" +
+	"--pcap=FILE              capture the guest's frames to FILE (pcap)\n" +
+	"--pcap-max-size=BYTES    stop capturing at BYTES (default 1073741824, 0: no limit)\n" +
 	"\n" +
 	"usernet is a slirp4netns-compatible helper built on the gVisor userspace network\n" +
 	"stack; install it as \"slirp4netns\" or point runtimes at it (rootlesskit\n" +
@@ -77,6 +80,9 @@ type config struct {
 	tapName             string
 	dnsUpstreams        []string
 	debug               bool
+	logFormat           string
+	pcap                string
+	pcapMaxSize         int64
 	help, version       bool
 }
 
@@ -123,6 +129,9 @@ func parseArgs(args []string, stdout io.Writer) (*config, error) {
 	fs.StringVar(&targetType, "target-type", "netns", "")
 	fs.StringArrayVar(&c.dnsUpstreams, "dns-upstream", nil, "")
 	fs.BoolVar(&c.debug, "debug", false, "")
+	fs.StringVar(&c.logFormat, "log-format", "text", "")
+	fs.StringVar(&c.pcap, "pcap", "", "")
+	fs.Int64Var(&c.pcapMaxSize, "pcap-max-size", 1<<30, "")
 	fs.BoolVarP(&c.help, "help", "h", false, "")
 	fs.BoolVarP(&c.version, "version", "v", false, "")
 	if err := fs.Parse(args); err != nil {
@@ -130,6 +139,12 @@ func parseArgs(args []string, stdout io.Writer) (*config, error) {
 	}
 	if c.help || c.version {
 		return c, nil
+	}
+	if c.logFormat != "text" && c.logFormat != "json" {
+		return nil, usagef("--log-format must be text or json")
+	}
+	if c.pcapMaxSize < 0 {
+		return nil, usagef("--pcap-max-size must not be negative")
 	}
 	if noHostLoopback {
 		fmt.Fprintln(stdout, "WARNING: --no-host-loopback is deprecated, please use --disable-host-loopback instead.")

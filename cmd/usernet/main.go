@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/netns-run/netns-run/cmd/internal/cli"
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
 	"github.com/netns-run/netns-run/portfwd"
@@ -91,6 +92,7 @@ type sandboxState struct {
 	APIFD     int              `json:"api_fd"`
 	APIDirFD  int              `json:"api_dir_fd"`
 	APIName   string           `json:"api_name"`
+	PcapFD    int              `json:"pcap_fd"`
 	Upstreams []netip.AddrPort `json:"dns_upstreams"`
 }
 
@@ -101,14 +103,11 @@ type helper struct {
 	guest  netip.Addr
 	dev    tap.Device
 	api    *portfwd.APISocket
+	pcap   *os.File
 }
 
 func serve(cfg *config, stdout, stderr io.Writer) error {
-	level := slog.LevelWarn
-	if cfg.debug {
-		level = slog.LevelDebug
-	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	log := cli.NewLogger(stderr, cfg.debug, cfg.logFormat)
 	ctx, cancel := signal.NotifyContext(context.Background(), unix.SIGTERM, unix.SIGINT)
 	defer cancel()
 
@@ -190,6 +189,12 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 		return err
 	}
 	printBanner(stdout, cfg, addressesOf(cfg.cidr), h.netCfg)
+	if cfg.pcap != "" {
+		if h.pcap, err = os.OpenFile(cfg.pcap, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600); err != nil {
+			h.dev.Close()
+			return fmt.Errorf("packet capture: %w", err)
+		}
+	}
 	if cfg.apiSocket != "" {
 		if h.api, err = portfwd.ListenAPISocket(cfg.apiSocket); err != nil {
 			h.dev.Close()
@@ -203,8 +208,12 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
 	q := h.dev.Queues()[0]
-	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, APIDirFD: -1, Upstreams: h.netCfg.DNSUpstreams}
+	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, APIDirFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams}
 	keep := []*os.File{q}
+	if h.pcap != nil {
+		st.PcapFD = int(h.pcap.Fd())
+		keep = append(keep, h.pcap)
+	}
 	if h.api != nil {
 		ln, dir, name, err := h.api.Files()
 		if err != nil {
@@ -220,6 +229,9 @@ func (h *helper) enterSandbox() error {
 func (h *helper) adopt(st sandboxState) error {
 	h.netCfg.DNSUpstreams = st.Upstreams
 	h.dev = tap.FromFiles(st.TapName, []*os.File{os.NewFile(uintptr(st.TapFD), "tap")})
+	if st.PcapFD >= 0 {
+		h.pcap = os.NewFile(uintptr(st.PcapFD), "pcap")
+	}
 	if st.APIFD >= 0 {
 		var err error
 		h.api, err = portfwd.AdoptAPISocket(os.NewFile(uintptr(st.APIFD), "api"), os.NewFile(uintptr(st.APIDirFD), "api-dir"), st.APIName)
@@ -233,6 +245,10 @@ func (h *helper) adopt(st sandboxState) error {
 
 // run serves the network until SIGTERM/SIGINT or the exit fd hangs up.
 func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.Logger, stderr io.Writer) error {
+	if h.pcap != nil {
+		defer h.pcap.Close()
+		h.netCfg.Capture = netstack.NewCaptureWriter(h.pcap, h.cfg.pcapMaxSize, log)
+	}
 	stack, err := netstack.New(ctx, h.netCfg, h.dev)
 	if err != nil {
 		if h.api != nil {
@@ -249,6 +265,7 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 	}()
 	if h.api != nil {
 		api := portfwd.NewAPI(ports, h.guest, log)
+		api.SetReporter(func() any { return stack.Info() }, func() any { return stack.Stats() })
 		done := make(chan struct{})
 		go func() {
 			defer close(done)

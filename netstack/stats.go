@@ -1,0 +1,123 @@
+package netstack
+
+import (
+	"sync/atomic"
+	"time"
+)
+
+// counters are the Stack's own statistics; gVisor keeps the packet ones.
+type counters struct {
+	tcpOpen, udpOpen, icmpOpen    atomic.Int64
+	tcpTotal, udpTotal, icmpTotal atomic.Uint64
+	bytesFromGuest, bytesToGuest  atomic.Uint64
+
+	dropBlocked         atomic.Uint64
+	dropICMPUnavailable atomic.Uint64
+	dropFlowLimit       atomic.Uint64
+}
+
+// Stats is a snapshot of what the stack has done, for the API's get_stats.
+type Stats struct {
+	UptimeSeconds float64 `json:"uptime_seconds"`
+	Flows         struct {
+		TCPOpen   int64  `json:"tcp_open"`
+		UDPOpen   int64  `json:"udp_open"`
+		ICMPOpen  int64  `json:"icmp_open"`
+		TCPTotal  uint64 `json:"tcp_total"`
+		UDPTotal  uint64 `json:"udp_total"`
+		ICMPTotal uint64 `json:"icmp_total"`
+	} `json:"flows"`
+	// Bytes relayed by the forwarders (payload, both ends of all flows).
+	Bytes struct {
+		FromGuest uint64 `json:"from_guest"`
+		ToGuest   uint64 `json:"to_guest"`
+	} `json:"bytes"`
+	// Frames on the guest's link.
+	Link struct {
+		RxPackets uint64 `json:"rx_packets"`
+		RxBytes   uint64 `json:"rx_bytes"`
+		TxPackets uint64 `json:"tx_packets"`
+		TxBytes   uint64 `json:"tx_bytes"`
+	} `json:"link"`
+	Drops struct {
+		QueueFull       uint64 `json:"queue_full"`
+		BlockedLoopback uint64 `json:"blocked_loopback"`
+		ICMPUnavailable uint64 `json:"icmp_unavailable"`
+		FlowLimit       uint64 `json:"flow_limit"`
+		Malformed       uint64 `json:"malformed"`
+	} `json:"drops"`
+}
+
+// Stats returns the current statistics.
+func (s *Stack) Stats() Stats {
+	var st Stats
+	st.UptimeSeconds = time.Since(s.started).Seconds()
+	c := &s.counters
+	st.Flows.TCPOpen, st.Flows.UDPOpen, st.Flows.ICMPOpen = c.tcpOpen.Load(), c.udpOpen.Load(), c.icmpOpen.Load()
+	st.Flows.TCPTotal, st.Flows.UDPTotal, st.Flows.ICMPTotal = c.tcpTotal.Load(), c.udpTotal.Load(), c.icmpTotal.Load()
+	st.Bytes.FromGuest, st.Bytes.ToGuest = c.bytesFromGuest.Load(), c.bytesToGuest.Load()
+	st.Drops.BlockedLoopback = c.dropBlocked.Load()
+	st.Drops.ICMPUnavailable = c.dropICMPUnavailable.Load()
+	st.Drops.FlowLimit = c.dropFlowLimit.Load() + s.stack.Stats().TCP.ForwardMaxInFlightDrop.Value()
+	if info, ok := s.stack.NICInfo()[nicID]; ok {
+		n := info.Stats
+		st.Link.RxPackets, st.Link.RxBytes = n.Rx.Packets.Value(), n.Rx.Bytes.Value()
+		st.Link.TxPackets, st.Link.TxBytes = n.Tx.Packets.Value(), n.Tx.Bytes.Value()
+		st.Drops.QueueFull = n.TxPacketsDroppedNoBufferSpace.Value()
+		st.Drops.Malformed = n.MalformedL4RcvdPackets.Value()
+	}
+	return st
+}
+
+// flowStarted and flowEnded keep the open/total counts of one protocol.
+func flowStarted(open *atomic.Int64, total *atomic.Uint64) {
+	open.Add(1)
+	total.Add(1)
+}
+
+// Info is the configuration in force, for the API's get_info.
+type Info struct {
+	MTU           uint32   `json:"mtu"`
+	Network       string   `json:"network"`
+	Gateway       string   `json:"gateway"`
+	DNS           string   `json:"dns"`
+	IPv6          bool     `json:"ipv6"`
+	Network6      string   `json:"network6,omitempty"`
+	Gateway6      string   `json:"gateway6,omitempty"`
+	DNS6          string   `json:"dns6,omitempty"`
+	HostLoopback  bool     `json:"host_loopback"`
+	DNSForwarder  bool     `json:"dns_forwarder"`
+	DNSUpstreams  []string `json:"dns_upstreams"`
+	Restricted    bool     `json:"restricted"`
+	ICMPEcho4     string   `json:"icmp_echo_ipv4"`
+	ICMPEcho6     string   `json:"icmp_echo_ipv6,omitempty"`
+	UptimeSeconds float64  `json:"uptime_seconds"`
+	PacketCapture bool     `json:"packet_capture"`
+	OutboundAddr4 string   `json:"outbound_addr,omitempty"`
+	OutboundAddr6 string   `json:"outbound_addr6,omitempty"`
+}
+
+// Info describes the configuration in force.
+func (s *Stack) Info() Info {
+	c := s.cfg
+	in := Info{
+		MTU: c.MTU, Network: c.Network.String(), Gateway: c.Gateway.String(), DNS: c.DNS.String(),
+		IPv6: c.IPv6, HostLoopback: !c.DisableHostLoopback, DNSForwarder: !c.DisableDNS,
+		DNSUpstreams: []string{}, Restricted: c.Restrict, ICMPEcho4: s.ping.mode4.String(),
+		UptimeSeconds: time.Since(s.started).Seconds(), PacketCapture: c.Capture != nil,
+	}
+	if c.IPv6 {
+		in.Network6, in.Gateway6, in.DNS6 = c.Network6.String(), c.Gateway6.String(), c.DNS6.String()
+		in.ICMPEcho6 = s.ping.mode6.String()
+	}
+	for _, u := range c.DNSUpstreams {
+		in.DNSUpstreams = append(in.DNSUpstreams, u.String())
+	}
+	if c.OutboundAddr4.IsValid() {
+		in.OutboundAddr4 = c.OutboundAddr4.String()
+	}
+	if c.OutboundAddr6.IsValid() {
+		in.OutboundAddr6 = c.OutboundAddr6.String()
+	}
+	return in
+}

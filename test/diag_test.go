@@ -1,0 +1,156 @@
+package test
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+)
+
+// userDir is a temporary directory owned by the unprivileged test user,
+// removed when the test ends.
+func userDir(t *testing.T, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chown(dir, unprivUID, unprivUID); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// pcapRecords reads a pcap file (LINKTYPE_RAW: each record an IP packet).
+func pcapRecords(t *testing.T, path string) [][]byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) < 24 || binary.LittleEndian.Uint32(b) != 0xa1b2c3d4 {
+		t.Fatalf("%s: not a pcap file (%d bytes)", path, len(b))
+	}
+	if lt := binary.LittleEndian.Uint32(b[20:]); lt != 101 {
+		t.Fatalf("%s: link type %d, want 101 (raw IP)", path, lt)
+	}
+	var recs [][]byte
+	for off := 24; off+16 <= len(b); {
+		n := int(binary.LittleEndian.Uint32(b[off+8:]))
+		if off+16+n > len(b) {
+			t.Fatalf("%s: truncated record at %d", path, off)
+		}
+		recs = append(recs, b[off+16:off+16+n])
+		off += 16 + n
+	}
+	return recs
+}
+
+func TestPacketCapture(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
+	dir := userDir(t, "netns-run-pcap-")
+	file := filepath.Join(dir, "guest.pcap")
+	res := wd.mustRunGuest([]string{"--pcap", file}, bins.nettool, "tcp-echo-check", "10.0.2.2:8080", "100000")
+	checkEcho(t, res, 100000)
+	var syn, synAck bool
+	for _, p := range pcapRecords(t, file) {
+		if len(p) < header.IPv4MinimumSize || header.IPVersion(p) != 4 {
+			continue
+		}
+		ip := header.IPv4(p)
+		if ip.TransportProtocol() != header.TCPProtocolNumber {
+			continue
+		}
+		tcp := header.TCP(ip.Payload())
+		flags := tcp.Flags()
+		switch {
+		case flags == header.TCPFlagSyn && ip.DestinationAddress().String() == "10.0.2.2" && tcp.DestinationPort() == 8080:
+			syn = true
+		case flags == header.TCPFlagSyn|header.TCPFlagAck && ip.SourceAddress().String() == "10.0.2.2" && tcp.SourcePort() == 8080:
+			synAck = true
+		}
+	}
+	if !syn || !synAck {
+		t.Errorf("capture lacks the flow's handshake: SYN %v, SYN-ACK %v", syn, synAck)
+	}
+}
+
+// TestStats runs a known exchange and reads the counters over the API
+// socket, raw (get_stats) and through `netns-run stats`.
+func TestStats(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
+	dir := userDir(t, "netns-run-stats-")
+	sock := filepath.Join(dir, "api.sock")
+	n := bins.nettool
+	script := fmt.Sprintf("for i in 1 2 3; do %s tcp-echo-check 10.0.2.2:8080 100000 >/dev/null || exit 1; done; echo done; exec %s sleep stats", n, n)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := wd.guestCommand(ctx, []string{"--api-socket", sock, "-p", "19700:80"}, "sh", "-c", script)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
+	if line, _ := bufio.NewReader(stdout).ReadString('\n'); strings.TrimSpace(line) != "done" {
+		t.Fatalf("exchange failed: %q", line)
+	}
+	var st struct {
+		Return struct {
+			Flows struct {
+				TCPOpen  int64  `json:"tcp_open"`
+				TCPTotal uint64 `json:"tcp_total"`
+			} `json:"flows"`
+			Bytes struct {
+				FromGuest uint64 `json:"from_guest"`
+				ToGuest   uint64 `json:"to_guest"`
+			} `json:"bytes"`
+		} `json:"return"`
+	}
+	// The last flow's bytes are counted when it closes: poll briefly.
+	for i := 0; ; i++ {
+		if err := json.Unmarshal([]byte(apiCall(t, sock, `{"execute":"get_stats"}`)), &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Return.Flows.TCPOpen == 0 || i == 50 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	r := st.Return
+	if r.Flows.TCPTotal != 3 || r.Flows.TCPOpen != 0 || r.Bytes.FromGuest != 300000 || r.Bytes.ToGuest != 300000 {
+		t.Errorf("stats after 3 echoes of 100000 bytes: %+v", r)
+	}
+	out, err := exec.Command(bins.netnsRun, "stats", sock).CombinedOutput()
+	if err != nil {
+		t.Fatalf("netns-run stats: %v\n%s", err, out)
+	}
+	for _, want := range []string{"flows total tcp 3,", "bytes       292.97 KiB from guest, 292.97 KiB to guest", "published   1", `"host_port":19700`} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("netns-run stats lacks %q:\n%s", want, out)
+		}
+	}
+	out, err = exec.Command(bins.netnsRun, "stats", "--json", dir).CombinedOutput()
+	var both struct {
+		Info  json.RawMessage `json:"info"`
+		Stats json.RawMessage `json:"stats"`
+	}
+	if err != nil || json.Unmarshal(out, &both) != nil || len(both.Info) == 0 || len(both.Stats) == 0 {
+		t.Errorf("netns-run stats --json DIR: %v\n%s", err, out)
+	}
+}
