@@ -29,6 +29,9 @@ func IsChild() bool {
 // RunChild sets up the namespace, then execs the command. It never returns:
 // on failure it reports to the parent and exits.
 func RunChild() {
+	if os.Getenv(waitMapsEnv) == "1" {
+		awaitIDMaps()
+	}
 	os.Unsetenv(childEnv)
 	f := os.NewFile(childFD, "launcher-child")
 	c, err := net.FileConn(f)
@@ -40,7 +43,7 @@ func RunChild() {
 	conn := c.(*net.UnixConn)
 	ch := channel{conn: conn}
 
-	args, err := setUpChild(ch)
+	cfg, err := setUpChild(ch)
 	if err != nil {
 		var fail *childFailure
 		if !errors.As(err, &fail) {
@@ -50,17 +53,40 @@ func RunChild() {
 		os.Exit(125)
 	}
 	conn.Close()
-	if args == nil {
+	switch {
+	case cfg == nil:
 		os.Exit(0)
+	case cfg.PID:
+		os.Exit(runInit(cfg.Args))
 	}
-	os.Exit(execCommand(args))
+	os.Exit(execCommand(cfg.Args))
+}
+
+// waitMapsEnv tells the child its id maps are written by the parent (with
+// newuidmap) after it started.
+const waitMapsEnv = "_NETNS_RUN_WAIT_MAPS"
+
+// awaitIDMaps waits for the parent's word that the id maps are written,
+// then executes the binary again. The first exec happened while our uid was
+// still unmapped, which cost us every capability in the new user namespace;
+// exec'ing as the now-mapped root gives them back. It does not return.
+func awaitIDMaps() {
+	os.Unsetenv(waitMapsEnv)
+	buf := make([]byte, 64)
+	if _, err := unix.Read(childFD, buf); err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: namespace child: waiting for id maps: %v\n", err)
+		os.Exit(125)
+	}
+	err := unix.Exec("/proc/self/exe", os.Args, os.Environ())
+	fmt.Fprintf(os.Stderr, "netns-run: namespace child: re-exec: %v\n", err)
+	os.Exit(125)
 }
 
 func failed(step string, err error) error {
 	return &childFailure{Step: step, Message: err.Error()}
 }
 
-func setUpChild(ch channel) ([]string, error) {
+func setUpChild(ch channel) (*childConfig, error) {
 	m, _, err := ch.recv(kindConfig)
 	if err != nil {
 		return nil, err
@@ -74,6 +100,9 @@ func setUpChild(ch channel) ([]string, error) {
 	}
 	if cfg.Ports {
 		return nil, servePorts(ch)
+	}
+	if cfg.Exec && !cfg.Configure {
+		return nil, errors.New("exec without configure")
 	}
 	if cfg.Exec {
 		if err := replaceResolvConf(cfg.Guest); err != nil {
@@ -96,10 +125,22 @@ func setUpChild(ch channel) ([]string, error) {
 	if !cfg.Exec {
 		return nil, nil
 	}
+	if cfg.Hostname != "" {
+		if err := unix.Sethostname([]byte(cfg.Hostname)); err != nil {
+			return nil, failed("set hostname", err)
+		}
+	}
+	if cfg.PID {
+		// A /proc of the new PID namespace; the mount namespace is
+		// private already (replaceResolvConf).
+		if err := unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+			return nil, failed("mount /proc", err)
+		}
+	}
 	if _, _, err := ch.recv(kindProceed); err != nil {
 		return nil, err
 	}
-	return cfg.Args, nil
+	return cfg, nil
 }
 
 // openTap creates the TAP (or attaches to an existing one of that name)
@@ -250,6 +291,7 @@ func replaceResolvConf(g GuestConfig) error {
 // failure, with the exit code a shell would use (127 not found, 126 not
 // executable).
 func execCommand(args []string) int {
+	dropAmbientCaps()
 	path, err := exec.LookPath(args[0])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "netns-run: %s: %v\n", args[0], lookPathReason(err))
@@ -264,6 +306,13 @@ func execCommand(args []string) int {
 		return 127
 	}
 	return 126
+}
+
+// dropAmbientCaps keeps the setup's ambient capabilities (see Run's
+// --map-user handling) from reaching the command: a non-root command then
+// runs without capabilities, as it would under unshare --map-user.
+func dropAmbientCaps() {
+	_ = unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 }
 
 func lookPathReason(err error) string {

@@ -66,6 +66,10 @@ type childConfig struct {
 	// namespace for usernet).
 	Exec bool     `json:"exec"`
 	Args []string `json:"args"`
+	// PID: the child is PID 1 of a new PID namespace: mount /proc and
+	// run the command under a small init.
+	PID      bool   `json:"pid,omitempty"`
+	Hostname string `json:"hostname,omitempty"`
 }
 
 // tapReady announces the TAP queues carried as SCM_RIGHTS with the message.

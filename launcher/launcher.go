@@ -87,6 +87,17 @@ type Options struct {
 	Guest   GuestConfig
 	Network NetworkFunc
 	Logger  *slog.Logger
+	// SubIDs maps the caller's subordinate uid and gid ranges
+	// (/etc/subuid, /etc/subgid) with newuidmap/newgidmap, besides the
+	// caller's own ids; otherwise only the caller's own ids are mapped.
+	SubIDs bool
+	// MapUser and MapGroup are the ids the caller has inside (0: root).
+	MapUser, MapGroup int
+	// PID gives the command a new PID namespace with a fresh /proc; a
+	// small init runs as PID 1, reaps orphans and forwards signals.
+	PID bool
+	// Hostname, if set, is the hostname in the new UTS namespace.
+	Hostname string
 }
 
 // Run starts opts.Args in new namespaces, serves its network and returns its
@@ -122,14 +133,30 @@ func Run(ctx context.Context, opts Options) (int, error) {
 	cmd := exec.Command("/proc/self/exe")
 	cmd.Args = []string{os.Args[0]}
 	cmd.Env = append(os.Environ(), childEnv+"=1")
+	if opts.SubIDs {
+		cmd.Env = append(cmd.Env, waitMapsEnv+"=1")
+	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.ExtraFiles = []*os.File{childEnd}
 	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Cloneflags:                 unix.CLONE_NEWUSER | unix.CLONE_NEWNET | unix.CLONE_NEWNS | unix.CLONE_NEWUTS,
-		UidMappings:                []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getuid(), Size: 1}},
-		GidMappings:                []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getgid(), Size: 1}},
-		GidMappingsEnableSetgroups: false,
-		Pdeathsig:                  unix.SIGKILL,
+		Cloneflags: unix.CLONE_NEWUSER | unix.CLONE_NEWNET | unix.CLONE_NEWNS | unix.CLONE_NEWUTS,
+		Pdeathsig:  unix.SIGKILL,
+	}
+	if opts.PID {
+		cmd.SysProcAttr.Cloneflags |= unix.CLONE_NEWPID
+	}
+	if opts.MapUser != 0 || opts.MapGroup != 0 {
+		// Not root inside: exec would drop the capabilities the child
+		// needs to set the namespace up, unless they are ambient. The
+		// child clears them before it runs the command.
+		cmd.SysProcAttr.AmbientCaps = []uintptr{unix.CAP_NET_ADMIN, unix.CAP_SYS_ADMIN}
+	}
+	if !opts.SubIDs {
+		// A single mapping the kernel lets us write ourselves; setgroups
+		// must then be denied.
+		cmd.SysProcAttr.UidMappings = []syscall.SysProcIDMap{{ContainerID: opts.MapUser, HostID: os.Getuid(), Size: 1}}
+		cmd.SysProcAttr.GidMappings = []syscall.SysProcIDMap{{ContainerID: opts.MapGroup, HostID: os.Getgid(), Size: 1}}
+		cmd.SysProcAttr.GidMappingsEnableSetgroups = false
 	}
 	if term != nil {
 		// The command gets its own process group in the terminal's
@@ -144,6 +171,17 @@ func Run(ctx context.Context, opts Options) (int, error) {
 	}
 	child := &childProcess{pid: cmd.Process.Pid, term: term}
 	log.Debug("namespace child started", "pid", child.pid)
+	if opts.SubIDs {
+		// The child waits for its config message, sent only after this.
+		if err := writeIDMaps(child.pid, opts.MapUser, opts.MapGroup); err != nil {
+			_, _ = child.killAndWait()
+			return 0, err
+		}
+		if _, err := conn.Write([]byte("maps")); err != nil {
+			_, _ = child.killAndWait()
+			return 0, fmt.Errorf("handshake: %w", err)
+		}
+	}
 
 	network, err := setUp(ctx, ch, opts, child.pid)
 	if err != nil {
@@ -167,7 +205,7 @@ var errPeerGone = errors.New("namespace child went away")
 
 // setUp runs the parent's half of the handshake and starts the network.
 func setUp(ctx context.Context, ch channel, opts Options, pid int) (io.Closer, error) {
-	cfg := childConfig{Guest: opts.Guest, Configure: true, Exec: true, Args: opts.Args}
+	cfg := childConfig{Guest: opts.Guest, Configure: true, Exec: true, Args: opts.Args, PID: opts.PID, Hostname: opts.Hostname}
 	dev, mac, err := tapHandshake(ch, cfg)
 	if err != nil {
 		return nil, err

@@ -19,9 +19,12 @@ import (
 //	9000 tcp peer-server   9001 tcp echo   9002 udp echo   9003 udp peer-server
 func guestServers() []string {
 	n := bins.nettool
-	script := fmt.Sprintf("%[1]s peer-server tcp 0.0.0.0:9000 >/dev/null & %[1]s tcp-echo-server 0.0.0.0:9001 >/dev/null & "+
-		"%[1]s udp-echo-server 0.0.0.0:9002 >/dev/null & %[1]s peer-server udp 0.0.0.0:9003 >/dev/null & "+
-		"sleep 0.3; echo ready; wait", n)
+	// Ready means the TCP servers accept (bounded wait); the UDP ones
+	// were started first.
+	script := fmt.Sprintf("%[1]s udp-echo-server 0.0.0.0:9002 >/dev/null & %[1]s peer-server udp 0.0.0.0:9003 >/dev/null & "+
+		"%[1]s peer-server tcp 0.0.0.0:9000 >/dev/null & %[1]s tcp-echo-server 0.0.0.0:9001 >/dev/null & "+
+		"for p in 9000 9001; do i=0; until %[1]s tcp-connect 127.0.0.1:$p | grep -q connected; do "+
+		"i=$((i+1)); [ $i -gt 200 ] && exit 1; sleep 0.05; done; done; echo ready; wait", n)
 	return []string{"sh", "-c", script}
 }
 

@@ -65,6 +65,10 @@ subordinate ids): see the README's "Troubleshooting" section.
 `
 
 type options struct {
+	mapAuto             bool
+	mapUser, mapGroup   int
+	pid                 bool
+	hostname            string
 	publish             []string
 	portDriver          string
 	apiSocket           string
@@ -147,9 +151,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		guest.Nameserver6 = netCfg.DNS6
 	}
 	code, err := launcher.Run(context.Background(), launcher.Options{
-		Args:   cmdArgs,
-		Guest:  guest,
-		Logger: log,
+		Args:     cmdArgs,
+		Guest:    guest,
+		Logger:   log,
+		SubIDs:   opts.mapAuto,
+		MapUser:  opts.mapUser,
+		MapGroup: opts.mapGroup,
+		PID:      opts.pid,
+		Hostname: opts.hostname,
 		Network: func(ctx context.Context, ns launcher.Namespace) (io.Closer, error) {
 			return startHostSide(ctx, ns, netCfg, opts, rules, log)
 		},
@@ -177,6 +186,13 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.Usage = func() {}
 	// Everything from the first non-flag word on belongs to COMMAND.
 	fs.SetInterspersed(false)
+	fs.BoolVar(&o.mapAuto, "map-auto", false, "also map your subordinate ids from /etc/subuid and /etc/subgid (with newuidmap/newgidmap), so apt and chown work inside")
+	fs.BoolVar(&o.mapAuto, "subids", false, "same as --map-auto")
+	fs.IntVar(&o.mapUser, "map-user", 0, "the uid you have inside")
+	fs.IntVar(&o.mapGroup, "map-group", 0, "the gid you have inside")
+	fs.BoolVar(&o.pid, "pid", false, "new PID namespace: a small init is PID 1 (reaps, forwards signals), /proc is remounted")
+	fs.BoolVar(&o.pid, "mount-proc", false, "same as --pid (a fresh /proc needs its own PID namespace)")
+	fs.StringVar(&o.hostname, "hostname", "", "hostname inside (UTS namespace)")
 	fs.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a port: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp] (repeatable; IPv6 HOSTIP in brackets; default: all addresses)")
 	fs.StringVar(&o.portDriver, "port-driver", driverBuiltin, "how published ports reach the guest: builtin (kernel sockets, fastest; the guest sees connections from 127.0.0.1) or netstack (through the userspace stack; the guest sees the real client address)")
 	fs.StringVar(&o.apiSocket, "api-socket", "", "serve slirp4netns's JSON API (add_hostfwd, list_hostfwd, remove_hostfwd) on this Unix socket")
@@ -199,6 +215,12 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	}
 	if o.version {
 		return o, nil, nil
+	}
+	if o.mapUser < 0 || o.mapGroup < 0 {
+		return o, nil, errors.New("--map-user and --map-group must not be negative")
+	}
+	if len(o.hostname) > 64 {
+		return o, nil, fmt.Errorf("--hostname %q: longer than 64 bytes", o.hostname)
 	}
 	if o.logFormat != "text" && o.logFormat != "json" {
 		return o, nil, fmt.Errorf("--log-format %q: must be text or json", o.logFormat)

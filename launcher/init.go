@@ -1,0 +1,70 @@
+package launcher
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// runInit is PID 1 of a new PID namespace: it starts the command, forwards
+// the signals it is sent, reaps every orphan that lands on it and exits
+// with the command's status (128+N for a signal). A command that were PID
+// 1 itself would ignore SIGTERM without a handler and leave zombies.
+func runInit(args []string) int {
+	path, err := exec.LookPath(args[0])
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: %s: %v\n", args[0], lookPathReason(err))
+		if errors.Is(err, exec.ErrNotFound) {
+			return 127
+		}
+		return 126
+	}
+	// "exe" (from /proc/self/exe) would tell ps users nothing. The main
+	// thread's comm is the process name; this goroutine may run on
+	// another thread, so name it through /proc.
+	_ = os.WriteFile(fmt.Sprintf("/proc/self/task/%d/comm", os.Getpid()), []byte("netns-run-init"), 0)
+	dropAmbientCaps()
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, unix.SIGTERM, unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH)
+	attr := &os.ProcAttr{Env: os.Environ(), Files: []*os.File{os.Stdin, os.Stdout, os.Stderr}, Sys: &syscall.SysProcAttr{}}
+	if term := foregroundTerminal(); term != nil {
+		// The command takes the terminal: keyboard signals reach it
+		// alone, and what init is sent it passes on once.
+		attr.Sys.Foreground, attr.Sys.Ctty = true, 0
+	}
+	proc, err := os.StartProcess(path, args, attr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: exec %s: %v\n", path, err)
+		if errors.Is(err, unix.ENOENT) {
+			return 127
+		}
+		return 126
+	}
+	go func() {
+		for s := range sigs {
+			_ = unix.Kill(proc.Pid, s.(unix.Signal))
+		}
+	}()
+	for {
+		var ws unix.WaitStatus
+		pid, err := unix.Wait4(-1, &ws, 0, nil)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return 125
+		}
+		if pid != proc.Pid {
+			continue // an orphan, reaped
+		}
+		if ws.Signaled() {
+			return 128 + int(ws.Signal())
+		}
+		return ws.ExitStatus()
+	}
+}

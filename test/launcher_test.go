@@ -1,0 +1,76 @@
+package test
+
+import (
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+func TestMapAuto(t *testing.T) {
+	wd := newWorld(t)
+	addSubIDs(t, "nobody", 400000, 65536)
+	script := "cat /proc/self/uid_map /proc/self/gid_map; mount -t tmpfs none /mnt && touch /mnt/f && chown 1000:1000 /mnt/f && stat -c 'owner=%u:%g' /mnt/f"
+	res := wd.mustRunGuest([]string{"--map-auto"}, "sh", "-c", script)
+	for _, want := range []string{`(?m)^\s*0\s+65534\s+1$`, `(?m)^\s*1\s+400000\s+65536$`, `owner=1000:1000`} {
+		if !regexp.MustCompile(want).MatchString(res.stdout) {
+			t.Errorf("--map-auto: output lacks %s:\n%s", want, res)
+		}
+	}
+	if n := strings.Count(res.stdout, "\n"); n < 5 {
+		t.Errorf("want two ranges in each map:\n%s", res)
+	}
+	// --map-user puts the caller's own uid elsewhere; the namespace is
+	// still set up and networked, the command runs as that uid.
+	for _, flags := range [][]string{{"--map-auto", "--map-user=5", "--map-group=6"}, {"--map-user=1000", "--map-group=1000"}} {
+		res = wd.runGuest(flags, "sh", "-c", "id -u; id -g; ip -4 addr show dev tap0")
+		f := strings.Fields(res.stdout)
+		want := flags[len(flags)-2][len("--map-user="):]
+		if res.code != 0 || len(f) < 2 || f[0] != want || !strings.Contains(res.stdout, "10.0.2.100/24") {
+			t.Errorf("%v: want uid %s and a configured tap0:\n%s", flags, want, res)
+		}
+	}
+}
+
+func TestMapAutoWithoutEntry(t *testing.T) {
+	wd := newWorld(t)
+	res := wd.runGuest([]string{"--map-auto"}, "true")
+	if res.code != 125 || !strings.Contains(res.stderr, "usermod --add-subuids") {
+		t.Errorf("want exit 125 and the usermod fix:\n%s", res)
+	}
+}
+
+func TestPIDNamespace(t *testing.T) {
+	wd := newWorld(t)
+	script := "cat /proc/1/comm; echo self=$$; ls /proc | grep -c '^[0-9]'; hostname"
+	res := wd.mustRunGuest([]string{"--pid", "--hostname", "box"}, "sh", "-c", script)
+	lines := strings.Fields(res.stdout)
+	if len(lines) < 4 || lines[0] != "netns-run-init" || lines[3] != "box" {
+		t.Fatalf("--pid --hostname: %q", res.stdout)
+	}
+	self, _ := strconv.Atoi(strings.TrimPrefix(lines[1], "self="))
+	procs, _ := strconv.Atoi(lines[2])
+	if self < 2 || self > 20 || procs > 10 {
+		t.Errorf("the namespace should hold only init and the command: self=%d, %d processes in /proc", self, procs)
+	}
+	for _, c := range []struct {
+		script string
+		want   int
+	}{{"exit 7", 7}, {"kill -TERM $$", 143}} {
+		if r := wd.runGuest([]string{"--pid"}, "sh", "-c", c.script); r.code != c.want {
+			t.Errorf("--pid %q: exit %d, want %d\n%s", c.script, r.code, c.want, r)
+		}
+	}
+}
+
+func TestStdinPipe(t *testing.T) {
+	wd := newWorld(t)
+	for _, flags := range [][]string{nil, {"--pid"}} {
+		cmd := wd.guestCommand(t.Context(), flags, "cat")
+		cmd.Stdin = strings.NewReader("through the pipe\n")
+		out, err := cmd.Output()
+		if err != nil || string(out) != "through the pipe\n" {
+			t.Errorf("%v: echo x | netns-run -- cat: %q, %v", flags, out, err)
+		}
+	}
+}
