@@ -23,12 +23,16 @@ const childFD = 3
 // IsChild reports whether this process is the re-executed namespace child.
 // Binaries that use Run must check it first thing in main and call RunChild.
 func IsChild() bool {
-	return os.Getenv(childEnv) == "1"
+	v := os.Getenv(childEnv)
+	return v == "1" || v == joinEnvValue
 }
 
 // RunChild sets up the namespace, then execs the command. It never returns:
 // on failure it reports to the parent and exits.
 func RunChild() {
+	if os.Getenv(childEnv) == joinEnvValue {
+		os.Exit(runJoined())
+	}
 	if os.Getenv(waitMapsEnv) == "1" {
 		awaitIDMaps()
 	}

@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
+	"runtime"
 	"strconv"
 	"time"
 
@@ -105,4 +108,64 @@ func tapHandshake(ch channel, cfg childConfig) (*tap.TapDevice, net.HardwareAddr
 		return nil, nil, handshakeError(err)
 	}
 	return tapFromMessage(m.Tap, files)
+}
+
+// joinEnvValue of childEnv marks a process re-executed to run a command in
+// namespaces it joined before its runtime started.
+const joinEnvValue = "join"
+
+// Join runs args inside the user, mount, UTS and network namespaces of
+// process pid (a running netns-run namespace) and returns the command's
+// exit status as Run does. The command runs as root of that user
+// namespace, in the caller's directory when it exists there.
+func Join(ctx context.Context, pid int, args []string, log *slog.Logger) (int, error) {
+	if len(args) == 0 {
+		return 0, errors.New("no command given")
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	dir := fmt.Sprintf("/proc/%d/ns/", pid)
+	if _, err := os.Stat(dir + "net"); err != nil {
+		return 0, fmt.Errorf("join namespace of PID %d: %w", pid, err)
+	}
+	runtime.LockOSThread() // for Pdeathsig, as in Run
+	defer runtime.UnlockOSThread()
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM, unix.SIGHUP)
+	defer signal.Stop(sigs)
+
+	term := foregroundTerminal()
+	cmd := exec.CommandContext(ctx, "/proc/self/exe")
+	cmd.Args = append([]string{os.Args[0]}, args...)
+	cmd.Env = append(os.Environ(), childEnv+"="+joinEnvValue,
+		nsenter.EnvUserNS+"="+dir+"user", nsenter.EnvMntNS+"="+dir+"mnt",
+		nsenter.EnvUTSNS+"="+dir+"uts", nsenter.EnvNetNS+"="+dir+"net")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
+	if term != nil {
+		cmd.SysProcAttr.Foreground, cmd.SysProcAttr.Ctty = true, 0
+	}
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("join namespace of PID %d: %w", pid, err)
+	}
+	child := &childProcess{pid: cmd.Process.Pid, term: term}
+	return child.supervise(sigs, log), nil
+}
+
+// runJoined is the re-executed side of Join: the constructor has joined
+// the namespaces; run the command.
+func runJoined() int {
+	for _, k := range []string{childEnv, nsenter.EnvUserNS, nsenter.EnvMntNS, nsenter.EnvUTSNS, nsenter.EnvNetNS} {
+		os.Unsetenv(k)
+	}
+	if err := nsenter.Err(); err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: join: %v\n", err)
+		return 125
+	}
+	if err := nsenter.UserNSErr(); err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: join: %v\n", err)
+		return 125
+	}
+	return execCommand(os.Args[1:])
 }

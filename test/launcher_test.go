@@ -1,6 +1,10 @@
 package test
 
 import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -72,5 +76,55 @@ func TestStdinPipe(t *testing.T) {
 		if err != nil || string(out) != "through the pipe\n" {
 			t.Errorf("%v: echo x | netns-run -- cat: %q, %v", flags, out, err)
 		}
+	}
+}
+
+// TestDetachJoinStop: a detached namespace with networking, a second
+// command joining it (same user namespace, networking usable), stats from
+// its state directory, and --stop.
+func TestDetachJoinStop(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
+	state := filepath.Join(userDir(t, "netns-run-state-"), "ns")
+	link := filepath.Join(filepath.Dir(state), "netns-link")
+	t.Cleanup(func() { _ = exec.Command(bins.netnsRun, "--stop", state).Run() })
+	res := wd.runGuest([]string{"--detach", "--state-dir", state, "--hostname", "detached", "--netns", link}, "sleep", "600")
+	if res.code != 0 {
+		t.Fatalf("--detach: %s", res)
+	}
+	for _, f := range []string{"pid", "helper.pid", "netns", "api.sock"} {
+		if _, err := os.Stat(filepath.Join(state, f)); err != nil {
+			t.Errorf("state dir lacks %s: %v", f, err)
+		}
+	}
+	if target, err := os.Readlink(link); err != nil || !strings.HasSuffix(target, "/ns/net") {
+		t.Errorf("--netns link: %q, %v", target, err)
+	}
+	res = wd.runGuest([]string{"--join", state}, "sh", "-c", fmt.Sprintf("hostname; cat /proc/self/uid_map; %s tcp-echo-check %s:7 1048576; exit 5", bins.nettool, remoteAddr))
+	if res.code != 5 || !strings.Contains(res.stdout, "detached") {
+		t.Errorf("--join: want exit 5 inside the detached namespace:\n%s", res)
+	}
+	checkEcho(t, res, 1<<20)
+	cmd := wd.guestCommand(t.Context(), []string{"--join", state}, "cat")
+	cmd.Stdin = strings.NewReader("piped\n")
+	if out, err := cmd.Output(); err != nil || string(out) != "piped\n" {
+		t.Errorf("echo piped | netns-run --join: %q, %v", out, err)
+	}
+	out, err := exec.Command("ip", "netns", "exec", wd.w, bins.netnsRun, "stats", state).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "flows total tcp 1,") {
+		t.Errorf("stats of the detached namespace: %v\n%s", err, out)
+	}
+	if out, err := exec.Command(bins.netnsRun, "--stop", state).CombinedOutput(); err != nil {
+		t.Fatalf("--stop: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(filepath.Join(state, "pid")); !os.IsNotExist(err) {
+		t.Errorf("state left after --stop: %v", err)
+	}
+	if _, err := os.Lstat(link); !os.IsNotExist(err) {
+		t.Errorf("--netns link left after --stop: %v", err)
+	}
+	res = wd.runGuest([]string{"--join", state}, "true")
+	if res.code != 125 || !strings.Contains(res.stderr, "no running namespace") {
+		t.Errorf("--join after --stop: %s", res)
 	}
 }

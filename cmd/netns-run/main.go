@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 
 	"github.com/spf13/pflag"
 
@@ -65,6 +67,11 @@ subordinate ids): see the README's "Troubleshooting" section.
 `
 
 type options struct {
+	detach              bool
+	stateDir            string
+	join                string
+	stop                string
+	netnsPath           string
 	mapAuto             bool
 	mapUser, mapGroup   int
 	pid                 bool
@@ -107,7 +114,27 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "netns-run version %s\n", version)
 		return 0
 	}
-	log := cli.NewLogger(stderr, opts.debug, opts.logFormat)
+	switch {
+	case opts.stop != "":
+		return stopState(opts.stop, stderr)
+	case opts.join != "":
+		return joinState(opts.join, cmdArgs, opts, stderr)
+	case opts.detach && os.Getenv(daemonEnv) == "":
+		return startDaemon(opts.stateDir, stderr)
+	}
+	if opts.netnsPath != "" {
+		defer os.Remove(opts.netnsPath)
+	}
+	var ready *daemonReady
+	if opts.detach {
+		ready = newDaemonReady()
+		defer ready.report("exited before the namespace was up")
+		defer removeState(opts.stateDir)
+		if opts.apiSocket == "" {
+			opts.apiSocket = filepath.Join(opts.stateDir, "api.sock")
+		}
+	}
+	log := newLoggerFor(opts, stderr)
 
 	netCfg := netstack.DefaultConfig()
 	netCfg.MTU = uint32(opts.mtu)
@@ -160,14 +187,35 @@ func run(args []string, stdout, stderr io.Writer) int {
 		PID:      opts.pid,
 		Hostname: opts.hostname,
 		Network: func(ctx context.Context, ns launcher.Namespace) (io.Closer, error) {
-			return startHostSide(ctx, ns, netCfg, opts, rules, log)
+			host, err := startHostSide(ctx, ns, netCfg, opts, rules, log)
+			if err == nil && opts.netnsPath != "" {
+				// A symlink: unprivileged users cannot bind-mount into
+				// the host's mount namespace.
+				if err = os.Symlink(ns.Target().NetNS, opts.netnsPath); err != nil {
+					host.Close()
+					return nil, fmt.Errorf("--netns: %w", err)
+				}
+			}
+			if err == nil && ready != nil {
+				if err = writeState(opts.stateDir, ns); err != nil {
+					host.Close()
+					return nil, err
+				}
+				ready.report("ok")
+			}
+			return host, err
 		},
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "netns-run: %v\n", err)
+		ready.report(err.Error())
 		return exitSetupFailed
 	}
 	return code
+}
+
+func newLoggerFor(opts options, w io.Writer) *slog.Logger {
+	return cli.NewLogger(w, opts.debug, opts.logFormat)
 }
 
 // hostHasIPv6 reports whether the host (our network namespace) has IPv6
@@ -186,6 +234,11 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.Usage = func() {}
 	// Everything from the first non-flag word on belongs to COMMAND.
 	fs.SetInterspersed(false)
+	fs.BoolVar(&o.detach, "detach", false, "start the namespace (running COMMAND, or nothing) in the background and return once it is up; needs --state-dir")
+	fs.StringVar(&o.stateDir, "state-dir", "", "with --detach: directory for the namespace's state (pid, netns, api.sock, log)")
+	fs.StringVar(&o.join, "join", "", "run COMMAND inside the detached namespace whose state directory is DIR")
+	fs.StringVar(&o.netnsPath, "netns", "", "make PATH a symlink to the namespace's network namespace while it runs (for tools that take a netns path, e.g. usernet --netns-type=path)")
+	fs.StringVar(&o.stop, "stop", "", "stop the detached namespace whose state directory is DIR")
 	fs.BoolVar(&o.mapAuto, "map-auto", false, "also map your subordinate ids from /etc/subuid and /etc/subgid (with newuidmap/newgidmap), so apt and chown work inside")
 	fs.BoolVar(&o.mapAuto, "subids", false, "same as --map-auto")
 	fs.IntVar(&o.mapUser, "map-user", 0, "the uid you have inside")
@@ -235,6 +288,16 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 		return o, nil, fmt.Errorf("--mtu %d: must be between 68 and 65521", o.mtu)
 	}
 	rest := fs.Args()
+	if o.detach && o.stateDir == "" {
+		return o, nil, errors.New("--detach needs --state-dir DIR")
+	}
+	if o.stop != "" {
+		return o, nil, nil
+	}
+	if o.detach && len(rest) == 0 {
+		// Nothing to run: hold the namespace open until --stop.
+		rest = []string{"sleep", "infinity"}
+	}
 	if len(rest) == 0 {
 		return o, nil, errors.New("missing COMMAND (usage: netns-run [OPTION]... -- COMMAND [ARG]...)")
 	}

@@ -27,6 +27,8 @@ static int join(const char *path, int nstype) {
 __attribute__((constructor)) static void netns_run_nsenter(void) {
 	const char *netns = getenv("_NETNS_RUN_NSENTER_NET");
 	const char *userns = getenv("_NETNS_RUN_NSENTER_USER");
+	const char *mntns = getenv("_NETNS_RUN_NSENTER_MNT");
+	const char *utsns = getenv("_NETNS_RUN_NSENTER_UTS");
 	if (netns == NULL || *netns == '\0')
 		return;
 	if (userns != NULL && *userns != '\0') {
@@ -34,6 +36,24 @@ __attribute__((constructor)) static void netns_run_nsenter(void) {
 		// already be inside that user namespace (EINVAL), or be root.
 		if (join(userns, CLONE_NEWUSER) < 0)
 			nsenter_userns_errno = errno;
+	}
+	if (mntns != NULL && *mntns != '\0') {
+		// Joining a mount namespace resets root and working directory;
+		// keep the caller's directory when it exists there too.
+		char cwd[4096];
+		int have_cwd = getcwd(cwd, sizeof(cwd)) != NULL;
+		if (join(mntns, CLONE_NEWNS) < 0) {
+			nsenter_errno = errno;
+			nsenter_step = "join mount namespace";
+			return;
+		}
+		if (!have_cwd || chdir(cwd) < 0)
+			chdir("/");
+	}
+	if (utsns != NULL && *utsns != '\0' && join(utsns, CLONE_NEWUTS) < 0) {
+		nsenter_errno = errno;
+		nsenter_step = "join UTS namespace";
+		return;
 	}
 	if (join(netns, CLONE_NEWNET) < 0) {
 		nsenter_errno = errno;

@@ -26,6 +26,8 @@ import (
 const (
 	EnvNetNS  = "_NETNS_RUN_NSENTER_NET"
 	EnvUserNS = "_NETNS_RUN_NSENTER_USER"
+	EnvMntNS  = "_NETNS_RUN_NSENTER_MNT"
+	EnvUTSNS  = "_NETNS_RUN_NSENTER_UTS"
 )
 
 // Err reports whether joining the network namespace failed.
