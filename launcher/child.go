@@ -109,6 +109,14 @@ func setUpChild(ch channel) (*childConfig, error) {
 		return nil, errors.New("exec without configure")
 	}
 	if cfg.Exec {
+		if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+			return nil, failed("make mounts private", err)
+		}
+		for _, dir := range cfg.CopyUp {
+			if err := copyUp(dir); err != nil {
+				return nil, failed("copy-up", err)
+			}
+		}
 		if err := replaceResolvConf(cfg.Guest); err != nil {
 			// Networking still works without it; only name lookups
 			// through the host's file may not. Say so and go on.
@@ -263,9 +271,6 @@ const resolvConfPath = "/etc/resolv.conf"
 // is left on disk. (A memfd would be neater, but the kernel refuses to
 // bind-mount from its internal mount.)
 func replaceResolvConf(g GuestConfig) error {
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make mounts private: %w", err)
-	}
 	f, err := os.CreateTemp("", "netns-run-resolv-*.conf")
 	if err != nil {
 		return fmt.Errorf("create resolv.conf: %w", err)

@@ -70,6 +70,8 @@ type childConfig struct {
 	// run the command under a small init.
 	PID      bool   `json:"pid,omitempty"`
 	Hostname string `json:"hostname,omitempty"`
+	// CopyUp lists directories to make writable with a tmpfs copy.
+	CopyUp []string `json:"copy_up,omitempty"`
 }
 
 // tapReady announces the TAP queues carried as SCM_RIGHTS with the message.

@@ -98,6 +98,9 @@ type Options struct {
 	PID bool
 	// Hostname, if set, is the hostname in the new UTS namespace.
 	Hostname string
+	// CopyUp lists directories made writable inside (tmpfs copies), so
+	// files such as /etc/hosts can be replaced without touching the host.
+	CopyUp []string
 }
 
 // Run starts opts.Args in new namespaces, serves its network and returns its
@@ -205,7 +208,7 @@ var errPeerGone = errors.New("namespace child went away")
 
 // setUp runs the parent's half of the handshake and starts the network.
 func setUp(ctx context.Context, ch channel, opts Options, pid int) (io.Closer, error) {
-	cfg := childConfig{Guest: opts.Guest, Configure: true, Exec: true, Args: opts.Args, PID: opts.PID, Hostname: opts.Hostname}
+	cfg := childConfig{Guest: opts.Guest, Configure: true, Exec: true, Args: opts.Args, PID: opts.PID, Hostname: opts.Hostname, CopyUp: opts.CopyUp}
 	dev, mac, err := tapHandshake(ch, cfg)
 	if err != nil {
 		return nil, err

@@ -128,3 +128,28 @@ func TestDetachJoinStop(t *testing.T) {
 		t.Errorf("--join after --stop: %s", res)
 	}
 }
+
+func TestCopyUp(t *testing.T) {
+	wd := newWorld(t)
+	token := fmt.Sprintf("copyup-%d", os.Getpid())
+	hostsBefore, err := os.ReadFile("/etc/hosts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := fmt.Sprintf("echo %[1]s > /etc/%[1]s && cat /etc/%[1]s && echo '10.0.2.2 %[1]s' >> /etc/hosts && grep -c %[1]s /etc/hosts && head -1 /etc/resolv.conf && ls -d /etc/apt", token)
+	res := wd.runGuest([]string{"--copy-up", "/etc"}, "sh", "-c", script)
+	t.Cleanup(func() { os.Remove("/etc/" + token) })
+	if res.code != 0 || !strings.Contains(res.stdout, token+"\n1\nnameserver 10.0.2.3\n/etc/apt") {
+		t.Errorf("--copy-up /etc: writes inside, resolv.conf replaced, subdirectories kept:\n%s", res)
+	}
+	if _, err := os.Stat("/etc/" + token); !os.IsNotExist(err) {
+		t.Errorf("the host's /etc changed: %v", err)
+	}
+	if after, _ := os.ReadFile("/etc/hosts"); string(after) != string(hostsBefore) {
+		t.Errorf("the host's /etc/hosts changed")
+	}
+	// Without --copy-up, /etc stays read-only for the namespace's root.
+	if res := wd.runGuest(nil, "sh", "-c", "echo x > /etc/"+token); res.code == 0 {
+		t.Errorf("/etc writable without --copy-up:\n%s", res)
+	}
+}
