@@ -41,3 +41,36 @@ func WaitHangup(fd int) error {
 		}
 	}
 }
+
+// WatchExit returns a channel closed when process pid exits, and a stop
+// function that releases the watch. It uses a pidfd, so a reused PID cannot
+// fool it.
+func WatchExit(pid int) (<-chan struct{}, func(), error) {
+	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+	if err != nil {
+		return nil, nil, fmt.Errorf("watch PID %d: %w", pid, err)
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("watch PID %d: %w", pid, err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		// A pidfd polls readable once the process has exited; the
+		// callback's first call only arms the poller.
+		first := true
+		err := rc.Read(func(uintptr) bool {
+			if first {
+				first = false
+				return false
+			}
+			return true
+		})
+		if err == nil {
+			close(exited)
+		}
+	}()
+	return exited, func() { f.Close() }, nil
+}

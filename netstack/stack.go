@@ -57,6 +57,8 @@ type Stack struct {
 	counters     counters
 	started      time.Time
 	ping         *pinger
+	linkDown     chan struct{}
+	linkOnce     sync.Once
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on
@@ -70,7 +72,7 @@ func New(ctx context.Context, cfg Config, dev tap.Device) (*Stack, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Stack{cfg: cfg, log: log, dev: dev, started: time.Now()}
+	s := &Stack{cfg: cfg, log: log, dev: dev, started: time.Now(), linkDown: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancel(ctx)
 	if err := s.start(); err != nil {
 		s.Close()
@@ -103,6 +105,9 @@ func (s *Stack) start() error {
 		// offloads, so verifying again here only costs CPU. Outbound
 		// frames must carry real checksums: the guest checks them.
 		RXChecksumOffload: true,
+		// Reading the TAP fails once its device is gone (deleted inside
+		// the namespace): that ends the helper's job.
+		ClosedFunc: func(tcpip.Error) { s.linkOnce.Do(func() { close(s.linkDown) }) },
 	})
 	if err != nil {
 		return fmt.Errorf("tap link endpoint: %w", err)
@@ -203,6 +208,11 @@ func (s *Stack) tuneTCP() error {
 	}
 	return nil
 }
+
+// LinkDown is closed when the guest's link has gone away (the TAP was
+// deleted) or the stack stopped. The open TAP keeps the namespace itself
+// alive, so callers watch the namespace's processes as well.
+func (s *Stack) LinkDown() <-chan struct{} { return s.linkDown }
 
 // Close stops every flow and the stack, then closes the TAP. It waits for
 // all goroutines the Stack started.

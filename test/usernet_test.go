@@ -624,3 +624,28 @@ func TestUsernetOptions(t *testing.T) {
 		t.Errorf("--disable-dns: query answered:\n%s", out)
 	}
 }
+
+// TestUsernetExitsWithItsTarget: when the process it was attached to by
+// PID exits, usernet exits on its own within a second, without an exit fd
+// hang-up or a signal, and removes its API socket.
+func TestUsernetExitsWithItsTarget(t *testing.T) {
+	wd := newWorld(t)
+	sb := wd.startSandbox()
+	sock := apiSocketPath(t)
+	u := wd.startUsernet("-c", "-a", sock, fmt.Sprint(sb.pid), "tap0")
+	if err := syscall.Kill(sb.pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-u.done:
+		u.done <- err
+		if err != nil {
+			t.Errorf("exit: %v\n%s", err, &u.stderr)
+		}
+	case <-time.After(time.Second + 500*time.Millisecond):
+		t.Fatalf("usernet still running 1.5s after its target exited\n%s", &u.stderr)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("api socket left behind: %v", err)
+	}
+}

@@ -293,7 +293,26 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 			cancel()
 		}()
 	}
-	<-ctx.Done()
+	// In PID mode the helper ends with its target, as slirp4netns users
+	// expect even without an exit fd (the TAP alone keeps the namespace
+	// alive, so its link never goes down by itself).
+	var targetGone <-chan struct{}
+	if h.cfg.pid > 0 {
+		gone, stop, err := launcher.WatchExit(h.cfg.pid)
+		if err != nil {
+			log.Warn("cannot watch the target process; relying on the exit fd and signals", "err", err)
+		} else {
+			defer stop()
+			targetGone = gone
+		}
+	}
+	select {
+	case <-ctx.Done():
+	case <-targetGone:
+		log.Info("the target process exited; exiting")
+	case <-stack.LinkDown():
+		log.Info("the guest's link went away; exiting")
+	}
 	return nil
 }
 
