@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -77,8 +78,39 @@ func (wd *world) sandboxCommand(sb *sandboxProc, cmdline ...string) *exec.Cmd {
 type usernetProc struct {
 	cmd            *exec.Cmd
 	exitW          *os.File
-	stdout, stderr bytes.Buffer
+	stdout, stderr syncBuffer
 	done           chan error
+}
+
+// syncBuffer is a bytes.Buffer safe to read while exec's copier writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// waitFor polls until the buffer contains want (stdout arrives through a
+// pipe and a copier goroutine, after the ready byte may have).
+func (s *syncBuffer) waitFor(want string, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for !strings.Contains(s.String(), want) {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
 }
 
 // startUsernet runs usernet ARGS... -r 3 -e 4 as the unprivileged user in W
@@ -189,6 +221,7 @@ func TestUsernetAttachByPID(t *testing.T) {
 	if st, err := os.Stat(sock); err != nil || st.Mode().Perm() != 0o600 {
 		t.Errorf("api socket: %v, mode %v; want 0600", err, st.Mode().Perm())
 	}
+	u.stdout.waitFor("WARNING: 127.0.0.1", 5*time.Second)
 	for _, want := range []string{"Starting slirp", "* MTU:             65520", "* Recommended IP:  10.0.2.100", "* API Socket:      " + sock, "WARNING: 127.0.0.1:* on the host is accessible as 10.0.2.2"} {
 		if !strings.Contains(u.stdout.String(), want) {
 			t.Errorf("banner lacks %q:\n%s", want, &u.stdout)
@@ -569,7 +602,7 @@ func TestUsernetIPv6(t *testing.T) {
 	wd.startServer(wd.w, "tcp-echo-server", "[::1]:8080")
 	sb := wd.startSandbox()
 	u := wd.startUsernet("-c", "-6", "--mtu=65520", fmt.Sprint(sb.pid), "tap0")
-	if !strings.Contains(u.stdout.String(), "WARNING: Support for IPv6 is experimental") {
+	if !u.stdout.waitFor("WARNING: Support for IPv6 is experimental", 5*time.Second) {
 		t.Errorf("no IPv6 warning:\n%s", &u.stdout)
 	}
 	// SLAAC from the stack's router advertisement; the guest does its

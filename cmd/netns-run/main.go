@@ -26,7 +26,10 @@ var version = "dev"
 const exitSetupFailed = 125
 
 const usageText = `Usage: netns-run [OPTION]... -- COMMAND [ARG]...
-       netns-run stats [--json] SOCKET
+       netns-run --detach --state-dir DIR [OPTION]... [-- COMMAND [ARG]...]
+       netns-run --join DIR -- COMMAND [ARG]...
+       netns-run --stop DIR
+       netns-run stats [--json] SOCKET|DIR
 Run COMMAND in new user, network, mount and UTS namespaces with userspace
 networking, without root.
 
