@@ -27,15 +27,22 @@ func newFrameStack(t testing.TB) (*Stack, int) {
 	cfg.Restrict = true
 	cfg.DisableHostLoopback = true
 	cfg.DNSUpstreams = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}
-	s, err := New(context.Background(), cfg, tap.FromFiles("fuzz0", []*os.File{os.NewFile(uintptr(fds[0]), "stack")}))
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := startOnFD(t, cfg, fds[0])
 	t.Cleanup(func() {
 		s.Close()
 		unix.Close(fds[1])
 	})
 	return s, fds[1]
+}
+
+// startOnFD runs a Stack on fd as if it were a TAP.
+func startOnFD(t testing.TB, cfg Config, fd int) *Stack {
+	t.Helper()
+	s, err := New(context.Background(), cfg, tap.FromFiles("test0", []*os.File{os.NewFile(uintptr(fd), "stack")}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
 
 // A valid ARP request for the gateway gets an answer: the harness works.

@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"github.com/vishvananda/netlink"
 	"net/netip"
 
 	"golang.org/x/sys/unix"
@@ -81,11 +82,33 @@ func (s *Stack) takeFirstPacket(id stack.TransportEndpointID) (firstPacket, bool
 	return v.(firstPacket), true
 }
 
+// loopbackBlocked reports whether a flow to dst must be refused because
+// it would end on the host itself while host loopback is disabled: the
+// gateway addresses, loopback addresses (also IPv4-mapped), and the host's
+// own addresses, which the kernel delivers locally just the same.
 func (s *Stack) loopbackBlocked(dst netip.Addr) bool {
 	if !s.cfg.DisableHostLoopback {
 		return false
 	}
-	return dst == s.cfg.Gateway || (s.cfg.IPv6 && dst == s.cfg.Gateway6) || dst.IsLoopback()
+	dst = dst.Unmap()
+	if dst == s.cfg.Gateway || (s.cfg.IPv6 && dst == s.cfg.Gateway6) || dst.IsLoopback() || dst.IsUnspecified() {
+		return true
+	}
+	return !s.ownAddress(dst) && !s.cfg.Network.Contains(dst) && isHostLocal(dst)
+}
+
+// isHostLocal asks the kernel whether it would deliver dst locally.
+func isHostLocal(dst netip.Addr) bool {
+	routes, err := netlink.RouteGet(dst.AsSlice())
+	if err != nil {
+		return false
+	}
+	for _, r := range routes {
+		if r.Type == unix.RTN_LOCAL {
+			return true
+		}
+	}
+	return false
 }
 
 // sendUnreachable answers pkt with an ICMP destination unreachable from the

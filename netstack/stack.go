@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	gvlog "gvisor.dev/gvisor/pkg/log"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
@@ -82,6 +83,10 @@ func New(ctx context.Context, cfg Config, dev tap.Device) (*Stack, error) {
 }
 
 func (s *Stack) start() error {
+	// gVisor logs through its own package-level logger at Info (for
+	// example every dropped martian, rate-limited); keep the helper
+	// quiet by default: our own logger says what matters.
+	gvlog.SetLevel(gvlog.Warning)
 	// No duplicate address detection for our own addresses: the guest
 	// must be able to use the gateway and DNS addresses at once.
 	v6 := ipv6.NewProtocolWithOptions(ipv6.Options{DADConfigs: stack.DADConfigurations{DupAddrDetectTransmits: 0}})
