@@ -1,6 +1,10 @@
 package netstack
 
 import (
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -39,6 +43,12 @@ type Stats struct {
 		TxPackets uint64 `json:"tx_packets"`
 		TxBytes   uint64 `json:"tx_bytes"`
 	} `json:"link"`
+	// Process is the helper's own footprint (soak tests watch it).
+	Process struct {
+		Goroutines int    `json:"goroutines"`
+		FDs        int    `json:"fds"`
+		RSSKiB     uint64 `json:"rss_kib"`
+	} `json:"process"`
 	Drops struct {
 		QueueFull       uint64 `json:"queue_full"`
 		BlockedLoopback uint64 `json:"blocked_loopback"`
@@ -59,6 +69,11 @@ func (s *Stack) Stats() Stats {
 	st.Drops.BlockedLoopback = c.dropBlocked.Load()
 	st.Drops.ICMPUnavailable = c.dropICMPUnavailable.Load()
 	st.Drops.FlowLimit = c.dropFlowLimit.Load() + s.stack.Stats().TCP.ForwardMaxInFlightDrop.Value()
+	st.Process.Goroutines = runtime.NumGoroutine()
+	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
+		st.Process.FDs = len(fds)
+	}
+	st.Process.RSSKiB = rssKiB()
 	if info, ok := s.stack.NICInfo()[nicID]; ok {
 		n := info.Stats
 		st.Link.RxPackets, st.Link.RxBytes = n.Rx.Packets.Value(), n.Rx.Bytes.Value()
@@ -67,6 +82,20 @@ func (s *Stack) Stats() Stats {
 		st.Drops.Malformed = n.MalformedL4RcvdPackets.Value()
 	}
 	return st
+}
+
+// rssKiB reads the resident set size from /proc/self/statm.
+func rssKiB() uint64 {
+	b, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return 0
+	}
+	pages, _ := strconv.ParseUint(f[1], 10, 64)
+	return pages * uint64(os.Getpagesize()) / 1024
 }
 
 // flowStarted and flowEnded keep the open/total counts of one protocol.

@@ -19,6 +19,10 @@ import (
 // about what a guest's own connect would give up after.
 const tcpDialTimeout = 75 * time.Second
 
+// maxTCPFlows bounds established guest TCP flows: each holds a host socket,
+// two goroutines and gVisor buffers.
+const maxTCPFlows = 16384
+
 // handleTCP serves one guest SYN. gVisor calls it on a goroutine of its own.
 func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	if !s.flows.enter() {
@@ -29,6 +33,11 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 
 	id := r.ID()
 	first, _ := s.takeFirstPacket(id)
+	if s.counters.tcpOpen.Load() >= maxTCPFlows {
+		s.counters.dropFlowLimit.Add(1)
+		r.Complete(true)
+		return
+	}
 	dst := netip.AddrPortFrom(netipAddr(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(netipAddr(id.RemoteAddress), id.RemotePort)
 	host, err := s.dialTCP(dst)

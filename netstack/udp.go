@@ -15,6 +15,9 @@ import (
 // without a datagram in either direction, like a NAT mapping.
 const udpIdleTimeout = 60 * time.Second
 
+// maxUDPFlows bounds concurrent guest UDP flows (each holds a host socket).
+const maxUDPFlows = 4096
+
 // handleUDP serves the first datagram of a new guest UDP flow. gVisor calls
 // it on the packet path, so anything that may block runs in a goroutine.
 // Returning false makes the stack answer with ICMP port unreachable.
@@ -40,6 +43,12 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 			return false
 		}
 	}
+	if s.counters.udpOpen.Load() >= maxUDPFlows {
+		// A guest spraying datagrams at many ports must not get a host
+		// socket and goroutine per port without bound.
+		s.counters.dropFlowLimit.Add(1)
+		return true
+	}
 	if !s.flows.enter() {
 		return true
 	}
@@ -51,8 +60,10 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 		return true
 	}
 	guest := gonet.NewUDPConn(&wq, ep)
+	flowStarted(&s.counters.udpOpen, &s.counters.udpTotal)
 	go func() {
 		defer s.flows.leave()
+		defer s.counters.udpOpen.Add(-1)
 		if isDNS {
 			s.serveDNS(guest)
 			return
@@ -98,8 +109,6 @@ func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort, 
 		s.relayICMPError(src.Addr(), dst.Addr(), se, quote)
 	}
 	start := time.Now()
-	flowStarted(&s.counters.udpOpen, &s.counters.udpTotal)
-	defer s.counters.udpOpen.Add(-1)
 	s.log.Debug("udp flow opened", "src", src, "dst", dst, "remote", target)
 	up, down := relayDatagrams(s.ctx, guest, host, udpIdleTimeout, hostErr)
 	s.counters.bytesFromGuest.Add(uint64(up))

@@ -29,6 +29,8 @@ var commands = map[string]command{
 	"sleep":           {"TOKEN", sleepForever},
 	"peer-server":     {"tcp|udp ADDR", peerServer},
 	"udp-probe":       {"ADDR TTL", udpProbe},
+	"tcp-conns":       {"ADDR COUNT PARALLEL", tcpConns},
+	"spray":           {"tcp|udp HOST FIRSTPORT COUNT", spray},
 	"peer-query":      {"tcp|udp ADDR", peerQuery},
 }
 

@@ -1,0 +1,114 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// tcpConns makes COUNT short connections to an echo server, PARALLEL at a
+// time (connect, 1 byte each way, close), and fails unless all succeed.
+func tcpConns(args []string) error {
+	if err := needArgs(args, 3); err != nil {
+		return err
+	}
+	count, err1 := strconv.Atoi(args[1])
+	par, err2 := strconv.Atoi(args[2])
+	if err := errors.Join(err1, err2); err != nil || par < 1 {
+		return fmt.Errorf("bad COUNT or PARALLEL")
+	}
+	start := time.Now()
+	jobs := make(chan struct{}, count)
+	for i := 0; i < count; i++ {
+		jobs <- struct{}{}
+	}
+	close(jobs)
+	var mu sync.Mutex
+	var failed int
+	var first error
+	var wg sync.WaitGroup
+	for w := 0; w < par; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 1)
+			for range jobs {
+				err := func() error {
+					c, err := net.DialTimeout("tcp", args[0], 20*time.Second)
+					if err != nil {
+						return err
+					}
+					defer c.Close()
+					_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+					if _, err := c.Write([]byte{'x'}); err != nil {
+						return err
+					}
+					_, err = c.Read(buf)
+					return err
+				}()
+				if err != nil {
+					mu.Lock()
+					failed++
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	fmt.Printf("conns=%d failed=%d seconds=%.2f\n", count, failed, time.Since(start).Seconds())
+	if failed > 0 {
+		return fmt.Errorf("%d of %d connections failed; first: %w", failed, count, first)
+	}
+	return nil
+}
+
+// spray sends one TCP SYN (a non-blocking connect, abandoned) or one UDP
+// datagram to each of COUNT ports of HOST, as fast as it can: a flood for
+// the helper's limits, not a connection test.
+func spray(args []string) error {
+	if err := needArgs(args, 4); err != nil {
+		return err
+	}
+	first, err1 := strconv.Atoi(args[2])
+	count, err2 := strconv.Atoi(args[3])
+	ip := net.ParseIP(args[1]).To4()
+	if err := errors.Join(err1, err2); err != nil || ip == nil {
+		return fmt.Errorf("bad HOST, FIRSTPORT or COUNT")
+	}
+	typ := syscall.SOCK_DGRAM
+	if args[0] == "tcp" {
+		typ = syscall.SOCK_STREAM
+	}
+	sent := 0
+	for i := 0; i < count; i++ {
+		port := first + i%(65536-first)
+		fd, err := syscall.Socket(syscall.AF_INET, typ|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		sa := &syscall.SockaddrInet4{Port: port, Addr: [4]byte(ip)}
+		if typ == syscall.SOCK_DGRAM {
+			err = syscall.Sendto(fd, []byte("flood"), 0, sa)
+		} else {
+			// Close at once with linger 0: the SYN is out, no state stays.
+			err = syscall.Connect(fd, sa)
+			_ = syscall.SetsockoptLinger(fd, syscall.SOL_SOCKET, syscall.SO_LINGER, &syscall.Linger{Onoff: 1})
+			if errors.Is(err, syscall.EINPROGRESS) {
+				err = nil
+			}
+		}
+		syscall.Close(fd)
+		if err == nil {
+			sent++
+		}
+	}
+	fmt.Printf("sent=%d\n", sent)
+	return nil
+}
