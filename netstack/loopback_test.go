@@ -61,7 +61,7 @@ func awaitUnreachable(t *testing.T, peer int) {
 			}
 		case header.IPv6ProtocolNumber:
 			ip := header.IPv6(buf[header.EthernetMinimumSize:n])
-			if ip.TransportProtocol() == header.ICMPv6ProtocolNumber && header.ICMPv6(ip.Payload()).Type() == header.ICMPv6DstUnreachable {
+			if ip.NextHeader() == uint8(header.ICMPv6ProtocolNumber) && header.ICMPv6(ip.Payload()).Type() == header.ICMPv6DstUnreachable {
 				return
 			}
 		}
