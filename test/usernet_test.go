@@ -682,3 +682,49 @@ func TestUsernetExitsWithItsTarget(t *testing.T) {
 		t.Errorf("api socket left behind: %v", err)
 	}
 }
+
+// TestUsernetSeccomp: with --enable-sandbox --enable-seccomp the helper
+// runs under a syscall filter and still serves TCP, UDP, DNS, ping and the
+// API, and exits cleanly.
+func TestUsernetSeccomp(t *testing.T) {
+	if os.Getenv("USERNET_UNDER_TEST") != "" {
+		t.Skip("our filter, not slirp4netns's")
+	}
+	wd := newWorld(t)
+	wd.sysctl(wd.w, "net.ipv4.ping_group_range", "0 2147483647")
+	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
+	wd.startServer(wd.r, "udp-echo-server", remoteAddr+":7")
+	wd.startServer(wd.r, "dns-server", routerAddr+":53", testName+"="+testNameIP)
+	sb := wd.startSandbox()
+	sock := apiSocketPath(t)
+	u := wd.startUsernet("-c", "--mtu=65520", "--enable-sandbox", "--enable-seccomp", "-a", sock, fmt.Sprint(sb.pid), "tap0")
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", u.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(status), "Seccomp:\t2") {
+		t.Errorf("no seccomp filter on the helper:\n%s", status)
+	}
+	const size = 16 << 20
+	checkEcho(t, result{stdout: wd.inSandbox(sb, bins.nettool, "tcp-echo-check", remoteAddr+":7", fmt.Sprint(size))}, size)
+	if out := wd.inSandbox(sb, bins.nettool, "udp-echo-check", remoteAddr+":7", "50", "1400"); !strings.Contains(out, "datagrams=50") {
+		t.Errorf("udp under seccomp: %s", out)
+	}
+	if out := wd.inSandbox(sb, bins.nettool, "dns-query", "10.0.2.3:53", testName, "udp"); !strings.Contains(out, "A "+testNameIP) {
+		t.Errorf("dns under seccomp: %s", out)
+	}
+	if _, err := exec.LookPath("ping"); err == nil {
+		if out, err := wd.sandboxCommand(sb, "ping", "-c", "2", "-i", "0.2", "-W", "2", remoteAddr).CombinedOutput(); err != nil {
+			t.Errorf("ping under seccomp: %v\n%s", err, out)
+		}
+	}
+	if got := apiCall(t, sock, `{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
+		t.Errorf("api under seccomp: %s", got)
+	}
+	if code := u.stop(t); code != 0 {
+		t.Errorf("exit status %d\n%s", code, &u.stderr)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("api socket left behind: %v", err)
+	}
+}

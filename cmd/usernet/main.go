@@ -277,6 +277,14 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 			h.api.Close()
 		}()
 	}
+	if h.cfg.seccomp {
+		// Setup is over: from here on only the steady state's system
+		// calls are allowed (ready is signalled after this, as in
+		// slirp4netns).
+		if err := launcher.LoadSeccomp(h.cfg.debug); err != nil {
+			return err
+		}
+	}
 	if h.cfg.readyFD >= 0 {
 		if err := launcher.NotifyReady(h.cfg.readyFD); err != nil {
 			return err

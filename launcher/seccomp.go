@@ -1,0 +1,58 @@
+package launcher
+
+import (
+	"fmt"
+
+	seccomp "github.com/elastic/go-seccomp-bpf"
+)
+
+// steadyStateSyscalls is everything a running helper (usernet after its
+// setup) needs: the Go runtime (memory, threads, signals, timers, the
+// netpoller), sockets of every kind the forwarders and the API use
+// (including ICMP ping sockets, netlink route lookups and error queues),
+// removing its API socket, and watching the target process. It was taken
+// from strace of a helper serving TCP, UDP, DNS, ICMP, IPv6, published
+// ports and API calls, minus what only setup uses (mount, pivot_root,
+// setns, unshare, capset, execve, prctl, ...), which the filter refuses.
+var steadyStateSyscalls = []string{
+	// Go runtime.
+	"brk", "mmap", "munmap", "mprotect", "madvise", "mincore",
+	"futex", "nanosleep", "clock_gettime", "clock_nanosleep", "gettimeofday", "sched_yield", "sched_getaffinity",
+	"clone", "clone3", "set_robust_list", "rseq", "set_tid_address", "gettid", "getpid", "tgkill", "tkill",
+	"exit", "exit_group", "restart_syscall",
+	"rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
+	"getrandom", "prlimit64", "uname", "arch_prctl",
+	// Files and the netpoller.
+	"read", "write", "readv", "writev", "pread64", "pwrite64", "lseek", "close", "fcntl", "dup", "dup3",
+	"openat", "newfstatat", "fstat", "getdents64", "unlinkat",
+	"epoll_create1", "epoll_ctl", "epoll_pwait", "epoll_wait", "ppoll", "poll", "pipe2", "eventfd2",
+	// Sockets.
+	"socket", "connect", "bind", "listen", "accept4", "getsockname", "getpeername",
+	"getsockopt", "setsockopt", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
+	// The target process.
+	"pidfd_open",
+}
+
+// LoadSeccomp confines the calling process (all threads) to the helper's
+// steady-state system calls; anything else fails with EPERM instead of
+// killing the helper. With logDenied the kernel also logs each refused call
+// (SECCOMP_FILTER_FLAG_LOG: see dmesg or the audit log). It sets
+// no_new_privs.
+func LoadSeccomp(logDenied bool) error {
+	flag := seccomp.FilterFlagTSync
+	if logDenied {
+		flag |= seccomp.FilterFlagLog
+	}
+	filter := seccomp.Filter{
+		NoNewPrivs: true,
+		Flag:       flag,
+		Policy: seccomp.Policy{
+			DefaultAction: seccomp.ActionErrno,
+			Syscalls:      []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: steadyStateSyscalls}},
+		},
+	}
+	if err := seccomp.LoadFilter(filter); err != nil {
+		return fmt.Errorf("seccomp: %w", err)
+	}
+	return nil
+}

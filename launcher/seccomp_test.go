@@ -1,0 +1,62 @@
+package launcher
+
+import (
+	"errors"
+	"net"
+	"os"
+	"os/exec"
+	"syscall"
+	"testing"
+)
+
+// TestSeccompFilter loads the filter in a child copy of the test binary
+// (it cannot be undone) and checks there that networking still works and
+// that execve and ptrace fail with EPERM.
+func TestSeccompFilter(t *testing.T) {
+	if os.Getenv("SECCOMP_TEST_CHILD") == "1" {
+		seccompChild(t)
+		return
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestSeccompFilter$", "-test.v")
+	cmd.Env = append(os.Environ(), "SECCOMP_TEST_CHILD=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+}
+
+func seccompChild(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if err := LoadSeccomp(false); err != nil {
+		t.Fatal(err)
+	}
+	// A round trip over loopback after the filter is in place.
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			_, _ = c.Write([]byte("ok"))
+			c.Close()
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatalf("dial under seccomp: %v", err)
+	}
+	buf := make([]byte, 2)
+	if _, err := c.Read(buf); err != nil || string(buf) != "ok" {
+		t.Fatalf("read under seccomp: %q %v", buf, err)
+	}
+	c.Close()
+	if err := syscall.Exec("/bin/true", []string{"true"}, nil); !errors.Is(err, syscall.EPERM) {
+		t.Errorf("execve: %v, want EPERM", err)
+	}
+	if _, _, errno := syscall.Syscall(syscall.SYS_PTRACE, syscall.PTRACE_TRACEME, 0, 0); errno != syscall.EPERM {
+		t.Errorf("ptrace: %v, want EPERM", errno)
+	}
+	if err := syscall.Mount("none", "/mnt", "tmpfs", 0, ""); !errors.Is(err, syscall.EPERM) {
+		t.Errorf("mount: %v, want EPERM", err)
+	}
+}
