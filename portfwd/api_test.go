@@ -2,12 +2,14 @@ package portfwd
 
 import (
 	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // nullGuest accepts forwards but never carries traffic: the API tests only
@@ -137,3 +139,43 @@ func FuzzAPIHandle(f *testing.F) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestAPISlowClients: clients that connect and never finish their request
+// time out; meanwhile a well-behaved client is still answered.
+func TestAPISlowClients(t *testing.T) {
+	a := newTestAPI(t)
+	path := t.TempDir() + "/api.sock"
+	sock, err := ListenAPISocket(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); a.Serve(t.Context(), sock.Listener) }()
+	t.Cleanup(func() { sock.Close(); <-done })
+
+	// More idle clients than the API serves at once.
+	for i := 0; i < apiMaxClients+4; i++ {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_, _ = c.Write([]byte(`{"execute":`)) // and nothing more
+	}
+	start := time.Now()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_, _ = c.Write([]byte(`{"execute":"list_hostfwd"}`))
+	c.(*net.UnixConn).CloseWrite()
+	_ = c.SetReadDeadline(time.Now().Add(3 * apiReadTimeout))
+	b, err := io.ReadAll(c)
+	if err != nil || string(b) != `{"entries":[]}` {
+		t.Fatalf("request behind slow clients: %q, %v", b, err)
+	}
+	if el := time.Since(start); el > 2*apiReadTimeout {
+		t.Errorf("answered after %v; slow clients should have timed out after %v", el, apiReadTimeout)
+	}
+}
