@@ -69,22 +69,11 @@ func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (ta
 	if _, err := os.Stat(t.NetNS); err != nil {
 		return nil, nil, fmt.Errorf("network namespace: %w", err)
 	}
-	conn, childEnd, err := socketPair()
-	if err != nil {
-		return nil, nil, err
-	}
-	defer conn.Close()
-	cmd := exec.CommandContext(ctx, "/proc/self/exe")
-	cmd.Args = []string{os.Args[0]}
-	cmd.Env = append(os.Environ(), childEnv+"=1", nsenter.EnvNetNS+"="+t.NetNS, nsenter.EnvUserNS+"="+t.UserNS)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	cmd.ExtraFiles = []*os.File{childEnd}
-	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
-	err = cmd.Start()
-	childEnd.Close()
+	cmd, conn, err := startHelperIn(ctx, t)
 	if err != nil {
 		return nil, nil, fmt.Errorf("start tap helper: %w", err)
 	}
+	defer conn.Close()
 	dev, mac, err := tapHandshake(channel{conn: conn}, childConfig{Guest: g, Configure: configure})
 	werr := cmd.Wait()
 	if err != nil {
@@ -94,6 +83,29 @@ func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (ta
 		return nil, nil, errors.Join(err, werr)
 	}
 	return dev, mac, nil
+}
+
+// startHelperIn re-executes our binary as a launcher child that joins t
+// (see package nsenter) and returns it with our end of its handshake
+// socket.
+func startHelperIn(ctx context.Context, t Target) (*exec.Cmd, *net.UnixConn, error) {
+	conn, childEnd, err := socketPair()
+	if err != nil {
+		return nil, nil, err
+	}
+	cmd := exec.CommandContext(ctx, "/proc/self/exe")
+	cmd.Args = []string{os.Args[0]}
+	cmd.Env = append(os.Environ(), childEnv+"=1", nsenter.EnvNetNS+"="+t.NetNS, nsenter.EnvUserNS+"="+t.UserNS)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.ExtraFiles = []*os.File{childEnd}
+	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
+	err = cmd.Start()
+	childEnd.Close()
+	if err != nil {
+		conn.Close()
+		return nil, nil, err
+	}
+	return cmd, conn, nil
 }
 
 func tapHandshake(ch channel, cfg childConfig) (*tap.TapDevice, net.HardwareAddr, error) {

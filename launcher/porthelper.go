@@ -11,10 +11,6 @@ import (
 	"os/exec"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
-
-	"github.com/netns-run/netns-run/launcher/nsenter"
 )
 
 // PortHelper is a process inside a namespace that opens connections there
@@ -32,22 +28,13 @@ type PortHelper struct {
 // own address, so normally instant).
 const dialTimeout = 10 * time.Second
 
-// StartPortHelper starts the helper in the target's namespaces.
-func StartPortHelper(ctx context.Context, t Target) (*PortHelper, error) {
-	conn, childEnd, err := socketPair()
+// StartPortHelper starts the helper in the target's namespaces; Close
+// stops it.
+func StartPortHelper(t Target) (*PortHelper, error) {
+	// Not tied to ctx: the helper lives until Close, which the caller
+	// does after the flows that use it have ended.
+	cmd, conn, err := startHelperIn(context.Background(), t)
 	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command("/proc/self/exe")
-	cmd.Args = []string{os.Args[0]}
-	cmd.Env = append(os.Environ(), childEnv+"=1", nsenter.EnvNetNS+"="+t.NetNS, nsenter.EnvUserNS+"="+t.UserNS)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	cmd.ExtraFiles = []*os.File{childEnd}
-	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
-	err = cmd.Start()
-	childEnd.Close()
-	if err != nil {
-		conn.Close()
 		return nil, fmt.Errorf("start port helper: %w", err)
 	}
 	h := &PortHelper{ch: channel{conn: conn}, cmd: cmd, done: make(chan struct{})}

@@ -16,10 +16,6 @@ import (
 // socketpair: every write to the other end is one Ethernet frame.
 func newFrameStack(t testing.TB) (*Stack, int) {
 	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
 	cfg := DefaultConfig()
 	cfg.IPv6 = true
 	// Nothing a fuzzed frame asks for may leave the stack: no outbound
@@ -27,22 +23,26 @@ func newFrameStack(t testing.TB) (*Stack, int) {
 	cfg.Restrict = true
 	cfg.DisableHostLoopback = true
 	cfg.DNSUpstreams = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}
-	s := startOnFD(t, cfg, fds[0])
+	return stackOnSocketpair(t, cfg)
+}
+
+// stackOnSocketpair runs a Stack on one end of a datagram socketpair as
+// if it were a TAP and returns the other end; both close with the test.
+func stackOnSocketpair(t testing.TB, cfg Config) (*Stack, int) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(context.Background(), cfg, tap.FromFiles("test0", []*os.File{os.NewFile(uintptr(fds[0]), "stack")}))
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() {
 		s.Close()
 		unix.Close(fds[1])
 	})
 	return s, fds[1]
-}
-
-// startOnFD runs a Stack on fd as if it were a TAP.
-func startOnFD(t testing.TB, cfg Config, fd int) *Stack {
-	t.Helper()
-	s, err := New(context.Background(), cfg, tap.FromFiles("test0", []*os.File{os.NewFile(uintptr(fd), "stack")}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
 }
 
 // A valid ARP request for the gateway gets an answer: the harness works.

@@ -133,14 +133,8 @@ func guestSource(target string) netip.AddrPort {
 
 func newLoopbackStack(t *testing.T) (*Stack, int) {
 	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
 	cfg := DefaultConfig()
 	cfg.IPv6 = true
 	cfg.DisableHostLoopback = true
-	s := startOnFD(t, cfg, fds[0])
-	t.Cleanup(func() { s.Close(); unix.Close(fds[1]) })
-	return s, fds[1]
+	return stackOnSocketpair(t, cfg)
 }

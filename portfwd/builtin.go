@@ -46,14 +46,9 @@ func (b *Builtin) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 }
 
 func (b *Builtin) dialTCP(guest netip.AddrPort) (*net.TCPConn, error) {
-	f, err := b.dialer.Dial("tcp", guest)
+	c, err := b.dial("tcp", guest)
 	if err != nil {
 		return nil, err
-	}
-	defer f.Close()
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, fmt.Errorf("adopt socket to %s: %w", guest, err)
 	}
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
@@ -65,7 +60,12 @@ func (b *Builtin) dialTCP(guest netip.AddrPort) (*net.TCPConn, error) {
 
 // DialGuestUDP implements Guest.
 func (b *Builtin) DialGuestUDP(_, guest netip.AddrPort) (net.Conn, error) {
-	f, err := b.dialer.Dial("udp", guest)
+	return b.dial("udp", guest)
+}
+
+// dial has the helper connect inside the namespace and adopts the socket.
+func (b *Builtin) dial(network string, guest netip.AddrPort) (net.Conn, error) {
+	f, err := b.dialer.Dial(network, guest)
 	if err != nil {
 		return nil, err
 	}

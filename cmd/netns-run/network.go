@@ -42,7 +42,7 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 	var guest portfwd.Guest = h.stack
 	guestAddr := netstack.DefaultGuestAddr
 	if opts.portDriver == driverBuiltin && (len(rules) > 0 || opts.apiSocket != "") {
-		if h.helper, err = launcher.StartPortHelper(ctx, ns.Target()); err != nil {
+		if h.helper, err = launcher.StartPortHelper(ns.Target()); err != nil {
 			h.Close()
 			return nil, err
 		}
