@@ -10,8 +10,9 @@
 // execs the command. The parent serves the TAP until the command exits.
 //
 // Because the namespaces are created by clone itself, no thread of the child
-// ever runs outside them; joining existing namespaces (usernet's PID mode)
-// needs a different mechanism.
+// ever runs outside them. Joining existing namespaces (usernet's PID mode,
+// the port helper, --join) re-executes the binary with package nsenter's
+// constructor doing the setns calls before the Go runtime starts threads.
 package launcher
 
 import (
