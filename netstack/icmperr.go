@@ -1,8 +1,10 @@
 package netstack
 
 import (
-	"github.com/vishvananda/netlink"
+	"net"
 	"net/netip"
+	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -94,21 +96,38 @@ func (s *Stack) loopbackBlocked(dst netip.Addr) bool {
 	if dst == s.cfg.Gateway || (s.cfg.IPv6 && dst == s.cfg.Gateway6) || dst.IsLoopback() || dst.IsUnspecified() {
 		return true
 	}
-	return !s.ownAddress(dst) && !s.cfg.Network.Contains(dst) && isHostLocal(dst)
+	return !s.ownAddress(dst) && !s.cfg.Network.Contains(dst) && s.hostAddrs.has(dst)
 }
 
-// isHostLocal asks the kernel whether it would deliver dst locally.
-func isHostLocal(dst netip.Addr) bool {
-	routes, err := netlink.RouteGet(dst.AsSlice())
-	if err != nil {
-		return false
-	}
-	for _, r := range routes {
-		if r.Type == unix.RTN_LOCAL {
-			return true
+// hostAddrSet caches the host's own addresses: the guard consults it for
+// every new flow while host loopback is disabled, so it must be cheap.
+type hostAddrSet struct {
+	mu      sync.Mutex
+	addrs   map[netip.Addr]struct{}
+	fetched time.Time
+}
+
+// hostAddrRefresh bounds how stale the cache may be when addresses change.
+const hostAddrRefresh = 2 * time.Second
+
+func (h *hostAddrSet) has(a netip.Addr) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if time.Since(h.fetched) > hostAddrRefresh {
+		h.addrs = map[netip.Addr]struct{}{}
+		if list, err := net.InterfaceAddrs(); err == nil {
+			for _, ad := range list {
+				if ipn, ok := ad.(*net.IPNet); ok {
+					if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
+						h.addrs[ip.Unmap()] = struct{}{}
+					}
+				}
+			}
 		}
+		h.fetched = time.Now()
 	}
-	return false
+	_, ok := h.addrs[a]
+	return ok
 }
 
 // sendUnreachable answers pkt with an ICMP destination unreachable from the

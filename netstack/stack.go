@@ -60,6 +60,7 @@ type Stack struct {
 	ping         *pinger
 	linkDown     chan struct{}
 	linkOnce     sync.Once
+	hostAddrs    hostAddrSet
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on
