@@ -98,7 +98,16 @@ func rssKiB() uint64 {
 	return pages * uint64(os.Getpagesize()) / 1024
 }
 
-// flowStarted and flowEnded keep the open/total counts of one protocol.
+// reserve takes one of max slots in open, atomically; false when full.
+func reserve(open *atomic.Int64, max int64) bool {
+	if open.Add(1) > max {
+		open.Add(-1)
+		return false
+	}
+	return true
+}
+
+// flowStarted keeps the open and total counts of one protocol.
 func flowStarted(open *atomic.Int64, total *atomic.Uint64) {
 	open.Add(1)
 	total.Add(1)

@@ -43,24 +43,27 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 			return false
 		}
 	}
-	if s.counters.udpOpen.Load() >= maxUDPFlows {
-		// A guest spraying datagrams at many ports must not get a host
-		// socket and goroutine per port without bound.
+	// A guest spraying datagrams at many ports must not get a host
+	// socket and goroutine per port without bound. (The slot is taken
+	// atomically: processor goroutines call this concurrently.)
+	if !reserve(&s.counters.udpOpen, maxUDPFlows) {
 		s.counters.dropFlowLimit.Add(1)
 		return true
 	}
 	if !s.flows.enter() {
+		s.counters.udpOpen.Add(-1)
 		return true
 	}
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
 	if terr != nil {
 		s.flows.leave()
+		s.counters.udpOpen.Add(-1)
 		s.log.Debug("udp endpoint", "src", src, "dst", dst, "err", terr)
 		return true
 	}
 	guest := gonet.NewUDPConn(&wq, ep)
-	flowStarted(&s.counters.udpOpen, &s.counters.udpTotal)
+	s.counters.udpTotal.Add(1)
 	go func() {
 		defer s.flows.leave()
 		defer s.counters.udpOpen.Add(-1)
