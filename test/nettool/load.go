@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sort"
 	"strconv"
 	"sync"
 	"syscall"
@@ -110,5 +111,44 @@ func spray(args []string) error {
 		}
 	}
 	fmt.Printf("sent=%d\n", sent)
+	return nil
+}
+
+// requestResponse measures 1-byte request/response round trips on one
+// TCP connection to an echo server for SECONDS and prints p50 and p99.
+func requestResponse(args []string) error {
+	if err := needArgs(args, 2); err != nil {
+		return err
+	}
+	secs, err := strconv.ParseFloat(args[1], 64)
+	if err != nil {
+		return err
+	}
+	c, err := net.DialTimeout("tcp", args[0], 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	buf := []byte{'x'}
+	var samples []time.Duration
+	end := time.Now().Add(time.Duration(secs * float64(time.Second)))
+	for i := 0; time.Now().Before(end); i++ {
+		start := time.Now()
+		if _, err := c.Write(buf); err != nil {
+			return err
+		}
+		if _, err := c.Read(buf); err != nil {
+			return err
+		}
+		if i >= 100 { // warm-up
+			samples = append(samples, time.Since(start))
+		}
+	}
+	if len(samples) == 0 {
+		return fmt.Errorf("no samples")
+	}
+	sort.Slice(samples, func(i, j int) bool { return samples[i] < samples[j] })
+	us := func(q float64) float64 { return float64(samples[int(q*float64(len(samples)-1))].Nanoseconds()) / 1e3 }
+	fmt.Printf("n=%d p50_us=%.1f p99_us=%.1f\n", len(samples), us(0.5), us(0.99))
 	return nil
 }

@@ -30,6 +30,7 @@ var commands = map[string]command{
 	"peer-server":     {"tcp|udp ADDR", peerServer},
 	"udp-probe":       {"ADDR TTL", udpProbe},
 	"tcp-conns":       {"ADDR COUNT PARALLEL", tcpConns},
+	"rr":              {"ADDR SECONDS", requestResponse},
 	"spray":           {"tcp|udp HOST FIRSTPORT COUNT", spray},
 	"peer-query":      {"tcp|udp ADDR", peerQuery},
 }

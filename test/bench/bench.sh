@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: netns-run and usernet against slirp4netns (MTU
+# 65520 and 1500), pasta, rootlesskit's builtin port driver, a veth pair
+# and host loopback, in one run. Prints markdown tables (median of REPS)
+# with ratios against veth.
+#
+#   sudo test/bench/bench.sh > bench.md           # DUR=5 REPS=3, ~12 min
+#   QUICK=1 sudo test/bench/bench.sh > bench.md   # DUR=2 REPS=1, ~3 min
+#
+# The reference rows, and usernet's (driven exactly like slirp4netns), come
+# from ../shared/bench/netbench.sh; the netns-run rows are measured here
+# with the same tools and parameters. Traffic stays on loopback and in the
+# namespaces the scripts create.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/../.." && pwd)
+netbench=${NETBENCH:-$top/../shared/bench/netbench.sh}
+export PATH="$PATH:/usr/local/go/bin"
+[ "$(id -u)" = 0 ] || { echo "run as root (the harness creates namespaces)" >&2; exit 1; }
+for t in iperf3 jq bc; do command -v "$t" >/dev/null || { echo "needs $t (apt-get install $t)" >&2; exit 1; }; done
+if [ "${QUICK:-}" = 1 ]; then DUR=${DUR:-2}; REPS=${REPS:-1}; else DUR=${DUR:-5}; REPS=${REPS:-3}; fi
+export DUR REPS
+
+work=$(mktemp -d)
+trap 'pkill -f "$work/" 2>/dev/null || true; rm -rf "$work"' EXIT
+chmod 755 "$work"
+(cd "$top" && go build -o "$work/netns-run" ./cmd/netns-run && go build -o "$work/usernet" ./cmd/usernet &&
+	go build -o "$work/nettool" ./test/nettool)
+log() { echo "[$(date +%T)] $*" >&2; }
+
+tsv=$work/results.tsv
+IMPLS=${IMPLS:-"loopback veth slirp4netns slirp4netns-1500 pasta rootlesskit-builtin slirp-compatible:$work/usernet"}
+log "reference rows: netbench.sh IMPLS=\"$IMPLS\""
+IMPLS="$IMPLS" RESULTS=$tsv bash "$netbench" > "$work/netbench.md" 2> "$work/netbench.log" ||
+	{ echo "netbench failed; its log:" >&2; tail -20 "$work/netbench.log" >&2; exit 1; }
+
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "n/a"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+res() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$tsv"; }
+nr=$work/netns-run
+# No DNS is needed: the forwarder points at the discard port on loopback,
+# so nothing can reach the machine's resolver.
+nrflags=(--dns-upstream 127.0.0.1:9 --disable-ipv6)
+
+# Outbound: the guest to the host's 127.0.0.1 through 10.0.2.2.
+iperf3 -s -B 127.0.0.1 -p 16201 >/dev/null 2>&1 &
+srv=$!
+"$work/nettool" tcp-echo-server 127.0.0.1:16301 >/dev/null 2>&1 &
+echo_srv=$!
+sleep 0.3
+for mtu in 65520 1500; do
+	name=netns-run
+	[ "$mtu" = 1500 ] && name=netns-run-1500
+	: > "$work/out.$mtu"
+	for _ in $(seq "$REPS"); do
+		"$nr" "${nrflags[@]}" --mtu "$mtu" -- iperf3 -c 10.0.2.2 -p 16201 -t "$DUR" -J 2>/dev/null |
+			jq '.end.sum_received.bits_per_second / 1e9' >> "$work/out.$mtu" || true
+	done
+	res "$name" tcp_out_gbps "$(median < "$work/out.$mtu")"
+	log "$name tcp_out $(tr '\n' ' ' < "$work/out.$mtu")"
+done
+: > "$work/rr50"
+: > "$work/rr99"
+for _ in $(seq "$REPS"); do
+	line=$("$nr" "${nrflags[@]}" -- "$work/nettool" rr 10.0.2.2:16301 "${RR_DUR:-3}")
+	echo "$line" | sed -E 's/.*p50_us=([0-9.]+).*/\1/' >> "$work/rr50"
+	echo "$line" | sed -E 's/.*p99_us=([0-9.]+).*/\1/' >> "$work/rr99"
+done
+res netns-run rr_out_p50_us "$(median < "$work/rr50")"
+res netns-run rr_out_p99_us "$(median < "$work/rr99")"
+: > "$work/cps"
+for _ in $(seq "$REPS"); do
+	"$nr" "${nrflags[@]}" -- "$work/nettool" tcp-conns 10.0.2.2:16301 "${CONN_N:-2000}" 1 |
+		sed -E 's/conns=([0-9]+) failed=[0-9]+ seconds=([0-9.]+)/\1 \2/' | awk '$2 > 0 {print $1 / $2}' >> "$work/cps"
+done
+res netns-run conn_out_per_s "$(median < "$work/cps")"
+kill "$srv" "$echo_srv" 2>/dev/null || true
+
+# Inbound through a published port, both drivers.
+for driver in builtin netstack; do
+	: > "$work/in.$driver"
+	for rep in $(seq "$REPS"); do
+		port=$((26200 + rep))
+		# A published port accepts before the guest listens, so wait for
+		# the server's own "listening" line.
+		rm -f "$work/srv.log"
+		"$nr" "${nrflags[@]}" -p "127.0.0.1:$port:5201" --port-driver="$driver" -- \
+			iperf3 -s -1 -p 5201 --forceflush > "$work/srv.log" 2>&1 &
+		pid=$!
+		for _ in $(seq 200); do
+			grep -q "listening" "$work/srv.log" 2>/dev/null && break
+			sleep 0.02
+		done
+		iperf3 -c 127.0.0.1 -p "$port" -t "$DUR" -J 2>/dev/null |
+			jq '.end.sum_received.bits_per_second / 1e9' >> "$work/in.$driver" || true
+		kill "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || true
+	done
+	res "netns-run -p ($driver)" tcp_in_gbps "$(median < "$work/in.$driver")"
+	log "netns-run $driver tcp_in $(tr '\n' ' ' < "$work/in.$driver")"
+done
+
+# Launch to a finished `true` (netns-run has no ready fd).
+: > "$work/start"
+for _ in $(seq "${STARTUP_N:-10}"); do
+	s=$(date +%s%N)
+	"$nr" "${nrflags[@]}" -- true
+	echo "scale=2; ($(date +%s%N) - $s) / 1000000" | bc >> "$work/start"
+done
+res netns-run startup_ms "$(median < "$work/start")"
+
+table() { # title metric...
+	local title=$1
+	shift
+	echo "### $title"
+	echo
+	printf '| impl |'
+	for m in "$@"; do printf ' %s | × veth |' "$m"; done
+	echo
+	printf '|---|'
+	for _ in "$@"; do printf -- '---:|---:|'; done
+	echo
+	awk -F'\t' '{print $1}' "$tsv" | awk '!seen[$0]++' | while read -r impl; do
+		printf '| %s |' "${impl/slirp-compatible:$work\/usernet/usernet}"
+		for m in "$@"; do
+			v=$(awk -F'\t' -v i="$impl" -v m="$m" '$1==i && $2==m {print $3}' "$tsv" | tail -1)
+			b=$(awk -F'\t' -v m="$m" '$1=="veth" && $2==m {print $3}' "$tsv" | tail -1)
+			if [ -z "$v" ] || [ "$v" = n/a ]; then
+				printf ' n/a | |'
+				continue
+			fi
+			r=$(awk -v v="$v" -v b="$b" 'BEGIN {if (b+0 > 0) printf "%.2f", v/b}')
+			printf ' %s | %s |' "$(awk -v v="$v" 'BEGIN {if (v >= 1000) printf "%.0f", v; else printf "%.3g", v}')" "$r"
+		done
+		echo
+	done
+	echo
+}
+echo "## Side by side — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r), DUR=${DUR}s REPS=$REPS (median)"
+echo
+table "TCP throughput (Gbit/s): out = namespace → host 127.0.0.1; in = host → namespace through a published port" tcp_out_gbps tcp_in_gbps
+table "TCP 1-byte request/response out of the namespace (µs)" rr_out_p50_us rr_out_p99_us
+table "Connections per second (sequential)" conn_in_per_s conn_out_per_s
+table "Helper CPU (s per GB) and peak RSS (KiB)" cpu_out_s_per_gb cpu_in_s_per_gb peak_rss_kb
+table "Launch to ready (ms; netns-run: to a finished true)" startup_ms
+echo "netns-run rows are measured by this script (outbound through 10.0.2.2, inbound through -p with each"
+echo "driver); usernet rows by netbench.sh through slirp4netns's code path. Full netbench output:"
+echo
+cat "$work/netbench.md"
