@@ -29,24 +29,15 @@ func (s *Stack) isDNS(a netip.Addr) bool {
 func (s *Stack) hostTarget(dst netip.AddrPort) (netip.AddrPort, error) {
 	a := dst.Addr().Unmap()
 	switch {
-	case s.cfg.Restrict:
+	case s.cfg.Restrict, s.loopbackBlocked(a):
+		// loopbackBlocked is the one rule for host loopback; the
+		// transport guard applies it first, this repeats it for every
+		// other caller.
 		return netip.AddrPort{}, errBlocked
 	case a == s.cfg.Gateway:
-		if s.cfg.DisableHostLoopback {
-			return netip.AddrPort{}, errBlocked
-		}
 		return netip.AddrPortFrom(hostLoopback4, dst.Port()), nil
 	case s.cfg.IPv6 && a == s.cfg.Gateway6:
-		if s.cfg.DisableHostLoopback {
-			return netip.AddrPort{}, errBlocked
-		}
 		return netip.AddrPortFrom(hostLoopback6, dst.Port()), nil
-	case a.IsLoopback():
-		// A guest's own kernel never routes loopback out of the TAP;
-		// only a crafted packet gets here.
-		if s.cfg.DisableHostLoopback {
-			return netip.AddrPort{}, errBlocked
-		}
 	case a.IsUnspecified(), a.IsMulticast(), a == limitedBroadcast, a.Is6() && a.IsLinkLocalUnicast():
 		return netip.AddrPort{}, errBlocked
 	case s.cfg.Network.Contains(a), s.cfg.IPv6 && s.cfg.Network6.Contains(a):
