@@ -87,21 +87,36 @@ func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (ta
 
 // startHelperIn re-executes our binary as a launcher child that joins t
 // (see package nsenter) and returns it with our end of its handshake
-// socket.
+// socket. The namespace files are opened here, before returning, and handed
+// down as descriptors: a helper opening /proc/PID/ns/* itself races with
+// that process's exec (the kernel then answers ENOENT for a moment).
 func startHelperIn(ctx context.Context, t Target) (*exec.Cmd, *net.UnixConn, error) {
 	conn, childEnd, err := socketPair()
 	if err != nil {
 		return nil, nil, err
 	}
+	defer childEnd.Close()
 	cmd := exec.CommandContext(ctx, "/proc/self/exe")
 	cmd.Args = []string{os.Args[0]}
-	cmd.Env = append(os.Environ(), childEnv+"=1", nsenter.EnvNetNS+"="+t.NetNS, nsenter.EnvUserNS+"="+t.UserNS)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.Env = append(os.Environ(), childEnv+"=1")
 	cmd.ExtraFiles = []*os.File{childEnd}
+	for _, ns := range []struct{ path, env string }{{t.NetNS, nsenter.EnvNetNS}, {t.UserNS, nsenter.EnvUserNS}} {
+		if ns.path == "" {
+			continue
+		}
+		f, err := os.Open(ns.path)
+		if err != nil {
+			conn.Close()
+			return nil, nil, fmt.Errorf("open %s: %w", ns.path, err)
+		}
+		defer f.Close()
+		cmd.ExtraFiles = append(cmd.ExtraFiles, f)
+		// ExtraFiles[i] is descriptor 3+i in the child.
+		cmd.Env = append(cmd.Env, fmt.Sprintf("%s=/proc/self/fd/%d", ns.env, 2+len(cmd.ExtraFiles)))
+	}
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
-	err = cmd.Start()
-	childEnd.Close()
-	if err != nil {
+	if err := cmd.Start(); err != nil {
 		conn.Close()
 		return nil, nil, err
 	}
