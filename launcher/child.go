@@ -169,7 +169,7 @@ func openTap(cfg *childConfig) (*tap.TapDevice, net.HardwareAddr, error) {
 			return nil, nil, failed("bring up lo", err)
 		}
 	}
-	dev, err := tap.Create(g.TapName, tap.Options{})
+	dev, err := tap.Create(g.TapName, tap.Options{Offload: g.Offload})
 	if err != nil {
 		return nil, nil, failed("create tap", err)
 	}

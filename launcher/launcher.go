@@ -58,6 +58,9 @@ type GuestConfig struct {
 	Address6    netip.Prefix `json:"address6,omitzero"`
 	Gateway6    netip.Addr   `json:"gateway6,omitzero"`
 	Nameserver6 netip.Addr   `json:"nameserver6,omitzero"`
+	// Offload opens the TAP with a virtio-net header and checksum and
+	// TCP segmentation offload (see tap.Options).
+	Offload bool `json:"offload,omitempty"`
 }
 
 // Namespace is the set-up namespace as the network sees it.

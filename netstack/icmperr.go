@@ -6,7 +6,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -19,7 +18,7 @@ import (
 // advertisements, ICMP errors) on the guest's link. A TAP write is one frame,
 // so this is safe beside the link endpoint's own writes.
 func (s *Stack) writeFrame(frame []byte) {
-	if _, err := unix.Write(int(s.dev.Queues()[0].Fd()), frame); err != nil {
+	if err := s.link.writeFrame(frame); err != nil {
 		s.log.Debug("write frame to guest", "err", err)
 	}
 }

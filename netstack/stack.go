@@ -21,7 +21,7 @@ import (
 	gvlog "gvisor.dev/gvisor/pkg/log"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
-	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
+	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
 	"gvisor.dev/gvisor/pkg/tcpip/link/sniffer"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
@@ -61,6 +61,7 @@ type Stack struct {
 	linkDown     chan struct{}
 	linkOnce     sync.Once
 	hostAddrs    hostAddrSet
+	link         *tapLink
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on
@@ -102,22 +103,15 @@ func (s *Stack) start() error {
 	for _, q := range s.dev.Queues() {
 		fds = append(fds, int(q.Fd()))
 	}
-	link, err := fdbased.New(&fdbased.Options{
-		FDs:            fds,
-		MTU:            s.cfg.MTU,
-		EthernetHeader: true,
-		Address:        tcpip.LinkAddress(s.cfg.GatewayMAC),
-		// The guest kernel checksums what it sends through a TAP without
-		// offloads, so verifying again here only costs CPU. Outbound
-		// frames must carry real checksums: the guest checks them.
-		RXChecksumOffload: true,
-		// Reading the TAP fails once its device is gone (deleted inside
-		// the namespace): that ends the helper's job.
-		ClosedFunc: func(tcpip.Error) { s.linkOnce.Do(func() { close(s.linkDown) }) },
-	})
+	// Reading the TAP fails once its device is gone (deleted inside the
+	// namespace): that ends the helper's job.
+	tl, err := newTapLink(fds, tap.VnetHdrLen(s.dev.Queues()[0]), s.cfg.MTU, tcpip.LinkAddress(s.cfg.GatewayMAC),
+		func(tcpip.Error) { s.linkOnce.Do(func() { close(s.linkDown) }) })
 	if err != nil {
-		return fmt.Errorf("tap link endpoint: %w", err)
+		return err
 	}
+	s.link = tl
+	var link stack.LinkEndpoint = ethernet.New(tl)
 	if s.cfg.Capture != nil {
 		// The sniffer also logs every packet to stderr unless told not
 		// to, through a package-level switch.

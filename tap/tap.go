@@ -39,6 +39,10 @@ type Options struct {
 	// Queues is the number of queues to open; more than one implies
 	// IFF_MULTI_QUEUE. Zero means one.
 	Queues int
+	// Offload opens the queues with IFF_VNET_HDR and checksum and TCP
+	// segmentation offload: every frame then carries a virtio-net header
+	// (see VnetHdrLen).
+	Offload bool
 }
 
 // TapDevice is the Linux implementation of Device.
@@ -58,7 +62,11 @@ func Create(name string, opts Options) (*TapDevice, error) {
 	}
 	dev := &TapDevice{name: name}
 	for i := 0; i < n; i++ {
-		f, actual, err := openQueue(name, n > 1)
+		open := openQueue
+		if opts.Offload {
+			open = openOffloadQueue
+		}
+		f, actual, err := open(name, n > 1)
 		if err != nil {
 			dev.Close()
 			return nil, err

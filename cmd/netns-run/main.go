@@ -171,6 +171,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		TapName:    "tap0",
 		MTU:        opts.mtu,
 		TxQueueLen: 10000,
+		Offload:    true,
 		Address:    netip.PrefixFrom(netstack.DefaultGuestAddr, netCfg.Network.Bits()),
 		Gateway:    netCfg.Gateway,
 		Nameserver: netCfg.DNS,

@@ -180,6 +180,7 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 		TapName:    cfg.tapName,
 		MTU:        cfg.mtu,
 		TxQueueLen: 10000,
+		Offload:    true,
 		Address:    netip.PrefixFrom(h.guest, cfg.cidr.Bits()),
 		Gateway:    h.netCfg.Gateway,
 		Nameserver: h.netCfg.DNS,
