@@ -170,6 +170,17 @@ func (l *tapLink) stopReadersLocked() {
 	}
 }
 
+// shutdown stops the readers and waits for them. gVisor's Stack.Wait
+// holds the stack's lock while it waits for link endpoints, and a reader in
+// the middle of delivering a frame needs that lock, so the stack's owner
+// calls this first.
+func (l *tapLink) shutdown() {
+	l.mu.Lock()
+	l.stopReadersLocked()
+	l.mu.Unlock()
+	l.Wait()
+}
+
 // IsAttached implements stack.LinkEndpoint.
 func (l *tapLink) IsAttached() bool {
 	l.mu.Lock()

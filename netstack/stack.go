@@ -224,6 +224,9 @@ func (s *Stack) Close() error {
 		if s.stack != nil {
 			s.stack.Close()
 		}
+		if s.link != nil {
+			s.link.shutdown()
+		}
 		s.flows.closeAndWait()
 		if s.stack != nil {
 			s.stack.Wait()
