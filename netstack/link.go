@@ -3,14 +3,17 @@ package netstack
 import (
 	"encoding/binary"
 	"fmt"
+	"os"
 	"sync"
+	"syscall"
+	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/rawfile"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
-	"gvisor.dev/gvisor/pkg/tcpip/link/stopfd"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
@@ -37,9 +40,16 @@ type tapLink struct {
 
 	mu         sync.Mutex
 	dispatcher stack.NetworkDispatcher
-	stops      []stopfd.StopFD
-	onClose    func()
-	readers    sync.WaitGroup
+	// readFiles are the readers' own duplicates of the queues, in
+	// non-blocking mode so that Go's netpoller wakes a reader: the
+	// frame is then processed, and the goroutines it wakes run, on the
+	// thread that polled, where a reader blocked in its own poll(2)
+	// would hand its processor to another thread for every frame.
+	// Writes use fds, whose owner closes them after the stack.
+	readFiles []*os.File
+	stopped   bool
+	onClose   func()
+	readers   sync.WaitGroup
 }
 
 var (
@@ -67,14 +77,30 @@ var readSizes = [...]int{128, 384, 1536, 2048, 4096, 8192, 16384, 32768}
 // newTapLink serves the queues fds (owned by the caller, who closes them
 // after the stack). mtu is the IP MTU.
 func newTapLink(fds []int, vnetHdr int, mtu uint32, addr tcpip.LinkAddress, closed func(tcpip.Error)) (*tapLink, error) {
+	l := &tapLink{fds: fds, vnetHdr: vnetHdr, mtu: mtu, addr: addr, closed: closed}
 	for _, fd := range fds {
-		// Reads poll the queue together with a stop descriptor, which
-		// needs a non-blocking queue; writes never wait for room.
-		if err := unix.SetNonblock(fd, true); err != nil {
+		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			l.closeReadFiles()
+			return nil, fmt.Errorf("tap queue %d: dup: %w", fd, err)
+		}
+		// O_NONBLOCK belongs to the open file, so writes on fd do not
+		// block either: a TAP write never waits for room anyway.
+		if err := unix.SetNonblock(dup, true); err != nil {
+			unix.Close(dup)
+			l.closeReadFiles()
 			return nil, fmt.Errorf("tap queue %d: set non-blocking: %w", fd, err)
 		}
+		l.readFiles = append(l.readFiles, os.NewFile(uintptr(dup), "tap-queue"))
 	}
-	return &tapLink{fds: fds, vnetHdr: vnetHdr, mtu: mtu, addr: addr, closed: closed}, nil
+	return l, nil
+}
+
+func (l *tapLink) closeReadFiles() {
+	for _, f := range l.readFiles {
+		f.Close()
+	}
+	l.readFiles = nil
 }
 
 // MTU implements stack.LinkEndpoint; it counts the Ethernet header, which
@@ -147,26 +173,30 @@ func (l *tapLink) Attach(d stack.NetworkDispatcher) {
 		return
 	}
 	l.dispatcher = d
-	for _, fd := range l.fds {
-		stop, err := stopfd.New()
+	if l.stopped {
+		return
+	}
+	for _, f := range l.readFiles {
+		rc, err := f.SyscallConn()
 		if err != nil {
-			l.linkFailed(&tcpip.ErrNoBufferSpace{})
+			l.linkFailed(&tcpip.ErrClosedForReceive{})
 			return
 		}
-		l.stops = append(l.stops, stop)
-		r := newFrameReader(fd, l.vnetHdr)
+		r := newFrameReader(rc, l.vnetHdr)
 		l.readers.Add(1)
 		go func() {
 			defer l.readers.Done()
 			defer r.release()
-			l.readLoop(r, stop.EFD)
+			l.readLoop(r)
 		}()
 	}
 }
 
+// stopReadersLocked makes every pending and future read fail at once.
 func (l *tapLink) stopReadersLocked() {
-	for _, s := range l.stops {
-		s.Stop()
+	l.stopped = true
+	for _, f := range l.readFiles {
+		_ = f.SetReadDeadline(time.Unix(1, 0))
 	}
 }
 
@@ -189,15 +219,14 @@ func (l *tapLink) IsAttached() bool {
 }
 
 // Wait implements stack.LinkEndpoint: it waits for the readers, then closes
-// their stop descriptors.
+// their descriptors.
 func (l *tapLink) Wait() {
 	l.readers.Wait()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for _, s := range l.stops {
-		unix.Close(s.EFD)
+	if l.stopped {
+		l.closeReadFiles()
 	}
-	l.stops = nil
 }
 
 // Close implements stack.LinkEndpoint. The TAP's descriptors belong to the
@@ -226,11 +255,14 @@ func (l *tapLink) linkFailed(err tcpip.Error) {
 	}
 }
 
-func (l *tapLink) readLoop(r *frameReader, stopFD int) {
+func (l *tapLink) readLoop(r *frameReader) {
 	for {
-		pkt, err := r.read(stopFD)
+		pkt, err := r.read()
 		if err != nil {
-			if _, stopped := err.(*tcpip.ErrClosedForReceive); !stopped {
+			l.mu.Lock()
+			stopped := l.stopped
+			l.mu.Unlock()
+			if !stopped {
 				l.linkFailed(err)
 			}
 			return
@@ -324,23 +356,23 @@ func encodeVnetHdr(h []byte, pkt *stack.PacketBuffer) {
 
 // frameReader reads frames from one queue into pooled views.
 type frameReader struct {
-	fd      int
+	queue   syscall.RawConn
 	vnetHdr []byte
 	views   [len(readSizes)]*buffer.View
 	iovecs  []unix.Iovec
 }
 
-func newFrameReader(fd, vnetHdr int) *frameReader {
-	r := &frameReader{fd: fd, iovecs: make([]unix.Iovec, 0, len(readSizes)+1)}
+func newFrameReader(queue syscall.RawConn, vnetHdr int) *frameReader {
+	r := &frameReader{queue: queue, iovecs: make([]unix.Iovec, 0, len(readSizes)+1)}
 	if vnetHdr > 0 {
 		r.vnetHdr = make([]byte, vnetHdr)
 	}
 	return r
 }
 
-// read blocks until a frame arrives or stopFD fires (ErrClosedForReceive).
-// It returns a nil packet for frames to skip.
-func (r *frameReader) read(stopFD int) (*stack.PacketBuffer, tcpip.Error) {
+// read waits for the next frame. It returns a nil packet for frames to
+// skip, and an error once the queue fails or the link stops.
+func (r *frameReader) read() (*stack.PacketBuffer, tcpip.Error) {
 	r.iovecs = r.iovecs[:0]
 	if r.vnetHdr != nil {
 		r.iovecs = append(r.iovecs, rawfile.IovecFromBytes(r.vnetHdr))
@@ -351,8 +383,13 @@ func (r *frameReader) read(stopFD int) (*stack.PacketBuffer, tcpip.Error) {
 		}
 		r.iovecs = append(r.iovecs, rawfile.IovecFromBytes(r.views[i].AsSlice()))
 	}
-	n, errno := rawfile.BlockingReadvUntilStopped(stopFD, r.fd, r.iovecs)
-	if n == -1 {
+	var n int
+	var errno unix.Errno
+	err := r.queue.Read(func(fd uintptr) bool {
+		n, errno = readv(fd, r.iovecs)
+		return errno != unix.EAGAIN
+	})
+	if err != nil {
 		return nil, &tcpip.ErrClosedForReceive{}
 	}
 	if errno != 0 {
@@ -402,6 +439,17 @@ func (r *frameReader) release() {
 		if v != nil {
 			v.Release()
 			r.views[i] = nil
+		}
+	}
+}
+
+// readv reads one frame without blocking (the queue is non-blocking and
+// ready). x/sys/unix.Readv would allocate its iovecs on every frame.
+func readv(fd uintptr, iovecs []unix.Iovec) (int, unix.Errno) {
+	for {
+		n, _, errno := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iovecs[0])), uintptr(len(iovecs)))
+		if errno != unix.EINTR {
+			return int(n), errno
 		}
 	}
 }
