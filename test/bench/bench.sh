@@ -72,6 +72,28 @@ for _ in $(seq "$REPS"); do
 		sed -E 's/conns=([0-9]+) failed=[0-9]+ seconds=([0-9.]+)/\1 \2/' | awk '$2 > 0 {print $1 / $2}' >> "$work/cps"
 done
 res netns-run conn_out_per_s "$(median < "$work/cps")"
+
+# Helper memory (netns-run's own process is the helper): idle, and while
+# the namespace holds 1000 established connections through it.
+rss_of() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+"$nr" "${nrflags[@]}" -- sleep 2 &
+pid=$!
+sleep 1
+res netns-run rss_idle_kb "$(rss_of "$pid")"
+wait "$pid" || true
+held=$work/held.out
+"$nr" "${nrflags[@]}" -- "$work/nettool" hold 10.0.2.2:16301 1000 3 > "$held" 2>&1 &
+pid=$!
+for _ in $(seq 400); do
+	grep -q '^held' "$held" && break
+	sleep 0.05
+done
+if grep -q '^held 1000' "$held"; then
+	res netns-run rss_1000_conns_kb "$(rss_of "$pid")"
+else
+	log "hold 1000 connections failed: $(cat "$held")"
+fi
+wait "$pid" || true
 kill "$srv" "$echo_srv" 2>/dev/null || true
 
 # Inbound through a published port, both drivers.
@@ -140,6 +162,7 @@ table "TCP throughput (Gbit/s): out = namespace → host 127.0.0.1; in = host �
 table "TCP 1-byte request/response out of the namespace (µs)" rr_out_p50_us rr_out_p99_us
 table "Connections per second (sequential)" conn_in_per_s conn_out_per_s
 table "Helper CPU (s per GB) and peak RSS (KiB)" cpu_out_s_per_gb cpu_in_s_per_gb peak_rss_kb
+table "Helper RSS (KiB): idle, and holding 1000 established connections" rss_idle_kb rss_1000_conns_kb
 table "Launch to ready (ms; netns-run: to a finished true)" startup_ms
 echo "netns-run rows are measured by this script (outbound through 10.0.2.2, inbound through -p with each"
 echo "driver); usernet rows by netbench.sh through slirp4netns's code path. Full netbench output:"

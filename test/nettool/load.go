@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sort"
 	"strconv"
@@ -150,5 +151,43 @@ func requestResponse(args []string) error {
 	sort.Slice(samples, func(i, j int) bool { return samples[i] < samples[j] })
 	us := func(q float64) float64 { return float64(samples[int(q*float64(len(samples)-1))].Nanoseconds()) / 1e3 }
 	fmt.Printf("n=%d p50_us=%.1f p99_us=%.1f\n", len(samples), us(0.5), us(0.99))
+	return nil
+}
+
+// holdConns opens COUNT connections to an echo server, echoes one byte on
+// each so every flow has carried data, prints "held N" and keeps them open
+// for SECONDS: the benchmark reads the helper's memory meanwhile.
+func holdConns(args []string) error {
+	if err := needArgs(args, 3); err != nil {
+		return err
+	}
+	count, err1 := strconv.Atoi(args[1])
+	secs, err2 := strconv.ParseFloat(args[2], 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return err
+	}
+	conns := make([]net.Conn, 0, count)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	one := make([]byte, 1)
+	for i := 0; i < count; i++ {
+		c, err := net.DialTimeout("tcp", args[0], 10*time.Second)
+		if err != nil {
+			return fmt.Errorf("connection %d: %w", i, err)
+		}
+		conns = append(conns, c)
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write([]byte{byte(i)}); err != nil {
+			return fmt.Errorf("connection %d: %w", i, err)
+		}
+		if _, err := io.ReadFull(c, one); err != nil || one[0] != byte(i) {
+			return fmt.Errorf("connection %d: echo %v, %v", i, one, err)
+		}
+	}
+	fmt.Printf("held %d\n", len(conns))
+	time.Sleep(time.Duration(secs * float64(time.Second)))
 	return nil
 }

@@ -33,6 +33,7 @@ var commands = map[string]command{
 	"rr":              {"ADDR SECONDS", requestResponse},
 	"spray":           {"tcp|udp HOST FIRSTPORT COUNT", spray},
 	"peer-query":      {"tcp|udp ADDR", peerQuery},
+	"hold":            {"ADDR COUNT SECONDS", holdConns},
 }
 
 func main() {
