@@ -13,7 +13,7 @@ import (
 
 // newFrameStack runs a Stack whose "TAP" is one end of a datagram
 // socketpair: every write to the other end is one Ethernet frame.
-func newFrameStack(t testing.TB) (*Stack, int) {
+func newFrameStack(t testing.TB, vnetHdr int) (*Stack, int) {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.IPv6 = true
@@ -22,18 +22,18 @@ func newFrameStack(t testing.TB) (*Stack, int) {
 	cfg.Restrict = true
 	cfg.DisableHostLoopback = true
 	cfg.DNSUpstreams = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}
-	return stackOnSocketpair(t, cfg)
+	return stackOnSocketpair(t, cfg, vnetHdr)
 }
 
 // stackOnSocketpair runs a Stack on one end of a datagram socketpair as
 // if it were a TAP and returns the other end; both close with the test.
-func stackOnSocketpair(t testing.TB, cfg Config) (*Stack, int) {
+func stackOnSocketpair(t testing.TB, cfg Config, vnetHdr int) (*Stack, int) {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(context.Background(), cfg, tap.FromFiles("test0", []*os.File{os.NewFile(uintptr(fds[0]), "stack")}))
+	s, err := newStack(context.Background(), cfg, tap.FromFiles("test0", []*os.File{os.NewFile(uintptr(fds[0]), "stack")}), vnetHdr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +46,7 @@ func stackOnSocketpair(t testing.TB, cfg Config) (*Stack, int) {
 
 // A valid ARP request for the gateway gets an answer: the harness works.
 func TestFrameStackAnswersARP(t *testing.T) {
-	_, peer := newFrameStack(t)
+	_, peer := newFrameStack(t, 0)
 	frame := []byte{
 		0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 1, 0x08, 0x06, // Ethernet
 		0, 1, 0x08, 0, 6, 4, 0, 1, // ARP request
@@ -88,7 +88,7 @@ func FuzzFrames(f *testing.F) {
 	for _, s := range seeds {
 		f.Add(s)
 	}
-	_, peer := newFrameStack(f)
+	_, peer := newFrameStack(f, 0)
 	drain := make([]byte, 65536)
 	f.Fuzz(func(t *testing.T, frame []byte) {
 		// A TAP never delivers an empty frame; on this socketpair one

@@ -136,5 +136,5 @@ func newLoopbackStack(t *testing.T) (*Stack, int) {
 	cfg := DefaultConfig()
 	cfg.IPv6 = true
 	cfg.DisableHostLoopback = true
-	return stackOnSocketpair(t, cfg)
+	return stackOnSocketpair(t, cfg, 0)
 }

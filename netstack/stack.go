@@ -67,6 +67,13 @@ type Stack struct {
 // New starts serving the guest behind dev. The Stack owns dev from now on
 // and closes it in Close.
 func New(ctx context.Context, cfg Config, dev tap.Device) (*Stack, error) {
+	return newStack(ctx, cfg, dev, tap.VnetHdrLen(dev.Queues()[0]))
+}
+
+// newStack is New with the size of the virtio-net header on dev's frames
+// given (0: none), which lets tests put a socket in place of a TAP with
+// offloads.
+func newStack(ctx context.Context, cfg Config, dev tap.Device, vnetHdr int) (*Stack, error) {
 	if err := cfg.validate(); err != nil {
 		dev.Close()
 		return nil, fmt.Errorf("netstack config: %w", err)
@@ -77,14 +84,14 @@ func New(ctx context.Context, cfg Config, dev tap.Device) (*Stack, error) {
 	}
 	s := &Stack{cfg: cfg, log: log, dev: dev, started: time.Now(), linkDown: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancel(ctx)
-	if err := s.start(); err != nil {
+	if err := s.start(vnetHdr); err != nil {
 		s.Close()
 		return nil, err
 	}
 	return s, nil
 }
 
-func (s *Stack) start() error {
+func (s *Stack) start(vnetHdr int) error {
 	// gVisor logs through its own package-level logger at Info (for
 	// example every dropped martian, rate-limited); keep the helper
 	// quiet by default: our own logger says what matters.
@@ -105,7 +112,7 @@ func (s *Stack) start() error {
 	}
 	// Reading the TAP fails once its device is gone (deleted inside the
 	// namespace): that ends the helper's job.
-	tl, err := newTapLink(fds, tap.VnetHdrLen(s.dev.Queues()[0]), s.cfg.MTU, tcpip.LinkAddress(s.cfg.GatewayMAC),
+	tl, err := newTapLink(fds, vnetHdr, s.cfg.MTU, tcpip.LinkAddress(s.cfg.GatewayMAC),
 		func(tcpip.Error) { s.linkOnce.Do(func() { close(s.linkDown) }) })
 	if err != nil {
 		return err
@@ -178,7 +185,7 @@ func (s *Stack) start() error {
 			s.advertiseRouter()
 		}()
 	}
-	s.log.Debug("netstack up", "mtu", s.cfg.MTU, "gateway", s.cfg.Gateway, "dns", s.cfg.DNS,
+	s.log.Debug("netstack up", "mtu", s.cfg.MTU, "tap_offload", vnetHdr > 0, "gateway", s.cfg.Gateway, "dns", s.cfg.DNS,
 		"host_loopback", !s.cfg.DisableHostLoopback, "dns_upstreams", s.cfg.DNSUpstreams)
 	return nil
 }
