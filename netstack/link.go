@@ -143,7 +143,7 @@ func (*tapLink) ParseHeader(*stack.PacketBuffer) bool { return true }
 
 // GSOMaxSize implements stack.GSOEndpoint.
 func (l *tapLink) GSOMaxSize() uint32 {
-	if l.vnetHdr == 0 {
+	if !l.hostGSO() {
 		return 0
 	}
 	return gsoMaxSize
@@ -152,10 +152,19 @@ func (l *tapLink) GSOMaxSize() uint32 {
 // SupportedGSO implements stack.GSOEndpoint: with a virtio-net header the
 // guest's kernel segments what the stack sends.
 func (l *tapLink) SupportedGSO() stack.SupportedGSO {
-	if l.vnetHdr == 0 {
+	if !l.hostGSO() {
 		return stack.GSONotSupported
 	}
 	return stack.HostGSOSupported
+}
+
+// hostGSO says whether the stack hands the guest segments larger than the
+// MTU. It pays only when a 64 KiB segment is several MTUs: at MTU 65520,
+// gVisor's GSO path moved host -> guest TCP at 4.4-4.8 Gbit/s against
+// 5.7-6.7 without it (iperf3 -R, four alternating runs), so a large MTU
+// sends plain frames. The guest's own segmentation offload is unaffected.
+func (l *tapLink) hostGSO() bool {
+	return l.vnetHdr > 0 && 2*l.mtu <= gsoMaxSize
 }
 
 // Attach implements stack.LinkEndpoint: it starts one reader per queue, or
