@@ -87,6 +87,10 @@ func copyStream(dst io.Writer, src io.Reader) (int64, error) {
 	}
 }
 
+// deadlineSlack is how stale a datagram flow's read deadline may get before
+// it is pushed back.
+const deadlineSlack = time.Second
+
 // relayDatagrams copies datagrams both ways between two connected sockets
 // until neither direction has seen traffic for idle, or ctx ends. A failed
 // read on the host side (an ICMP error reported on the socket) calls
@@ -111,8 +115,16 @@ func relayDatagrams(ctx context.Context, guest, host net.Conn, idle time.Duratio
 		bp := relayBuffers.Get().(*[]byte)
 		defer relayBuffers.Put(bp)
 		buf := *bp
+		var deadline time.Time
 		for {
-			_ = src.SetReadDeadline(time.Unix(0, last.Load()).Add(idle))
+			// Re-arming a deadline costs two timer updates; per
+			// datagram that was a visible share of the UDP path. A
+			// deadline up to deadlineSlack old only means waking to
+			// find the flow still alive.
+			if now := time.Now(); deadline.Sub(now) < idle-deadlineSlack {
+				deadline = now.Add(idle)
+				_ = src.SetReadDeadline(deadline)
+			}
 			n, err := src.Read(buf)
 			if err != nil {
 				var ne net.Error
