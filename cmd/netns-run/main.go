@@ -99,6 +99,7 @@ func main() {
 	if launcher.IsChild() {
 		launcher.RunChild()
 	}
+	cli.OneProc()
 	if len(os.Args) > 1 && os.Args[1] == "stats" {
 		os.Exit(runStats(os.Args[2:], os.Stdout, os.Stderr))
 	}

@@ -30,6 +30,7 @@ func main() {
 	if launcher.IsChild() {
 		launcher.RunChild()
 	}
+	cli.OneProc()
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
