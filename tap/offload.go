@@ -1,6 +1,7 @@
 package tap
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -14,6 +15,11 @@ const (
 	tunFTSO4 = 0x02
 	tunFTSO6 = 0x04
 )
+
+// errNoOffload marks a TAP that could not be set up with offloads (an old
+// kernel, or a /dev/net/tun emulated by a sandbox): Create then falls back
+// to a plain TAP.
+var errNoOffload = errors.New("tap offloads unavailable")
 
 // VnetHdrSize is the size of the virtio-net header (struct virtio_net_hdr)
 // in front of every frame on a TAP opened with Options.Offload.
@@ -45,11 +51,11 @@ func openOffloadQueue(name string, multiQueue bool) (*os.File, string, error) {
 	ifr.SetUint16(flags)
 	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
 		unix.Close(fd)
-		return nil, "", fmt.Errorf("open tap %q: TUNSETIFF: %w", name, err)
+		return nil, "", fmt.Errorf("open tap %q: TUNSETIFF with IFF_VNET_HDR: %w: %w", name, errNoOffload, err)
 	}
 	if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, tunFCsum|tunFTSO4|tunFTSO6); err != nil {
 		unix.Close(fd)
-		return nil, "", fmt.Errorf("open tap %q: TUNSETOFFLOAD: %w", name, err)
+		return nil, "", fmt.Errorf("open tap %q: TUNSETOFFLOAD: %w: %w", name, errNoOffload, err)
 	}
 	return os.NewFile(uintptr(fd), tunPath), ifr.Name(), nil
 }

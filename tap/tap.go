@@ -61,12 +61,18 @@ func Create(name string, opts Options) (*TapDevice, error) {
 		n = 1
 	}
 	dev := &TapDevice{name: name}
+	open := openQueue
+	if opts.Offload {
+		open = openOffloadQueue
+	}
 	for i := 0; i < n; i++ {
-		open := openQueue
-		if opts.Offload {
-			open = openOffloadQueue
-		}
 		f, actual, err := open(name, n > 1)
+		if i == 0 && errors.Is(err, errNoOffload) {
+			// A TAP without offloads is slower but works the same;
+			// every queue of one device must agree.
+			open = openQueue
+			f, actual, err = open(name, n > 1)
+		}
 		if err != nil {
 			dev.Close()
 			return nil, err

@@ -1,0 +1,60 @@
+package tap
+
+import (
+	"os"
+	"runtime"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// inFreshNetns runs f on a thread in a new network namespace; the thread
+// is never returned to the scheduler, so the namespace dies with it.
+func inFreshNetns(t *testing.T, f func()) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create a network namespace and a TAP")
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			t.Errorf("unshare: %v", err)
+			return
+		}
+		f()
+	}()
+	<-done
+}
+
+// A TAP opened with offloads says so to whoever holds a queue, and one
+// without says it has no header.
+func TestOffloadQueueReportsVnetHdr(t *testing.T) {
+	inFreshNetns(t, func() {
+		for _, c := range []struct {
+			offload bool
+			want    int
+		}{{true, VnetHdrSize}, {false, 0}} {
+			dev, err := Create("tap0", Options{Offload: c.offload})
+			if err != nil {
+				t.Errorf("create (offload %v): %v", c.offload, err)
+				continue
+			}
+			if got := VnetHdrLen(dev.Queues()[0]); got != c.want {
+				t.Errorf("offload %v: VnetHdrLen %d, want %d", c.offload, got, c.want)
+			}
+			dev.Close()
+		}
+		r, w, err := os.Pipe()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer r.Close()
+		defer w.Close()
+		if got := VnetHdrLen(r); got != 0 {
+			t.Errorf("a pipe: VnetHdrLen %d, want 0", got)
+		}
+	})
+}
