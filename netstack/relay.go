@@ -13,13 +13,28 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 )
 
-// relayBufferSize is the copy buffer of one direction of one flow.
-const relayBufferSize = 64 << 10
+// relayBufferSize is the copy buffer of one direction of one flow, enough
+// for any datagram. A TCP direction that fills it moves up to a
+// bulkBufferSize buffer: reading the host socket 256 KiB at a time hands
+// gVisor several segments per write and wakes the guest less often (host ->
+// guest through a published port 8.4-9.1 -> 11.9-13.4 Gbit/s, three
+// alternating runs), while idle and interactive flows, most of the
+// thousands a helper may hold, keep the small one.
+const (
+	relayBufferSize = 64 << 10
+	bulkBufferSize  = 256 << 10
+)
 
-var relayBuffers = sync.Pool{New: func() any {
-	b := make([]byte, relayBufferSize)
-	return &b
-}}
+var (
+	relayBuffers = sync.Pool{New: func() any {
+		b := make([]byte, relayBufferSize)
+		return &b
+	}}
+	bulkBuffers = sync.Pool{New: func() any {
+		b := make([]byte, bulkBufferSize)
+		return &b
+	}}
+)
 
 // relayTCP copies both ways between a guest connection and a host socket
 // until both directions have finished or ctx ends. A FIN on one side becomes
@@ -65,9 +80,9 @@ func relayTCP(ctx context.Context, guest *gonet.TCPConn, ep tcpip.Endpoint, host
 
 // copyStream copies src to dst until EOF (nil error) or a failure.
 func copyStream(dst io.Writer, src io.Reader) (int64, error) {
-	bp := relayBuffers.Get().(*[]byte)
-	defer relayBuffers.Put(bp)
-	buf := *bp
+	small := relayBuffers.Get().(*[]byte)
+	defer relayBuffers.Put(small)
+	buf := *small
 	var total int64
 	for {
 		n, rerr := src.Read(buf)
@@ -83,6 +98,11 @@ func copyStream(dst io.Writer, src io.Reader) (int64, error) {
 		}
 		if rerr != nil {
 			return total, rerr
+		}
+		if n == len(buf) && len(buf) < bulkBufferSize {
+			big := bulkBuffers.Get().(*[]byte)
+			defer bulkBuffers.Put(big)
+			buf = *big
 		}
 	}
 }
