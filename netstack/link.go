@@ -15,6 +15,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/netns-run/netns-run/tap"
 )
 
 // tapLink is the stack's link endpoint on the guest's TAP queues: Ethernet
@@ -61,8 +63,10 @@ var (
 // an IP packet's 16-bit length.
 const gsoMaxSize = 1 << 16
 
-// virtio-net header fields (linux/virtio_net.h).
+// virtio-net header fields (linux/virtio_net.h). Headers longer than the
+// basic 10 bytes (TUNSETVNETHDRSZ) only add fields we leave zero.
 const (
+	maxVnetHdr        = 16
 	vnetFlagNeedsCsum = 1
 	vnetGSONone       = 0
 	vnetGSOTCPv4      = 1
@@ -77,6 +81,9 @@ var readSizes = [...]int{128, 384, 1536, 2048, 4096, 8192, 16384, 32768}
 // newTapLink serves the queues fds (owned by the caller, who closes them
 // after the stack). mtu is the IP MTU.
 func newTapLink(fds []int, vnetHdr int, mtu uint32, addr tcpip.LinkAddress, closed func(tcpip.Error)) (*tapLink, error) {
+	if vnetHdr != 0 && (vnetHdr < tap.VnetHdrSize || vnetHdr > maxVnetHdr) {
+		return nil, fmt.Errorf("tap: unsupported virtio-net header size %d", vnetHdr)
+	}
 	l := &tapLink{fds: fds, vnetHdr: vnetHdr, mtu: mtu, addr: addr, closed: closed}
 	for _, fd := range fds {
 		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
@@ -293,21 +300,12 @@ func (l *tapLink) readLoop(r *frameReader) {
 // does not block (the kernel drops what its queue cannot take), so frames
 // are written one by one.
 func (l *tapLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
-	var hdr [16]byte
-	iovecs := make([]unix.Iovec, 0, 8)
+	var hdr [maxVnetHdr]byte
+	vh := hdr[:l.vnetHdr]
 	n := 0
 	for _, pkt := range pkts.AsSlice() {
-		fd := l.fds[pkt.Hash%uint32(len(l.fds))]
-		iovecs = iovecs[:0]
-		if l.vnetHdr > 0 {
-			vh := hdr[:l.vnetHdr]
-			encodeVnetHdr(vh, pkt)
-			iovecs = append(iovecs, rawfile.IovecFromBytes(vh))
-		}
-		for _, s := range pkt.AsSlices() {
-			iovecs = rawfile.AppendIovecFromBytes(iovecs, s, rawfile.MaxIovs)
-		}
-		if errno := rawfile.NonBlockingWriteIovec(fd, iovecs); errno != 0 {
+		encodeVnetHdr(vh, pkt)
+		if errno := l.write(l.fds[pkt.Hash%uint32(len(l.fds))], vh, pkt.AsSlices()); errno != 0 {
 			if n == 0 {
 				return 0, tcpip.TranslateErrno(errno)
 			}
@@ -321,16 +319,22 @@ func (l *tapLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 // writeFrame writes a whole Ethernet frame the stack did not build (router
 // advertisements, ICMP errors) to the first queue.
 func (l *tapLink) writeFrame(frame []byte) error {
-	var hdr [16]byte
-	iovecs := make([]unix.Iovec, 0, 2)
-	if l.vnetHdr > 0 {
-		iovecs = append(iovecs, rawfile.IovecFromBytes(hdr[:l.vnetHdr]))
-	}
-	iovecs = append(iovecs, rawfile.IovecFromBytes(frame))
-	if errno := rawfile.NonBlockingWriteIovec(l.fds[0], iovecs); errno != 0 {
+	var hdr [maxVnetHdr]byte
+	if errno := l.write(l.fds[0], hdr[:l.vnetHdr], [][]byte{frame}); errno != 0 {
 		return errno
 	}
 	return nil
+}
+
+// write puts one frame, made of parts, on the queue fd behind the
+// virtio-net header vh (empty without one).
+func (l *tapLink) write(fd int, vh []byte, parts [][]byte) unix.Errno {
+	var buf [8]unix.Iovec
+	iovecs := rawfile.AppendIovecFromBytes(buf[:0], vh, rawfile.MaxIovs)
+	for _, p := range parts {
+		iovecs = rawfile.AppendIovecFromBytes(iovecs, p, rawfile.MaxIovs)
+	}
+	return rawfile.NonBlockingWriteIovec(fd, iovecs)
 }
 
 // encodeVnetHdr fills the virtio-net header for pkt: for a TCP segment the
@@ -340,7 +344,7 @@ func (l *tapLink) writeFrame(frame []byte) error {
 func encodeVnetHdr(h []byte, pkt *stack.PacketBuffer) {
 	clear(h)
 	gso := pkt.GSOOptions
-	if gso.Type == stack.GSONone {
+	if gso.Type == stack.GSONone || len(h) < tap.VnetHdrSize {
 		return
 	}
 	if gso.NeedsCsum {
@@ -369,6 +373,11 @@ type frameReader struct {
 	vnetHdr []byte
 	views   [len(readSizes)]*buffer.View
 	iovecs  []unix.Iovec
+	// tryRead is r.tryRead, bound once: a closure made per frame would
+	// cost two allocations per frame.
+	tryRead func(fd uintptr) bool
+	n       int
+	errno   unix.Errno
 }
 
 func newFrameReader(queue syscall.RawConn, vnetHdr int) *frameReader {
@@ -376,7 +385,15 @@ func newFrameReader(queue syscall.RawConn, vnetHdr int) *frameReader {
 	if vnetHdr > 0 {
 		r.vnetHdr = make([]byte, vnetHdr)
 	}
+	r.tryRead = r.readOnce
 	return r
+}
+
+// readOnce is the netpoller's callback: false asks it to wait for the
+// queue to become readable.
+func (r *frameReader) readOnce(fd uintptr) bool {
+	r.n, r.errno = readv(fd, r.iovecs)
+	return r.errno != unix.EAGAIN
 }
 
 // read waits for the next frame. It returns a nil packet for frames to
@@ -392,15 +409,10 @@ func (r *frameReader) read() (*stack.PacketBuffer, tcpip.Error) {
 		}
 		r.iovecs = append(r.iovecs, rawfile.IovecFromBytes(r.views[i].AsSlice()))
 	}
-	var n int
-	var errno unix.Errno
-	err := r.queue.Read(func(fd uintptr) bool {
-		n, errno = readv(fd, r.iovecs)
-		return errno != unix.EAGAIN
-	})
-	if err != nil {
+	if err := r.queue.Read(r.tryRead); err != nil {
 		return nil, &tcpip.ErrClosedForReceive{}
 	}
+	n, errno := r.n, r.errno
 	if errno != 0 {
 		return nil, tcpip.TranslateErrno(errno)
 	}
