@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -37,6 +38,7 @@ func RunChild() {
 		awaitIDMaps()
 	}
 	os.Unsetenv(childEnv)
+	dieWithParent()
 	f := os.NewFile(childFD, "launcher-child")
 	c, err := net.FileConn(f)
 	f.Close()
@@ -309,12 +311,25 @@ func execCommand(args []string) int {
 		}
 		return 126
 	}
+	dieWithParent()
 	err = unix.Exec(path, args, os.Environ())
 	fmt.Fprintf(os.Stderr, "netns-run: exec %s: %v\n", path, err)
 	if errors.Is(err, unix.ENOENT) {
 		return 127
 	}
 	return 126
+}
+
+// dieWithParent asks for SIGKILL when netns-run dies, so that a netns-run
+// killed outright (SIGKILL, OOM) takes its init or command along instead of
+// leaving it running without a network. The signal set at clone does not
+// last: the kernel clears it when the child's credentials change, which the
+// exec as root in the new user namespace does (the command saw 0). It
+// belongs to the calling thread and survives exec only from that thread,
+// so the thread stays locked to the goroutine that will exec or run init.
+func dieWithParent() {
+	runtime.LockOSThread()
+	_ = unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0)
 }
 
 // dropAmbientCaps keeps the setup's ambient capabilities (see Run's

@@ -97,7 +97,9 @@ func TestStats(t *testing.T) {
 	n := bins.nettool
 	script := fmt.Sprintf("for i in 1 2 3; do %s tcp-echo-check 10.0.2.2:8080 100000 >/dev/null || exit 1; done; echo done; exec %s sleep stats", n, n)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	// A cleanup, not a defer: cancelling kills netns-run with SIGKILL,
+	// which must come after the SIGTERM cleanup below has let it finish.
+	t.Cleanup(cancel)
 	cmd := wd.guestCommand(ctx, []string{"--api-socket", sock, "-p", "19700:80"}, "sh", "-c", script)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

@@ -193,6 +193,36 @@ func TestSignalForwarding(t *testing.T) {
 	waitGone(t, token)
 }
 
+// A netns-run killed outright (SIGKILL, the OOM killer) cannot forward
+// anything; the command must not outlive it, with or without --pid.
+func TestKilledNetnsRunTakesCommand(t *testing.T) {
+	wd := newWorld(t)
+	for _, flags := range [][]string{nil, {"--pid"}} {
+		token := fmt.Sprintf("killed-%d-%d", os.Getpid(), time.Now().UnixNano())
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		t.Cleanup(cancel)
+		cmd := wd.guestCommand(ctx, flags, bins.nettool, "sleep", token)
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		buf := make([]byte, 128)
+		if _, err := stdout.Read(buf); err != nil {
+			t.Fatalf("%v: command did not start: %v", flags, err)
+		}
+		// `ip netns exec` and setpriv exec, so this PID is netns-run itself.
+		if err := cmd.Process.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		_ = cmd.Wait()
+		waitGone(t, token)
+	}
+}
+
 func TestNoProcessLeftBehind(t *testing.T) {
 	wd := newWorld(t)
 	token := fmt.Sprintf("leftover-%d-%d", os.Getpid(), time.Now().UnixNano())
