@@ -163,12 +163,16 @@ func TestExitStatus(t *testing.T) {
 	}
 }
 
-func TestSignalForwarding(t *testing.T) {
-	wd := newWorld(t)
-	token := fmt.Sprintf("sigfwd-%d-%d", os.Getpid(), time.Now().UnixNano())
+// startGuestSleep runs `nettool sleep token` under netns-run FLAGS and
+// returns once it is running. The returned command's PID is netns-run
+// itself (`ip netns exec` and setpriv exec); it is killed and reaped at the
+// end of the test if still there.
+func (wd *world) startGuestSleep(flags []string, token string) *exec.Cmd {
+	t := wd.t
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	cmd := wd.guestCommand(ctx, nil, bins.nettool, "sleep", token)
+	t.Cleanup(cancel)
+	cmd := wd.guestCommand(ctx, flags, bins.nettool, "sleep", token)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -179,13 +183,19 @@ func TestSignalForwarding(t *testing.T) {
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	buf := make([]byte, 128)
 	if _, err := stdout.Read(buf); err != nil {
-		t.Fatalf("command did not start: %v", err)
+		t.Fatalf("%v: command did not start: %v", flags, err)
 	}
-	// `ip netns exec` and setpriv exec, so this PID is netns-run itself.
+	return cmd
+}
+
+func TestSignalForwarding(t *testing.T) {
+	wd := newWorld(t)
+	token := fmt.Sprintf("sigfwd-%d-%d", os.Getpid(), time.Now().UnixNano())
+	cmd := wd.startGuestSleep(nil, token)
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	err = cmd.Wait()
+	err := cmd.Wait()
 	ee, ok := err.(*exec.ExitError)
 	if !ok || ee.ExitCode() != 128+15 {
 		t.Fatalf("want exit 143 after SIGTERM to netns-run, got %v", err)
@@ -199,22 +209,7 @@ func TestKilledNetnsRunTakesCommand(t *testing.T) {
 	wd := newWorld(t)
 	for _, flags := range [][]string{nil, {"--pid"}} {
 		token := fmt.Sprintf("killed-%d-%d", os.Getpid(), time.Now().UnixNano())
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		t.Cleanup(cancel)
-		cmd := wd.guestCommand(ctx, flags, bins.nettool, "sleep", token)
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-		buf := make([]byte, 128)
-		if _, err := stdout.Read(buf); err != nil {
-			t.Fatalf("%v: command did not start: %v", flags, err)
-		}
-		// `ip netns exec` and setpriv exec, so this PID is netns-run itself.
+		cmd := wd.startGuestSleep(flags, token)
 		if err := cmd.Process.Kill(); err != nil {
 			t.Fatal(err)
 		}
