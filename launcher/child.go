@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netns-run/netns-run/launcher/nsenter"
+	"github.com/netns-run/netns-run/launcher/safefs"
 	"github.com/netns-run/netns-run/tap"
 )
 
@@ -25,14 +26,22 @@ const childFD = 3
 // Binaries that use Run must check it first thing in main and call RunChild.
 func IsChild() bool {
 	v := os.Getenv(childEnv)
-	return v == "1" || v == joinEnvValue
+	return v == "1" || v == joinEnvValue || v == initEnvValue
 }
+
+// initEnvValue of childEnv marks the namespace child re-executed as the
+// PID namespace's init (see execInit).
+const initEnvValue = "init"
 
 // RunChild sets up the namespace, then execs the command. It never returns:
 // on failure it reports to the parent and exits.
 func RunChild() {
-	if os.Getenv(childEnv) == joinEnvValue {
+	switch os.Getenv(childEnv) {
+	case joinEnvValue:
 		os.Exit(runJoined())
+	case initEnvValue:
+		os.Unsetenv(childEnv)
+		os.Exit(runInit(os.Args[1:]))
 	}
 	if os.Getenv(waitMapsEnv) == "1" {
 		awaitIDMaps()
@@ -63,7 +72,7 @@ func RunChild() {
 	case cfg == nil:
 		os.Exit(0)
 	case cfg.PID:
-		os.Exit(runInit(cfg.Args))
+		os.Exit(execInit(cfg.Args))
 	}
 	os.Exit(execCommand(cfg.Args))
 }
@@ -271,38 +280,58 @@ const resolvConfPath = "/etc/resolv.conf"
 // the child's private mount namespace. The source is a temporary file that is
 // removed right after mounting: the mount keeps the inode alive, so nothing
 // is left on disk. (A memfd would be neater, but the kernel refuses to
-// bind-mount from its internal mount.)
+// bind-mount from its internal mount.) The file is changed and mounted
+// through its descriptor, and removed only if its name still means it:
+// TMPDIR may be a directory where others can swap names.
 func replaceResolvConf(g GuestConfig) error {
 	f, err := os.CreateTemp("", "netns-run-resolv-*.conf")
 	if err != nil {
 		return fmt.Errorf("create resolv.conf: %w", err)
 	}
-	defer os.Remove(f.Name())
+	defer f.Close()
+	created, err := safefs.Track(f, f.Name())
+	if err != nil {
+		return fmt.Errorf("create resolv.conf: %w", err)
+	}
+	defer func() { _ = created.Remove() }()
 	conf := fmt.Sprintf("nameserver %s\n", g.Nameserver)
 	if g.Nameserver6.IsValid() {
 		conf += fmt.Sprintf("nameserver %s\n", g.Nameserver6)
 	}
-	_, werr := f.WriteString(conf)
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr != nil {
-		return fmt.Errorf("write resolv.conf: %w", werr)
-	}
-	if err := os.Chmod(f.Name(), 0o644); err != nil {
+	if _, err := f.WriteString(conf); err != nil {
 		return fmt.Errorf("write resolv.conf: %w", err)
 	}
-	if err := unix.Mount(f.Name(), resolvConfPath, "", unix.MS_BIND, ""); err != nil {
+	if err := f.Chmod(0o644); err != nil {
+		return fmt.Errorf("write resolv.conf: %w", err)
+	}
+	src := fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+	if err := unix.Mount(src, resolvConfPath, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("bind-mount over %s: %w", resolvConfPath, err)
 	}
 	return nil
+}
+
+// execInit replaces the child, which holds the setup's capabilities in
+// every thread, with a fresh copy of the binary that runs init (runInit)
+// with only the capabilities the command itself gets (see dropCapabilities):
+// capset changes the calling thread alone, and the Go runtime has others
+// (nor can it change them all: that needs a binary without cgo). Only an
+// exec makes the whole process take one thread's credentials.
+func execInit(args []string) int {
+	if err := dropCapabilities(); err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: %v\n", err)
+		return 125
+	}
+	env := append(os.Environ(), childEnv+"="+initEnvValue)
+	err := unix.Exec("/proc/self/exe", append([]string{os.Args[0]}, args...), env)
+	fmt.Fprintf(os.Stderr, "netns-run: start init: %v\n", err)
+	return 125
 }
 
 // execCommand replaces the child with the command. It returns only on
 // failure, with the exit code a shell would use (127 not found, 126 not
 // executable).
 func execCommand(args []string) int {
-	dropAmbientCaps()
 	path, err := exec.LookPath(args[0])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "netns-run: %s: %v\n", args[0], lookPathReason(err))
@@ -312,6 +341,10 @@ func execCommand(args []string) int {
 		return 126
 	}
 	dieWithParent()
+	if err := dropCapabilities(); err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: %v\n", err)
+		return 125
+	}
 	err = unix.Exec(path, args, os.Environ())
 	fmt.Fprintf(os.Stderr, "netns-run: exec %s: %v\n", path, err)
 	if errors.Is(err, unix.ENOENT) {
@@ -332,11 +365,33 @@ func dieWithParent() {
 	_ = unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0)
 }
 
-// dropAmbientCaps keeps the setup's ambient capabilities (see Run's
-// --map-user handling) from reaching the command: a non-root command then
-// runs without capabilities, as it would under unshare --map-user.
-func dropAmbientCaps() {
-	_ = unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+// dropCapabilities keeps the setup's capabilities (see Run's --map-user
+// handling: CAP_NET_ADMIN and CAP_SYS_ADMIN, ambient and inheritable) from
+// reaching the command, which then has what it would have under unshare
+// --map-user: nothing when it is not root inside, root's full set when it
+// is. It empties the calling thread's ambient and inheritable sets, and for
+// a non-root uid its permitted and effective sets too. Root keeps those:
+// its exec gets the full set back anyway, and an exec that gains
+// capabilities would also reset the parent-death signal (dieWithParent).
+// The caller must exec or start the command from this same thread.
+func dropCapabilities() error {
+	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
+		return fmt.Errorf("clear ambient capabilities: %w", err)
+	}
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if os.Geteuid() == 0 {
+		if err := unix.Capget(&hdr, &data[0]); err != nil {
+			return fmt.Errorf("read capabilities: %w", err)
+		}
+	}
+	for i := range data {
+		data[i].Inheritable = 0
+	}
+	if err := unix.Capset(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("drop capabilities: %w", err)
+	}
+	return nil
 }
 
 func lookPathReason(err error) string {

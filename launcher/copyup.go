@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -47,7 +48,9 @@ func copyUp(dir string) error {
 	if err != nil {
 		return err
 	}
-	opts := fmt.Sprintf("mode=%o", st.Mode().Perm())
+	// All the mode bits: /tmp's sticky bit keeps users from removing
+	// each other's files, a setgid directory passes its group on.
+	opts := fmt.Sprintf("mode=%o", st.Sys().(*syscall.Stat_t).Mode&0o7777)
 	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
 		return fmt.Errorf("copy-up %s: mount tmpfs: %w", dir, err)
 	}
@@ -106,7 +109,7 @@ func restoreEntry(dir string, e copyUpEntry) error {
 		if err := os.WriteFile(path, e.data, e.mode.Perm()); err != nil {
 			return err
 		}
-		return os.Chmod(path, e.mode.Perm())
+		return os.Chmod(path, e.mode&(fs.ModePerm|fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky))
 	case e.mode.IsDir():
 		if err := os.Mkdir(path, e.mode.Perm()); err != nil {
 			return err

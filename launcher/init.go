@@ -28,7 +28,8 @@ func runInit(args []string) int {
 	// thread's comm is the process name; this goroutine may run on
 	// another thread, so name it through /proc.
 	_ = os.WriteFile(fmt.Sprintf("/proc/self/task/%d/comm", os.Getpid()), []byte("netns-run-init"), 0)
-	dropAmbientCaps()
+	// No capabilities of the setup here: execInit dropped them before
+	// this copy of the binary started, so the command inherits none.
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, unix.SIGTERM, unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH)
 	attr := &os.ProcAttr{Env: os.Environ(), Files: []*os.File{os.Stdin, os.Stdout, os.Stderr}, Sys: &syscall.SysProcAttr{}}

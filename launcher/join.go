@@ -100,20 +100,12 @@ func startHelperIn(ctx context.Context, t Target) (*exec.Cmd, *net.UnixConn, err
 	cmd.Args = []string{os.Args[0]}
 	cmd.Env = append(os.Environ(), childEnv+"=1")
 	cmd.ExtraFiles = []*os.File{childEnd}
-	for _, ns := range []struct{ path, env string }{{t.NetNS, nsenter.EnvNetNS}, {t.UserNS, nsenter.EnvUserNS}} {
-		if ns.path == "" {
-			continue
-		}
-		f, err := os.Open(ns.path)
-		if err != nil {
-			conn.Close()
-			return nil, nil, fmt.Errorf("open %s: %w", ns.path, err)
-		}
-		defer f.Close()
-		cmd.ExtraFiles = append(cmd.ExtraFiles, f)
-		// ExtraFiles[i] is descriptor 3+i in the child.
-		cmd.Env = append(cmd.Env, fmt.Sprintf("%s=/proc/self/fd/%d", ns.env, 2+len(cmd.ExtraFiles)))
+	closeNS, err := passNamespaces(cmd, []nsFile{{t.NetNS, nsenter.EnvNetNS}, {t.UserNS, nsenter.EnvUserNS}})
+	if err != nil {
+		conn.Close()
+		return nil, nil, err
 	}
+	defer closeNS()
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -121,6 +113,42 @@ func startHelperIn(ctx context.Context, t Target) (*exec.Cmd, *net.UnixConn, err
 		return nil, nil, err
 	}
 	return cmd, conn, nil
+}
+
+// nsFile is a namespace for a re-executed child to join: its path, and the
+// variable that tells package nsenter about it.
+type nsFile struct{ path, env string }
+
+// passNamespaces opens each namespace file (empty paths are skipped) and
+// hands it to cmd as an inherited descriptor that the variable names as
+// /proc/self/fd/N. Opening here, not in the child, pins the namespaces
+// before the child starts: a /proc/PID/ns path races with that process's
+// exec and exit (the kernel answers ENOENT for a moment), and one opened
+// after the child joined a mount namespace would resolve in the target's
+// /proc. The returned function closes our copies once cmd has started.
+func passNamespaces(cmd *exec.Cmd, nss []nsFile) (func(), error) {
+	var opened []*os.File
+	closeAll := func() {
+		for _, f := range opened {
+			f.Close()
+		}
+		opened = nil
+	}
+	for _, ns := range nss {
+		if ns.path == "" {
+			continue
+		}
+		f, err := os.Open(ns.path)
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("open %s: %w", ns.path, err)
+		}
+		opened = append(opened, f)
+		cmd.ExtraFiles = append(cmd.ExtraFiles, f)
+		// ExtraFiles[i] is descriptor 3+i in the child.
+		cmd.Env = append(cmd.Env, fmt.Sprintf("%s=/proc/self/fd/%d", ns.env, 2+len(cmd.ExtraFiles)))
+	}
+	return closeAll, nil
 }
 
 func tapHandshake(ch channel, cfg childConfig) (*tap.TapDevice, net.HardwareAddr, error) {
@@ -141,21 +169,23 @@ func tapHandshake(ch channel, cfg childConfig) (*tap.TapDevice, net.HardwareAddr
 // namespaces it joined before its runtime started.
 const joinEnvValue = "join"
 
-// Join runs args inside the user, mount, UTS and network namespaces of
-// process pid (a running netns-run namespace) and returns the command's
-// exit status as Run does. The command runs as root of that user
-// namespace, in the caller's directory when it exists there.
-func Join(ctx context.Context, pid int, args []string, log *slog.Logger) (int, error) {
+// Join runs args inside the user, mount, UTS, network and (if it has its
+// own) PID namespaces of the target process (a running netns-run
+// namespace's first process) and returns the command's exit status as Run
+// does; ErrGone if the target has exited. The command runs as root of that
+// user namespace, in the caller's directory when it exists there.
+func Join(ctx context.Context, target ProcessID, args []string, log *slog.Logger) (int, error) {
 	if len(args) == 0 {
 		return 0, errors.New("no command given")
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	dir := fmt.Sprintf("/proc/%d/ns/", pid)
-	if _, err := os.Stat(dir + "net"); err != nil {
-		return 0, fmt.Errorf("join namespace of PID %d: %w", pid, err)
+	proc, err := target.Open()
+	if err != nil {
+		return 0, err
 	}
+	defer proc.Close()
 	runtime.LockOSThread() // for Pdeathsig, as in Run
 	defer runtime.UnlockOSThread()
 	sigs := make(chan os.Signal, 8)
@@ -165,25 +195,48 @@ func Join(ctx context.Context, pid int, args []string, log *slog.Logger) (int, e
 	term := foregroundTerminal()
 	cmd := exec.CommandContext(ctx, "/proc/self/exe")
 	cmd.Args = append([]string{os.Args[0]}, args...)
-	cmd.Env = append(os.Environ(), childEnv+"="+joinEnvValue,
-		nsenter.EnvUserNS+"="+dir+"user", nsenter.EnvMntNS+"="+dir+"mnt",
-		nsenter.EnvUTSNS+"="+dir+"uts", nsenter.EnvNetNS+"="+dir+"net")
+	cmd.Env = append(os.Environ(), childEnv+"="+joinEnvValue)
+	dir := fmt.Sprintf("/proc/%d/ns/", target.PID)
+	nss := []nsFile{{dir + "user", nsenter.EnvUserNS}, {dir + "mnt", nsenter.EnvMntNS}, {dir + "uts", nsenter.EnvUTSNS}, {dir + "net", nsenter.EnvNetNS}}
+	if ownPIDNamespace(target.PID) {
+		nss = append(nss, nsFile{dir + "pid", nsenter.EnvPIDNS})
+	}
+	closeNS, err := passNamespaces(cmd, nss)
+	if err != nil {
+		return 0, fmt.Errorf("join namespace of PID %d: %w", target.PID, err)
+	}
+	defer closeNS()
+	if !proc.Alive() {
+		// The files may be of a newer process that took its PID.
+		return 0, ErrGone
+	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
 	if term != nil {
 		cmd.SysProcAttr.Foreground, cmd.SysProcAttr.Ctty = true, 0
 	}
 	if err := cmd.Start(); err != nil {
-		return 0, fmt.Errorf("join namespace of PID %d: %w", pid, err)
+		return 0, fmt.Errorf("join namespace of PID %d: %w", target.PID, err)
 	}
+	closeNS()
 	child := &childProcess{pid: cmd.Process.Pid, term: term}
 	return child.supervise(sigs, log), nil
+}
+
+// ownPIDNamespace reports whether process pid is in a PID namespace other
+// than ours (a --pid namespace).
+func ownPIDNamespace(pid int) bool {
+	var own, its unix.Stat_t
+	if unix.Stat("/proc/self/ns/pid", &own) != nil || unix.Stat(fmt.Sprintf("/proc/%d/ns/pid", pid), &its) != nil {
+		return false
+	}
+	return own.Dev != its.Dev || own.Ino != its.Ino
 }
 
 // runJoined is the re-executed side of Join: the constructor has joined
 // the namespaces; run the command.
 func runJoined() int {
-	for _, k := range []string{childEnv, nsenter.EnvUserNS, nsenter.EnvMntNS, nsenter.EnvUTSNS, nsenter.EnvNetNS} {
+	for _, k := range []string{childEnv, nsenter.EnvUserNS, nsenter.EnvMntNS, nsenter.EnvUTSNS, nsenter.EnvNetNS, nsenter.EnvPIDNS} {
 		os.Unsetenv(k)
 	}
 	if err := nsenter.Err(); err != nil {

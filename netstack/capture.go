@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+
+	"github.com/netns-run/netns-run/launcher/safefs"
 )
 
 // CaptureWriter caps a packet capture at a size: records past the cap are
@@ -50,10 +52,12 @@ func (c *CaptureWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// OpenCapture creates the pcap file at path, capped at max bytes (0: no
-// cap). The returned file is the caller's to close after the stack.
+// OpenCapture creates the pcap file at path (see safefs.CreateFile: no
+// symlink followed, no file of someone else's truncated), capped at max
+// bytes (0: no cap). The returned file is the caller's to close after the
+// stack.
 func OpenCapture(path string, max int64, log *slog.Logger) (*CaptureWriter, *os.File, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	f, err := safefs.CreateFile(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("packet capture: %w", err)
 	}

@@ -87,12 +87,12 @@ func TestDetachJoinStop(t *testing.T) {
 	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
 	state := filepath.Join(userDir(t, "netns-run-state-"), "ns")
 	link := filepath.Join(filepath.Dir(state), "netns-link")
-	t.Cleanup(func() { _ = exec.Command(bins.netnsRun, "--stop", state).Run() })
+	t.Cleanup(func() { _, _ = stopDetached(state) })
 	res := wd.runGuest([]string{"--detach", "--state-dir", state, "--hostname", "detached", "--netns", link}, "sleep", "600")
 	if res.code != 0 {
 		t.Fatalf("--detach: %s", res)
 	}
-	for _, f := range []string{"pid", "helper.pid", "netns", "api.sock"} {
+	for _, f := range []string{"pid", "pid.start", "helper.pid", "helper.start", "netns", "api.sock"} {
 		if _, err := os.Stat(filepath.Join(state, f)); err != nil {
 			t.Errorf("state dir lacks %s: %v", f, err)
 		}
@@ -114,7 +114,7 @@ func TestDetachJoinStop(t *testing.T) {
 	if err != nil || !strings.Contains(string(out), "flows total tcp 1,") {
 		t.Errorf("stats of the detached namespace: %v\n%s", err, out)
 	}
-	if out, err := exec.Command(bins.netnsRun, "--stop", state).CombinedOutput(); err != nil {
+	if out, err := stopDetached(state); err != nil {
 		t.Fatalf("--stop: %v\n%s", err, out)
 	}
 	if _, err := os.Stat(filepath.Join(state, "pid")); !os.IsNotExist(err) {

@@ -41,7 +41,7 @@ func helperStats(t *testing.T, sock string) processStats {
 func (wd *world) detached(flags ...string) string {
 	wd.t.Helper()
 	state := filepath.Join(userDir(wd.t, "netns-run-soak-"), "ns")
-	wd.t.Cleanup(func() { _ = exec.Command(bins.netnsRun, "--stop", state).Run() })
+	wd.t.Cleanup(func() { _, _ = stopDetached(state) })
 	res := wd.runGuest(append([]string{"--detach", "--state-dir", state}, flags...), guestServers()...)
 	if res.code != 0 {
 		wd.t.Fatalf("--detach: %s", res)

@@ -16,38 +16,48 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netns-run/netns-run/launcher"
+	"github.com/netns-run/netns-run/launcher/safefs"
 )
 
 // A detached namespace is served by a daemon copy of netns-run started by
-// --detach; its state directory holds:
+// --detach; its state directory (0700, the user's own: see safefs.OpenDir)
+// holds:
 //
-//	pid         the namespace's first process (PID in our namespace)
-//	helper.pid  the daemon serving its network
-//	netns       the network namespace path, for tools that take one
-//	api.sock    the port-forwarding / stats API
-//	log         the daemon's stderr
+//	pid, pid.start                the namespace's first process (PID in our
+//	                              namespace) and its start time
+//	helper.pid, helper.start      the daemon serving its network
+//	netns                         the network namespace path, for tools that take one
+//	api.sock                      the port-forwarding / stats API
+//	log                           the daemon's stderr
+//
+// The start times make a stale PID harmless (see launcher.ProcessID):
+// --stop and --join act only on the very processes that wrote the state.
 const (
 	daemonEnv = "_NETNS_RUN_DAEMON"
 	// readyFD is where the daemon reports "ok" or an error to the
 	// netns-run that started it.
 	readyFD      = 3
 	startTimeout = 30 * time.Second
+	stopTimeout  = 10 * time.Second
 )
 
 // startDaemon starts the detached daemon and waits until its namespace is
 // up; it is what the user's `netns-run --detach` does.
-func startDaemon(dir string, stderr io.Writer) int {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		fmt.Fprintf(stderr, "netns-run: --state-dir: %v\n", err)
-		return exitSetupFailed
-	}
-	if pid, err := readPID(dir, "helper.pid"); err == nil && unix.Kill(pid, 0) == nil {
-		fmt.Fprintf(stderr, "netns-run: %s is in use by a running netns-run (PID %d); stop it with `netns-run --stop %s`\n", dir, pid, dir)
-		return exitSetupFailed
-	}
-	logf, err := os.OpenFile(filepath.Join(dir, "log"), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+func startDaemon(path string, stderr io.Writer) int {
+	dir, err := safefs.OpenDir(path, true)
 	if err != nil {
-		fmt.Fprintf(stderr, "netns-run: %v\n", err)
+		fmt.Fprintf(stderr, "netns-run: --state-dir %v\n", err)
+		return exitSetupFailed
+	}
+	defer dir.Close()
+	if p, err := openRecorded(dir, helperRecord); err == nil {
+		p.Close()
+		fmt.Fprintf(stderr, "netns-run: %s is in use by a running netns-run (PID %d); stop it with `netns-run --stop %s`\n", path, p.PID, path)
+		return exitSetupFailed
+	}
+	logf, err := dir.Create("log")
+	if err != nil {
+		fmt.Fprintf(stderr, "netns-run: --state-dir: %v\n", err)
 		return exitSetupFailed
 	}
 	defer logf.Close()
@@ -75,7 +85,7 @@ func startDaemon(dir string, stderr io.Writer) int {
 	msg, _ := io.ReadAll(r)
 	if strings.TrimSpace(string(msg)) != "ok" {
 		fmt.Fprintf(stderr, "netns-run: detached namespace did not start: %s (see %s)\n",
-			strings.TrimSpace(string(msg)), filepath.Join(dir, "log"))
+			strings.TrimSpace(string(msg)), filepath.Join(path, "log"))
 		return exitSetupFailed
 	}
 	return 0
@@ -99,46 +109,99 @@ func (d *daemonReady) report(msg string) {
 }
 
 // writeState records the running namespace in dir.
-func writeState(dir string, ns launcher.Namespace) error {
-	files := map[string]string{
-		"pid":        strconv.Itoa(ns.PID),
-		"helper.pid": strconv.Itoa(os.Getpid()),
-		"netns":      ns.Target().NetNS,
+func writeState(dir *safefs.Dir, ns launcher.Namespace) error {
+	helper, err := launcher.ProcessIDOf(os.Getpid())
+	if err != nil {
+		return fmt.Errorf("state dir: %w", err)
 	}
-	for name, content := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(content+"\n"), 0o600); err != nil {
+	first, err := launcher.ProcessIDOf(ns.PID)
+	if err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	files := []struct{ name, content string }{
+		{firstRecord.pid, strconv.Itoa(first.PID)},
+		{firstRecord.start, strconv.FormatUint(first.Start, 10)},
+		{helperRecord.pid, strconv.Itoa(helper.PID)},
+		{helperRecord.start, strconv.FormatUint(helper.Start, 10)},
+		{"netns", ns.Target().NetNS},
+	}
+	for _, f := range files {
+		if err := dir.WriteFile(f.name, []byte(f.content+"\n")); err != nil {
 			return fmt.Errorf("state dir: %w", err)
 		}
 	}
 	return nil
 }
 
-func removeState(dir string) {
-	for _, name := range []string{"pid", "helper.pid", "netns"} {
-		_ = os.Remove(filepath.Join(dir, name))
+// stateFiles are what writeState leaves; the API socket is removed by its
+// owner, or with the rest when the daemon died without cleaning up.
+var stateFiles = []string{firstRecord.pid, firstRecord.start, helperRecord.pid, helperRecord.start, "netns"}
+
+func removeState(dir *safefs.Dir, stale bool) {
+	names := stateFiles
+	if stale {
+		names = append(names[:len(names):len(names)], "api.sock")
+	}
+	for _, name := range names {
+		_ = dir.Remove(name)
 	}
 }
 
-func readPID(dir, name string) (int, error) {
-	b, err := os.ReadFile(filepath.Join(dir, name))
+// record names the two files that identify a process in the state dir.
+type record struct{ pid, start string }
+
+var (
+	firstRecord  = record{"pid", "pid.start"}
+	helperRecord = record{"helper.pid", "helper.start"}
+)
+
+// recorded reads the identity of a process from dir.
+func recorded(dir *safefs.Dir, r record) (launcher.ProcessID, error) {
+	b, err := dir.ReadFile(r.pid)
 	if err != nil {
-		return 0, err
+		return launcher.ProcessID{}, err
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil || pid <= 0 {
-		return 0, fmt.Errorf("%s: not a PID", filepath.Join(dir, name))
+		return launcher.ProcessID{}, fmt.Errorf("%s: not a PID", filepath.Join(dir.Path(), r.pid))
 	}
-	return pid, nil
+	if b, err = dir.ReadFile(r.start); err != nil {
+		return launcher.ProcessID{}, err
+	}
+	start, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return launcher.ProcessID{}, fmt.Errorf("%s: not a start time", filepath.Join(dir.Path(), r.start))
+	}
+	return launcher.ProcessID{PID: pid, Start: start}, nil
 }
 
-// joinState runs args in the namespace recorded in dir.
-func joinState(dir string, args []string, opts options, stderr io.Writer) int {
-	pid, err := readPID(dir, "pid")
+// openRecorded returns a handle on the recorded process if it still runs.
+func openRecorded(dir *safefs.Dir, r record) (*launcher.Process, error) {
+	id, err := recorded(dir, r)
 	if err != nil {
-		fmt.Fprintf(stderr, "netns-run: --join %s: no running namespace there (%v)\n", dir, err)
+		return nil, err
+	}
+	return id.Open()
+}
+
+// joinState runs args in the namespace recorded in path.
+func joinState(path string, args []string, opts options, stderr io.Writer) int {
+	dir, err := safefs.OpenDir(path, false)
+	if err != nil {
+		fmt.Fprintf(stderr, "netns-run: --join %v\n", err)
 		return exitSetupFailed
 	}
-	code, err := launcher.Join(context.Background(), pid, args, newLoggerFor(opts, stderr))
+	id, err := recorded(dir, firstRecord)
+	dir.Close()
+	if err != nil {
+		fmt.Fprintf(stderr, "netns-run: --join %s: no running namespace there (%v)\n", path, err)
+		return exitSetupFailed
+	}
+	code, err := launcher.Join(context.Background(), id, args, newLoggerFor(opts, stderr))
+	if errors.Is(err, launcher.ErrGone) {
+		fmt.Fprintf(stderr, "netns-run: --join %s: no running namespace there (its first process, PID %d, has exited)\n", path, id.PID)
+		return exitSetupFailed
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "netns-run: %v\n", err)
 		return exitSetupFailed
@@ -146,27 +209,32 @@ func joinState(dir string, args []string, opts options, stderr io.Writer) int {
 	return code
 }
 
-// stopState ends the namespace recorded in dir and waits for it.
-func stopState(dir string, stderr io.Writer) int {
-	pid, err := readPID(dir, "helper.pid")
+// stopState ends the namespace recorded in path and waits for it.
+func stopState(path string, stderr io.Writer) int {
+	dir, err := safefs.OpenDir(path, false)
 	if err != nil {
-		fmt.Fprintf(stderr, "netns-run: --stop %s: no running namespace there (%v)\n", dir, err)
+		fmt.Fprintf(stderr, "netns-run: --stop %v\n", err)
 		return exitSetupFailed
 	}
-	if err := unix.Kill(pid, unix.SIGTERM); err != nil {
-		if errors.Is(err, unix.ESRCH) {
-			removeState(dir)
-			return 0
-		}
+	defer dir.Close()
+	p, err := openRecorded(dir, helperRecord)
+	if errors.Is(err, launcher.ErrGone) {
+		removeState(dir, true)
+		fmt.Fprintf(stderr, "netns-run: --stop %s: the namespace is gone (the netns-run serving it exited); removed its stale state\n", path)
+		return exitSetupFailed
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "netns-run: --stop %s: no running namespace there (%v)\n", path, err)
+		return exitSetupFailed
+	}
+	defer p.Close()
+	if err := p.Signal(unix.SIGTERM); err != nil && !errors.Is(err, launcher.ErrGone) {
 		fmt.Fprintf(stderr, "netns-run: --stop: %v\n", err)
 		return exitSetupFailed
 	}
-	for i := 0; i < 500; i++ {
-		if unix.Kill(pid, 0) != nil {
-			return 0
-		}
-		time.Sleep(20 * time.Millisecond)
+	if !p.WaitExit(stopTimeout) {
+		fmt.Fprintf(stderr, "netns-run: --stop: PID %d did not exit within %v\n", p.PID, stopTimeout)
+		return exitSetupFailed
 	}
-	fmt.Fprintf(stderr, "netns-run: --stop: PID %d did not exit within 10s\n", pid)
-	return exitSetupFailed
+	return 0
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/netns-run/netns-run/cmd/internal/cli"
 	"github.com/netns-run/netns-run/launcher"
+	"github.com/netns-run/netns-run/launcher/safefs"
 	"github.com/netns-run/netns-run/netstack"
 )
 
@@ -127,18 +128,30 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case opts.detach && os.Getenv(daemonEnv) == "":
 		return startDaemon(opts.stateDir, stderr)
 	}
-	if opts.netnsPath != "" {
-		defer os.Remove(opts.netnsPath)
-	}
 	var ready *daemonReady
+	var stateDir *safefs.Dir
 	if opts.detach {
+		// The daemon: what it starts is not a daemon (a nested --detach
+		// must start its own).
+		os.Unsetenv(daemonEnv)
 		ready = newDaemonReady()
 		defer ready.report("exited before the namespace was up")
-		defer removeState(opts.stateDir)
+		if stateDir, err = safefs.OpenDir(opts.stateDir, false); err != nil {
+			ready.report(err.Error())
+			return exitSetupFailed
+		}
+		defer stateDir.Close()
+		defer removeState(stateDir, false)
 		if opts.apiSocket == "" {
 			opts.apiSocket = filepath.Join(opts.stateDir, "api.sock")
 		}
 	}
+	var netnsLink *safefs.Created
+	defer func() {
+		if err := netnsLink.Remove(); err != nil {
+			fmt.Fprintf(stderr, "netns-run: --netns: %v\n", err)
+		}
+	}()
 	log := newLoggerFor(opts, stderr)
 
 	netCfg := netstack.DefaultConfig()
@@ -198,13 +211,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 			if err == nil && opts.netnsPath != "" {
 				// A symlink: unprivileged users cannot bind-mount into
 				// the host's mount namespace.
-				if err = os.Symlink(ns.Target().NetNS, opts.netnsPath); err != nil {
+				if netnsLink, err = safefs.Symlink(ns.Target().NetNS, opts.netnsPath); err != nil {
 					host.Close()
 					return nil, fmt.Errorf("--netns: %w", err)
 				}
 			}
 			if err == nil && ready != nil {
-				if err = writeState(opts.stateDir, ns); err != nil {
+				if err = writeState(stateDir, ns); err != nil {
 					host.Close()
 					return nil, err
 				}

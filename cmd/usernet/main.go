@@ -19,6 +19,7 @@ import (
 
 	"github.com/netns-run/netns-run/cmd/internal/cli"
 	"github.com/netns-run/netns-run/launcher"
+	"github.com/netns-run/netns-run/launcher/safefs"
 	"github.com/netns-run/netns-run/netstack"
 	"github.com/netns-run/netns-run/portfwd"
 	"github.com/netns-run/netns-run/tap"
@@ -192,7 +193,7 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 	}
 	printBanner(stdout, cfg, addressesOf(cfg.cidr), h.netCfg)
 	if cfg.pcap != "" {
-		if h.pcap, err = os.OpenFile(cfg.pcap, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600); err != nil {
+		if h.pcap, err = safefs.CreateFile(cfg.pcap); err != nil {
 			h.dev.Close()
 			return fmt.Errorf("packet capture: %w", err)
 		}

@@ -28,6 +28,10 @@ const (
 	EnvUserNS = "_NETNS_RUN_NSENTER_USER"
 	EnvMntNS  = "_NETNS_RUN_NSENTER_MNT"
 	EnvUTSNS  = "_NETNS_RUN_NSENTER_UTS"
+	// EnvPIDNS: the constructor forks after joining it (setns never
+	// moves the caller itself); the child goes on, the parent relays
+	// signals and the child's exit status.
+	EnvPIDNS = "_NETNS_RUN_NSENTER_PID"
 )
 
 // Err reports whether joining the network namespace failed.
