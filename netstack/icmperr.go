@@ -1,10 +1,7 @@
 package netstack
 
 import (
-	"net"
 	"net/netip"
-	"sync"
-	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -85,8 +82,8 @@ func (s *Stack) takeFirstPacket(id stack.TransportEndpointID) (firstPacket, bool
 
 // loopbackBlocked reports whether a flow to dst must be refused because
 // it would end on the host itself while host loopback is disabled: the
-// gateway addresses, loopback addresses (also IPv4-mapped), and the host's
-// own addresses, which the kernel delivers locally just the same.
+// gateway addresses, loopback addresses (also IPv4-mapped), and every
+// address the host's kernel delivers locally (see hostLocal).
 func (s *Stack) loopbackBlocked(dst netip.Addr) bool {
 	if !s.cfg.DisableHostLoopback {
 		return false
@@ -95,38 +92,7 @@ func (s *Stack) loopbackBlocked(dst netip.Addr) bool {
 	if dst == s.cfg.Gateway || (s.cfg.IPv6 && dst == s.cfg.Gateway6) || dst.IsLoopback() || dst.IsUnspecified() {
 		return true
 	}
-	return !s.ownAddress(dst) && !s.cfg.Network.Contains(dst) && s.hostAddrs.has(dst)
-}
-
-// hostAddrSet caches the host's own addresses: the guard consults it for
-// every new flow while host loopback is disabled, so it must be cheap.
-type hostAddrSet struct {
-	mu      sync.Mutex
-	addrs   map[netip.Addr]struct{}
-	fetched time.Time
-}
-
-// hostAddrRefresh bounds how stale the cache may be when addresses change.
-const hostAddrRefresh = 2 * time.Second
-
-func (h *hostAddrSet) has(a netip.Addr) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if time.Since(h.fetched) > hostAddrRefresh {
-		h.addrs = map[netip.Addr]struct{}{}
-		if list, err := net.InterfaceAddrs(); err == nil {
-			for _, ad := range list {
-				if ipn, ok := ad.(*net.IPNet); ok {
-					if ip, ok := netip.AddrFromSlice(ipn.IP); ok {
-						h.addrs[ip.Unmap()] = struct{}{}
-					}
-				}
-			}
-		}
-		h.fetched = time.Now()
-	}
-	_, ok := h.addrs[a]
-	return ok
+	return !s.ownAddress(dst) && !s.cfg.Network.Contains(dst) && s.hostLocal.is(dst)
 }
 
 // sendUnreachable answers pkt with an ICMP destination unreachable from the

@@ -60,7 +60,7 @@ type Stack struct {
 	ping         *pinger
 	linkDown     chan struct{}
 	linkOnce     sync.Once
-	hostAddrs    hostAddrSet
+	hostLocal    hostLocal
 	link         *tapLink
 }
 
