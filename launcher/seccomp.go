@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	seccomp "github.com/elastic/go-seccomp-bpf"
+	"golang.org/x/sys/unix"
 )
 
 // steadyStateSyscalls is everything a running helper (usernet after its
@@ -33,6 +34,15 @@ var steadyStateSyscalls = []string{
 	"pidfd_open",
 }
 
+// steadyStateIoctls are the only ioctl requests allowed: those that the
+// API's caller check (portfwd's checkPeer) uses to find a caller's user
+// namespace and its parents. Any other (TIOCSTI on an inherited terminal,
+// say) fails.
+var steadyStateIoctls = []uint64{
+	0xff09,             // PIDFD_GET_USER_NAMESPACE
+	unix.NS_GET_PARENT, // walk up user namespaces
+}
+
 // LoadSeccomp confines the calling process (all threads) to the helper's
 // steady-state system calls; anything else fails with EPERM instead of
 // killing the helper. With logDenied the kernel also logs each refused call
@@ -48,11 +58,20 @@ func LoadSeccomp(logDenied bool) error {
 		Flag:       flag,
 		Policy: seccomp.Policy{
 			DefaultAction: seccomp.ActionErrno,
-			Syscalls:      []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: steadyStateSyscalls}},
+			Syscalls:      []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: steadyStateSyscalls, NamesWithCondtions: ioctlRules()}},
 		},
 	}
 	if err := seccomp.LoadFilter(filter); err != nil {
 		return fmt.Errorf("seccomp: %w", err)
 	}
 	return nil
+}
+
+func ioctlRules() []seccomp.NameWithConditions {
+	var rules []seccomp.NameWithConditions
+	for _, req := range steadyStateIoctls {
+		rules = append(rules, seccomp.NameWithConditions{Name: "ioctl",
+			Conditions: seccomp.ArgumentConditions{{Argument: 1, Operation: seccomp.Equal, Value: req}}})
+	}
+	return rules
 }

@@ -7,6 +7,8 @@ import (
 	"os/exec"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestSeccompFilter loads the filter in a child copy of the test binary
@@ -58,5 +60,16 @@ func seccompChild(t *testing.T) {
 	}
 	if err := syscall.Mount("none", "/mnt", "tmpfs", 0, ""); !errors.Is(err, syscall.EPERM) {
 		t.Errorf("mount: %v, want EPERM", err)
+	}
+	// Only the ioctls of the API's caller check pass.
+	if _, err := unix.IoctlGetInt(0, unix.TIOCGPGRP); !errors.Is(err, syscall.EPERM) {
+		t.Errorf("ioctl TIOCGPGRP: %v, want EPERM", err)
+	}
+	pidfd, err := unix.PidfdOpen(os.Getpid(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unix.IoctlRetInt(pidfd, 0xff09); err != nil {
+		t.Errorf("ioctl PIDFD_GET_USER_NAMESPACE: %v", err)
 	}
 }

@@ -32,6 +32,24 @@ type API struct {
 	log          *slog.Logger
 	allowIPv6    bool
 	info, stats  func() any
+	// guest, if set, says whose requests are refused (see RefuseGuest).
+	guest *guestFilter
+}
+
+// RefuseGuest makes the API refuse requests from processes in user
+// namespace guest (the namespace whose network it configures) or one
+// nested in it: a guest that opens host ports for itself undoes
+// --disable-host-loopback and every other limit set from outside.
+//
+// seesGuests says that this process may inspect every process in guest
+// (it runs in an ancestor namespace as guest's owner, with its
+// capabilities: netns-run, usernet without --enable-sandbox); a caller
+// the kernel does not let it inspect (another user, root) is then served.
+// Otherwise (usernet inside its sandbox, which may inspect hardly anyone)
+// such a caller is served only if its socket is in our own network
+// namespace, where no guest process can make one.
+func (a *API) RefuseGuest(guest UserNS, seesGuests bool) {
+	a.guest = &guestFilter{userNS: guest, seesGuests: seesGuests}
 }
 
 // SetReporter enables get_info and get_stats, our extensions to the
@@ -60,6 +78,7 @@ func (a *API) Serve(ctx context.Context, ln net.Listener) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	slots := make(chan struct{}, apiMaxClients)
+	ownNetns := netnsCookie(ln)
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
@@ -70,17 +89,28 @@ func (a *API) Serve(ctx context.Context, ln net.Listener) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-slots }()
-			a.serveConn(conn)
+			a.serveConn(conn, ownNetns)
 		}()
 	}
 }
 
-func (a *API) serveConn(conn net.Conn) {
+// serveConn answers one connection; ownNetns is the cookie of our network
+// namespace (0: unknown).
+func (a *API) serveConn(conn net.Conn, ownNetns uint64) {
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(apiReadTimeout))
+	var refused error
+	if a.guest != nil {
+		// Answered after reading the request: a client gets the answer
+		// instead of a reset from a socket closed on its unread request.
+		refused = a.guest.check(conn, ownNetns)
+	}
 	req, err := io.ReadAll(io.LimitReader(conn, apiMaxRequest))
 	var resp []byte
 	switch {
+	case refused != nil:
+		a.log.Warn("api: request refused", "err", refused)
+		resp = apiError("permission denied: " + refused.Error())
 	case err != nil:
 		a.log.Debug("api: reading request", "err", err)
 		resp = apiError("bad request: cannot parse JSON")

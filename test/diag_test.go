@@ -1,8 +1,6 @@
 package test
 
 import (
-	"bufio"
-	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -10,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -96,20 +93,8 @@ func TestStats(t *testing.T) {
 	sock := filepath.Join(dir, "api.sock")
 	n := bins.nettool
 	script := fmt.Sprintf("for i in 1 2 3; do %s tcp-echo-check 10.0.2.2:8080 100000 >/dev/null || exit 1; done; echo done; exec %s sleep stats", n, n)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	// A cleanup, not a defer: cancelling kills netns-run with SIGKILL,
-	// which must come after the SIGTERM cleanup below has let it finish.
-	t.Cleanup(cancel)
-	cmd := wd.guestCommand(ctx, []string{"--api-socket", sock, "-p", "19700:80"}, "sh", "-c", script)
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
-	if line, _ := bufio.NewReader(stdout).ReadString('\n'); strings.TrimSpace(line) != "done" {
+	stdout := wd.startGuestScript([]string{"--api-socket", sock, "-p", "19700:80"}, script)
+	if line, _ := stdout.ReadString('\n'); strings.TrimSpace(line) != "done" {
 		t.Fatalf("exchange failed: %q", line)
 	}
 	var st struct {

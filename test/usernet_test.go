@@ -366,7 +366,9 @@ func TestUsernetSandbox(t *testing.T) {
 	}
 	const size = 8 << 20
 	checkEcho(t, result{stdout: wd.inSandbox(sb, bins.nettool, "tcp-echo-check", remoteAddr+":7", fmt.Sprint(size))}, size)
-	if got := apiCall(t, sock, `{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
+	// From W: the sandboxed helper may not inspect callers to tell them
+	// from the guest's, and serves only those in its network namespace.
+	if got := wd.userAPICall(sock, `{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
 		t.Errorf("api in sandbox: %s", got)
 	}
 	if code := u.stop(t); code != 0 {
@@ -500,7 +502,8 @@ func TestUsernetSeccomp(t *testing.T) {
 			t.Errorf("ping under seccomp: %v\n%s", err, out)
 		}
 	}
-	if got := apiCall(t, sock, `{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
+	// From W: see TestUsernetSandbox.
+	if got := wd.userAPICall(sock, `{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
 		t.Errorf("api under seccomp: %s", got)
 	}
 	if code := u.stop(t); code != 0 {

@@ -232,6 +232,28 @@ func (wd *world) run(cmd *exec.Cmd) result {
 	return res
 }
 
+// startGuestScript runs `sh -c script` under netns-run FLAGS in W until the
+// test ends and returns its stdout to read as it goes. At the end it gets
+// SIGTERM, and SIGKILL a minute after it started.
+func (wd *world) startGuestScript(flags []string, script string) *bufio.Reader {
+	t := wd.t
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	// A cleanup, not a defer: cancelling kills netns-run with SIGKILL,
+	// which must come after the SIGTERM cleanup below has let it finish.
+	t.Cleanup(cancel)
+	cmd := wd.guestCommand(ctx, flags, "sh", "-c", script)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
+	return bufio.NewReader(stdout)
+}
+
 // mustRunGuest is runGuest that expects exit status 0.
 func (wd *world) mustRunGuest(flags []string, cmdline ...string) result {
 	wd.t.Helper()

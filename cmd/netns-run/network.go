@@ -64,7 +64,15 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 			h.Close()
 			return nil, err
 		}
+		guestNS, _, _, err := portfwd.GuestUserNS(ns.Target().UserNS, "")
+		if err != nil {
+			h.Close()
+			return nil, err
+		}
 		api := portfwd.NewAPI(h.ports, guestAddr, log)
+		// We made the guest's user namespace: every process in it is
+		// one we may inspect.
+		api.RefuseGuest(guestNS, true)
 		api.AllowIPv6()
 		api.SetReporter(func() any { return h.stack.Info() }, func() any { return h.stack.Stats() })
 		h.apiEnd = make(chan struct{})

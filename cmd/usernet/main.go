@@ -96,6 +96,7 @@ type sandboxState struct {
 	APIName   string           `json:"api_name"`
 	PcapFD    int              `json:"pcap_fd"`
 	Upstreams []netip.AddrPort `json:"dns_upstreams"`
+	GuestNS   *portfwd.UserNS  `json:"guest_userns"`
 }
 
 // helper is everything the long-running part needs.
@@ -106,6 +107,11 @@ type helper struct {
 	dev    tap.Device
 	api    *portfwd.APISocket
 	pcap   *os.File
+	// guestNS is the user namespace whose processes the API refuses
+	// (nil: the guest shares ours, so they cannot be told apart), and
+	// seesGuests whether we may inspect all of them (see RefuseGuest).
+	guestNS    *portfwd.UserNS
+	seesGuests bool
 }
 
 func serve(cfg *config, stdout, stderr io.Writer) error {
@@ -188,6 +194,16 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 		Nameserver: h.netCfg.DNS,
 		MAC:        cfg.macAddress,
 	}
+	ns, below, same, err := portfwd.GuestUserNS(target.UserNS, target.NetNS)
+	if err != nil {
+		return err
+	}
+	if !same {
+		h.guestNS = &ns
+		// From inside the sandbox, joined to the guest's namespace
+		// without capabilities, we may not inspect all of its processes.
+		h.seesGuests = below && !cfg.sandbox
+	}
 	if h.dev, _, err = launcher.OpenTapIn(ctx, target, guest, cfg.configure); err != nil {
 		return err
 	}
@@ -211,7 +227,7 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
 	q := h.dev.Queues()[0]
-	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, APIDirFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams}
+	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, APIDirFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS}
 	keep := []*os.File{q}
 	if h.pcap != nil {
 		st.PcapFD = int(h.pcap.Fd())
@@ -231,6 +247,7 @@ func (h *helper) enterSandbox() error {
 // adopt takes over what the pre-sandbox process set up.
 func (h *helper) adopt(st sandboxState) error {
 	h.netCfg.DNSUpstreams = st.Upstreams
+	h.guestNS = st.GuestNS
 	h.dev = tap.FromFiles(st.TapName, []*os.File{os.NewFile(uintptr(st.TapFD), "tap")})
 	if st.PcapFD >= 0 {
 		h.pcap = os.NewFile(uintptr(st.PcapFD), "pcap")
@@ -268,6 +285,9 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 	}()
 	if h.api != nil {
 		api := portfwd.NewAPI(ports, h.guest, log)
+		if h.guestNS != nil {
+			api.RefuseGuest(*h.guestNS, h.seesGuests)
+		}
 		api.SetReporter(func() any { return stack.Info() }, func() any { return stack.Stats() })
 		done := make(chan struct{})
 		go func() {

@@ -250,3 +250,27 @@ func sleepForever(args []string) error {
 	fmt.Fprintln(os.Stdout, "sleeping", args[0])
 	select {}
 }
+
+// apiCall sends one request to a slirp4netns-style API socket the way
+// podman does (write, half-close) and prints the reply.
+func apiCall(args []string) error {
+	if err := needArgs(args, 2); err != nil {
+		return err
+	}
+	c, err := net.DialTimeout("unix", args[0], 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, args[1]); err != nil {
+		return err
+	}
+	_ = c.(*net.UnixConn).CloseWrite()
+	reply, err := io.ReadAll(c)
+	if err != nil {
+		return err
+	}
+	fmt.Println(string(reply))
+	return nil
+}
