@@ -84,20 +84,7 @@ func TestAPIOverSocket(t *testing.T) {
 	go func() { defer close(done); a.Serve(t.Context(), ln) }()
 	t.Cleanup(func() { sock.Close(); <-done })
 
-	call := func(req string) string {
-		c, err := net.Dial("unix", path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		if _, err := c.Write([]byte(req)); err != nil {
-			t.Fatal(err)
-		}
-		c.(*net.UnixConn).CloseWrite()
-		buf := make([]byte, 8192)
-		n, _ := c.Read(buf)
-		return string(buf[:n])
-	}
+	call := func(req string) string { return apiRequest(t, path, req) }
 	if got := call(`{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
 		t.Errorf("list: %q", got)
 	}

@@ -15,15 +15,7 @@ import (
 func TestAPIRefusesGuest(t *testing.T) {
 	if os.Getenv("PEER_TEST_CHILD") != "" {
 		// The nested caller: a child in a user namespace of its own.
-		c, err := net.Dial("unix", os.Getenv("PEER_TEST_CHILD"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, _ = c.Write([]byte(`{"execute":"list_hostfwd"}`))
-		_ = c.(*net.UnixConn).CloseWrite()
-		b := make([]byte, 4096)
-		n, _ := c.Read(b)
-		os.Stdout.Write(b[:n])
+		os.Stdout.WriteString(apiRequest(t, os.Getenv("PEER_TEST_CHILD"), `{"execute":"list_hostfwd"}`))
 		return
 	}
 	own, err := userNSAt("/proc/self/ns/user")
@@ -46,7 +38,7 @@ func TestAPIRefusesGuest(t *testing.T) {
 		}
 		done := make(chan struct{})
 		go func() { defer close(done); a.Serve(t.Context(), ln) }()
-		got := string(call(t, ln.Addr().String(), `{"execute":"list_hostfwd"}`))
+		got := apiRequest(t, ln.Addr().String(), `{"execute":"list_hostfwd"}`)
 		if refused := strings.HasPrefix(got, `{"error":{"desc":"permission denied:`); refused != c.refused {
 			t.Errorf("%s: %s", c.name, got)
 		}
@@ -76,7 +68,9 @@ func TestAPIRefusesGuest(t *testing.T) {
 	}
 }
 
-func call(t *testing.T, sock, req string) []byte {
+// apiRequest sends one request to the API socket at sock the way podman
+// does (write, half-close) and returns the reply.
+func apiRequest(t *testing.T, sock, req string) string {
 	t.Helper()
 	c, err := net.Dial("unix", sock)
 	if err != nil {
@@ -87,7 +81,7 @@ func call(t *testing.T, sock, req string) []byte {
 		t.Fatal(err)
 	}
 	_ = c.(*net.UnixConn).CloseWrite()
-	b := make([]byte, 4096)
-	n, _ := c.Read(b)
-	return b[:n]
+	buf := make([]byte, 8192)
+	n, _ := c.Read(buf)
+	return string(buf[:n])
 }
