@@ -43,6 +43,8 @@ type firstPacket struct {
 	// seq is a TCP SYN's sequence number: an ICMP error about the SYN
 	// must quote it for the guest's kernel to accept the error.
 	seq uint32
+	// mac is the guest's Ethernet address it came from.
+	mac tcpip.LinkAddress
 }
 
 // maxPendingFirst bounds the first-packet notes waiting for a forwarder
@@ -55,6 +57,9 @@ func (s *Stack) noteFirstPacket(id stack.TransportEndpointID, pkt *stack.PacketB
 		return
 	}
 	fp := firstPacket{ttl: header.IPv4(nh).TTL()}
+	if eth := header.Ethernet(pkt.LinkHeader().Slice()); len(eth) >= header.EthernetMinimumSize {
+		fp.mac = eth.SourceAddress()
+	}
 	if pkt.NetworkProtocolNumber == header.IPv6ProtocolNumber {
 		fp.ttl = header.IPv6(nh).HopLimit()
 	}

@@ -43,7 +43,7 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	defer s.flows.leave()
 	client, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
 	src := s.sourceFor(client)
-	gc, ep, err := s.dialGuestTCP(src, guest)
+	gc, err := s.dialGuestTCP(src, guest)
 	if err != nil {
 		_ = conn.SetLinger(0)
 		conn.Close()
@@ -53,7 +53,7 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	flowStarted(&s.counters.tcpOpen, &s.counters.tcpTotal)
 	defer s.counters.tcpOpen.Add(-1)
 	s.log.Debug("inbound tcp flow opened", "client", client, "src", src, "guest", guest)
-	up, down := relayTCP(s.ctx, gc, ep, conn)
+	up, down := relayTCP(s.ctx, gc, conn)
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))
 	s.log.Debug("inbound tcp flow closed", "client", client, "src", src, "guest", guest,
@@ -61,25 +61,25 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	return nil
 }
 
-func (s *Stack) dialGuestTCP(src, dst netip.AddrPort) (*gonet.TCPConn, tcpip.Endpoint, error) {
+func (s *Stack) dialGuestTCP(src, dst netip.AddrPort) (guestConn, error) {
 	ctx, cancel := context.WithTimeout(s.ctx, guestConnectTimeout)
 	defer cancel()
-	gc, ep, err := s.connectTCP(ctx, src, dst)
+	gc, err := s.connectTCP(ctx, src, dst)
 	if errors.Is(err, errSourceInUse) {
 		// The client's port is taken by another flow from that address;
 		// keep the address, let the stack pick a port.
-		gc, ep, err = s.connectTCP(ctx, netip.AddrPortFrom(src.Addr(), 0), dst)
+		gc, err = s.connectTCP(ctx, netip.AddrPortFrom(src.Addr(), 0), dst)
 	}
-	return gc, ep, err
+	return gc, err
 }
 
 var errSourceInUse = errors.New("source address and port in use")
 
-func (s *Stack) connectTCP(ctx context.Context, src, dst netip.AddrPort) (*gonet.TCPConn, tcpip.Endpoint, error) {
-	var wq waiter.Queue
-	ep, terr := s.stack.NewEndpoint(tcp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
+func (s *Stack) connectTCP(ctx context.Context, src, dst netip.AddrPort) (guestConn, error) {
+	wq := new(waiter.Queue)
+	ep, terr := s.stack.NewEndpoint(tcp.ProtocolNumber, ipv4.ProtocolNumber, wq)
 	if terr != nil {
-		return nil, nil, errors.New(terr.String())
+		return guestConn{}, errors.New(terr.String())
 	}
 	entry, notify := waiter.NewChannelEntry(waiter.WritableEvents)
 	wq.EventRegister(&entry)
@@ -87,25 +87,25 @@ func (s *Stack) connectTCP(ctx context.Context, src, dst netip.AddrPort) (*gonet
 	if terr := ep.Bind(s.fullAddress(src)); terr != nil {
 		ep.Close()
 		if _, ok := terr.(*tcpip.ErrPortInUse); ok {
-			return nil, nil, errSourceInUse
+			return guestConn{}, errSourceInUse
 		}
-		return nil, nil, fmt.Errorf("bind %s: %s", src, terr)
+		return guestConn{}, fmt.Errorf("bind %s: %s", src, terr)
 	}
 	terr = ep.Connect(s.fullAddress(dst))
 	if _, ok := terr.(*tcpip.ErrConnectStarted); ok {
 		select {
 		case <-ctx.Done():
 			ep.Abort()
-			return nil, nil, ctx.Err()
+			return guestConn{}, ctx.Err()
 		case <-notify:
 		}
 		terr = ep.LastError()
 	}
 	if terr != nil {
 		ep.Close()
-		return nil, nil, errors.New(terr.String())
+		return guestConn{}, errors.New(terr.String())
 	}
-	return gonet.NewTCPConn(&wq, ep), ep, nil
+	return guestConn{ep: ep, wq: wq}, nil
 }
 
 // DialGuestUDP opens a UDP flow to guest whose datagrams carry the source

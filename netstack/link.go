@@ -52,6 +52,11 @@ type tapLink struct {
 	stopped   bool
 	onClose   func()
 	readers   sync.WaitGroup
+	// acks holds back bare ACKs (see ackhold.go).
+	acks *ackHolder
+	// divert, if set before the stack attaches, is offered every frame
+	// first; what it takes never reaches the stack (see udpfast.go).
+	divert func(parts [][]byte, n int, scratch *frameScratch) bool
 }
 
 var (
@@ -85,6 +90,7 @@ func newTapLink(fds []int, vnetHdr int, mtu uint32, addr tcpip.LinkAddress, clos
 		return nil, fmt.Errorf("tap: unsupported virtio-net header size %d", vnetHdr)
 	}
 	l := &tapLink{fds: fds, vnetHdr: vnetHdr, mtu: mtu, addr: addr, closed: closed}
+	l.acks = newAckHolder(func(pkt *stack.PacketBuffer) { _ = l.writePacket(pkt) })
 	for _, fd := range fds {
 		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
@@ -199,6 +205,7 @@ func (l *tapLink) Attach(d stack.NetworkDispatcher) {
 			return
 		}
 		r := newFrameReader(rc, l.vnetHdr)
+		r.divert = l.divert
 		l.readers.Add(1)
 		go func() {
 			defer l.readers.Done()
@@ -225,6 +232,7 @@ func (l *tapLink) shutdown() {
 	l.stopReadersLocked()
 	l.mu.Unlock()
 	l.Wait()
+	l.acks.close()
 }
 
 // IsAttached implements stack.LinkEndpoint.
@@ -300,12 +308,13 @@ func (l *tapLink) readLoop(r *frameReader) {
 // does not block (the kernel drops what its queue cannot take), so frames
 // are written one by one.
 func (l *tapLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
-	var hdr [maxVnetHdr]byte
-	vh := hdr[:l.vnetHdr]
 	n := 0
 	for _, pkt := range pkts.AsSlice() {
-		encodeVnetHdr(vh, pkt)
-		if errno := l.write(l.fds[pkt.Hash%uint32(len(l.fds))], vh, pkt.AsSlices()); errno != 0 {
+		if l.acks != nil && !l.acks.admit(pkt) {
+			n++
+			continue
+		}
+		if errno := l.writePacket(pkt); errno != 0 {
 			if n == 0 {
 				return 0, tcpip.TranslateErrno(errno)
 			}
@@ -314,6 +323,14 @@ func (l *tapLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 		n++
 	}
 	return n, nil
+}
+
+// writePacket puts one frame the stack built on its queue.
+func (l *tapLink) writePacket(pkt *stack.PacketBuffer) unix.Errno {
+	var hdr [maxVnetHdr]byte
+	vh := hdr[:l.vnetHdr]
+	encodeVnetHdr(vh, pkt)
+	return l.write(l.fds[pkt.Hash%uint32(len(l.fds))], vh, pkt.AsSlices())
 }
 
 // writeFrame writes a whole Ethernet frame the stack did not build (router
@@ -378,6 +395,10 @@ type frameReader struct {
 	tryRead func(fd uintptr) bool
 	n       int
 	errno   unix.Errno
+	// divert and its working space: see tapLink.divert.
+	divert  func(parts [][]byte, n int, scratch *frameScratch) bool
+	parts   [len(readSizes)][]byte
+	scratch frameScratch
 }
 
 func newFrameReader(queue syscall.RawConn, vnetHdr int) *frameReader {
@@ -424,6 +445,10 @@ func (r *frameReader) read() (*stack.PacketBuffer, tcpip.Error) {
 	if n < header.EthernetMinimumSize || !r.acceptVnetHdr() {
 		return nil, nil
 	}
+	if r.divert != nil && r.divert(r.filled(n), n, &r.scratch) {
+		// The frame's buffers are kept for the next read.
+		return nil, nil
+	}
 	var payload buffer.Buffer
 	for i := range r.views {
 		if n == 0 {
@@ -455,6 +480,23 @@ func (r *frameReader) acceptVnetHdr() bool {
 	return false
 }
 
+// filled returns the parts of the buffers a frame of n bytes filled.
+func (r *frameReader) filled(n int) [][]byte {
+	parts := r.parts[:0]
+	for _, v := range r.views {
+		if n == 0 {
+			break
+		}
+		b := v.AsSlice()
+		if len(b) > n {
+			b = b[:n]
+		}
+		n -= len(b)
+		parts = append(parts, b)
+	}
+	return parts
+}
+
 func (r *frameReader) release() {
 	for i, v := range r.views {
 		if v != nil {
@@ -468,7 +510,10 @@ func (r *frameReader) release() {
 // ready). x/sys/unix.Readv would allocate its iovecs on every frame.
 func readv(fd uintptr, iovecs []unix.Iovec) (int, unix.Errno) {
 	for {
-		n, _, errno := unix.Syscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iovecs[0])), uintptr(len(iovecs)))
+		// Raw: the queue is non-blocking, and telling the scheduler about
+		// a syscall that cannot block only invites it to hand the P to
+		// another thread.
+		n, _, errno := unix.RawSyscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iovecs[0])), uintptr(len(iovecs)))
 		if errno != unix.EINTR {
 			return int(n), errno
 		}

@@ -3,14 +3,10 @@ package netstack
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 )
 
 // relayBufferSize is the copy buffer of one direction of one flow, enough
@@ -35,77 +31,6 @@ var (
 		return &b
 	}}
 )
-
-// relayTCP copies both ways between a guest connection and a host socket
-// until both directions have finished or ctx ends. A FIN on one side becomes
-// a half-close on the other; a reset or error on one side resets the other.
-// It returns the bytes copied guest->host and host->guest.
-func relayTCP(ctx context.Context, guest *gonet.TCPConn, ep tcpip.Endpoint, host *net.TCPConn) (up, down int64) {
-	var once sync.Once
-	abort := func() {
-		once.Do(func() {
-			// Linger 0 makes Close send RST rather than FIN.
-			_ = host.SetLinger(0)
-			host.Close()
-			ep.Abort()
-		})
-	}
-	stop := context.AfterFunc(ctx, abort)
-	defer stop()
-
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		var err error
-		down, err = copyStream(guest, host)
-		if err != nil {
-			abort()
-			return
-		}
-		_ = guest.CloseWrite()
-	}()
-	var err error
-	up, err = copyStream(host, guest)
-	if err != nil {
-		abort()
-	} else {
-		_ = host.CloseWrite()
-	}
-	wg.Wait()
-	guest.Close()
-	host.Close()
-	return up, down
-}
-
-// copyStream copies src to dst until EOF (nil error) or a failure.
-func copyStream(dst io.Writer, src io.Reader) (int64, error) {
-	small := relayBuffers.Get().(*[]byte)
-	defer relayBuffers.Put(small)
-	buf := *small
-	var total int64
-	for {
-		n, rerr := src.Read(buf)
-		if n > 0 {
-			w, werr := dst.Write(buf[:n])
-			total += int64(w)
-			if werr != nil {
-				return total, werr
-			}
-		}
-		if rerr == io.EOF {
-			return total, nil
-		}
-		if rerr != nil {
-			return total, rerr
-		}
-		if n == len(buf) && len(buf) < bulkBufferSize {
-			big := bulkBuffers.Get().(*[]byte)
-			defer bulkBuffers.Put(big)
-			buf = *big
-		}
-	}
-}
 
 // deadlineSlack is how stale a datagram flow's read deadline may get before
 // it is pushed back.

@@ -62,6 +62,9 @@ type Stack struct {
 	linkOnce     sync.Once
 	hostLocal    hostLocal
 	link         *tapLink
+	// udpFast carries established UDP flows past the stack; nil when
+	// capturing, since the capture sees only what passes the stack.
+	udpFast *udpFastPath
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on
@@ -118,6 +121,10 @@ func (s *Stack) start(vnetHdr int) error {
 		return err
 	}
 	s.link = tl
+	if s.cfg.Capture == nil {
+		s.udpFast = newUDPFastPath(tl)
+		tl.divert = s.udpFast.divert
+	}
 	var link stack.LinkEndpoint = ethernet.New(tl)
 	if s.cfg.Capture != nil {
 		// The sniffer also logs every packet to stderr unless told not

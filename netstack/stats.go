@@ -18,6 +18,9 @@ type counters struct {
 	dropBlocked         atomic.Uint64
 	dropICMPUnavailable atomic.Uint64
 	dropFlowLimit       atomic.Uint64
+	// dropFastPath counts datagrams the UDP fast path dropped because a
+	// host socket or the TAP queue was full.
+	dropFastPath atomic.Uint64
 }
 
 // Stats is a snapshot of what the stack has done, for the API's get_stats.
@@ -80,6 +83,13 @@ func (s *Stack) Stats() Stats {
 		st.Link.TxPackets, st.Link.TxBytes = n.Tx.Packets.Value(), n.Tx.Bytes.Value()
 		st.Drops.QueueFull = n.TxPacketsDroppedNoBufferSpace.Value()
 		st.Drops.Malformed = n.MalformedL4RcvdPackets.Value()
+	}
+	st.Drops.QueueFull += c.dropFastPath.Load()
+	if f := s.udpFast; f != nil {
+		st.Link.RxPackets += f.counters.rxPackets.Load()
+		st.Link.RxBytes += f.counters.rxBytes.Load()
+		st.Link.TxPackets += f.counters.txPackets.Load()
+		st.Link.TxBytes += f.counters.txBytes.Load()
 	}
 	return st
 }

@@ -9,7 +9,6 @@ import (
 	"syscall"
 	"time"
 
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -51,6 +50,8 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	if terr != nil {
 		s.log.Debug("tcp handshake with guest failed", "src", src, "dst", dst, "err", terr)
 		r.Complete(true)
+		// The host's peer must not take this for a clean close.
+		_ = host.SetLinger(0)
 		host.Close()
 		return
 	}
@@ -59,7 +60,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	flowStarted(&s.counters.tcpOpen, &s.counters.tcpTotal)
 	defer s.counters.tcpOpen.Add(-1)
 	s.log.Debug("tcp flow opened", "src", src, "dst", dst, "remote", host.RemoteAddr())
-	up, down := relayTCP(s.ctx, gonet.NewTCPConn(&wq, ep), ep, host)
+	up, down := relayTCP(s.ctx, guestConn{ep: ep, wq: &wq}, host)
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))
 	s.log.Debug("tcp flow closed", "src", src, "dst", dst, "remote", host.RemoteAddr(),

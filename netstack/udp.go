@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -62,21 +63,21 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 		s.log.Debug("udp endpoint", "src", src, "dst", dst, "err", terr)
 		return true
 	}
-	guest := gonet.NewUDPConn(&wq, ep)
 	s.counters.udpTotal.Add(1)
 	go func() {
 		defer s.flows.leave()
 		defer s.counters.udpOpen.Add(-1)
 		if isDNS {
-			s.serveDNS(guest)
+			s.serveDNS(gonet.NewUDPConn(&wq, ep))
 			return
 		}
-		s.serveUDP(guest, src, dst, target, first.ttl)
+		s.serveUDP(ep, &wq, src, dst, target, first)
 	}()
 	return true
 }
 
-func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort, ttl uint8) {
+func (s *Stack) serveUDP(ep tcpip.Endpoint, wq *waiter.Queue, src, dst, target netip.AddrPort, first firstPacket) {
+	ttl := first.ttl
 	var laddr *net.UDPAddr
 	if a := s.outboundAddr("udp", target.Addr()); a != nil {
 		laddr = a.(*net.UDPAddr)
@@ -84,7 +85,7 @@ func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort, 
 	host, err := net.DialUDP("udp", laddr, net.UDPAddrFromAddrPort(target))
 	if err != nil {
 		s.log.Debug("udp socket", "src", src, "dst", dst, "err", err)
-		guest.Close()
+		ep.Close()
 		return
 	}
 	v6 := target.Addr().Is6()
@@ -113,7 +114,12 @@ func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort, 
 	}
 	start := time.Now()
 	s.log.Debug("udp flow opened", "src", src, "dst", dst, "remote", target)
-	up, down := relayDatagrams(s.ctx, guest, host, udpIdleTimeout, hostErr)
+	var up, down int64
+	if s.udpFast != nil {
+		up, down = s.relayUDPFast(s.ctx, ep, wq, host, udpKey{guest: src, remote: dst}, first, udpIdleTimeout, hostErr)
+	} else {
+		up, down = relayDatagrams(s.ctx, gonet.NewUDPConn(wq, ep), host, udpIdleTimeout, hostErr)
+	}
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))
 	s.log.Debug("udp flow closed", "src", src, "dst", dst, "duration", time.Since(start), "bytes_out", up, "bytes_in", down)
