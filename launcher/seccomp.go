@@ -36,11 +36,12 @@ var steadyStateSyscalls = []string{
 
 // steadyStateIoctls are the only ioctl requests allowed: those that the
 // API's caller check (portfwd's checkPeer) uses to find a caller's user
-// namespace and its parents. Any other (TIOCSTI on an inherited terminal,
-// say) fails.
+// namespace and its parents, and the TCP relay's question how much a host
+// socket holds. Any other (TIOCSTI on an inherited terminal, say) fails.
 var steadyStateIoctls = []uint64{
 	0xff09,             // PIDFD_GET_USER_NAMESPACE
 	unix.NS_GET_PARENT, // walk up user namespaces
+	unix.SIOCINQ,       // bytes queued on a socket (FIONREAD)
 }
 
 // LoadSeccomp confines the calling process (all threads) to the helper's

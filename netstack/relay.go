@@ -9,28 +9,14 @@ import (
 	"time"
 )
 
-// relayBufferSize is the copy buffer of one direction of one flow, enough
-// for any datagram. A TCP direction that fills it moves up to a
-// bulkBufferSize buffer: reading the host socket 256 KiB at a time hands
-// gVisor several segments per write and wakes the guest less often (host ->
-// guest through a published port 8.4-9.1 -> 11.9-13.4 Gbit/s, three
-// alternating runs), while idle and interactive flows, most of the
-// thousands a helper may hold, keep the small one.
-const (
-	relayBufferSize = 64 << 10
-	bulkBufferSize  = 256 << 10
-)
+// relayBufferSize is the buffer a datagram relay copies through: enough for
+// any datagram.
+const relayBufferSize = 64 << 10
 
-var (
-	relayBuffers = sync.Pool{New: func() any {
-		b := make([]byte, relayBufferSize)
-		return &b
-	}}
-	bulkBuffers = sync.Pool{New: func() any {
-		b := make([]byte, bulkBufferSize)
-		return &b
-	}}
-)
+var relayBuffers = sync.Pool{New: func() any {
+	b := make([]byte, relayBufferSize)
+	return &b
+}}
 
 // deadlineSlack is how stale a datagram flow's read deadline may get before
 // it is pushed back.

@@ -1,12 +1,13 @@
 package netstack
 
 import (
-	"bytes"
 	"context"
 	"errors"
-	"io"
 	"net"
 	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -56,14 +57,16 @@ func relayTCP(ctx context.Context, guest guestConn, host *net.TCPConn) (up, down
 		defer wg.Done()
 		defer close(downDone)
 		var err error
-		down, err = copyHostToGuest(guest, newHostReader(rc))
+		down, err = copyHostToGuest(guest, rc)
 		if err != nil {
 			abort()
 			return
 		}
 		guest.ep.Shutdown(tcpip.ShutdownWrite)
 	}()
-	up, err = copyGuestToHost(guest, newHostWriter(rc))
+	sw := newStreamWriter(rc)
+	defer sw.release()
+	up, err = copyGuestToHost(guest, sw)
 	if err != nil {
 		abort()
 	} else {
@@ -80,70 +83,92 @@ func relayTCP(ctx context.Context, guest guestConn, host *net.TCPConn) (up, down
 	return up, down
 }
 
-// copyGuestToHost reads the guest's data from its endpoint and writes it
-// to the host until the guest's FIN (nil error) or a failure.
-func copyGuestToHost(guest guestConn, host *hostWriter) (int64, error) {
+// copyGuestToHost hands the guest's data from its endpoint to the host
+// socket until the guest's FIN (nil error) or a failure. The data goes from
+// gVisor's buffers to the socket without a copy of our own (streamWriter).
+func copyGuestToHost(guest guestConn, host *streamWriter) (int64, error) {
 	entry, ready := waiter.NewChannelEntry(waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr)
 	guest.wq.EventRegister(&entry)
 	defer guest.wq.EventUnregister(&entry)
-	buf := relayBuffers.Get().(*[]byte)
-	defer func() { putRelayBuffer(buf) }()
 	var total int64
 	for {
-		w := tcpip.SliceWriter(*buf)
-		res, terr := guest.ep.Read(&w, tcpip.ReadOptions{})
+		res, terr := guest.ep.Read(host, tcpip.ReadOptions{})
+		if res.Count > 0 {
+			total += int64(res.Count)
+			guest.ep.ModerateRecvBuf(res.Count)
+		}
+		// What gVisor let go of must reach the host before anything
+		// else happens.
+		if err := host.flush(); err != nil {
+			return total, err
+		}
 		switch terr.(type) {
 		case nil:
 		case *tcpip.ErrWouldBlock:
 			<-ready
-			continue
 		case *tcpip.ErrClosedForReceive:
 			return total, nil
+		case *tcpip.ErrBadBuffer:
+			// The socket was full before the first byte; flush has
+			// waited for room.
 		default:
 			return total, errors.New(terr.String())
 		}
-		guest.ep.ModerateRecvBuf(res.Count)
-		n, err := host.Write((*buf)[:res.Count])
-		total += int64(n)
-		if err != nil {
-			return total, err
-		}
-		buf = growRelayBuffer(buf, res.Count)
 	}
 }
 
-// copyHostToGuest reads the host socket and writes to the guest's endpoint
-// until the host's FIN (nil error) or a failure.
-func copyHostToGuest(guest guestConn, host *hostReader) (int64, error) {
+// copyHostToGuest moves the host's data into the guest's endpoint until
+// the host's FIN (nil error) or a failure. gVisor reads it from the socket
+// straight into the segment it sends (socketPayloader), sized to what the
+// socket holds.
+func copyHostToGuest(guest guestConn, rc syscall.RawConn) (int64, error) {
 	entry, writable := waiter.NewChannelEntry(waiter.WritableEvents)
 	guest.wq.EventRegister(&entry)
 	defer guest.wq.EventUnregister(&entry)
-	buf := relayBuffers.Get().(*[]byte)
-	defer func() { putRelayBuffer(buf) }()
-	var total int64
-	var r bytes.Reader
-	for {
-		n, err := host.Read(*buf)
-		if err == io.EOF {
-			return total, nil
+	var (
+		total int64
+		p     socketPayloader
+		n     int64
+		terr  tcpip.Error
+		eof   bool
+	)
+	// try runs under the socket's read lock, so the descriptor stays
+	// valid while gVisor reads it.
+	try := func(fd uintptr) bool {
+		avail, errno := p.pending(fd)
+		switch {
+		case errno == unix.EAGAIN:
+			return false
+		case errno != 0:
+			p.errno = errno
+			return true
+		case avail == 0:
+			eof = true
+			return true
 		}
-		if err != nil {
+		p.fd, p.left = fd, avail
+		n, terr = guest.ep.Write(&p, tcpip.WriteOptions{})
+		return true
+	}
+	for {
+		n, terr = 0, nil
+		if err := rc.Read(try); err != nil {
 			return total, err
 		}
-		for off := 0; off < n; {
-			r.Reset((*buf)[off:n])
-			m, terr := guest.ep.Write(&r, tcpip.WriteOptions{})
-			off += int(m)
-			total += m
-			switch terr.(type) {
-			case nil:
-			case *tcpip.ErrWouldBlock:
-				<-writable
-			default:
-				return total, errors.New(terr.String())
-			}
+		total += n
+		switch {
+		case p.errno != 0:
+			return total, p.errno
+		case eof:
+			return total, nil
 		}
-		buf = growRelayBuffer(buf, n)
+		switch terr.(type) {
+		case nil:
+		case *tcpip.ErrWouldBlock:
+			<-writable
+		default:
+			return total, errors.New(terr.String())
+		}
 	}
 }
 
@@ -164,21 +189,4 @@ func waitGuestReset(guest guestConn, done <-chan struct{}) bool {
 		case <-ch:
 		}
 	}
-}
-
-// growRelayBuffer moves a direction that filled its buffer to a bulk one.
-func growRelayBuffer(buf *[]byte, used int) *[]byte {
-	if used < len(*buf) || len(*buf) >= bulkBufferSize {
-		return buf
-	}
-	relayBuffers.Put(buf)
-	return bulkBuffers.Get().(*[]byte)
-}
-
-func putRelayBuffer(buf *[]byte) {
-	if len(*buf) >= bulkBufferSize {
-		bulkBuffers.Put(buf)
-		return
-	}
-	relayBuffers.Put(buf)
 }
