@@ -55,9 +55,12 @@ type ackFlow struct {
 type ackHolder struct {
 	write func(*stack.PacketBuffer)
 
-	mu     sync.Mutex
-	flows  map[flowKey]*ackFlow
-	held   int
+	mu    sync.Mutex
+	flows map[flowKey]*ackFlow
+	// held lists the flows with a held ACK (and some whose ACK was
+	// dropped since), so a flush does not walk every flow.
+	held   []*ackFlow
+	nheld  int
 	timer  *time.Timer
 	armed  bool
 	swept  time.Time
@@ -153,7 +156,11 @@ func (h *ackHolder) admit(pkt *stack.PacketBuffer) bool {
 		return true
 	}
 	if fl == nil {
-		if h.closed {
+		// A flow is only followed from its first data on: flows that
+		// only acknowledge (a guest uploading) are never held anyway,
+		// and the last ACK after a FIN must not bring back a flow
+		// that has ended.
+		if h.closed || pkt.Data().Size() == 0 {
 			return true
 		}
 		h.sweepLocked(now)
@@ -173,7 +180,8 @@ func (h *ackHolder) admit(pkt *stack.PacketBuffer) bool {
 	}
 	pkt.IncRef()
 	fl.held, fl.heldAt = pkt, now
-	h.held++
+	h.held = append(h.held, fl)
+	h.nheld++
 	if !h.armed {
 		h.armed = true
 		h.timer.Reset(ackHoldTime)
@@ -187,8 +195,11 @@ func (h *ackHolder) dropHeldLocked(fl *ackFlow) {
 	}
 	fl.held.DecRef()
 	fl.held = nil
-	h.held--
-	if h.held == 0 && h.armed {
+	h.nheld--
+	if h.nheld == 0 {
+		h.held = h.held[:0]
+	}
+	if h.nheld == 0 && h.armed {
 		// A timer left to fire with nothing to flush would wake an idle
 		// helper for nothing; a stopped one is gone before the
 		// scheduler next sleeps.
@@ -204,22 +215,23 @@ func (h *ackHolder) flushDue() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.armed = false
-	if h.held == 0 {
-		return
-	}
 	now := time.Now()
 	next := ackHoldTime
-	for _, fl := range h.flows {
+	keep := h.held[:0]
+	for _, fl := range h.held {
 		if fl.held == nil {
 			continue
 		}
 		if wait := ackHoldTime - now.Sub(fl.heldAt); wait > 0 {
 			next = min(next, wait)
+			keep = append(keep, fl)
 			continue
 		}
 		h.sendHeldLocked(fl)
 	}
-	if h.held > 0 {
+	clear(h.held[len(keep):])
+	h.held = keep
+	if h.nheld > 0 {
 		h.armed = true
 		h.timer.Reset(next)
 	}
@@ -228,7 +240,7 @@ func (h *ackHolder) flushDue() {
 func (h *ackHolder) sendHeldLocked(fl *ackFlow) {
 	pkt := fl.held
 	fl.held = nil
-	h.held--
+	h.nheld--
 	th := header.TCP(pkt.TransportHeader().Slice())
 	fl.lastAck, fl.lastWnd = th.AckNumber(), th.WindowSize()
 	h.write(pkt)
