@@ -180,7 +180,7 @@ func openTap(cfg *childConfig) (*tap.TapDevice, net.HardwareAddr, error) {
 			return nil, nil, failed("bring up lo", err)
 		}
 	}
-	dev, err := tap.Create(g.TapName, tap.Options{Offload: g.Offload})
+	dev, err := tap.Create(g.TapName, tap.Options{Offload: g.Offload, Queues: g.Queues})
 	if err != nil {
 		return nil, nil, failed("create tap", err)
 	}

@@ -61,6 +61,10 @@ type GuestConfig struct {
 	// Offload opens the TAP with a virtio-net header and checksum and
 	// TCP segmentation offload (see tap.Options).
 	Offload bool `json:"offload,omitempty"`
+	// Queues is the number of TAP queues (IFF_MULTI_QUEUE above one):
+	// the guest's kernel spreads its flows over them, and the helper
+	// reads each on its own.
+	Queues int `json:"queues,omitempty"`
 }
 
 // Namespace is the set-up namespace as the network sees it.

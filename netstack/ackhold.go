@@ -51,8 +51,16 @@ type ackFlow struct {
 }
 
 // ackHolder decides, frame by frame, what the link writes now, what it
-// holds and what it drops. write puts a frame on the TAP.
+// holds and what it drops. Its flows are spread over shards, so the TAP's
+// writers on several CPUs do not all wait for one lock.
 type ackHolder struct {
+	shards [ackShards]*ackShard
+}
+
+const ackShards = 8
+
+// ackShard is one lock's worth of flows. write puts a frame on the TAP.
+type ackShard struct {
 	write func(*stack.PacketBuffer)
 
 	mu    sync.Mutex
@@ -68,10 +76,14 @@ type ackHolder struct {
 }
 
 func newAckHolder(write func(*stack.PacketBuffer)) *ackHolder {
-	h := &ackHolder{write: write, flows: make(map[flowKey]*ackFlow)}
-	h.timer = time.AfterFunc(time.Hour, h.flushDue)
-	h.timer.Stop()
-	return h
+	var h ackHolder
+	for i := range h.shards {
+		sh := &ackShard{write: write, flows: make(map[flowKey]*ackFlow)}
+		sh.timer = time.AfterFunc(time.Hour, sh.flushDue)
+		sh.timer.Stop()
+		h.shards[i] = sh
+	}
+	return &h
 }
 
 // tcpFrame is the part of an outgoing TCP frame the holder looks at.
@@ -143,6 +155,10 @@ func (h *ackHolder) admit(pkt *stack.PacketBuffer) bool {
 	if !ok {
 		return true
 	}
+	return h.shards[(f.key.sport^f.key.dport)%ackShards].admit(pkt, f)
+}
+
+func (h *ackShard) admit(pkt *stack.PacketBuffer, f tcpFrame) bool {
 	now := time.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -189,7 +205,7 @@ func (h *ackHolder) admit(pkt *stack.PacketBuffer) bool {
 	return false
 }
 
-func (h *ackHolder) dropHeldLocked(fl *ackFlow) {
+func (h *ackShard) dropHeldLocked(fl *ackFlow) {
 	if fl.held == nil {
 		return
 	}
@@ -211,7 +227,7 @@ func (h *ackHolder) dropHeldLocked(fl *ackFlow) {
 // flushDue writes the ACKs held for ackHoldTime and re-arms for the rest.
 // It writes under the lock, so a flow's held ACK and its next frame cannot
 // pass each other.
-func (h *ackHolder) flushDue() {
+func (h *ackShard) flushDue() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.armed = false
@@ -237,7 +253,7 @@ func (h *ackHolder) flushDue() {
 	}
 }
 
-func (h *ackHolder) sendHeldLocked(fl *ackFlow) {
+func (h *ackShard) sendHeldLocked(fl *ackFlow) {
 	pkt := fl.held
 	fl.held = nil
 	h.nheld--
@@ -250,7 +266,7 @@ func (h *ackHolder) sendHeldLocked(fl *ackFlow) {
 // sweepLocked forgets flows that have been quiet for ackFlowIdle (they
 // ended without a FIN or RST the holder saw, e.g. aborted while idle). It
 // runs at most once per ackFlowIdle, when a new flow is added.
-func (h *ackHolder) sweepLocked(now time.Time) {
+func (h *ackShard) sweepLocked(now time.Time) {
 	if now.Sub(h.swept) < ackFlowIdle {
 		return
 	}
@@ -264,6 +280,12 @@ func (h *ackHolder) sweepLocked(now time.Time) {
 
 // close writes what is held and makes every later frame go out at once.
 func (h *ackHolder) close() {
+	for _, sh := range h.shards {
+		sh.close()
+	}
+}
+
+func (h *ackShard) close() {
 	h.timer.Stop()
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -47,37 +47,27 @@ type udpKey struct {
 // udpFastPath is the table of flows the link diverts frames to.
 type udpFastPath struct {
 	link *tapLink
-	mu   sync.RWMutex
-	// flows is read by every TAP reader for every UDP frame.
-	flows map[udpKey]*udpFlow
+	// flows (udpKey -> *udpFlow) is read by every TAP reader for every
+	// UDP frame, on several CPUs: a sync.Map reads without a shared
+	// lock.
+	flows sync.Map
 	// ipID numbers the IPv4 packets built here.
 	ipID     atomic.Uint32
 	counters fastCounters
 }
 
 func newUDPFastPath(link *tapLink) *udpFastPath {
-	return &udpFastPath{link: link, flows: make(map[udpKey]*udpFlow)}
+	return &udpFastPath{link: link}
 }
 
-func (p *udpFastPath) add(f *udpFlow) {
-	p.mu.Lock()
-	p.flows[f.key] = f
-	p.mu.Unlock()
-}
+func (p *udpFastPath) add(f *udpFlow) { p.flows.Store(f.key, f) }
 
-func (p *udpFastPath) remove(f *udpFlow) {
-	p.mu.Lock()
-	if p.flows[f.key] == f {
-		delete(p.flows, f.key)
-	}
-	p.mu.Unlock()
-}
+func (p *udpFastPath) remove(f *udpFlow) { p.flows.CompareAndDelete(f.key, f) }
 
 func (p *udpFastPath) lookup(k udpKey) *udpFlow {
-	p.mu.RLock()
-	f := p.flows[k]
-	p.mu.RUnlock()
-	return f
+	f, _ := p.flows.Load(k)
+	fl, _ := f.(*udpFlow)
+	return fl
 }
 
 // frameScratch is a TAP reader's own working space for diverting frames.

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 
 	"github.com/spf13/pflag"
 
@@ -100,7 +101,7 @@ func main() {
 	if launcher.IsChild() {
 		launcher.RunChild()
 	}
-	cli.OneProc()
+	cli.SetProcs()
 	if len(os.Args) > 1 && os.Args[1] == "stats" {
 		os.Exit(runStats(os.Args[2:], os.Stdout, os.Stderr))
 	}
@@ -186,6 +187,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		MTU:        opts.mtu,
 		TxQueueLen: 10000,
 		Offload:    true,
+		// One queue per P: each has its own reader.
+		Queues:     runtime.GOMAXPROCS(0),
 		Address:    netip.PrefixFrom(netstack.DefaultGuestAddr, netCfg.Network.Bits()),
 		Gateway:    netCfg.Gateway,
 		Nameserver: netCfg.DNS,

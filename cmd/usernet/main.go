@@ -31,7 +31,7 @@ func main() {
 	if launcher.IsChild() {
 		launcher.RunChild()
 	}
-	cli.OneProc()
+	cli.SetProcs()
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
