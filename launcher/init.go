@@ -26,8 +26,10 @@ func runInit(args []string) int {
 	}
 	// "exe" (from /proc/self/exe) would tell ps users nothing. The main
 	// thread's comm is the process name; this goroutine may run on
-	// another thread, so name it through /proc.
-	_ = os.WriteFile(fmt.Sprintf("/proc/self/task/%d/comm", os.Getpid()), []byte("netns-run-init"), 0)
+	// another thread, so name it through /proc: /proc/self/comm is the
+	// main thread's, whatever PID namespace the mounted /proc counts in
+	// (task/<getpid()> is not: getpid() is 1 here).
+	_ = os.WriteFile("/proc/self/comm", []byte("netns-run-init"), 0)
 	// No capabilities of the setup here: execInit dropped them before
 	// this copy of the binary started, so the command inherits none.
 	sigs := make(chan os.Signal, 16)

@@ -168,23 +168,27 @@ type socketPayloader struct {
 	errno syscall.Errno
 }
 
-// pending says how many bytes the socket holds: 0 at end of stream, EAGAIN
-// when it holds nothing yet.
-func (p *socketPayloader) pending(fd uintptr) (int, syscall.Errno) {
+// socketInq says how many bytes a socket holds.
+func socketInq(fd uintptr) (int, syscall.Errno) {
 	var avail int32
 	if _, _, errno := unix.RawSyscall(unix.SYS_IOCTL, fd, unix.SIOCINQ, uintptr(unsafe.Pointer(&avail))); errno != 0 {
 		return 0, errno
 	}
-	if avail > 0 {
-		return int(avail), 0
+	return int(avail), 0
+}
+
+// readRaw reads what fd holds into b without waiting.
+func readRaw(fd uintptr, b []byte) (int, syscall.Errno) {
+	for {
+		n, _, errno := unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+		if errno == unix.EINTR {
+			continue
+		}
+		if errno != 0 {
+			return 0, errno
+		}
+		return int(n), 0
 	}
-	// Nothing queued: the peer's FIN (a read of 0) or nothing yet.
-	var b [1]byte
-	n, _, errno := unix.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1, unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
-	if errno != 0 {
-		return 0, errno
-	}
-	return int(n), 0
 }
 
 // Len implements tcpip.Payloader.
@@ -202,19 +206,15 @@ func (p *socketPayloader) Read(b []byte) (int, error) {
 	if len(b) > p.left {
 		b = b[:p.left]
 	}
-	for {
-		n, _, errno := unix.RawSyscall(unix.SYS_READ, p.fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
-		switch {
-		case errno == unix.EINTR:
-			continue
-		case errno == unix.EAGAIN || (errno == 0 && n == 0):
-			p.left = 0
-			return 0, io.EOF
-		case errno != 0:
-			p.errno, p.left = errno, 0
-			return 0, io.EOF
-		}
-		p.left -= int(n)
-		return int(n), nil
+	n, errno := readRaw(p.fd, b)
+	switch {
+	case errno == unix.EAGAIN || (errno == 0 && n == 0):
+		p.left = 0
+		return 0, io.EOF
+	case errno != 0:
+		p.errno, p.left = errno, 0
+		return 0, io.EOF
 	}
+	p.left -= n
+	return n, nil
 }

@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -118,44 +119,67 @@ func copyGuestToHost(guest guestConn, host *streamWriter) (int64, error) {
 }
 
 // copyHostToGuest moves the host's data into the guest's endpoint until
-// the host's FIN (nil error) or a failure. gVisor reads it from the socket
-// straight into the segment it sends (socketPayloader), sized to what the
-// socket holds.
+// the host's FIN (nil error) or a failure.
+//
+// Each wake-up first reads up to smallRead bytes the plain way: a short
+// answer (most of request/response traffic) then costs one read, and the
+// read that finds the socket empty or at its end. When the socket holds
+// more, gVisor reads the rest from the socket itself, straight into the
+// segment it sends (socketPayloader, sized by SIOCINQ), so bulk data is
+// copied only by the kernel.
 func copyHostToGuest(guest guestConn, rc syscall.RawConn) (int64, error) {
 	entry, writable := waiter.NewChannelEntry(waiter.WritableEvents)
 	guest.wq.EventRegister(&entry)
 	defer guest.wq.EventUnregister(&entry)
 	var (
-		total int64
-		p     socketPayloader
-		n     int64
-		terr  tcpip.Error
-		eof   bool
+		total   int64
+		small   [smallRead]byte
+		pending []byte // read from the host, not yet taken by gVisor
+		r       bytes.Reader
+		p       socketPayloader
+		terr    tcpip.Error
+		eof     bool
 	)
+	write := func(b []byte) {
+		r.Reset(b)
+		var m int64
+		m, terr = guest.ep.Write(&r, tcpip.WriteOptions{})
+		total += m
+		pending = b[m:]
+	}
 	// try runs under the socket's read lock, so the descriptor stays
 	// valid while gVisor reads it.
 	try := func(fd uintptr) bool {
-		avail, errno := p.pending(fd)
+		n, errno := readRaw(fd, small[:])
 		switch {
 		case errno == unix.EAGAIN:
 			return false
 		case errno != 0:
 			p.errno = errno
 			return true
-		case avail == 0:
+		case n == 0:
 			eof = true
 			return true
 		}
-		p.fd, p.left = fd, avail
-		n, terr = guest.ep.Write(&p, tcpip.WriteOptions{})
+		write(small[:n])
+		if n < len(small) || len(pending) > 0 || terr != nil {
+			return true
+		}
+		if avail, errno := socketInq(fd); errno == 0 && avail > 0 {
+			p.fd, p.left = fd, avail
+			var m int64
+			m, terr = guest.ep.Write(&p, tcpip.WriteOptions{})
+			total += m
+		}
 		return true
 	}
 	for {
-		n, terr = 0, nil
-		if err := rc.Read(try); err != nil {
+		terr = nil
+		if len(pending) > 0 {
+			write(pending)
+		} else if err := rc.Read(try); err != nil {
 			return total, err
 		}
-		total += n
 		switch {
 		case p.errno != 0:
 			return total, p.errno
@@ -171,6 +195,9 @@ func copyHostToGuest(guest guestConn, rc syscall.RawConn) (int64, error) {
 		}
 	}
 }
+
+// smallRead is the plain read each wake-up starts with.
+const smallRead = 2048
 
 // waitGuestReset waits, after the guest's FIN, until either done is closed
 // or the guest endpoint fails (the guest reset it, or it timed out); it

@@ -120,6 +120,55 @@ for driver in builtin netstack; do
 	log "netns-run $driver tcp_in $(tr '\n' ' ' < "$work/in.$driver")"
 done
 
+# Parallel TCP streams guest -> host (nettool stream: the large test
+# machine has no iperf3), for each helper and for host loopback itself.
+"$work/nettool" stream-sink 127.0.0.1:16401 >/dev/null 2>&1 &
+sink=$!
+sleep 0.3
+streams_run() { # impl cmd...: one row per stream count
+	local impl=$1 n line
+	shift
+	for n in 1 8 16; do
+		line=$("$@" "$work/nettool" stream "$STREAM_ADDR" "$n" "$DUR" 2>/dev/null) || true
+		res "$impl" "streams_${n}_gbps" "$(echo "$line" | sed -nE 's/.*gbps=([0-9.]+).*/\1/p')"
+	done
+}
+in_userns() { # helper-setup-fn: runs the helper for a fresh namespace, then measures
+	local setup=$1 impl=$2 nspid hpid
+	unshare --user --map-root-user --net sleep infinity &
+	nspid=$!
+	for _ in $(seq 100); do
+		[ "$(readlink /proc/$nspid/ns/net)" != "$(readlink /proc/self/ns/net)" ] && break
+		sleep 0.02
+	done
+	hpid=$("$setup" "$nspid")
+	nsenter -t "$nspid" -U -n --preserve-credentials ip route del default 2>/dev/null || true
+	STREAM_ADDR=10.0.2.2:16401 streams_run "$impl" nsenter -t "$nspid" -U -n --preserve-credentials
+	kill "$hpid" "$nspid" 2>/dev/null || true
+	wait "$hpid" "$nspid" 2>/dev/null || true
+}
+slirp_like() { # bin nspid: start a slirp4netns-compatible helper, print its PID once ready
+	local fifo
+	fifo=$(mktemp -u "$work/ready.XXXX")
+	mkfifo "$fifo"
+	"$1" --configure --mtu=65520 -r 3 "$2" tap0 3>"$fifo" >/dev/null 2>&1 &
+	echo $!
+	read -r -t 15 -N 1 _ <"$fifo" || true
+}
+start_slirp4netns() { slirp_like /usr/bin/slirp4netns "$1"; }
+start_usernet() { slirp_like "$work/usernet" "$1"; }
+start_pasta() {
+	pasta -4 --config-net -a 10.0.2.100 -n 24 -g 10.0.2.2 -o 127.0.0.1 -m 65520 -t none -u none -T none -U none \
+		-q --runas 0 -P "$work/pasta-streams.pid" "$1" >/dev/null 2>&1
+	cat "$work/pasta-streams.pid"
+}
+STREAM_ADDR=127.0.0.1:16401 streams_run loopback
+in_userns start_slirp4netns slirp4netns
+command -v pasta >/dev/null && in_userns start_pasta pasta
+in_userns start_usernet "slirp-compatible:$work/usernet"
+STREAM_ADDR=10.0.2.2:16401 streams_run netns-run "$nr" "${nrflags[@]}" --
+kill "$sink" 2>/dev/null || true
+
 # netns-run has no ready fd: "ready" is the command running (it prints its
 # start time); "done" is back in the shell after `true`, which adds the
 # kernel's removal of the TAP (about 10 ms here, in close(2)).
@@ -167,6 +216,7 @@ echo
 table "TCP throughput (Gbit/s): out = namespace → host 127.0.0.1; in = host → namespace through a published port" tcp_out_gbps tcp_in_gbps
 table "TCP 1-byte request/response out of the namespace (µs)" rr_out_p50_us rr_out_p99_us
 table "Connections per second (sequential)" conn_in_per_s conn_out_per_s
+table "Parallel TCP streams guest → host (Gbit/s, nettool stream)" streams_1_gbps streams_8_gbps streams_16_gbps
 table "Helper CPU (s per GB) and peak RSS (KiB)" cpu_out_s_per_gb cpu_in_s_per_gb peak_rss_kb
 table "Helper RSS (KiB): idle, and holding 1000 established connections" rss_idle_kb rss_1000_conns_kb
 table "Launch to ready (ms; netns-run: until the command runs; run_true: back from \`netns-run -- true\`)" startup_ms run_true_ms

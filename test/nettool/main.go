@@ -35,6 +35,8 @@ var commands = map[string]command{
 	"peer-query":      {"tcp|udp ADDR", peerQuery},
 	"hold":            {"ADDR COUNT SECONDS", holdConns},
 	"api-call":        {"SOCKET REQUEST", apiCall},
+	"stream-sink":     {"ADDR", streamSink},
+	"stream":          {"ADDR STREAMS SECONDS", streamSource},
 }
 
 func main() {
