@@ -67,6 +67,14 @@ __attribute__((constructor)) static void netns_run_nsenter(void) {
 // once Go has started threads. The new root is a tmpfs holding read-only
 // binds of /etc and /run; capabilities are dropped to CAP_NET_BIND_SERVICE
 // and no_new_privs is set.
+//
+// The helper is made non-dumpable before it joins the container's user
+// namespace and stays so: once its credentials live in that namespace, the
+// container's root holds every capability over it there, and a dumpable
+// helper could be ptraced (or its /proc/PID/mem opened) and driven to do
+// anything it may, such as reaching the host's loopback. Non-dumpable, the
+// kernel asks for CAP_SYS_PTRACE in the namespace the helper was executed
+// in (the host's), which the container does not have.
 #include <linux/capability.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
@@ -114,6 +122,10 @@ static int drop_caps(void) {
 }
 
 static int enter_sandbox(const char *userns) {
+	// Before the join, so there is no moment when the container could
+	// attach.
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+		return fail("make the helper non-dumpable");
 	if (geteuid() != 0 && userns != NULL && *userns != '\0') {
 		// Unprivileged: become root in the container's user namespace,
 		// which may then create the mount namespace.
@@ -143,7 +155,15 @@ static int enter_sandbox(const char *userns) {
 	// Best effort, as in slirp4netns (a read-only tmpfs root is not
 	// possible everywhere).
 	mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-	return drop_caps();
+	if (drop_caps() < 0)
+		return -1;
+	// Again after the last credential change: the kernel resets
+	// dumpability to fs.suid_dumpable (which may be 1) when a change does
+	// not look like a subset of the old credentials. Nothing later changes
+	// credentials or execs.
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+		return fail("make the helper non-dumpable");
+	return 0;
 }
 
 __attribute__((constructor)) static void netns_run_sandbox(void) {

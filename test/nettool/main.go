@@ -34,6 +34,7 @@ var commands = map[string]command{
 	"spray":           {"tcp|udp HOST FIRSTPORT COUNT", spray},
 	"peer-query":      {"tcp|udp ADDR", peerQuery},
 	"hold":            {"ADDR COUNT SECONDS", holdConns},
+	"ptrace-probe":    {"PID", ptraceProbe},
 }
 
 func main() {
