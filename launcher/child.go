@@ -25,14 +25,17 @@ const childFD = 3
 // Binaries that use Run must check it first thing in main and call RunChild.
 func IsChild() bool {
 	v := os.Getenv(childEnv)
-	return v == "1" || v == joinEnvValue
+	return v == "1" || v == joinEnvValue || v == removerEnvValue
 }
 
 // RunChild sets up the namespace, then execs the command. It never returns:
 // on failure it reports to the parent and exits.
 func RunChild() {
-	if os.Getenv(childEnv) == joinEnvValue {
+	switch os.Getenv(childEnv) {
+	case joinEnvValue:
 		os.Exit(runJoined())
+	case removerEnvValue:
+		os.Exit(runRemover())
 	}
 	if os.Getenv(waitMapsEnv) == "1" {
 		awaitIDMaps()
