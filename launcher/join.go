@@ -177,7 +177,8 @@ func Join(ctx context.Context, pid int, args []string, log *slog.Logger) (int, e
 		return 0, fmt.Errorf("join namespace of PID %d: %w", pid, err)
 	}
 	child := &childProcess{pid: cmd.Process.Pid, term: term}
-	return child.supervise(sigs, log), nil
+	code, _ := child.supervise(sigs, nil, log)
+	return code, nil
 }
 
 // runJoined is the re-executed side of Join: the constructor has joined

@@ -2,12 +2,14 @@ package test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -154,4 +156,175 @@ func TestAPISocketPathNotOurs(t *testing.T) {
 		t.Errorf("usernet on a regular file: want a failure naming it: %v\n%s", err, out)
 	}
 	intact("usernet")
+}
+
+const engineMarker = "_NETNS_RUN_LAUNCHER_CHILD=engine"
+
+// engineOf waits for the engine of netns-run process parent and returns its
+// PID.
+func engineOf(t *testing.T, parent int) int {
+	t.Helper()
+	for i := 0; ; i++ {
+		for _, pid := range processesWithEnv(engineMarker) {
+			if parentOf(pid) == parent {
+				return pid
+			}
+		}
+		if i == 500 {
+			t.Fatalf("no network engine under netns-run PID %d", parent)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func parentOf(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The command name may hold spaces; the fields after it do not.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	if len(f) < 2 {
+		return 0
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	return ppid
+}
+
+// holdsTap reports whether process pid has the TAP device open.
+func holdsTap(pid int) bool {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if target, _ := os.Readlink(dir + "/" + e.Name()); target == tunDevice {
+			return true
+		}
+	}
+	return false
+}
+
+// TestEngineSandboxed: netns-run's packet engine runs in its own process
+// with no_new_privs, the seccomp filter, no capability, nothing of the
+// host's filesystem; it is the only process holding the TAP; the guest's
+// root cannot trace it; the API still reports its footprint.
+func TestEngineSandboxed(t *testing.T) {
+	wd := newWorld(t)
+	sock := filepath.Join(userDir(t, "engine-api-"), "api.sock")
+	token := fmt.Sprintf("engine-%d-%d", os.Getpid(), time.Now().UnixNano())
+	cmd := wd.startGuestSleep([]string{"--api-socket", sock, "--port-driver=netstack"}, token)
+	eng := engineOf(t, cmd.Process.Pid)
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", eng))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"NoNewPrivs:\t1", "Seccomp:\t2", "CapPrm:\t0000000000000000", "CapEff:\t0000000000000000",
+		"CapBnd:\t0000000000000000", "CapAmb:\t0000000000000000"} {
+		if !strings.Contains(string(status), want) {
+			t.Errorf("engine status lacks %q:\n%s", want, status)
+		}
+	}
+	if entries, err := os.ReadDir(fmt.Sprintf("/proc/%d/root", eng)); err != nil || len(entries) != 0 {
+		t.Errorf("engine's root holds %v (%v), want nothing", entries, err)
+	}
+	checkNoHostPaths(t, eng)
+	if !holdsTap(eng) {
+		t.Errorf("engine does not hold the TAP")
+	}
+	var guests []string
+	for _, p := range processesWith(token) {
+		if p != fmt.Sprint(cmd.Process.Pid) { // netns-run's own command line names it too
+			guests = append(guests, p)
+		}
+	}
+	for _, p := range append(guests, fmt.Sprint(cmd.Process.Pid)) {
+		pid, _ := strconv.Atoi(p)
+		if holdsTap(pid) {
+			t.Errorf("process %d (not the engine) holds the TAP", pid)
+		}
+	}
+	if len(guests) == 1 {
+		out, err := exec.Command("setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--",
+			"nsenter", "-t", guests[0], "-U", "-n", "--preserve-credentials", "--", bins.nettool, "ptrace-probe", fmt.Sprint(eng)).CombinedOutput()
+		if err != nil {
+			t.Fatalf("ptrace-probe: %v\n%s", err, out)
+		}
+		t.Logf("as the guest's root: %s", out)
+		for _, f := range strings.Fields(string(out)) {
+			if strings.HasSuffix(f, "=ok") {
+				t.Errorf("the guest's root succeeded at %s on the engine: %s", strings.TrimSuffix(f, "=ok"), out)
+			}
+		}
+	} else {
+		t.Errorf("guest command: want one process with %s, got %v", token, guests)
+	}
+	if p := helperStats(t, sock).Return.Process; p.FDs == 0 || p.RSSKiB == 0 {
+		t.Errorf("get_stats does not report the engine's footprint: %+v", p)
+	}
+}
+
+// TestEngineCrashEndsNetnsRun: an engine that dies (here: killed) ends
+// netns-run with a clear error and takes the command along, instead of
+// leaving it running without a network.
+func TestEngineCrashEndsNetnsRun(t *testing.T) {
+	wd := newWorld(t)
+	token := fmt.Sprintf("engine-crash-%d-%d", os.Getpid(), time.Now().UnixNano())
+	var stderr syncBuffer
+	cmd := wd.startGuestSleepStderr(nil, token, &stderr)
+	if err := syscall.Kill(engineOf(t, cmd.Process.Pid), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 125 || !strings.Contains(stderr.String(), "network engine") {
+			t.Errorf("want exit 125 naming the network engine, got %v:\n%s", err, &stderr)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("netns-run still running 20s after its engine died:\n%s", &stderr)
+	}
+	waitGone(t, token)
+}
+
+// TestEngineDiesWithNetnsRun: netns-run killed outright takes its engine.
+func TestEngineDiesWithNetnsRun(t *testing.T) {
+	wd := newWorld(t)
+	token := fmt.Sprintf("engine-orphan-%d-%d", os.Getpid(), time.Now().UnixNano())
+	cmd := wd.startGuestSleep(nil, token)
+	eng := engineOf(t, cmd.Process.Pid)
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d/status", eng)); os.IsNotExist(err) {
+			break
+		}
+		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", eng)); strings.Contains(string(b), "State:\tZ") {
+			break
+		}
+		if i == 200 {
+			_ = syscall.Kill(eng, syscall.SIGKILL)
+			t.Fatalf("engine %d outlived netns-run", eng)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	waitGone(t, token)
+}
+
+// TestNoSandbox: --no-sandbox runs the stack in netns-run's own process;
+// outbound traffic and published ports work there too.
+func TestNoSandbox(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
+	const size = 8 << 20
+	checkEcho(t, wd.mustRunGuest([]string{"--no-sandbox"}, bins.nettool, "tcp-echo-check", remoteAddr+":7", fmt.Sprint(size)), size)
+	wd.startPublishing("--no-sandbox", "--port-driver=netstack", "-p", "19001:9001", "-p", "19002:9002/udp")
+	if pids := processesWithEnv(engineMarker); len(pids) != 0 {
+		t.Errorf("--no-sandbox started an engine process: %v", pids)
+	}
+	checkEcho(t, result{stdout: wd.client(wd.w, "tcp-echo-check", "127.0.0.1:19001", fmt.Sprint(size))}, size)
+	if got := wd.client(wd.w, "udp-echo-check", "127.0.0.1:19002", "50", "1400"); !strings.Contains(got, "datagrams=50") {
+		t.Errorf("udp through --no-sandbox: %s", got)
+	}
 }

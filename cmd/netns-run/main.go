@@ -17,6 +17,7 @@ import (
 	"github.com/netns-run/netns-run/cmd/internal/cli"
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/engine"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -91,6 +92,7 @@ type options struct {
 	logFormat           string
 	pcap                string
 	pcapMaxSize         int64
+	noSandbox           bool
 	version             bool
 	help                bool
 }
@@ -100,6 +102,11 @@ func main() {
 		launcher.RunChild()
 	}
 	cli.OneProc()
+	if launcher.IsEngine() {
+		var spec engine.Spec
+		files, err := launcher.EngineSetup(&spec)
+		os.Exit(engine.Main(files, spec, err, cli.NewLogger(os.Stderr, spec.Debug, spec.LogFormat)))
+	}
 	if len(os.Args) > 1 && os.Args[1] == "stats" {
 		os.Exit(runStats(os.Args[2:], os.Stdout, os.Stderr))
 	}
@@ -150,6 +157,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netns-run: %v\n", err)
 		return exitSetupFailed
 	}
+	var pcap *os.File
 	if opts.pcap != "" {
 		capture, f, err := netstack.OpenCapture(opts.pcap, opts.pcapMaxSize, log)
 		if err != nil {
@@ -157,7 +165,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return exitSetupFailed
 		}
 		defer f.Close()
-		netCfg.Capture = capture
+		netCfg.Capture, pcap = capture, f
 	}
 	rules, err := parsePublish(opts.publish)
 	if err != nil {
@@ -193,9 +201,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		PID:      opts.pid,
 		Hostname: opts.hostname,
 		CopyUp:   opts.copyUp,
-		Network: func(ctx context.Context, ns launcher.Namespace) (io.Closer, error) {
-			host, err := startHostSide(ctx, ns, netCfg, opts, rules, log)
-			if err == nil && opts.netnsPath != "" {
+		Network: func(ctx context.Context, ns launcher.Namespace) (launcher.Network, error) {
+			host, err := startHostSide(ctx, ns, netCfg, pcap, opts, rules, log)
+			if err != nil {
+				return nil, err
+			}
+			if opts.netnsPath != "" {
 				// A symlink: unprivileged users cannot bind-mount into
 				// the host's mount namespace.
 				if err = os.Symlink(ns.Target().NetNS, opts.netnsPath); err != nil {
@@ -203,14 +214,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 					return nil, fmt.Errorf("--netns: %w", err)
 				}
 			}
-			if err == nil && ready != nil {
+			if ready != nil {
 				if err = writeState(opts.stateDir, ns); err != nil {
 					host.Close()
 					return nil, err
 				}
 				ready.report("ok")
 			}
-			return host, err
+			return host, nil
 		},
 	})
 	if err != nil {
@@ -265,6 +276,7 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.pcap, "pcap", "", "capture the guest's frames to this pcap file (tcpdump -r / tshark -r)")
 	fs.Int64Var(&o.pcapMaxSize, "pcap-max-size", 1<<30, "stop capturing once the file reaches this many bytes (0: no limit)")
+	fs.BoolVar(&o.noSandbox, "no-sandbox", false, "run the packet engine in netns-run's own process, unconfined, instead of its sandbox (for debugging)")
 	fs.BoolVarP(&o.help, "help", "h", false, "show this help and exit")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
