@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 
 	"github.com/spf13/pflag"
 
@@ -191,6 +192,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 		guest.Gateway6 = netCfg.Gateway6
 		guest.Nameserver6 = netCfg.DNS6
 	}
+	var eng *engine.Client
+	if !opts.noSandbox {
+		// Started now, it gets going while the namespace is set up. Its
+		// death signal follows this thread, which must not end first.
+		runtime.LockOSThread()
+		spec := engine.Spec{Net: netCfg, PcapMaxSize: opts.pcapMaxSize, Debug: opts.debug, LogFormat: opts.logFormat}
+		if eng, err = engine.Start(spec, pcap, log); err != nil {
+			fmt.Fprintf(stderr, "netns-run: %v\n", err)
+			return exitSetupFailed
+		}
+		defer eng.Close()
+	}
 	code, err := launcher.Run(context.Background(), launcher.Options{
 		Args:     cmdArgs,
 		Guest:    guest,
@@ -202,7 +215,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		Hostname: opts.hostname,
 		CopyUp:   opts.copyUp,
 		Network: func(ctx context.Context, ns launcher.Namespace) (launcher.Network, error) {
-			host, err := startHostSide(ctx, ns, netCfg, pcap, opts, rules, log)
+			host, err := startHostSide(ctx, ns, netCfg, eng, opts, rules, log)
 			if err != nil {
 				return nil, err
 			}

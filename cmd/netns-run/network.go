@@ -6,9 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
@@ -50,35 +47,28 @@ func (l localEngine) Info() any            { return l.Stack.Info() }
 func (l localEngine) Stats() any           { return l.Stack.Stats() }
 func (l localEngine) Failed() <-chan error { return nil }
 
-// startEngine starts the stack on ns's TAP, sandboxed unless --no-sandbox.
-func startEngine(ctx context.Context, ns launcher.Namespace, netCfg netstack.Config, pcap *os.File, opts options, log *slog.Logger) (packetEngine, error) {
-	if opts.noSandbox {
+// startEngine starts the stack on ns's TAP: in eng, the sandboxed engine
+// started earlier, or (nil: --no-sandbox) in this process.
+func startEngine(ctx context.Context, ns launcher.Namespace, netCfg netstack.Config, eng *engine.Client) (packetEngine, error) {
+	if eng == nil {
 		s, err := netstack.New(ctx, netCfg, ns.Tap)
 		if err != nil {
 			return nil, err
 		}
 		return localEngine{s}, nil
 	}
-	spec := engine.Spec{Net: netCfg, TapName: ns.Tap.Name(), PcapMaxSize: opts.pcapMaxSize, Debug: opts.debug, LogFormat: opts.logFormat}
-	var pcapCopy *os.File
-	if pcap != nil {
-		// Start closes what it hands over; the caller closes pcap.
-		fd, err := unix.Dup(int(pcap.Fd()))
-		if err != nil {
-			ns.Tap.Close()
-			return nil, fmt.Errorf("packet capture: %w", err)
-		}
-		pcapCopy = os.NewFile(uintptr(fd), pcap.Name())
+	if err := eng.Attach(ns.Tap); err != nil {
+		return nil, err
 	}
-	return engine.Start(spec, ns.Tap, pcapCopy, log)
+	return eng, nil
 }
 
 // startHostSide is netns-run's launcher.NetworkFunc.
-func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.Config, pcap *os.File, opts options, rules []portfwd.Rule, log *slog.Logger) (*hostSide, error) {
+func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.Config, eng *engine.Client, opts options, rules []portfwd.Rule, log *slog.Logger) (*hostSide, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	h := &hostSide{cancel: cancel}
 	var err error
-	if h.engine, err = startEngine(ctx, ns, netCfg, pcap, opts, log); err != nil {
+	if h.engine, err = startEngine(ctx, ns, netCfg, eng); err != nil {
 		cancel()
 		return nil, err
 	}

@@ -177,6 +177,8 @@ static int enter_sandbox(const char *userns) {
 static int enter_engine_sandbox(const char *files) {
 	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
 		return fail("make non-dumpable");
+	// Its name in ps and top (the exec made it "exe"); threads inherit it.
+	prctl(PR_SET_NAME, "netns-engine", 0, 0, 0);
 	int n = files != NULL ? atoi(files) : 0;
 	// Only what the parent handed over: nothing it inherited by accident.
 	if (syscall(SYS_close_range, 3 + n, ~0U, 0) < 0)

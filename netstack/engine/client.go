@@ -41,54 +41,63 @@ type Client struct {
 	pending map[uint64]chan message
 	gone    bool
 
-	closing atomic.Bool
-	failed  chan error    // one error if the engine ends on its own
-	done    chan struct{} // closed when the reader has ended
+	started   atomic.Bool // Attach succeeded: the reader runs
+	closing   atomic.Bool
+	closeOnce sync.Once
+	closeErr  error
+	failed    chan error    // one error if the engine ends on its own
+	done      chan struct{} // closed when the reader has ended
 }
 
 var _ portfwd.Guest = (*Client)(nil)
 
-// Start runs the engine for dev in its sandboxed process and returns once
-// it serves. dev and pcap (nil: no capture) are handed over: this process
-// closes its copies, so only the engine holds the TAP.
-func Start(spec Spec, dev tap.Device, pcap *os.File, log *slog.Logger) (*Client, error) {
+// Start starts the engine process; Attach gives it the TAP. Starting it
+// first lets its exec and runtime start-up overlap the namespace's set-up.
+// pcap (nil: no capture) goes to the engine; the caller keeps its copy.
+func Start(spec Spec, pcap *os.File, log *slog.Logger) (*Client, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
-	}
-	defer dev.Close()
-	if pcap != nil {
-		defer pcap.Close()
 	}
 	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("start network engine: socketpair: %w", err)
 	}
 	theirs := os.NewFile(uintptr(pair[1]), "engine-control")
+	defer theirs.Close()
 	conn, err := unixConn(os.NewFile(uintptr(pair[0]), "engine-control"))
 	if err != nil {
-		theirs.Close()
 		return nil, fmt.Errorf("start network engine: %w", err)
 	}
-	files := append([]*os.File{theirs}, dev.Queues()...)
-	spec.Queues, spec.Pcap = len(dev.Queues()), pcap != nil
-	if pcap != nil {
+	files := []*os.File{theirs}
+	if spec.Pcap = pcap != nil; spec.Pcap {
 		files = append(files, pcap)
 	}
 	proc, err := launcher.StartEngine(spec, files...)
-	theirs.Close()
 	if err != nil {
 		conn.Close()
 		return nil, err
 	}
-	c := &Client{conn: conn, proc: proc, log: log, pending: map[uint64]chan message{},
-		failed: make(chan error, 1), done: make(chan struct{})}
-	if err := c.awaitReady(); err != nil {
-		conn.Close()
-		_ = proc.Stop()
-		return nil, err
+	return &Client{conn: conn, proc: proc, log: log, pending: map[uint64]chan message{},
+		failed: make(chan error, 1), done: make(chan struct{})}, nil
+}
+
+// Attach hands dev over to the engine and returns once the engine serves
+// it. dev is closed here: only the engine holds the TAP from now on.
+func (c *Client) Attach(dev tap.Device) error {
+	defer dev.Close()
+	fds := make([]int, 0, len(dev.Queues()))
+	for _, q := range dev.Queues() {
+		fds = append(fds, int(q.Fd()))
 	}
+	if err := send(c.conn, message{Op: opTap, Name: dev.Name()}, fds...); err != nil {
+		return fmt.Errorf("network engine: %w", c.exitReason(err))
+	}
+	if err := c.awaitReady(); err != nil {
+		return err
+	}
+	c.started.Store(true)
 	go c.read()
-	return c, nil
+	return nil
 }
 
 func (c *Client) awaitReady() error {
@@ -108,7 +117,7 @@ func (c *Client) awaitReady() error {
 	case opFailed:
 		return fmt.Errorf("network engine: %s", m.Error)
 	}
-	return fmt.Errorf("start network engine: unexpected %q message", m.Op)
+	return fmt.Errorf("network engine: unexpected %q message", m.Op)
 }
 
 // exitReason says why the engine went away: its exit status if it exited
@@ -164,16 +173,19 @@ func (c *Client) read() {
 func (c *Client) Failed() <-chan error { return c.failed }
 
 // Close stops the engine (it closes the stack, ending every flow) and waits
-// for it.
+// for it. Closing again does nothing.
 func (c *Client) Close() error {
-	c.closing.Store(true)
-	c.conn.Close()
-	err := c.proc.Stop()
-	<-c.done
-	if err != nil {
-		return fmt.Errorf("network engine: %w", err)
-	}
-	return nil
+	c.closeOnce.Do(func() {
+		c.closing.Store(true)
+		c.conn.Close()
+		if err := c.proc.Stop(); err != nil {
+			c.closeErr = fmt.Errorf("network engine: %w", err)
+		}
+		if c.started.Load() {
+			<-c.done
+		}
+	})
+	return c.closeErr
 }
 
 // ForwardTCP implements portfwd.Guest: the engine takes the connection
@@ -249,7 +261,7 @@ func (c *Client) request(o op) (json.RawMessage, error) {
 		delete(c.pending, id)
 		c.mu.Unlock()
 	}
-	if err := send(c.conn, message{Op: o, ID: id}, -1); err != nil {
+	if err := send(c.conn, message{Op: o, ID: id}); err != nil {
 		forget()
 		return nil, fmt.Errorf("network engine: %w", err)
 	}

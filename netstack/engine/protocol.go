@@ -6,6 +6,7 @@
 // They talk over one SOCK_SEQPACKET socketpair, one JSON object per
 // message, descriptors as SCM_RIGHTS:
 //
+//	parent -> engine  tap   name          + TAP queues   once the namespace is up
 //	engine -> parent  ready | failed                     once, after setup
 //	parent -> engine  tcp   guest         + host socket  forward a published TCP connection
 //	parent -> engine  udp   client, guest + socket       a published UDP flow (one end of a datagram socketpair)
@@ -33,12 +34,11 @@ import (
 )
 
 // Spec is what the engine process is given besides its descriptors, which
-// are, in order: the control socket, Queues TAP queues, and the pcap file
-// if Pcap.
+// are, in order: the control socket and the pcap file if Pcap. The TAP
+// comes later, over the control socket: the engine starts while the
+// namespace is being set up.
 type Spec struct {
 	Net         netstack.Config `json:"net"`
-	TapName     string          `json:"tap_name"`
-	Queues      int             `json:"queues"`
 	Pcap        bool            `json:"pcap"`
 	PcapMaxSize int64           `json:"pcap_max_size"`
 	// Debug and LogFormat configure the engine's logger (its stderr is
@@ -50,6 +50,7 @@ type Spec struct {
 type op string
 
 const (
+	opTap    op = "tap"
 	opReady  op = "ready"
 	opFailed op = "failed"
 	opTCP    op = "tcp"
@@ -63,6 +64,7 @@ const (
 type message struct {
 	Op     op              `json:"op"`
 	ID     uint64          `json:"id,omitempty"`
+	Name   string          `json:"name,omitempty"`
 	Client netip.AddrPort  `json:"client,omitzero"`
 	Guest  netip.AddrPort  `json:"guest,omitzero"`
 	Error  string          `json:"error,omitempty"`
@@ -74,15 +76,15 @@ const maxMessage = 64 << 10
 
 var errHangup = errors.New("control connection closed")
 
-// send writes m with fd (if >= 0) attached. The caller keeps fd.
-func send(c *net.UnixConn, m message, fd int) error {
+// send writes m with fds attached. The caller keeps them.
+func send(c *net.UnixConn, m message, fds ...int) error {
 	b, err := json.Marshal(m)
 	if err != nil {
 		return fmt.Errorf("encode %s: %w", m.Op, err)
 	}
 	var oob []byte
-	if fd >= 0 {
-		oob = unix.UnixRights(fd)
+	if len(fds) > 0 {
+		oob = unix.UnixRights(fds...)
 	}
 	if _, _, err := c.WriteMsgUnix(b, oob, nil); err != nil {
 		return fmt.Errorf("send %s: %w", m.Op, err)
@@ -105,20 +107,7 @@ func sendConn(c *net.UnixConn, m message, sc syscall.Conn) error {
 
 // recv reads one message and the descriptor that came with it, if any.
 func recv(c *net.UnixConn) (message, *os.File, error) {
-	buf := make([]byte, maxMessage)
-	n, files, err := tap.RecvFiles(c, buf)
-	if errors.Is(err, io.EOF) {
-		return message{}, nil, errHangup
-	}
-	if err != nil {
-		return message{}, nil, err
-	}
-	if n == 0 {
-		for _, f := range files {
-			f.Close()
-		}
-		return message{}, nil, errHangup
-	}
+	m, files, err := recvFiles(c)
 	var f *os.File
 	for i, extra := range files {
 		if i == 0 {
@@ -127,14 +116,34 @@ func recv(c *net.UnixConn) (message, *os.File, error) {
 			extra.Close()
 		}
 	}
-	var m message
-	if err := json.Unmarshal(buf[:n], &m); err != nil {
-		if f != nil {
+	return m, f, err
+}
+
+// recvFiles reads one message and the descriptors that came with it.
+func recvFiles(c *net.UnixConn) (message, []*os.File, error) {
+	buf := make([]byte, maxMessage)
+	n, files, err := tap.RecvFiles(c, buf)
+	if errors.Is(err, io.EOF) {
+		return message{}, nil, errHangup
+	}
+	if err != nil {
+		return message{}, nil, err
+	}
+	closeAll := func() {
+		for _, f := range files {
 			f.Close()
 		}
+	}
+	if n == 0 {
+		closeAll()
+		return message{}, nil, errHangup
+	}
+	var m message
+	if err := json.Unmarshal(buf[:n], &m); err != nil {
+		closeAll()
 		return message{}, nil, fmt.Errorf("decode control message: %w", err)
 	}
-	return m, f, nil
+	return m, files, nil
 }
 
 // unixConn turns an inherited or passed socket into a connection; it

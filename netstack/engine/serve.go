@@ -19,9 +19,10 @@ import (
 )
 
 // Main is the engine process: files and spec are what launcher.EngineSetup
-// returned (setupErr its error), log its logger. It sets the stack up,
-// confines itself to the steady state's system calls, reports ready and
-// serves the parent until the parent hangs up. It returns the exit code.
+// returned (setupErr its error), log its logger. It waits for the TAP, sets
+// the stack up on it, confines itself to the steady state's system calls,
+// reports ready and serves the parent until the parent hangs up. It
+// returns the exit code.
 func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 	// It ends when its parent says so or dies, not on signals meant for
 	// the parent's process group; and a write to a terminal it does not
@@ -37,29 +38,36 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 		return 1
 	}
 	defer ctrl.Close()
+	var pcap *os.File
+	if len(files) > 1 {
+		pcap = files[1]
+		defer pcap.Close()
+	}
 	fail := func(err error) int {
-		for _, f := range files[1:] {
-			f.Close()
-		}
-		_ = send(ctrl, message{Op: opFailed, Error: err.Error()}, -1)
+		_ = send(ctrl, message{Op: opFailed, Error: err.Error()})
 		return 1
 	}
 	if setupErr != nil {
 		return fail(setupErr)
 	}
-	if len(files) != 1+spec.Queues+btoi(spec.Pcap) || spec.Queues < 1 {
-		return fail(fmt.Errorf("network engine: got %d descriptors, want %d", len(files), 1+spec.Queues+btoi(spec.Pcap)))
+	if len(files) != 1+btoi(spec.Pcap) {
+		return fail(fmt.Errorf("network engine: got %d descriptors, want %d", len(files), 1+btoi(spec.Pcap)))
+	}
+	dev, err := awaitTap(ctrl)
+	if errors.Is(err, errHangup) {
+		return 0 // the namespace never came up; the parent says why
+	}
+	if err != nil {
+		return fail(err)
 	}
 	cfg := spec.Net
 	cfg.Logger = log
-	if spec.Pcap {
-		pcap := files[len(files)-1]
-		defer pcap.Close()
+	if pcap != nil {
 		cfg.Capture = netstack.NewCaptureWriter(pcap, spec.PcapMaxSize, log)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	stack, err := netstack.New(ctx, cfg, tap.FromFiles(spec.TapName, files[1:1+spec.Queues]))
+	stack, err := netstack.New(ctx, cfg, dev)
 	if err != nil {
 		return fail(err)
 	}
@@ -74,13 +82,28 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 	if err := launcher.LoadSeccomp(spec.Debug); err != nil {
 		return fail(err)
 	}
-	if err := send(ctrl, message{Op: opReady}, -1); err != nil {
+	if err := send(ctrl, message{Op: opReady}); err != nil {
 		return 1
 	}
 	if err := e.serve(); !errors.Is(err, errHangup) {
 		log.Warn("network engine: control connection", "err", err)
 	}
 	return 0
+}
+
+// awaitTap waits for the parent to hand over the TAP queues.
+func awaitTap(ctrl *net.UnixConn) (tap.Device, error) {
+	m, files, err := recvFiles(ctrl)
+	if err != nil {
+		return nil, err
+	}
+	if m.Op != opTap || len(files) == 0 {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, fmt.Errorf("network engine: got %q with %d descriptors, want the TAP", m.Op, len(files))
+	}
+	return tap.FromFiles(m.Name, files), nil
 }
 
 func btoi(b bool) int {
@@ -142,7 +165,7 @@ func (e *server) report(m message) error {
 	} else {
 		reply.Result = b
 	}
-	return send(e.ctrl, reply, -1)
+	return send(e.ctrl, reply)
 }
 
 // forwardTCP relays a published connection the parent accepted into the
