@@ -129,15 +129,5 @@ func EngineSetup(v any) ([]*os.File, error) {
 	for i := 0; i < n; i++ {
 		files = append(files, os.NewFile(uintptr(3+i), "engine-"+strconv.Itoa(i)))
 	}
-	state := os.Getenv(engineStateEnv)
-	for _, k := range []string{childEnv, engineStateEnv, nsenter.EnvSandbox, nsenter.EnvSandboxFiles} {
-		os.Unsetenv(k)
-	}
-	if err := nsenter.SandboxErr(); err != nil {
-		return files, err
-	}
-	if err := json.Unmarshal([]byte(state), v); err != nil {
-		return files, fmt.Errorf("network engine: decode state: %w", err)
-	}
-	return files, nil
+	return files, sandboxState(os.Getenv(engineStateEnv), v, childEnv, engineStateEnv, nsenter.EnvSandbox, nsenter.EnvSandboxFiles)
 }

@@ -284,16 +284,9 @@ func socketPair() (*net.UnixConn, *os.File, error) {
 }
 
 func unixConn(fd int) (*net.UnixConn, error) {
-	f := os.NewFile(uintptr(fd), "launcher-parent")
-	defer f.Close()
-	c, err := net.FileConn(f)
+	c, err := tap.UnixConn(os.NewFile(uintptr(fd), "launcher-parent"))
 	if err != nil {
 		return nil, fmt.Errorf("socketpair: %w", err)
 	}
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		c.Close()
-		return nil, fmt.Errorf("socketpair: unexpected connection type %T", c)
-	}
-	return uc, nil
+	return c, nil
 }

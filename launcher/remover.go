@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -13,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netns-run/netns-run/portfwd/sockfile"
+	"github.com/netns-run/netns-run/tap"
 )
 
 // A sandboxed process must hold nothing that names the host's filesystem:
@@ -74,7 +74,7 @@ func StartRemover(file *sockfile.Owned) (*os.File, error) {
 // AskRemove has the remover at the other end of conn remove its file, and
 // waits until it has. It closes conn.
 func AskRemove(conn *os.File) error {
-	c, err := unixConnOf(conn)
+	c, err := tap.UnixConn(conn)
 	if err != nil {
 		return fmt.Errorf("remove socket file: %w", err)
 	}
@@ -92,29 +92,13 @@ func AskRemove(conn *os.File) error {
 	return nil
 }
 
-// unixConnOf turns an inherited socket descriptor into a connection with
-// deadlines; it closes f.
-func unixConnOf(f *os.File) (*net.UnixConn, error) {
-	defer f.Close()
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, err
-	}
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		c.Close()
-		return nil, fmt.Errorf("descriptor %d is a %T, not a Unix socket", f.Fd(), c)
-	}
-	return uc, nil
-}
-
 // runRemover is the remover process.
 func runRemover() int {
 	// It ends with the helper, not with a Ctrl-C meant for the helper's
 	// process group: the helper exits on that and needs the remover then.
 	signal.Ignore(unix.SIGINT, unix.SIGTERM, unix.SIGHUP, unix.SIGQUIT)
 	dir := os.NewFile(4, "dir")
-	conn, err := unixConnOf(os.NewFile(3, "remover"))
+	conn, err := tap.UnixConn(os.NewFile(3, "remover"))
 	var f removerFile
 	if err == nil {
 		err = json.Unmarshal([]byte(os.Getenv(removerFileEnv)), &f)

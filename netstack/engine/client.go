@@ -64,7 +64,7 @@ func Start(spec Spec, pcap *os.File, log *slog.Logger) (*Client, error) {
 	}
 	theirs := os.NewFile(uintptr(pair[1]), "engine-control")
 	defer theirs.Close()
-	conn, err := unixConn(os.NewFile(uintptr(pair[0]), "engine-control"))
+	conn, err := tap.UnixConn(os.NewFile(uintptr(pair[0]), "engine-control"))
 	if err != nil {
 		return nil, fmt.Errorf("start network engine: %w", err)
 	}
@@ -207,7 +207,7 @@ func (c *Client) DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error) {
 		return nil, fmt.Errorf("network engine: socketpair: %w", err)
 	}
 	theirs := os.NewFile(uintptr(pair[1]), "udp-flow")
-	ours, err := unixConn(os.NewFile(uintptr(pair[0]), "udp-flow"))
+	ours, err := tap.UnixConn(os.NewFile(uintptr(pair[0]), "udp-flow"))
 	if err != nil {
 		theirs.Close()
 		return nil, fmt.Errorf("network engine: %w", err)

@@ -146,22 +146,6 @@ func recvFiles(c *net.UnixConn) (message, []*os.File, error) {
 	return m, files, nil
 }
 
-// unixConn turns an inherited or passed socket into a connection; it
-// closes f.
-func unixConn(f *os.File) (*net.UnixConn, error) {
-	defer f.Close()
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, err
-	}
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		c.Close()
-		return nil, fmt.Errorf("got a %T, want a Unix socket", c)
-	}
-	return uc, nil
-}
-
 // datagramConn is one end of a SOCK_SEQPACKET socketpair carrying a UDP
 // flow's datagrams, one per record. Go reads an empty record as end of
 // file; an empty datagram is legitimate, so Read tells them apart by

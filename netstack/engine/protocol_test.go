@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/tap"
 )
 
 func seqpacketPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
@@ -18,11 +20,11 @@ func seqpacketPair(t *testing.T) (*net.UnixConn, *net.UnixConn) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := unixConn(os.NewFile(uintptr(fds[0]), "a"))
+	a, err := tap.UnixConn(os.NewFile(uintptr(fds[0]), "a"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := unixConn(os.NewFile(uintptr(fds[1]), "b"))
+	b, err := tap.UnixConn(os.NewFile(uintptr(fds[1]), "b"))
 	if err != nil {
 		t.Fatal(err)
 	}

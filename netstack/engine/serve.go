@@ -32,7 +32,7 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 		fmt.Fprintln(os.Stderr, "network engine: no control socket")
 		return 1
 	}
-	ctrl, err := unixConn(files[0])
+	ctrl, err := tap.UnixConn(files[0])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "network engine: control socket: %v\n", err)
 		return 1
@@ -203,7 +203,7 @@ func (e *server) forwardUDP(m message, f *os.File) {
 		e.log.Warn("network engine: udp request without a socket")
 		return
 	}
-	uc, err := unixConn(f)
+	uc, err := tap.UnixConn(f)
 	if err != nil {
 		e.log.Warn("network engine: published udp flow", "err", err)
 		return
@@ -239,31 +239,25 @@ func relayDatagrams(ctx context.Context, host *datagramConn, guest net.Conn) {
 	}
 	stop := context.AfterFunc(ctx, closeBoth)
 	defer stop()
+	pump := func(dst, src net.Conn) {
+		buf := make([]byte, 65535)
+		for {
+			n, err := src.Read(buf)
+			if err != nil {
+				return
+			}
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		buf := make([]byte, 65535)
-		for {
-			n, err := host.Read(buf)
-			if err != nil {
-				break
-			}
-			if _, err := guest.Write(buf[:n]); err != nil {
-				break
-			}
-		}
+		pump(guest, host)
 		closeBoth()
 	}()
-	buf := make([]byte, 65535)
-	for {
-		n, err := guest.Read(buf)
-		if err != nil {
-			break
-		}
-		if _, err := host.Write(buf[:n]); err != nil {
-			break
-		}
-	}
+	pump(host, guest)
 	closeBoth()
 	<-done
 }
