@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -64,7 +65,7 @@ func startEngine(args []string, state any, files []*os.File) (*EngineProcess, er
 	}
 	cmd := exec.Command("/proc/self/exe")
 	cmd.Args = args
-	cmd.Env = append(os.Environ(), childEnv+"="+engineEnvValue, engineStateEnv+"="+string(b),
+	cmd.Env = append(engineEnviron(), childEnv+"="+engineEnvValue, engineStateEnv+"="+string(b),
 		nsenter.EnvSandbox+"="+nsenter.SandboxEngine, nsenter.EnvSandboxFiles+"="+strconv.Itoa(len(files)))
 	cmd.Stderr = os.Stderr
 	if st, err := os.Stderr.Stat(); err == nil && st.IsDir() {
@@ -81,6 +82,9 @@ func startEngine(args []string, state any, files []*os.File) (*EngineProcess, er
 		UidMappings: []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getuid(), Size: 1}},
 		GidMappings: []syscall.SysProcIDMap{{ContainerID: os.Getgid(), HostID: os.Getgid(), Size: 1}},
 		Pdeathsig:   unix.SIGKILL,
+		// No controlling terminal to push input into, and not in the
+		// process group that the terminal's signals reach.
+		Setsid: true,
 	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start network engine (--no-sandbox runs it unconfined, in netns-run's own process): %w", err)
@@ -91,6 +95,21 @@ func startEngine(args []string, state any, files []*os.File) (*EngineProcess, er
 		p.err = cmd.Wait()
 	}()
 	return p, nil
+}
+
+// engineEnviron is what the engine keeps of our environment: the Go
+// runtime's settings, none of the user's variables (tokens and keys live
+// there, and the engine has no use for them).
+func engineEnviron() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		switch k {
+		case "GOMAXPROCS", "GOGC", "GOMEMLIMIT", "GODEBUG", "GOTRACEBACK":
+			env = append(env, kv)
+		}
+	}
+	return env
 }
 
 // Pid is the engine's process ID (in our PID namespace).

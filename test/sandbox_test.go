@@ -227,6 +227,15 @@ func TestEngineSandboxed(t *testing.T) {
 		t.Errorf("engine's root holds %v (%v), want nothing", entries, err)
 	}
 	checkNoHostPaths(t, eng)
+	if env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", eng)); err != nil {
+		t.Error(err)
+	} else {
+		for _, kv := range strings.Split(strings.TrimRight(string(env), "\x00"), "\x00") {
+			if !strings.HasPrefix(kv, "_NETNS_RUN_") && !strings.HasPrefix(kv, "GO") {
+				t.Errorf("the engine got the user's %q", kv)
+			}
+		}
+	}
 	if !holdsTap(eng) {
 		t.Errorf("engine does not hold the TAP")
 	}
