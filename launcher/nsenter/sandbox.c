@@ -27,6 +27,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/capability.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -97,10 +98,10 @@ static int handle_escapes(int fd) {
 	return fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-// close_escapes closes every descriptor that names a directory or is an
-// O_PATH handle; 0-2 become /dev/null instead, so later opens do not land
-// there.
-static int close_escapes(void) {
+// close_escapes closes every descriptor from `from` on, and below it every
+// one that names a directory or is an O_PATH handle; 0-2 become /dev/null
+// instead, so later opens do not land there.
+static int close_escapes(int from) {
 	DIR *d = opendir("/proc/self/fd");
 	if (d == NULL)
 		return fail("list descriptors");
@@ -110,7 +111,7 @@ static int close_escapes(void) {
 		if (e->d_name[0] == '.')
 			continue;
 		int fd = atoi(e->d_name);
-		if (fd == own || !handle_escapes(fd))
+		if (fd == own || (fd < from && !handle_escapes(fd)))
 			continue;
 		if (fd > 2) {
 			close(fd);
@@ -150,7 +151,7 @@ static int enter_sandbox(const char *userns) {
 	// attach.
 	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
 		return fail("make non-dumpable");
-	if (close_escapes() < 0)
+	if (close_escapes(INT_MAX) < 0)
 		return -1;
 	if (geteuid() != 0 && userns != NULL && *userns != '\0') {
 		// Unprivileged: become root in the container's user namespace,
@@ -181,9 +182,7 @@ static int enter_engine_sandbox(const char *files) {
 	prctl(PR_SET_NAME, "netns-engine", 0, 0, 0);
 	int n = files != NULL ? atoi(files) : 0;
 	// Only what the parent handed over: nothing it inherited by accident.
-	if (syscall(SYS_close_range, 3 + n, ~0U, 0) < 0)
-		return fail("close inherited descriptors");
-	if (close_escapes() < 0)
+	if (close_escapes(3 + n) < 0)
 		return -1;
 	// Nothing propagates in or out of this mount namespace.
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
