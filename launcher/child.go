@@ -26,7 +26,7 @@ const childFD = 3
 // Binaries that use Run must check it first thing in main and call RunChild.
 func IsChild() bool {
 	v := os.Getenv(childEnv)
-	return v == "1" || v == joinEnvValue || v == initEnvValue
+	return v == "1" || v == joinEnvValue || v == initEnvValue || v == removerEnvValue
 }
 
 // initEnvValue of childEnv marks the namespace child re-executed as the
@@ -42,6 +42,8 @@ func RunChild() {
 	case initEnvValue:
 		os.Unsetenv(childEnv)
 		os.Exit(runInit(os.Args[1:]))
+	case removerEnvValue:
+		os.Exit(runRemover())
 	}
 	if os.Getenv(waitMapsEnv) == "1" {
 		awaitIDMaps()

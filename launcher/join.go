@@ -220,7 +220,8 @@ func Join(ctx context.Context, target ProcessID, args []string, log *slog.Logger
 	}
 	closeNS()
 	child := &childProcess{pid: cmd.Process.Pid, term: term}
-	return child.supervise(sigs, log), nil
+	code, _ := child.supervise(sigs, nil, log)
+	return code, nil
 }
 
 // ownPIDNamespace reports whether process pid is in a PID namespace other

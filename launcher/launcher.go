@@ -85,9 +85,18 @@ func (n Namespace) Target() Target {
 }
 
 // NetworkFunc starts the host side of the network for the namespace the
-// child set up. Run closes the returned Closer after the command and
+// child set up. Run closes the returned Network after the command and
 // everything it left in the namespace are gone.
-type NetworkFunc func(ctx context.Context, ns Namespace) (io.Closer, error)
+type NetworkFunc func(ctx context.Context, ns Namespace) (Network, error)
+
+// Network is the running host side of the network.
+type Network interface {
+	io.Closer
+	// Failed delivers an error if the network stops by itself (its
+	// engine crashed); Run then kills the command and returns the error.
+	// A nil channel: it cannot fail.
+	Failed() <-chan error
+}
 
 // Options configure Run.
 type Options struct {
@@ -113,8 +122,8 @@ type Options struct {
 
 // Run starts opts.Args in new namespaces, serves its network and returns its
 // exit status: the command's own code, or 128+N when a signal N killed it.
-// An error means the namespace could not be set up; the command then did not
-// run.
+// An error means the namespace could not be set up, and the command did not
+// run, or that the network failed while it ran, and the command was killed.
 func Run(ctx context.Context, opts Options) (int, error) {
 	if len(opts.Args) == 0 {
 		return 0, errors.New("no command given")
@@ -204,10 +213,13 @@ func Run(ctx context.Context, opts Options) (int, error) {
 	}
 	conn.Close()
 
-	code := child.supervise(sigs, log)
+	code, netErr := child.supervise(sigs, network.Failed(), log)
 	child.killLeftovers(log)
-	if err := network.Close(); err != nil {
+	if err := network.Close(); err != nil && netErr == nil {
 		log.Warn("stopping the network", "err", err)
+	}
+	if netErr != nil {
+		return 0, netErr
 	}
 	return code, nil
 }
@@ -215,7 +227,7 @@ func Run(ctx context.Context, opts Options) (int, error) {
 var errPeerGone = errors.New("namespace child went away")
 
 // setUp runs the parent's half of the handshake and starts the network.
-func setUp(ctx context.Context, ch channel, opts Options, pid int) (io.Closer, error) {
+func setUp(ctx context.Context, ch channel, opts Options, pid int) (Network, error) {
 	cfg := childConfig{Guest: opts.Guest, Configure: true, Exec: true, Args: opts.Args, PID: opts.PID, Hostname: opts.Hostname, CopyUp: opts.CopyUp}
 	dev, mac, err := tapHandshake(ch, cfg)
 	if err != nil {
@@ -276,16 +288,9 @@ func socketPair() (*net.UnixConn, *os.File, error) {
 }
 
 func unixConn(fd int) (*net.UnixConn, error) {
-	f := os.NewFile(uintptr(fd), "launcher-parent")
-	defer f.Close()
-	c, err := net.FileConn(f)
+	c, err := tap.UnixConn(os.NewFile(uintptr(fd), "launcher-parent"))
 	if err != nil {
 		return nil, fmt.Errorf("socketpair: %w", err)
 	}
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		c.Close()
-		return nil, fmt.Errorf("socketpair: unexpected connection type %T", c)
-	}
-	return uc, nil
+	return c, nil
 }

@@ -2,6 +2,7 @@ package launcher
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -57,7 +58,8 @@ type waitResult struct {
 
 // supervise forwards signals to the command and follows it through job
 // control stops until it exits; it returns the exit status to propagate.
-func (c *childProcess) supervise(sigs <-chan os.Signal, log *slog.Logger) int {
+// If the network fails first, it kills the command and returns that error.
+func (c *childProcess) supervise(sigs <-chan os.Signal, netFailed <-chan error, log *slog.Logger) (int, error) {
 	c.recordNetns()
 	events := make(chan waitResult, 1)
 	next := func() {
@@ -74,15 +76,20 @@ func (c *childProcess) supervise(sigs <-chan os.Signal, log *slog.Logger) int {
 		}()
 	}
 	next()
+	var netErr error
 	for {
 		select {
+		case err := <-netFailed:
+			log.Debug("the network failed; killing the command", "err", err)
+			netErr, netFailed = fmt.Errorf("the network stopped, so the command was killed: %w", err), nil
+			_ = unix.Kill(c.pid, unix.SIGKILL)
 		case s := <-sigs:
 			log.Debug("forwarding signal", "signal", s)
 			_ = unix.Kill(c.pid, s.(unix.Signal))
 		case r := <-events:
 			if r.err != nil {
 				log.Warn("waiting for command", "err", r.err)
-				return 125
+				return 125, netErr
 			}
 			switch ws := r.status; {
 			case ws.Stopped():
@@ -90,10 +97,10 @@ func (c *childProcess) supervise(sigs <-chan os.Signal, log *slog.Logger) int {
 				next()
 			case ws.Signaled():
 				c.term.giveTo(c.termOwner())
-				return 128 + int(ws.Signal())
+				return 128 + int(ws.Signal()), netErr
 			default:
 				c.term.giveTo(c.termOwner())
-				return ws.ExitStatus()
+				return ws.ExitStatus(), netErr
 			}
 		}
 	}

@@ -58,14 +58,21 @@ func SandboxedState(v any) (bool, error) {
 	if !ok {
 		return false, nil
 	}
-	for _, k := range []string{sandboxStateEnv, nsenter.EnvSandbox, nsenter.EnvSandboxUserNS} {
+	return true, sandboxState(s, v, sandboxStateEnv, nsenter.EnvSandbox, nsenter.EnvSandboxUserNS)
+}
+
+// sandboxState, in a process that entered a sandbox, clears the variables
+// that got it there (env) and decodes its state into v, unless entering
+// the sandbox failed.
+func sandboxState(state string, v any, env ...string) error {
+	for _, k := range env {
 		os.Unsetenv(k)
 	}
 	if err := nsenter.SandboxErr(); err != nil {
-		return true, err
+		return err
 	}
-	if err := json.Unmarshal([]byte(s), v); err != nil {
-		return true, fmt.Errorf("sandbox: decode state: %w", err)
+	if err := json.Unmarshal([]byte(state), v); err != nil {
+		return fmt.Errorf("sandbox: decode state: %w", err)
 	}
-	return true, nil
+	return nil
 }

@@ -14,7 +14,8 @@ import (
 )
 
 // Config describes the virtual network the guest sees and how the helper
-// reaches the outside on its behalf.
+// reaches the outside on its behalf. Everything but Capture and Logger
+// crosses to an engine process as JSON.
 type Config struct {
 	// MTU of the guest link; the TAP must use the same.
 	MTU uint32
@@ -49,9 +50,9 @@ type Config struct {
 	OutboundAddr4, OutboundAddr6 netip.Addr
 	// Capture, if set, receives every guest frame in pcap format (wrap
 	// files in a CaptureWriter).
-	Capture io.Writer
+	Capture io.Writer `json:"-"`
 	// Logger receives debug detail and one line per problem. Nil: quiet.
-	Logger *slog.Logger
+	Logger *slog.Logger `json:"-"`
 }
 
 // Default addressing, identical to slirp4netns so guests and tools that

@@ -73,10 +73,7 @@ func (s *Stack) Stats() Stats {
 	st.Drops.ICMPUnavailable = c.dropICMPUnavailable.Load()
 	st.Drops.FlowLimit = c.dropFlowLimit.Load() + s.stack.Stats().TCP.ForwardMaxInFlightDrop.Value()
 	st.Process.Goroutines = runtime.NumGoroutine()
-	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
-		st.Process.FDs = len(fds)
-	}
-	st.Process.RSSKiB = rssKiB()
+	st.Process.FDs, st.Process.RSSKiB = Footprint("self")
 	if info, ok := s.stack.NICInfo()[nicID]; ok {
 		n := info.Stats
 		st.Link.RxPackets, st.Link.RxBytes = n.Rx.Packets.Value(), n.Rx.Bytes.Value()
@@ -94,18 +91,23 @@ func (s *Stack) Stats() Stats {
 	return st
 }
 
-// rssKiB reads the resident set size from /proc/self/statm.
-func rssKiB() uint64 {
-	b, err := os.ReadFile("/proc/self/statm")
+// Footprint counts the open descriptors and reads the resident set size of
+// process pid ("self" or a number) from /proc; zeros where /proc cannot
+// tell (a sandboxed engine has no /proc: its parent asks for it).
+func Footprint(pid string) (fds int, rssKiB uint64) {
+	if ents, err := os.ReadDir("/proc/" + pid + "/fd"); err == nil {
+		fds = len(ents)
+	}
+	b, err := os.ReadFile("/proc/" + pid + "/statm")
 	if err != nil {
-		return 0
+		return fds, 0
 	}
 	f := strings.Fields(string(b))
 	if len(f) < 2 {
-		return 0
+		return fds, 0
 	}
 	pages, _ := strconv.ParseUint(f[1], 10, 64)
-	return pages * uint64(os.Getpagesize()) / 1024
+	return fds, pages * uint64(os.Getpagesize()) / 1024
 }
 
 // reserve takes one of max slots in open, atomically; false when full.

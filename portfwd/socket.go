@@ -5,76 +5,64 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 
-	"golang.org/x/sys/unix"
+	"github.com/netns-run/netns-run/portfwd/sockfile"
 )
 
-// APISocket is the listening API socket and a handle on its directory, so
-// the socket file can be removed even after the process has pivoted into a
-// sandbox where the path no longer resolves.
+// APISocket is the listening API socket. Close removes the socket file,
+// unless Handoff gave that job away, and only if the path still names the
+// socket this process created.
 type APISocket struct {
 	Listener *net.UnixListener
-	dir      *os.File
-	name     string
+	file     *sockfile.Owned
+	remove   func() error
 }
 
-// ListenAPISocket replaces any file at path with a Unix socket only its
-// owner may use.
+// ListenAPISocket makes a Unix socket at path that only its owner may use.
+// It replaces a stale socket (nobody listening) like slirp4netns, and
+// refuses anything else at path: a file, a link, another instance's socket.
 func ListenAPISocket(path string) (*APISocket, error) {
-	if len(path) >= 108 {
-		return nil, fmt.Errorf("api socket path %q: longer than the 107 bytes a Unix socket path may have", path)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("api socket %q: %w", path, err)
-	}
-	dir, err := os.OpenFile(filepath.Dir(path), unix.O_PATH|unix.O_DIRECTORY, 0)
+	ln, file, err := sockfile.Listen(path)
 	if err != nil {
-		return nil, fmt.Errorf("api socket %q: %w", path, err)
+		return nil, fmt.Errorf("api %w", err)
 	}
-	// Owner-only from the start: no window where others may connect.
-	old := unix.Umask(0o177)
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	unix.Umask(old)
-	if err != nil {
-		dir.Close()
-		return nil, fmt.Errorf("api socket %q: %w", path, err)
-	}
-	ln.SetUnlinkOnClose(false)
-	return &APISocket{Listener: ln, dir: dir, name: filepath.Base(path)}, nil
+	return &APISocket{Listener: ln, file: file, remove: file.Remove}, nil
 }
 
-// AdoptAPISocket rebuilds an APISocket from descriptors inherited across
-// exec (see Files).
-func AdoptAPISocket(listener, dir *os.File, name string) (*APISocket, error) {
+// Handoff returns the listening socket as a file to carry across exec and
+// the socket file's identity, for another process to remove it later (see
+// AdoptAPISocket). This APISocket no longer removes the file.
+func (s *APISocket) Handoff() (*os.File, *sockfile.Owned, error) {
+	f, err := s.Listener.File()
+	if err != nil {
+		return nil, nil, fmt.Errorf("api socket: %w", err)
+	}
+	file := s.file
+	s.file, s.remove = nil, func() error { return nil }
+	return f, file, nil
+}
+
+// AdoptAPISocket rebuilds an APISocket from a listener inherited across
+// exec (see Handoff); Close calls remove to have the socket file removed.
+func AdoptAPISocket(listener *os.File, remove func() error) (*APISocket, error) {
 	l, err := net.FileListener(listener)
 	listener.Close()
 	if err != nil {
-		dir.Close()
 		return nil, fmt.Errorf("api socket: %w", err)
 	}
-	return &APISocket{Listener: l.(*net.UnixListener), dir: dir, name: name}, nil
-}
-
-// Files returns the descriptors to carry across exec, and the name to give
-// AdoptAPISocket.
-func (s *APISocket) Files() (listener, dir *os.File, name string, err error) {
-	f, err := s.Listener.File()
-	if err != nil {
-		return nil, nil, "", fmt.Errorf("api socket: %w", err)
+	ul, ok := l.(*net.UnixListener)
+	if !ok {
+		l.Close()
+		return nil, fmt.Errorf("api socket: inherited a %T, not a Unix socket", l)
 	}
-	return f, s.dir, s.name, nil
+	return &APISocket{Listener: ul, remove: remove}, nil
 }
 
-// Close stops listening and removes the socket file.
+// Close stops listening and removes the socket file if it is still ours.
 func (s *APISocket) Close() error {
 	err := s.Listener.Close()
 	if errors.Is(err, net.ErrClosed) {
 		err = nil // Serve closed it already
 	}
-	if rerr := unix.Unlinkat(int(s.dir.Fd()), s.name, 0); rerr != nil && !errors.Is(rerr, unix.ENOENT) && err == nil {
-		err = rerr
-	}
-	s.dir.Close()
-	return err
+	return errors.Join(err, s.remove())
 }

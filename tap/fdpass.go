@@ -83,3 +83,20 @@ func parseRights(oob []byte) ([]*os.File, error) {
 	}
 	return files, firstErr
 }
+
+// UnixConn turns a Unix socket descriptor (inherited, passed, or one end
+// of a socketpair) into a connection; it closes f, the connection has its
+// own descriptor.
+func UnixConn(f *os.File) (*net.UnixConn, error) {
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, err
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("descriptor %q is a %T, not a Unix socket", f.Name(), c)
+	}
+	return uc, nil
+}

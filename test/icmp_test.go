@@ -57,14 +57,17 @@ func TestPingWithRawSocket(t *testing.T) {
 	wd := newWorld(t)
 	wd.sysctl(wd.w, "net.ipv4.ping_group_range", "1 0")
 	// Run netns-run with CAP_NET_RAW (ambient) and ping sockets disabled.
-	res := wd.runGuestCaps("+net_raw", []string{"--debug"}, "ping", "-c", "3", "-i", "0.05", "-W", "2", remoteAddr)
+	// A raw socket on the host needs CAP_NET_RAW in the host's user
+	// namespace, which the sandboxed engine (its own user namespace, no
+	// capabilities) never has: the raw path runs in netns-run's process.
+	res := wd.runGuestCaps("+net_raw", []string{"--debug", "--no-sandbox"}, "ping", "-c", "3", "-i", "0.05", "-W", "2", remoteAddr)
 	if res.code != 0 || !strings.Contains(res.stdout, "3 received") {
 		t.Errorf("ping through a raw socket:\n%s", res)
 	}
 	if !strings.Contains(res.stderr, "ipv4=\"raw socket\"") {
 		t.Errorf("helper did not choose a raw socket:\n%s", res.stderr)
 	}
-	res = wd.runGuestCaps("+net_raw", nil, "ping", "-c", "1", "-t", "1", "-W", "2", expiringAddr)
+	res = wd.runGuestCaps("+net_raw", []string{"--no-sandbox"}, "ping", "-c", "1", "-t", "1", "-W", "2", expiringAddr)
 	if !strings.Contains(res.stdout, "From "+routerAddr) {
 		t.Errorf("raw ping with TTL 1: want time exceeded from %s:\n%s", routerAddr, res)
 	}

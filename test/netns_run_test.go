@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"regexp"
@@ -168,11 +169,19 @@ func TestExitStatus(t *testing.T) {
 // itself (`ip netns exec` and setpriv exec); it is killed and reaped at the
 // end of the test if still there.
 func (wd *world) startGuestSleep(flags []string, token string) *exec.Cmd {
+	wd.t.Helper()
+	return wd.startGuestSleepStderr(flags, token, nil)
+}
+
+// startGuestSleepStderr is startGuestSleep with netns-run's stderr going
+// to stderr.
+func (wd *world) startGuestSleepStderr(flags []string, token string, stderr io.Writer) *exec.Cmd {
 	t := wd.t
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
 	cmd := wd.guestCommand(ctx, flags, bins.nettool, "sleep", token)
+	cmd.Stderr = stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/launcher/safefs"
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/engine"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -93,6 +94,7 @@ type options struct {
 	logFormat           string
 	pcap                string
 	pcapMaxSize         int64
+	noSandbox           bool
 	version             bool
 	help                bool
 }
@@ -102,6 +104,11 @@ func main() {
 		launcher.RunChild()
 	}
 	cli.SetProcs()
+	if launcher.IsEngine() {
+		var spec engine.Spec
+		files, err := launcher.EngineSetup(&spec)
+		os.Exit(engine.Main(files, spec, err, cli.NewLogger(os.Stderr, spec.Debug, spec.LogFormat)))
+	}
 	if len(os.Args) > 1 && os.Args[1] == "stats" {
 		os.Exit(runStats(os.Args[2:], os.Stdout, os.Stderr))
 	}
@@ -164,6 +171,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netns-run: %v\n", err)
 		return exitSetupFailed
 	}
+	var pcap *os.File
 	if opts.pcap != "" {
 		capture, f, err := netstack.OpenCapture(opts.pcap, opts.pcapMaxSize, log)
 		if err != nil {
@@ -171,7 +179,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return exitSetupFailed
 		}
 		defer f.Close()
-		netCfg.Capture = capture
+		netCfg.Capture, pcap = capture, f
 	}
 	rules, err := parsePublish(opts.publish)
 	if err != nil {
@@ -199,6 +207,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 		guest.Gateway6 = netCfg.Gateway6
 		guest.Nameserver6 = netCfg.DNS6
 	}
+	var eng *engine.Client
+	if !opts.noSandbox {
+		// Started now, it gets going while the namespace is set up. Its
+		// death signal follows this thread, which must not end first.
+		runtime.LockOSThread()
+		spec := engine.Spec{Net: netCfg, PcapMaxSize: opts.pcapMaxSize, Debug: opts.debug, LogFormat: opts.logFormat}
+		if eng, err = engine.Start(spec, pcap, log); err != nil {
+			fmt.Fprintf(stderr, "netns-run: %v\n", err)
+			return exitSetupFailed
+		}
+		defer eng.Close()
+	}
 	code, err := launcher.Run(context.Background(), launcher.Options{
 		Args:     cmdArgs,
 		Guest:    guest,
@@ -209,9 +229,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		PID:      opts.pid,
 		Hostname: opts.hostname,
 		CopyUp:   opts.copyUp,
-		Network: func(ctx context.Context, ns launcher.Namespace) (io.Closer, error) {
-			host, err := startHostSide(ctx, ns, netCfg, opts, rules, log)
-			if err == nil && opts.netnsPath != "" {
+		Network: func(ctx context.Context, ns launcher.Namespace) (launcher.Network, error) {
+			host, err := startHostSide(ctx, ns, netCfg, eng, opts, rules, log)
+			if err != nil {
+				return nil, err
+			}
+			if opts.netnsPath != "" {
 				// A symlink: unprivileged users cannot bind-mount into
 				// the host's mount namespace.
 				if netnsLink, err = safefs.Symlink(ns.Target().NetNS, opts.netnsPath); err != nil {
@@ -219,14 +242,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 					return nil, fmt.Errorf("--netns: %w", err)
 				}
 			}
-			if err == nil && ready != nil {
+			if ready != nil {
 				if err = writeState(stateDir, ns); err != nil {
 					host.Close()
 					return nil, err
 				}
 				ready.report("ok")
 			}
-			return host, err
+			return host, nil
 		},
 	})
 	if err != nil {
@@ -281,6 +304,7 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.pcap, "pcap", "", "capture the guest's frames to this pcap file (tcpdump -r / tshark -r)")
 	fs.Int64Var(&o.pcapMaxSize, "pcap-max-size", 1<<30, "stop capturing once the file reaches this many bytes (0: no limit)")
+	fs.BoolVar(&o.noSandbox, "no-sandbox", false, "run the packet engine in netns-run's own process, unconfined, instead of its sandbox (for debugging)")
 	fs.BoolVarP(&o.help, "help", "h", false, "show this help and exit")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {

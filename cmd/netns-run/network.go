@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/netip"
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/engine"
 	"github.com/netns-run/netns-run/portfwd"
 )
 
@@ -19,27 +19,60 @@ const (
 	driverNetstack = "netstack"
 )
 
-// hostSide is everything netns-run runs for one namespace: the stack, the
-// published ports and the API socket.
+// hostSide is everything netns-run runs for one namespace: the packet
+// engine, the published ports and the API socket.
 type hostSide struct {
 	cancel context.CancelFunc
-	stack  *netstack.Stack
+	engine packetEngine
 	helper *launcher.PortHelper
 	ports  *portfwd.PortMap
 	api    *portfwd.APISocket
 	apiEnd chan struct{}
 }
 
+// packetEngine is the userspace stack: in its own sandboxed process
+// (engine.Client), or with --no-sandbox in this one (localEngine).
+type packetEngine interface {
+	portfwd.Guest
+	Info() any
+	Stats() any
+	Failed() <-chan error
+	Close() error
+}
+
+// localEngine is the stack in netns-run's own process.
+type localEngine struct{ *netstack.Stack }
+
+func (l localEngine) Info() any            { return l.Stack.Info() }
+func (l localEngine) Stats() any           { return l.Stack.Stats() }
+func (l localEngine) Failed() <-chan error { return nil }
+
+// startEngine starts the stack on ns's TAP: in eng, the sandboxed engine
+// started earlier, or (nil: --no-sandbox) in this process.
+func startEngine(ctx context.Context, ns launcher.Namespace, netCfg netstack.Config, eng *engine.Client) (packetEngine, error) {
+	if eng == nil {
+		s, err := netstack.New(ctx, netCfg, ns.Tap)
+		if err != nil {
+			return nil, err
+		}
+		return localEngine{s}, nil
+	}
+	if err := eng.Attach(ns.Tap); err != nil {
+		return nil, err
+	}
+	return eng, nil
+}
+
 // startHostSide is netns-run's launcher.NetworkFunc.
-func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.Config, opts options, rules []portfwd.Rule, log *slog.Logger) (io.Closer, error) {
+func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.Config, eng *engine.Client, opts options, rules []portfwd.Rule, log *slog.Logger) (*hostSide, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	h := &hostSide{cancel: cancel}
 	var err error
-	if h.stack, err = netstack.New(ctx, netCfg, ns.Tap); err != nil {
+	if h.engine, err = startEngine(ctx, ns, netCfg, eng); err != nil {
 		cancel()
 		return nil, err
 	}
-	var guest portfwd.Guest = h.stack
+	var guest portfwd.Guest = h.engine
 	guestAddr := netstack.DefaultGuestAddr
 	if opts.portDriver == driverBuiltin && (len(rules) > 0 || opts.apiSocket != "") {
 		if h.helper, err = launcher.StartPortHelper(ns.Target()); err != nil {
@@ -74,7 +107,7 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 		// one we may inspect.
 		api.RefuseGuest(guestNS, true)
 		api.AllowIPv6()
-		api.SetReporter(func() any { return h.stack.Info() }, func() any { return h.stack.Stats() })
+		api.SetReporter(h.engine.Info, h.engine.Stats)
 		h.apiEnd = make(chan struct{})
 		go func() {
 			defer close(h.apiEnd)
@@ -84,7 +117,10 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 	return h, nil
 }
 
-// Close stops the API, the flows, the stack and the port helper.
+// Failed implements launcher.Network.
+func (h *hostSide) Failed() <-chan error { return h.engine.Failed() }
+
+// Close stops the API, the flows, the engine and the port helper.
 func (h *hostSide) Close() error {
 	h.cancel()
 	var errs []error
@@ -94,8 +130,8 @@ func (h *hostSide) Close() error {
 	if h.api != nil {
 		errs = append(errs, h.api.Close())
 	}
-	if h.stack != nil {
-		errs = append(errs, h.stack.Close())
+	if h.engine != nil {
+		errs = append(errs, h.engine.Close())
 	}
 	if h.ports != nil {
 		errs = append(errs, h.ports.Close())

@@ -92,8 +92,7 @@ type sandboxState struct {
 	TapFD     int              `json:"tap_fd"`
 	TapName   string           `json:"tap_name"`
 	APIFD     int              `json:"api_fd"`
-	APIDirFD  int              `json:"api_dir_fd"`
-	APIName   string           `json:"api_name"`
+	RemoverFD int              `json:"remover_fd"`
 	PcapFD    int              `json:"pcap_fd"`
 	Upstreams []netip.AddrPort `json:"dns_upstreams"`
 	GuestNS   *portfwd.UserNS  `json:"guest_userns"`
@@ -227,19 +226,26 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
 	q := h.dev.Queues()[0]
-	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, APIDirFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS}
+	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS}
 	keep := []*os.File{q}
 	if h.pcap != nil {
 		st.PcapFD = int(h.pcap.Fd())
 		keep = append(keep, h.pcap)
 	}
 	if h.api != nil {
-		ln, dir, name, err := h.api.Files()
+		// The socket file is removed at exit by a process that stays
+		// outside the sandbox: no handle on the host's directories may
+		// cross into it.
+		ln, file, err := h.api.Handoff()
 		if err != nil {
 			return err
 		}
-		st.APIFD, st.APIDirFD, st.APIName = int(ln.Fd()), int(dir.Fd()), name
-		keep = append(keep, ln, dir)
+		remover, err := launcher.StartRemover(file)
+		if err != nil {
+			return err
+		}
+		st.APIFD, st.RemoverFD = int(ln.Fd()), int(remover.Fd())
+		keep = append(keep, ln, remover)
 	}
 	return launcher.ReexecSandboxed(h.cfg.usernsPath, st, keep...)
 }
@@ -254,8 +260,10 @@ func (h *helper) adopt(st sandboxState) error {
 	}
 	if st.APIFD >= 0 {
 		var err error
-		h.api, err = portfwd.AdoptAPISocket(os.NewFile(uintptr(st.APIFD), "api"), os.NewFile(uintptr(st.APIDirFD), "api-dir"), st.APIName)
+		remover := os.NewFile(uintptr(st.RemoverFD), "remover")
+		h.api, err = portfwd.AdoptAPISocket(os.NewFile(uintptr(st.APIFD), "api"), func() error { return launcher.AskRemove(remover) })
 		if err != nil {
+			remover.Close()
 			h.dev.Close()
 			return err
 		}

@@ -12,11 +12,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "nsenter.h"
+
 int nsenter_errno;
 const char *nsenter_step = "";
 int nsenter_userns_errno;
 
-static int join(const char *path, int nstype) {
+int nsenter_join(const char *path, int nstype) {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return -1;
@@ -149,96 +151,4 @@ __attribute__((constructor)) static void netns_run_nsenter(void) {
 		nsenter_errno = errno;
 		nsenter_step = "fork into the PID namespace";
 	}
-}
-
-// --- sandbox ---------------------------------------------------------------
-// slirp4netns's --enable-sandbox, done here for the same reason as the join:
-// unshare(CLONE_NEWNS) and pivot_root only affect the calling thread's view
-// once Go has started threads. The new root is a tmpfs holding read-only
-// binds of /etc and /run; capabilities are dropped to CAP_NET_BIND_SERVICE
-// and no_new_privs is set.
-#include <linux/capability.h>
-#include <sys/mount.h>
-#include <sys/prctl.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
-
-int sandbox_errno;
-const char *sandbox_step = "";
-
-static int fail(const char *step) {
-	sandbox_errno = errno;
-	sandbox_step = step;
-	return -1;
-}
-
-static int bind_ro(const char *src, const char *dst) {
-	if (mkdir(dst, 0755) < 0 && errno != EEXIST)
-		return fail("mkdir sandbox mount point");
-	if (mount(src, dst, NULL, MS_BIND | MS_REC, NULL) < 0)
-		return fail("bind into sandbox");
-	if (mount(NULL, dst, NULL, MS_REC | MS_SLAVE, NULL) < 0)
-		return fail("make sandbox bind a slave");
-	if (mount(NULL, dst, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
-		return fail("remount sandbox bind read-only");
-	return 0;
-}
-
-static int drop_caps(void) {
-	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-		return fail("set no_new_privs");
-	for (int cap = 0; cap <= 63; cap++) {
-		if (cap == CAP_NET_BIND_SERVICE)
-			continue;
-		if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
-			return fail("drop bounding capabilities");
-	}
-	prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-	struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
-	struct __user_cap_data_struct data[2];
-	memset(data, 0, sizeof(data));
-	data[0].effective = data[0].permitted = data[0].inheritable = 1u << CAP_NET_BIND_SERVICE;
-	if (syscall(SYS_capset, &hdr, data) < 0)
-		return fail("set capabilities");
-	return 0;
-}
-
-static int enter_sandbox(const char *userns) {
-	if (geteuid() != 0 && userns != NULL && *userns != '\0') {
-		// Unprivileged: become root in the container's user namespace,
-		// which may then create the mount namespace.
-		if (join(userns, CLONE_NEWUSER) < 0)
-			return fail("join user namespace for the sandbox");
-	}
-	if (unshare(CLONE_NEWNS) < 0)
-		return fail("unshare mount namespace");
-	if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
-		return fail("make mounts slaves");
-	if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=16k,mode=755") < 0)
-		return fail("mount sandbox tmpfs");
-	if (bind_ro("/etc", "/tmp/etc") < 0 || bind_ro("/run", "/tmp/run") < 0)
-		return -1;
-	if (mkdir("/tmp/old", 0700) < 0)
-		return fail("mkdir old root");
-	if (chdir("/tmp") < 0)
-		return fail("chdir sandbox root");
-	if (syscall(SYS_pivot_root, ".", "old") < 0)
-		return fail("pivot_root");
-	if (chdir("/") < 0)
-		return fail("chdir /");
-	if (umount2("/old", MNT_DETACH) < 0)
-		return fail("detach old root");
-	if (rmdir("/old") < 0)
-		return fail("remove old root mount point");
-	// Best effort, as in slirp4netns (a read-only tmpfs root is not
-	// possible everywhere).
-	mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-	return drop_caps();
-}
-
-__attribute__((constructor)) static void netns_run_sandbox(void) {
-	const char *on = getenv("_NETNS_RUN_SANDBOX");
-	if (on == NULL || strcmp(on, "1") != 0)
-		return;
-	enter_sandbox(getenv("_NETNS_RUN_SANDBOX_USERNS"));
 }

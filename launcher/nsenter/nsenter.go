@@ -1,5 +1,5 @@
-// Package nsenter joins a user and a network namespace before the Go runtime
-// starts, in the style of runc's nsenter.
+// Package nsenter joins a user and a network namespace, or enters a
+// sandbox, before the Go runtime starts, in the style of runc's nsenter.
 //
 // setns(CLONE_NEWUSER) fails with EINVAL in a multi-threaded process, and a
 // Go program is multi-threaded before main runs; so the join happens in a C
@@ -51,10 +51,15 @@ func UserNSErr() error {
 	return fmt.Errorf("join user namespace: %w", syscall.Errno(C.nsenter_userns_errno))
 }
 
-// Environment variables that make the constructor enter the sandbox.
+// Environment variables that make the constructor enter a sandbox:
+// EnvSandbox "1" for usernet's (joining EnvSandboxUserNS first), or
+// SandboxEngine for netns-run's engine, which keeps EnvSandboxFiles
+// descriptors from 3 on.
 const (
 	EnvSandbox       = "_NETNS_RUN_SANDBOX"
 	EnvSandboxUserNS = "_NETNS_RUN_SANDBOX_USERNS"
+	SandboxEngine    = "engine"
+	EnvSandboxFiles  = "_NETNS_RUN_SANDBOX_FILES"
 )
 
 // SandboxErr reports whether entering the sandbox failed.

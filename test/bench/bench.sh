@@ -73,9 +73,19 @@ for _ in $(seq "$REPS"); do
 done
 res netns-run conn_out_per_s "$(median < "$work/cps")"
 
-# Helper memory (netns-run's own process is the helper): idle, and while
-# the namespace holds 1000 established connections through it.
-rss_of() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# Helper memory, netns-run and its packet engine (the child named
+# netns-engine) together: idle, and while the namespace holds 1000
+# established connections through it. Two processes of one binary share
+# its pages, so their proportional set sizes (PSS) are summed: adding RSS
+# would count the shared pages twice.
+rss_of() {
+	local p total=0
+	for p in "$1" $(ps -o pid= --ppid "$1" 2>/dev/null); do
+		[ "$p" = "$1" ] || [ "$(cat "/proc/$p/comm" 2>/dev/null)" = netns-engine ] || continue
+		total=$((total + $(awk '/^Pss:/ {print $2}' "/proc/$p/smaps_rollup")))
+	done
+	echo "$total"
+}
 "$nr" "${nrflags[@]}" -- sleep 2 &
 pid=$!
 sleep 1
@@ -218,7 +228,7 @@ table "TCP 1-byte request/response out of the namespace (µs)" rr_out_p50_us rr_
 table "Connections per second (sequential)" conn_in_per_s conn_out_per_s
 table "Parallel TCP streams guest → host (Gbit/s, nettool stream)" streams_1_gbps streams_8_gbps streams_16_gbps
 table "Helper CPU (s per GB) and peak RSS (KiB)" cpu_out_s_per_gb cpu_in_s_per_gb peak_rss_kb
-table "Helper RSS (KiB): idle, and holding 1000 established connections" rss_idle_kb rss_1000_conns_kb
+table "Helper RSS (KiB; netns-run: PSS of it and its engine): idle, and holding 1000 established connections" rss_idle_kb rss_1000_conns_kb
 table "Launch to ready (ms; netns-run: until the command runs; run_true: back from \`netns-run -- true\`)" startup_ms run_true_ms
 echo "netns-run rows are measured by this script (outbound through 10.0.2.2, inbound through -p with each"
 echo "driver); usernet rows by netbench.sh through slirp4netns's code path. Full netbench output:"

@@ -37,6 +37,7 @@ var commands = map[string]command{
 	"api-call":        {"SOCKET REQUEST", apiCall},
 	"stream-sink":     {"ADDR", streamSink},
 	"stream":          {"ADDR STREAMS SECONDS", streamSource},
+	"ptrace-probe":    {"PID", ptraceProbe},
 }
 
 func main() {

@@ -1,0 +1,263 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/launcher"
+	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/tap"
+)
+
+// Main is the engine process: files and spec are what launcher.EngineSetup
+// returned (setupErr its error), log its logger. It waits for the TAP, sets
+// the stack up on it, confines itself to the steady state's system calls,
+// reports ready and serves the parent until the parent hangs up. It
+// returns the exit code.
+func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
+	// It ends when its parent says so or dies, not on signals meant for
+	// the parent's process group; and a write to a terminal it does not
+	// own must not stop it.
+	signal.Ignore(unix.SIGINT, unix.SIGTERM, unix.SIGHUP, unix.SIGQUIT, unix.SIGTSTP, unix.SIGTTIN, unix.SIGTTOU)
+	if len(files) == 0 {
+		fmt.Fprintln(os.Stderr, "network engine: no control socket")
+		return 1
+	}
+	ctrl, err := tap.UnixConn(files[0])
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "network engine: control socket: %v\n", err)
+		return 1
+	}
+	defer ctrl.Close()
+	var pcap *os.File
+	if len(files) > 1 {
+		pcap = files[1]
+		defer pcap.Close()
+	}
+	fail := func(err error) int {
+		_ = send(ctrl, message{Op: opFailed, Error: err.Error()})
+		return 1
+	}
+	if setupErr != nil {
+		return fail(setupErr)
+	}
+	if len(files) != 1+btoi(spec.Pcap) {
+		return fail(fmt.Errorf("network engine: got %d descriptors, want %d", len(files), 1+btoi(spec.Pcap)))
+	}
+	dev, err := awaitTap(ctrl)
+	if errors.Is(err, errHangup) {
+		return 0 // the namespace never came up; the parent says why
+	}
+	if err != nil {
+		return fail(err)
+	}
+	cfg := spec.Net
+	cfg.Logger = log
+	if pcap != nil {
+		cfg.Capture = netstack.NewCaptureWriter(pcap, spec.PcapMaxSize, log)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stack, err := netstack.New(ctx, cfg, dev)
+	if err != nil {
+		return fail(err)
+	}
+	e := &server{ctx: ctx, stack: stack, ctrl: ctrl, log: log}
+	defer func() {
+		// The stack first: it ends the flows, which the group waits for.
+		cancel()
+		stack.Close()
+		e.flows.Wait()
+	}()
+	// Setup is over: from here on only the steady state's system calls.
+	if err := launcher.LoadSeccomp(spec.Debug); err != nil {
+		return fail(err)
+	}
+	if err := send(ctrl, message{Op: opReady}); err != nil {
+		return 1
+	}
+	if err := e.serve(); !errors.Is(err, errHangup) {
+		log.Warn("network engine: control connection", "err", err)
+	}
+	return 0
+}
+
+// awaitTap waits for the parent to hand over the TAP queues.
+func awaitTap(ctrl *net.UnixConn) (tap.Device, error) {
+	m, files, err := recvFiles(ctrl)
+	if err != nil {
+		return nil, err
+	}
+	if m.Op != opTap || len(files) == 0 {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, fmt.Errorf("network engine: got %q with %d descriptors, want the TAP", m.Op, len(files))
+	}
+	return tap.FromFiles(m.Name, files), nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// server is the engine's side of the control connection.
+type server struct {
+	ctx   context.Context
+	stack *netstack.Stack
+	ctrl  *net.UnixConn
+	log   *slog.Logger
+	flows sync.WaitGroup
+}
+
+// serve answers the parent until it hangs up (errHangup) or breaks the
+// protocol.
+func (e *server) serve() error {
+	for {
+		m, f, err := recv(e.ctrl)
+		if err != nil {
+			return err
+		}
+		switch m.Op {
+		case opTCP:
+			e.forwardTCP(m, f)
+		case opUDP:
+			e.forwardUDP(m, f)
+		case opInfo, opStats:
+			if f != nil {
+				f.Close()
+			}
+			if err := e.report(m); err != nil {
+				return err
+			}
+		default:
+			if f != nil {
+				f.Close()
+			}
+			return fmt.Errorf("unknown request %q", m.Op)
+		}
+	}
+}
+
+func (e *server) report(m message) error {
+	var v any
+	if m.Op == opInfo {
+		v = e.stack.Info()
+	} else {
+		v = e.stack.Stats()
+	}
+	reply := message{Op: opResult, ID: m.ID}
+	b, err := json.Marshal(v)
+	if err != nil {
+		reply.Error = err.Error()
+	} else {
+		reply.Result = b
+	}
+	return send(e.ctrl, reply)
+}
+
+// forwardTCP relays a published connection the parent accepted into the
+// guest.
+func (e *server) forwardTCP(m message, f *os.File) {
+	if f == nil {
+		e.log.Warn("network engine: tcp request without a socket")
+		return
+	}
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		e.log.Warn("network engine: published tcp connection", "err", err)
+		return
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		e.log.Warn("network engine: published tcp connection is not TCP", "type", fmt.Sprintf("%T", c))
+		return
+	}
+	e.flows.Add(1)
+	go func() {
+		defer e.flows.Done()
+		if err := e.stack.ForwardTCP(tc, m.Guest); err != nil {
+			e.log.Debug("published tcp connection", "guest", m.Guest, "err", err)
+		}
+	}()
+}
+
+// forwardUDP relays the datagrams of one published UDP flow between the
+// parent's socketpair and the guest.
+func (e *server) forwardUDP(m message, f *os.File) {
+	if f == nil {
+		e.log.Warn("network engine: udp request without a socket")
+		return
+	}
+	uc, err := tap.UnixConn(f)
+	if err != nil {
+		e.log.Warn("network engine: published udp flow", "err", err)
+		return
+	}
+	host, err := newDatagramConn(uc)
+	if err != nil {
+		e.log.Warn("network engine: published udp flow", "err", err)
+		return
+	}
+	guest, err := e.stack.DialGuestUDP(m.Client, m.Guest)
+	if err != nil {
+		// Closing the parent's peer ends its flow.
+		host.Close()
+		e.log.Debug("published udp flow", "client", m.Client, "guest", m.Guest, "err", err)
+		return
+	}
+	e.flows.Add(1)
+	go func() {
+		defer e.flows.Done()
+		relayDatagrams(e.ctx, host, guest)
+	}()
+}
+
+// relayDatagrams copies datagrams both ways until either side ends (the
+// parent closes its end when the flow goes idle) or ctx does.
+func relayDatagrams(ctx context.Context, host *datagramConn, guest net.Conn) {
+	var once sync.Once
+	closeBoth := func() {
+		once.Do(func() {
+			host.Close()
+			guest.Close()
+		})
+	}
+	stop := context.AfterFunc(ctx, closeBoth)
+	defer stop()
+	pump := func(dst, src net.Conn) {
+		buf := make([]byte, 65535)
+		for {
+			n, err := src.Read(buf)
+			if err != nil {
+				return
+			}
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		pump(guest, host)
+		closeBoth()
+	}()
+	pump(host, guest)
+	closeBoth()
+	<-done
+}
