@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"regexp"
@@ -93,19 +92,9 @@ func TestUsernetPortForwardingAPI(t *testing.T) {
 
 	// Servers in the guest that report the peer they see.
 	for _, proto := range []string{"tcp", "udp"} {
-		cmd := wd.sandboxCommand(sb, bins.nettool, "peer-server", proto, "0.0.0.0:9000")
-		cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		wd.startInSandbox(sb, bins.nettool, "peer-server", proto, "0.0.0.0:9000")
 	}
-	echo := wd.sandboxCommand(sb, bins.nettool, "tcp-echo-server", "0.0.0.0:9001")
-	echo.Stdout, echo.Stderr = io.Discard, io.Discard
-	if err := echo.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = echo.Process.Kill(); _ = echo.Wait() })
+	wd.startInSandbox(sb, bins.nettool, "tcp-echo-server", "0.0.0.0:9001")
 
 	if got := apiCall(t, sock, `{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
 		t.Errorf("empty list: %s", got)
@@ -418,12 +407,7 @@ func TestUsernetIPv6(t *testing.T) {
 			t.Fatalf("no guest address in:\n%s", out)
 		}
 		for _, proto := range []string{"tcp", "udp"} {
-			srv := wd.sandboxCommand(sb, bins.nettool, "peer-server", proto, "[::]:9000")
-			srv.Stdout, srv.Stderr = io.Discard, io.Discard
-			if err := srv.Start(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = srv.Process.Kill(); _ = srv.Wait() })
+			wd.startInSandbox(sb, bins.nettool, "peer-server", proto, "[::]:9000")
 			req := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":%q,"host_addr":"::","host_port":19400,"guest_addr":%q,"guest_port":9000}}`, proto, guest6[1])
 			if got := apiCall(t, sock, req); !strings.HasPrefix(got, `{"return":{"id":`) {
 				t.Fatalf("add_hostfwd to %s: %s", guest6[1], got)
