@@ -98,7 +98,11 @@ func (f *forward) acceptTCP(ln *net.TCPListener, guest Guest, log *slog.Logger) 
 		// Connection goroutines are not waited for by stop: a removed
 		// rule lets its open connections finish. Their owner is the
 		// Guest, which ends them when it shuts down.
-		target := f.rule.guestFor(conn.RemoteAddr().(*net.TCPAddr).AddrPort().Addr())
+		var client netip.Addr
+		if a, ok := conn.RemoteAddr().(*net.TCPAddr); ok {
+			client = a.AddrPort().Addr()
+		}
+		target := f.rule.guestFor(client)
 		go func() {
 			if err := guest.ForwardTCP(conn, target); err != nil {
 				log.Debug("published tcp connection", "rule", f.rule.String(), "client", conn.RemoteAddr(), "err", err)
