@@ -11,6 +11,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -20,16 +21,35 @@ import (
 // that does not answer SYNs is not worth waiting for longer.
 const guestConnectTimeout = 20 * time.Second
 
-// sourceFor is the address the guest sees a host-side client as: the real
-// client address, so servers in the guest log and filter real peers, except
-// for clients the guest could not route back to (the host's loopback, IPv6
-// clients of an IPv4 guest), which appear as the gateway like in slirp4netns.
-func (s *Stack) sourceFor(client netip.AddrPort) netip.AddrPort {
+// sourceFor is the address the guest sees a host-side client as on a flow
+// to guest: the real client address, so servers in the guest log and filter
+// real peers, except for clients the guest could not route back to (the
+// host's loopback, addresses in the guest's own subnet, clients of the
+// other family), which appear as the gateway of guest's family, as the
+// host's loopback does in slirp4netns.
+func (s *Stack) sourceFor(client, guest netip.AddrPort) netip.AddrPort {
 	a := client.Addr().Unmap()
+	if guest.Addr().Is6() {
+		if a.Is6() && a.IsGlobalUnicast() && !s.cfg.Network6.Contains(a) {
+			return netip.AddrPortFrom(a, client.Port())
+		}
+		return netip.AddrPortFrom(s.cfg.Gateway6, client.Port())
+	}
 	if a.IsLoopback() || a.IsUnspecified() || !a.Is4() || s.cfg.Network.Contains(a) {
 		return netip.AddrPortFrom(s.cfg.Gateway, client.Port())
 	}
 	return netip.AddrPortFrom(a, client.Port())
+}
+
+// guestTarget checks the guest address of an inbound flow: an IPv6 one
+// needs a stack with IPv6 (else gVisor fails with "endpoint is in invalid
+// state"). IPv4-mapped addresses are IPv4.
+func (s *Stack) guestTarget(guest netip.AddrPort) (netip.AddrPort, error) {
+	guest = netip.AddrPortFrom(guest.Addr().Unmap(), guest.Port())
+	if guest.Addr().Is6() && !s.cfg.IPv6 {
+		return guest, fmt.Errorf("guest address %s: the guest network has no IPv6", guest.Addr())
+	}
+	return guest, nil
 }
 
 // ForwardTCP connects to guest through the stack with the client's address
@@ -42,8 +62,12 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	}
 	defer s.flows.leave()
 	client, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
-	src := s.sourceFor(client)
-	gc, err := s.dialGuestTCP(src, guest)
+	guest, err := s.guestTarget(guest)
+	src := s.sourceFor(client, guest)
+	var gc guestConn
+	if err == nil {
+		gc, err = s.dialGuestTCP(src, guest)
+	}
 	if err != nil {
 		_ = conn.SetLinger(0)
 		conn.Close()
@@ -77,7 +101,7 @@ var errSourceInUse = errors.New("source address and port in use")
 
 func (s *Stack) connectTCP(ctx context.Context, src, dst netip.AddrPort) (guestConn, error) {
 	wq := new(waiter.Queue)
-	ep, terr := s.stack.NewEndpoint(tcp.ProtocolNumber, ipv4.ProtocolNumber, wq)
+	ep, terr := s.stack.NewEndpoint(tcp.ProtocolNumber, netProto(dst.Addr()), wq)
 	if terr != nil {
 		return guestConn{}, errors.New(terr.String())
 	}
@@ -111,7 +135,11 @@ func (s *Stack) connectTCP(ctx context.Context, src, dst netip.AddrPort) (guestC
 // DialGuestUDP opens a UDP flow to guest whose datagrams carry the source
 // the guest should see for client (see sourceFor).
 func (s *Stack) DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error) {
-	src := s.sourceFor(client)
+	guest, err := s.guestTarget(guest)
+	if err != nil {
+		return nil, err
+	}
+	src := s.sourceFor(client, guest)
 	c, err := s.dialUDP(src, guest)
 	if err != nil {
 		c, err = s.dialUDP(netip.AddrPortFrom(src.Addr(), 0), guest)
@@ -121,7 +149,7 @@ func (s *Stack) DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error) {
 
 func (s *Stack) dialUDP(src, dst netip.AddrPort) (net.Conn, error) {
 	var wq waiter.Queue
-	ep, terr := s.stack.NewEndpoint(udp.ProtocolNumber, ipv4.ProtocolNumber, &wq)
+	ep, terr := s.stack.NewEndpoint(udp.ProtocolNumber, netProto(dst.Addr()), &wq)
 	if terr != nil {
 		return nil, errors.New(terr.String())
 	}
@@ -134,6 +162,14 @@ func (s *Stack) dialUDP(src, dst netip.AddrPort) (net.Conn, error) {
 		return nil, fmt.Errorf("connect %s: %s", dst, terr)
 	}
 	return gonet.NewUDPConn(&wq, ep), nil
+}
+
+// netProto is the network protocol of a's family.
+func netProto(a netip.Addr) tcpip.NetworkProtocolNumber {
+	if a.Is6() {
+		return ipv6.ProtocolNumber
+	}
+	return ipv4.ProtocolNumber
 }
 
 func (s *Stack) fullAddress(ap netip.AddrPort) tcpip.FullAddress {

@@ -41,10 +41,9 @@ func synFrame(src, dst netip.AddrPort) []byte {
 	return append(frame, tcp...)
 }
 
-// awaitUnreachable reads frames until an ICMP destination unreachable
-// (v4 or v6) arrives, or fails.
-func awaitUnreachable(t *testing.T, peer int) {
-	t.Helper()
+// awaitFrame reads frames from the stack until one matches, and returns
+// it; nil if none came within a few seconds.
+func awaitFrame(peer int, match func(header.Ethernet) bool) header.Ethernet {
 	_ = unix.SetsockoptTimeval(peer, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
 	buf := make([]byte, 65536)
 	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
@@ -52,21 +51,31 @@ func awaitUnreachable(t *testing.T, peer int) {
 		if err != nil {
 			break
 		}
-		eth := header.Ethernet(buf[:n])
-		switch eth.Type() {
-		case header.IPv4ProtocolNumber:
-			ip := header.IPv4(buf[header.EthernetMinimumSize:n])
-			if ip.Protocol() == uint8(header.ICMPv4ProtocolNumber) && header.ICMPv4(ip.Payload()).Type() == header.ICMPv4DstUnreachable {
-				return
-			}
-		case header.IPv6ProtocolNumber:
-			ip := header.IPv6(buf[header.EthernetMinimumSize:n])
-			if ip.NextHeader() == uint8(header.ICMPv6ProtocolNumber) && header.ICMPv6(ip.Payload()).Type() == header.ICMPv6DstUnreachable {
-				return
-			}
+		if eth := header.Ethernet(buf[:n]); n >= header.EthernetMinimumSize && match(eth) {
+			return eth
 		}
 	}
-	t.Fatal("no ICMP destination unreachable came back")
+	return nil
+}
+
+// awaitUnreachable reads frames until an ICMP destination unreachable
+// (v4 or v6) arrives, or fails.
+func awaitUnreachable(t *testing.T, peer int) {
+	t.Helper()
+	unreachable := func(eth header.Ethernet) bool {
+		switch eth.Type() {
+		case header.IPv4ProtocolNumber:
+			ip := header.IPv4(eth[header.EthernetMinimumSize:])
+			return ip.Protocol() == uint8(header.ICMPv4ProtocolNumber) && header.ICMPv4(ip.Payload()).Type() == header.ICMPv4DstUnreachable
+		case header.IPv6ProtocolNumber:
+			ip := header.IPv6(eth[header.EthernetMinimumSize:])
+			return ip.NextHeader() == uint8(header.ICMPv6ProtocolNumber) && header.ICMPv6(ip.Payload()).Type() == header.ICMPv6DstUnreachable
+		}
+		return false
+	}
+	if awaitFrame(peer, unreachable) == nil {
+		t.Fatal("no ICMP destination unreachable came back")
+	}
 }
 
 // TestHostLoopbackTricks: with host loopback disabled, a guest that uses

@@ -182,7 +182,7 @@ func (s *Stack) start(vnetHdr int) error {
 	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber4, s.ping.handle)
 	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber6, s.ping.handle)
 	udpFwd := udp.NewForwarder(s.stack, s.handleUDP)
-	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, s.guardTransport(udpFwd.HandlePacket))
+	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, s.dhcpFirst(s.guardTransport(udpFwd.HandlePacket)))
 	if s.cfg.IPv6 {
 		if !s.flows.enter() {
 			return net.ErrClosed

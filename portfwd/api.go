@@ -27,11 +27,12 @@ const (
 // API serves the port-forwarding API for a PortMap.
 type API struct {
 	ports *PortMap
-	// DefaultGuest is used when a request leaves guest_addr empty.
-	defaultGuest netip.Addr
-	log          *slog.Logger
-	allowIPv6    bool
-	info, stats  func() any
+	// defaultGuest is used when a request leaves guest_addr empty, and
+	// defaultGuest6 then for IPv6 clients (see Rule.GuestAddr6).
+	defaultGuest, defaultGuest6 netip.Addr
+	log                         *slog.Logger
+	allowIPv6                   bool
+	info, stats                 func() any
 	// guest, if set, says whose requests are refused (see RefuseGuest).
 	guest *guestFilter
 }
@@ -60,6 +61,10 @@ func (a *API) SetReporter(info, stats func() any) { a.info, a.stats = info, stat
 // AllowIPv6 lets requests name IPv6 host and guest addresses, an extension
 // slirp4netns clients never use (its API is IPv4-only).
 func (a *API) AllowIPv6() { a.allowIPv6 = true }
+
+// SetDefaultGuest6 sends IPv6 clients of rules that name no guest address
+// to addr, the guest's IPv6 address.
+func (a *API) SetDefaultGuest6(addr netip.Addr) { a.defaultGuest6 = addr }
 
 // NewAPI returns an API editing ports; defaultGuest is the guest address
 // used when a request names none (net+100 in slirp4netns).
@@ -179,7 +184,11 @@ func (a *API) add(args map[string]any) []byte {
 	if !ok {
 		return apiError(prefix + "bad arguments.guest_port")
 	}
-	id, err := a.ports.Add(Rule{Proto: proto, HostAddr: hostAddr, HostPort: hostPort, GuestAddr: guestAddr, GuestPort: guestPort})
+	r := Rule{Proto: proto, HostAddr: hostAddr, HostPort: hostPort, GuestAddr: guestAddr, GuestPort: guestPort}
+	if s, _ := args["guest_addr"].(string); s == "" {
+		r.GuestAddr6 = a.defaultGuest6
+	}
+	id, err := a.ports.Add(r)
 	if err != nil {
 		a.log.Warn("api: add_hostfwd", "err", err)
 		return apiError(prefix + "slirp_add_hostfwd failed")

@@ -31,7 +31,6 @@ type forward struct {
 
 func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
 	f := &forward{rule: r}
-	target := netip.AddrPortFrom(r.GuestAddr, r.GuestPort)
 	// No address: every address, IPv4 and IPv6 (one dual-stack socket).
 	network, host := r.Proto, fmt.Sprintf(":%d", r.HostPort)
 	if r.HostAddr.IsValid() {
@@ -51,7 +50,7 @@ func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
 		f.wg.Add(1)
 		go func() {
 			defer f.wg.Done()
-			f.acceptTCP(ln.(*net.TCPListener), guest, target, log)
+			f.acceptTCP(ln.(*net.TCPListener), guest, log)
 		}()
 	case "udp":
 		pc, err := net.ListenPacket(network, host)
@@ -62,7 +61,7 @@ func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
 		f.wg.Add(1)
 		go func() {
 			defer f.wg.Done()
-			f.serveUDP(pc.(*net.UDPConn), guest, target, log)
+			f.serveUDP(pc.(*net.UDPConn), guest, log)
 		}()
 	}
 	return f, nil
@@ -87,7 +86,7 @@ func (f *forward) stop() {
 	f.wg.Wait()
 }
 
-func (f *forward) acceptTCP(ln *net.TCPListener, guest Guest, target netip.AddrPort, log *slog.Logger) {
+func (f *forward) acceptTCP(ln *net.TCPListener, guest Guest, log *slog.Logger) {
 	for {
 		conn, err := ln.AcceptTCP()
 		if err != nil {
@@ -99,6 +98,11 @@ func (f *forward) acceptTCP(ln *net.TCPListener, guest Guest, target netip.AddrP
 		// Connection goroutines are not waited for by stop: a removed
 		// rule lets its open connections finish. Their owner is the
 		// Guest, which ends them when it shuts down.
+		var client netip.Addr
+		if a, ok := conn.RemoteAddr().(*net.TCPAddr); ok {
+			client = a.AddrPort().Addr()
+		}
+		target := f.rule.guestFor(client)
 		go func() {
 			if err := guest.ForwardTCP(conn, target); err != nil {
 				log.Debug("published tcp connection", "rule", f.rule.String(), "client", conn.RemoteAddr(), "err", err)
@@ -113,7 +117,7 @@ type udpFlow struct {
 	lastSeen time.Time
 }
 
-func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, target netip.AddrPort, log *slog.Logger) {
+func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, log *slog.Logger) {
 	var mu sync.Mutex
 	flows := map[netip.AddrPort]*udpFlow{}
 	var wg sync.WaitGroup
@@ -143,7 +147,7 @@ func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, target netip.AddrPort, 
 				log.Debug("published udp port: flow table full; dropping", "rule", f.rule.String(), "client", client)
 				continue
 			}
-			conn, err := guest.DialGuestUDP(client, target)
+			conn, err := guest.DialGuestUDP(client, f.rule.guestFor(client.Addr()))
 			if err != nil {
 				mu.Unlock()
 				log.Debug("published udp flow", "rule", f.rule.String(), "client", client, "err", err)

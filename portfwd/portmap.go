@@ -20,6 +20,10 @@ type Rule struct {
 	HostPort  uint16
 	GuestAddr netip.Addr
 	GuestPort uint16
+	// GuestAddr6, if valid, is where IPv6 clients go instead of
+	// GuestAddr: the guest's own IPv6 address, so that the guest sees
+	// them as they are (with a Guest that keeps client addresses).
+	GuestAddr6 netip.Addr
 }
 
 func (r Rule) String() string {
@@ -27,7 +31,19 @@ func (r Rule) String() string {
 	if r.HostAddr.IsValid() {
 		host = netip.AddrPortFrom(r.HostAddr, r.HostPort).String()
 	}
-	return fmt.Sprintf("%s %s -> %s", r.Proto, host, netip.AddrPortFrom(r.GuestAddr, r.GuestPort))
+	guest := netip.AddrPortFrom(r.GuestAddr, r.GuestPort).String()
+	if r.GuestAddr6.IsValid() {
+		guest += fmt.Sprintf(" (IPv6 clients: %s)", netip.AddrPortFrom(r.GuestAddr6, r.GuestPort))
+	}
+	return fmt.Sprintf("%s %s -> %s", r.Proto, host, guest)
+}
+
+// guestFor is where a flow from client goes, by the client's family.
+func (r Rule) guestFor(client netip.Addr) netip.AddrPort {
+	if r.GuestAddr6.IsValid() && client.Unmap().Is6() {
+		return netip.AddrPortFrom(r.GuestAddr6, r.GuestPort)
+	}
+	return netip.AddrPortFrom(r.GuestAddr, r.GuestPort)
 }
 
 // Entry is a rule with the ID it was given.

@@ -14,15 +14,16 @@ import (
 )
 
 // guestServers is the command netns-run runs in the publish tests: servers
-// on fixed guest ports, then "ready".
+// on fixed guest ports, on every address of both families (IPv4 peers show
+// as IPv4), then "ready".
 //
 //	9000 tcp peer-server   9001 tcp echo   9002 udp echo   9003 udp peer-server
 func guestServers() []string {
 	n := bins.nettool
 	// Ready means the TCP servers accept (bounded wait); the UDP ones
 	// were started first.
-	script := fmt.Sprintf("%[1]s udp-echo-server 0.0.0.0:9002 >/dev/null & %[1]s peer-server udp 0.0.0.0:9003 >/dev/null & "+
-		"%[1]s peer-server tcp 0.0.0.0:9000 >/dev/null & %[1]s tcp-echo-server 0.0.0.0:9001 >/dev/null & "+
+	script := fmt.Sprintf("%[1]s udp-echo-server [::]:9002 >/dev/null & %[1]s peer-server udp [::]:9003 >/dev/null & "+
+		"%[1]s peer-server tcp [::]:9000 >/dev/null & %[1]s tcp-echo-server [::]:9001 >/dev/null & "+
 		"for p in 9000 9001; do i=0; until %[1]s tcp-connect 127.0.0.1:$p | grep -q connected; do "+
 		"i=$((i+1)); [ $i -gt 200 ] && exit 1; sleep 0.05; done; done; echo ready; wait", n)
 	return []string{"sh", "-c", script}
@@ -91,28 +92,31 @@ func TestPublishPorts(t *testing.T) {
 				"-p", "127.0.0.1:19101:9001", "-p", "[::1]:19201:9001")
 
 			// What the guest sees as the client: the netstack driver
-			// keeps real addresses (loopback clients appear as the
-			// gateway); the builtin driver dials from the guest's own
-			// loopback.
-			wantLoop, wantRemote := "10.0.2.2", routerAddr
+			// keeps real addresses, IPv6 ones over IPv6 to the guest's
+			// fd00::100 (loopback clients appear as the gateway of
+			// their family); the builtin driver dials from the guest's
+			// own loopback.
+			wantLoop, wantRemote, wantLoop6, wantRemote6 := "10.0.2.2", routerAddr, "[fd00::2]", "["+routerAddr6+"]"
 			if driver == "builtin" {
-				wantLoop, wantRemote = "127.0.0.1", "127.0.0.1"
+				wantLoop, wantRemote, wantLoop6, wantRemote6 = "127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1"
 			}
-			for _, c := range []struct{ ns, proto, addr, want string }{
-				{wd.w, "tcp", "127.0.0.1:19000", wantLoop},
-				{wd.r, "tcp", worldAddr + ":19000", wantRemote},
-				{wd.w, "udp", "127.0.0.1:19003", wantLoop},
-				{wd.r, "udp", worldAddr + ":19003", wantRemote},
-			} {
-				if got := wd.client(c.ns, "peer-query", c.proto, c.addr); !strings.HasPrefix(got, "peer="+c.want+":") {
-					t.Errorf("%s %s from %s: guest saw %q, want %s", c.proto, c.addr, c.ns, got, c.want)
+			for _, proto := range []string{"tcp", "udp"} {
+				port := map[string]string{"tcp": "19000", "udp": "19003"}[proto]
+				for _, c := range []struct{ ns, addr, want string }{
+					{wd.w, "127.0.0.1", wantLoop},
+					{wd.r, worldAddr, wantRemote},
+					{wd.w, "[::1]", wantLoop6},
+					{wd.r, "[" + worldAddr6 + "]", wantRemote6},
+				} {
+					if got := wd.client(c.ns, "peer-query", proto, c.addr+":"+port); !strings.HasPrefix(got, "peer="+c.want+":") {
+						t.Errorf("%s %s:%s from %s: guest saw %q, want %s", proto, c.addr, port, c.ns, got, c.want)
+					}
 				}
 			}
-			// IPv6 clients reach the guest too (host side dual stack).
-			for _, addr := range []string{"[::1]:19000", "[" + worldAddr6 + "]:19000"} {
-				if got := wd.client(wd.w, "peer-query", "tcp", addr); !strings.HasPrefix(got, "peer=") {
-					t.Errorf("v6 client %s: %q", addr, got)
-				}
+			// Bytes both ways over IPv6 from another host.
+			checkEcho(t, result{stdout: wd.client(wd.r, "tcp-echo-check", "["+worldAddr6+"]:19001", fmt.Sprint(32<<20))}, 32<<20)
+			if got := wd.client(wd.r, "udp-echo-check", "["+worldAddr6+"]:19002", "200", "1400"); !strings.Contains(got, "datagrams=200") {
+				t.Errorf("udp over IPv6 from %s: %s", wd.r, got)
 			}
 			const big = 256 << 20
 			for _, addr := range []string{"127.0.0.1:19001", "127.0.0.1:19101", "[::1]:19201"} {
@@ -137,6 +141,21 @@ func TestPublishPorts(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestPublishIPv6ClientsGuestWithoutIPv6: a guest without IPv6 keeps the
+// IPv4 mapping for IPv6 clients of the netstack driver (the gateway as their
+// address).
+func TestPublishIPv6ClientsGuestWithoutIPv6(t *testing.T) {
+	wd := newWorld(t)
+	wd.startPublishing("--port-driver=netstack", "--disable-ipv6", "-p", "19000:9000", "-p", "19001:9001", "-p", "19003:9003/udp")
+	for _, proto := range []string{"tcp", "udp"} {
+		port := map[string]string{"tcp": "19000", "udp": "19003"}[proto]
+		if got := wd.client(wd.r, "peer-query", proto, "["+worldAddr6+"]:"+port); !strings.HasPrefix(got, "peer=10.0.2.2:") {
+			t.Errorf("%s IPv6 client, guest without IPv6: guest saw %q, want the gateway 10.0.2.2", proto, got)
+		}
+	}
+	checkEcho(t, result{stdout: wd.client(wd.r, "tcp-echo-check", "["+worldAddr6+"]:19001", fmt.Sprint(8<<20))}, 8<<20)
 }
 
 func TestPublishErrors(t *testing.T) {
@@ -183,4 +202,37 @@ func TestPublishAPIAtRuntime(t *testing.T) {
 	if got := wd.client(wd.w, "tcp-connect", "[::1]:19300"); got != "refused" {
 		t.Errorf("after remove: %s", got)
 	}
+}
+
+// TestPublishAPIIPv6Guest: with the netstack driver, API forwards to the
+// guest's IPv6 address carry IPv6 clients as they are and IPv4 clients as
+// the IPv6 gateway; a forward without guest_addr sends IPv6 clients to the
+// guest's IPv6 address.
+func TestPublishAPIIPv6Guest(t *testing.T) {
+	wd := newWorld(t)
+	sock := filepath.Join(userDir(t, "netns-run-api6-"), "api.sock")
+	wd.startPublishing("--port-driver=netstack", "--api-socket", sock)
+	for i, args := range []string{
+		`"proto":"tcp","host_addr":"::","host_port":19310,"guest_addr":"fd00::100","guest_port":9000`,
+		`"proto":"udp","host_addr":"::","host_port":19310,"guest_addr":"fd00::100","guest_port":9003`,
+		`"proto":"tcp","host_addr":"127.0.0.1","host_port":19311,"guest_addr":"fd00::100","guest_port":9000`,
+		`"proto":"tcp","host_addr":"::","host_port":19312,"guest_port":9000`,
+		`"proto":"tcp","host_addr":"::","host_port":19313,"guest_addr":"fd00::100","guest_port":9001`,
+	} {
+		if got := apiCall(t, sock, `{"execute":"add_hostfwd","arguments":{`+args+`}}`); got != fmt.Sprintf(`{"return":{"id":%d}}`, i+1) {
+			t.Fatalf("add %s: %s", args, got)
+		}
+	}
+	for _, c := range []struct{ ns, proto, addr, want string }{
+		{wd.r, "tcp", "[" + worldAddr6 + "]:19310", "[" + routerAddr6 + "]"},
+		{wd.w, "tcp", "[::1]:19310", "[fd00::2]"},
+		{wd.r, "udp", "[" + worldAddr6 + "]:19310", "[" + routerAddr6 + "]"},
+		{wd.w, "tcp", "127.0.0.1:19311", "[fd00::2]"},
+		{wd.r, "tcp", "[" + worldAddr6 + "]:19312", "[" + routerAddr6 + "]"},
+	} {
+		if got := wd.client(c.ns, "peer-query", c.proto, c.addr); !strings.HasPrefix(got, "peer="+c.want+":") {
+			t.Errorf("%s %s from %s: guest saw %q, want %s", c.proto, c.addr, c.ns, got, c.want)
+		}
+	}
+	checkEcho(t, result{stdout: wd.client(wd.r, "tcp-echo-check", "["+worldAddr6+"]:19313", fmt.Sprint(16<<20))}, 16<<20)
 }

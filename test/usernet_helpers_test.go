@@ -66,6 +66,18 @@ func (wd *world) inSandbox(sb *sandboxProc, cmdline ...string) string {
 	return string(out)
 }
 
+// startInSandbox runs a server inside the sandbox in the background,
+// output discarded, until the test ends.
+func (wd *world) startInSandbox(sb *sandboxProc, cmdline ...string) {
+	wd.t.Helper()
+	cmd := wd.sandboxCommand(sb, cmdline...)
+	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+	if err := cmd.Start(); err != nil {
+		wd.t.Fatal(err)
+	}
+	wd.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+}
+
 func (wd *world) sandboxCommand(sb *sandboxProc, cmdline ...string) *exec.Cmd {
 	args := []string{fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--",
 		"nsenter", "-t", fmt.Sprint(sb.pid), "-U", "-n", "--preserve-credentials", "--"}

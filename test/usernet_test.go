@@ -5,9 +5,9 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -92,19 +92,9 @@ func TestUsernetPortForwardingAPI(t *testing.T) {
 
 	// Servers in the guest that report the peer they see.
 	for _, proto := range []string{"tcp", "udp"} {
-		cmd := wd.sandboxCommand(sb, bins.nettool, "peer-server", proto, "0.0.0.0:9000")
-		cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		wd.startInSandbox(sb, bins.nettool, "peer-server", proto, "0.0.0.0:9000")
 	}
-	echo := wd.sandboxCommand(sb, bins.nettool, "tcp-echo-server", "0.0.0.0:9001")
-	echo.Stdout, echo.Stderr = io.Discard, io.Discard
-	if err := echo.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = echo.Process.Kill(); _ = echo.Wait() })
+	wd.startInSandbox(sb, bins.nettool, "tcp-echo-server", "0.0.0.0:9001")
 
 	if got := apiCall(t, sock, `{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
 		t.Errorf("empty list: %s", got)
@@ -385,7 +375,8 @@ func TestUsernetIPv6(t *testing.T) {
 	wd.startServer(wd.r, "dns-server", routerAddr+":53", testName+"="+testNameIP)
 	wd.startServer(wd.w, "tcp-echo-server", "[::1]:8080")
 	sb := wd.startSandbox()
-	u := wd.startUsernet("-c", "-6", "--mtu=65520", fmt.Sprint(sb.pid), "tap0")
+	sock := apiSocketPath(t)
+	u := wd.startUsernet("-c", "-6", "--mtu=65520", "-a", sock, fmt.Sprint(sb.pid), "tap0")
 	if !u.stdout.waitFor("WARNING: Support for IPv6 is experimental", 5*time.Second) {
 		t.Errorf("no IPv6 warning:\n%s", &u.stdout)
 	}
@@ -407,6 +398,39 @@ func TestUsernetIPv6(t *testing.T) {
 	checkEcho(t, result{stdout: wd.inSandbox(sb, bins.nettool, "tcp-echo-check", "[fd00::2]:8080", "1048576")}, 1<<20)
 	if out := wd.inSandbox(sb, bins.nettool, "dns-query", "[fd00::3]:53", testName, "udp"); !strings.Contains(out, "A "+testNameIP) {
 		t.Errorf("dns over fd00::3: %s", out)
+	}
+	if os.Getenv("USERNET_UNDER_TEST") == "" {
+		// Our extension with -6: API forwards to the guest's IPv6
+		// address, which see IPv6 clients as they are.
+		guest6 := regexp.MustCompile(`inet6 (fd00::[0-9a-f:]+)/64`).FindStringSubmatch(out)
+		if guest6 == nil {
+			t.Fatalf("no guest address in:\n%s", out)
+		}
+		for _, proto := range []string{"tcp", "udp"} {
+			wd.startInSandbox(sb, bins.nettool, "peer-server", proto, "[::]:9000")
+			req := fmt.Sprintf(`{"execute":"add_hostfwd","arguments":{"proto":%q,"host_addr":"::","host_port":19400,"guest_addr":%q,"guest_port":9000}}`, proto, guest6[1])
+			if got := apiCall(t, sock, req); !strings.HasPrefix(got, `{"return":{"id":`) {
+				t.Fatalf("add_hostfwd to %s: %s", guest6[1], got)
+			}
+		}
+		for _, c := range []struct{ ns, addr, want string }{
+			{wd.w, "[::1]:19400", "[fd00::2]"},
+			{wd.r, "[" + worldAddr6 + "]:19400", "[" + routerAddr6 + "]"},
+		} {
+			for _, proto := range []string{"tcp", "udp"} {
+				var got string
+				// The server may still be starting: ask again for a while.
+				for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+					b, _ := exec.Command("ip", "netns", "exec", c.ns, bins.nettool, "peer-query", proto, c.addr).CombinedOutput()
+					if got = strings.TrimSpace(string(b)); strings.HasPrefix(got, "peer=") {
+						break
+					}
+				}
+				if !strings.HasPrefix(got, "peer="+c.want+":") {
+					t.Errorf("%s %s from %s: guest saw %q, want %s", proto, c.addr, c.ns, got, c.want)
+				}
+			}
+		}
 	}
 	if code := u.stop(t); code != 0 {
 		t.Errorf("exit status %d\n%s", code, &u.stderr)

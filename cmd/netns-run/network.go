@@ -74,6 +74,12 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 	}
 	var guest portfwd.Guest = h.engine
 	guestAddr := netstack.DefaultGuestAddr
+	// The stack keeps client addresses: IPv6 clients go to the guest's
+	// IPv6 address, where it can see them as they are.
+	var guestAddr6 netip.Addr
+	if netCfg.IPv6 {
+		guestAddr6 = netstack.DefaultGuestAddr6
+	}
 	if opts.portDriver == driverBuiltin && (len(rules) > 0 || opts.apiSocket != "") {
 		if h.helper, err = launcher.StartPortHelper(ns.Target()); err != nil {
 			h.Close()
@@ -82,11 +88,11 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 		guest = portfwd.NewBuiltin(ctx, h.helper)
 		// The helper dials from inside the namespace: its loopback
 		// reaches servers bound to 127.0.0.1 as well as to any address.
-		guestAddr = netip.MustParseAddr("127.0.0.1")
+		guestAddr, guestAddr6 = netip.MustParseAddr("127.0.0.1"), netip.Addr{}
 	}
 	h.ports = portfwd.New(guest, log)
 	for _, r := range rules {
-		r.GuestAddr = guestAddr
+		r.GuestAddr, r.GuestAddr6 = guestAddr, guestAddr6
 		if _, err := h.ports.Add(r); err != nil {
 			h.Close()
 			return nil, err
@@ -103,6 +109,7 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 			return nil, err
 		}
 		api := portfwd.NewAPI(h.ports, guestAddr, log)
+		api.SetDefaultGuest6(guestAddr6)
 		// We made the guest's user namespace: every process in it is
 		// one we may inspect.
 		api.RefuseGuest(guestNS, true)

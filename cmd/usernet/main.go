@@ -293,6 +293,11 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 	}()
 	if h.api != nil {
 		api := portfwd.NewAPI(ports, h.guest, log)
+		if h.netCfg.IPv6 {
+			// An extension: slirp4netns's API is IPv4-only, and its
+			// clients never send IPv6 addresses.
+			api.AllowIPv6()
+		}
 		if h.guestNS != nil {
 			api.RefuseGuest(*h.guestNS, h.seesGuests)
 		}
