@@ -17,6 +17,8 @@ import (
 type Rule struct {
 	Proto     string // "tcp" or "udp"
 	HostAddr  netip.Addr
+	// HostIface, if set, binds the listener to that interface.
+	HostIface string
 	HostPort  uint16
 	GuestAddr netip.Addr
 	GuestPort uint16
@@ -26,6 +28,9 @@ func (r Rule) String() string {
 	host := "*:" + fmt.Sprint(r.HostPort)
 	if r.HostAddr.IsValid() {
 		host = netip.AddrPortFrom(r.HostAddr, r.HostPort).String()
+	}
+	if r.HostIface != "" {
+		host += "%" + r.HostIface
 	}
 	return fmt.Sprintf("%s %s -> %s", r.Proto, host, netip.AddrPortFrom(r.GuestAddr, r.GuestPort))
 }
@@ -47,6 +52,7 @@ type Guest interface {
 // PortMap holds the published ports. Its methods are safe for concurrent use.
 type PortMap struct {
 	guest Guest
+	bind  Binder
 	log   *slog.Logger
 
 	mu     sync.Mutex
@@ -60,7 +66,15 @@ func New(guest Guest, log *slog.Logger) *PortMap {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &PortMap{guest: guest, log: log, nextID: 1, fwds: map[int]*forward{}}
+	return &PortMap{guest: guest, bind: hostBinder{}, log: log, nextID: 1, fwds: map[int]*forward{}}
+}
+
+// NewWithBinder returns an empty PortMap whose listeners bind opens (for
+// example inside a namespace), delivering to guest.
+func NewWithBinder(guest Guest, bind Binder, log *slog.Logger) *PortMap {
+	m := New(guest, log)
+	m.bind = bind
+	return m
 }
 
 // ErrNotFound is returned by Remove for an unknown ID.
@@ -86,7 +100,7 @@ func (m *PortMap) Add(r Rule) (int, error) {
 			return 0, fmt.Errorf("publish %s: host port already published as %s", r, f.rule)
 		}
 	}
-	f, err := startForward(r, m.guest, m.log)
+	f, err := startForward(r, m.guest, m.bind, m.log)
 	if err != nil {
 		return 0, err
 	}
@@ -139,4 +153,16 @@ func (m *PortMap) Close() error {
 		f.stop()
 	}
 	return nil
+}
+
+// HasPort reports whether a rule listens on port for proto.
+func (m *PortMap) HasPort(proto string, port uint16) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, f := range m.fwds {
+		if f.rule.Proto == proto && f.rule.HostPort == port {
+			return true
+		}
+	}
+	return false
 }
