@@ -61,6 +61,13 @@ type GuestConfig struct {
 	// Offload opens the TAP with a virtio-net header and checksum and
 	// TCP segmentation offload (see tap.Options).
 	Offload bool `json:"offload,omitempty"`
+	// ExtraAddresses are added besides Address and Address6 (pasta copies
+	// every address of the host's interface). Address may then be left
+	// out (IPv6 only).
+	ExtraAddresses []netip.Prefix `json:"extra_addresses,omitempty"`
+	// Routes, if set, replace the default routes via Gateway and
+	// Gateway6 (pasta copies the host interface's routes).
+	Routes []GuestRoute `json:"routes,omitempty"`
 }
 
 // Namespace is the set-up namespace as the network sees it.
