@@ -26,7 +26,7 @@ const guestConnectTimeout = 20 * time.Second
 // clients of an IPv4 guest), which appear as the gateway like in slirp4netns.
 func (s *Stack) sourceFor(client netip.AddrPort) netip.AddrPort {
 	a := client.Addr().Unmap()
-	if a.IsLoopback() || a.IsUnspecified() || !a.Is4() || s.cfg.Network.Contains(a) {
+	if a.IsLoopback() || a.IsUnspecified() || !a.Is4() || s.sharesGuestSubnet(a) {
 		return netip.AddrPortFrom(s.cfg.Gateway, client.Port())
 	}
 	return netip.AddrPortFrom(a, client.Port())
