@@ -7,9 +7,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"slices"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netlink"

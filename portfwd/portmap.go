@@ -15,8 +15,8 @@ import (
 
 // Rule is one published port.
 type Rule struct {
-	Proto     string // "tcp" or "udp"
-	HostAddr  netip.Addr
+	Proto    string // "tcp" or "udp"
+	HostAddr netip.Addr
 	// HostIface, if set, binds the listener to that interface.
 	HostIface string
 	HostPort  uint16
