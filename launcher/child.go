@@ -227,7 +227,10 @@ func configureTap(link netlink.Link, g GuestConfig) (netlink.Link, error) {
 		}
 		addr := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
 		if p.Addr().Is6() {
-			addr.Flags = unix.IFA_F_NODAD
+			// No prefix route: the userspace stack answers neighbour
+			// solicitations only for its own addresses, so the rest of
+			// the prefix goes through the gateway (Routes name it).
+			addr.Flags = unix.IFA_F_NODAD | unix.IFA_F_NOPREFIXROUTE
 		}
 		if err := netlink.AddrAdd(link, addr); err != nil {
 			return nil, failed(fmt.Sprintf("add address %s to %s", p, name), err)

@@ -63,7 +63,8 @@ type GuestConfig struct {
 	Offload bool `json:"offload,omitempty"`
 	// ExtraAddresses are added besides Address and Address6 (pasta copies
 	// every address of the host's interface). Address may then be left
-	// out (IPv6 only).
+	// out (IPv6 only). IPv6 ones get no prefix route: Routes must reach
+	// the gateway.
 	ExtraAddresses []netip.Prefix `json:"extra_addresses,omitempty"`
 	// Routes, if set, replace the default routes via Gateway and
 	// Gateway6 (pasta copies the host interface's routes).

@@ -188,6 +188,11 @@ func familyAddressing(c *pastaConfig, v6 bool) (familyNet, error) {
 	} else {
 		f.routes = []launcher.GuestRoute{{Gw: f.gw}}
 	}
+	if v6 {
+		// The guest's IPv6 addresses come without an on-link prefix
+		// (see launcher.GuestConfig): a route to the gateway itself first.
+		f.routes = append([]launcher.GuestRoute{{Dst: netip.PrefixFrom(f.gw, 128)}}, f.routes...)
+	}
 	return f, nil
 }
 
