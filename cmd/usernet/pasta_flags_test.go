@@ -15,11 +15,11 @@ import (
 // The exact argument lists the runtimes pass (see
 // ../shared/reference/pasta-interface.md).
 var (
-	podmanArgs = strings.Fields("--config-net --dns-forward 169.254.1.1 -t none -u none -T none -U none --no-map-gw --quiet --netns /run/user/1000/netns/netns-1 --map-guest-addr 169.254.1.2")
-	podmanPort = strings.Fields("--config-net --pid /run/user/1000/rootless-netns-conn.pid -t 8080-8080:80-80 -t 127.0.0.1/8443-8444:443-444 -u 5353-5353:53-53 --dns-forward 169.254.1.1 -T none -U none --no-map-gw --quiet --netns /run/user/1000/netns/netns-1 --map-guest-addr 169.254.1.2")
-	rootlesskitArgs = strings.Fields("--stderr --ns-ifname=tap0 --mtu=65520 --config-net --address=10.0.2.100 --netmask=24 --gateway=10.0.2.2 --dns-forward=10.0.2.3 --no-map-gw --ipv4-only --tcp-ports=auto --udp-ports=auto --host-lo-to-ns-lo 4242")
+	podmanArgs          = strings.Fields("--config-net --dns-forward 169.254.1.1 -t none -u none -T none -U none --no-map-gw --quiet --netns /run/user/1000/netns/netns-1 --map-guest-addr 169.254.1.2")
+	podmanPort          = strings.Fields("--config-net --pid /run/user/1000/rootless-netns-conn.pid -t 8080-8080:80-80 -t 127.0.0.1/8443-8444:443-444 -u 5353-5353:53-53 --dns-forward 169.254.1.1 -T none -U none --no-map-gw --quiet --netns /run/user/1000/netns/netns-1 --map-guest-addr 169.254.1.2")
+	rootlesskitArgs     = strings.Fields("--stderr --ns-ifname=tap0 --mtu=65520 --config-net --address=10.0.2.100 --netmask=24 --gateway=10.0.2.2 --dns-forward=10.0.2.3 --no-map-gw --ipv4-only --tcp-ports=auto --udp-ports=auto --host-lo-to-ns-lo 4242")
 	rootlesskitDetached = strings.Fields("--stderr --ns-ifname=tap0 --mtu=65520 --config-net --address=10.0.2.100 --netmask=24 --gateway=10.0.2.2 --dns-forward=10.0.2.3 --tcp-ports=none --udp-ports=none --userns=/proc/42/ns/user --netns=/run/rk/netns")
-	netbenchArgs = strings.Fields("-4 --config-net -a 10.0.2.100 -n 24 -g 10.0.2.2 -o 127.0.0.1 -m 65520 -u none -T none -U none -q --runas 0 -t 127.0.0.1/5201:5201 -t 127.0.0.1/7001:7001 -l /tmp/pasta.log -P /tmp/pasta.pid 4242")
+	netbenchArgs        = strings.Fields("-4 --config-net -a 10.0.2.100 -n 24 -g 10.0.2.2 -o 127.0.0.1 -m 65520 -u none -T none -U none -q --runas 0 -t 127.0.0.1/5201:5201 -t 127.0.0.1/7001:7001 -l /tmp/pasta.log -P /tmp/pasta.pid 4242")
 )
 
 func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
@@ -108,14 +108,14 @@ func TestPastaArgsGetopt(t *testing.T) {
 
 func TestPastaArgsRefused(t *testing.T) {
 	for _, args := range []string{
-		"--config-net",                    // no target
-		"1",                               // no --config-net
-		"--config-net sh -c true",         // a command
-		"--config-net --netns x 1",        // PID and --netns
-		"--config-net --no-tcp 1",         // not implemented
-		"--config-net -t all 1",           // not implemented
-		"--config-net -t ~22 1",           // not implemented
-		"--config-net -t none -t 22 1",    // conflicting specs
+		"--config-net",                 // no target
+		"1",                            // no --config-net
+		"--config-net sh -c true",      // a command
+		"--config-net --netns x 1",     // PID and --netns
+		"--config-net --no-tcp 1",      // not implemented
+		"--config-net -t all 1",        // not implemented
+		"--config-net -t ~22 1",        // not implemented
+		"--config-net -t none -t 22 1", // conflicting specs
 		"--config-net -a 10.0.2.1 -a 10.0.2.2 1",
 		"--config-net -n 33 1", "--config-net -n 255.0.255.0 1", "--config-net -m 10 1",
 		"--config-net -4 -6 1", "--config-net --runas 12345 1", "--config-net -I a/b 1",
