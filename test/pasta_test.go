@@ -279,3 +279,134 @@ func TestPastaOptionsContract(t *testing.T) {
 		t.Errorf("unknown option: %v\n%s", err, out)
 	}
 }
+
+// rootlesskitV2 is the version of rootlesskit whose --net=pasta the test
+// drives (Debian ships 1.x, without pasta).
+const rootlesskitV2 = "v2.3.6"
+
+// rootlesskit2 returns a rootlesskit 2 binary: $ROOTLESSKIT2 (.ci/run
+// installs one), else one built with go install into a cache directory
+// readable by the unprivileged user.
+func rootlesskit2(t *testing.T) string {
+	t.Helper()
+	if p := os.Getenv("ROOTLESSKIT2"); p != "" {
+		return p
+	}
+	dir := filepath.Join(os.TempDir(), "netns-run-rootlesskit-"+rootlesskitV2)
+	bin := filepath.Join(dir, "rootlesskit")
+	if _, err := os.Stat(bin); err == nil {
+		return bin
+	}
+	cmd := exec.Command("go", "install", "github.com/rootless-containers/rootlesskit/v2/cmd/rootlesskit@"+rootlesskitV2)
+	cmd.Env = append(os.Environ(), "GOBIN="+dir, "GOFLAGS=-mod=mod")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Skipf("needs rootlesskit %s (set ROOTLESSKIT2, or let go install reach the module proxy): %v\n%s", rootlesskitV2, err, out)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
+// TestPastaRootlesskit2 runs the real rootlesskit 2 with --net=pasta and
+// our pasta link, as the unprivileged user: outbound traffic, DNS through
+// the forwarder, the host's loopback through the gateway and through -T
+// auto, and a port the child listens on, published by -t auto.
+func TestPastaRootlesskit2(t *testing.T) {
+	wd := newWorld(t)
+	for _, tool := range []string{"newuidmap", "newgidmap"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s (Debian package uidmap; .ci/run installs it): %v", tool, err)
+		}
+	}
+	rk := rootlesskit2(t)
+	pasta := pastaLink(t)
+	addSubIDs(t, "nobody", 300000, 65536)
+	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
+	wd.startServer(wd.r, "dns-server", routerAddr+":53", testName+"="+testNameIP)
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8082")
+	state, err := os.MkdirTemp("", "rootlesskit2-state-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(state) })
+	if err := os.Chown(state, unprivUID, unprivUID); err != nil {
+		t.Fatal(err)
+	}
+	const size = 16 << 20
+	script := fmt.Sprintf(`set -e
+%[1]s tcp-echo-check %[2]s:7 %[3]d
+%[1]s dns-query 10.0.2.3:53 %[4]s udp
+%[1]s tcp-echo-check 10.0.2.2:8082 1048576
+# -T auto: the host's 127.0.0.1:8082 on our own loopback, once seen.
+i=0; until %[1]s tcp-echo-check 127.0.0.1:8082 1048576; do i=$((i+1)); [ $i -lt 100 ]; sleep 0.1; done
+exec %[1]s tcp-echo-server 0.0.0.0:9000`, bins.nettool, remoteAddr, size, testName)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", wd.w,
+		"setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--",
+		rk, "--state-dir", state+"/rk", "--net=pasta", "--pasta-binary="+pasta, "--port-driver=implicit",
+		"-p", "127.0.0.1:9000:9000/tcp", "sh", "-c", script)
+	cmd.Env = append(os.Environ(), "HOME="+state)
+	cmd.WaitDelay = 5 * time.Second
+	var stdout, stderr syncBuffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+	})
+	deadline := time.Now().Add(time.Minute)
+	for !strings.Contains(stdout.String(), "listening") {
+		select {
+		case err := <-exited:
+			exited <- err
+			t.Fatalf("rootlesskit ended early: %v\nstdout:\n%s\nstderr:\n%s", err, &stdout, &stderr)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rootlesskit child did not get ready\nstdout:\n%s\nstderr:\n%s", &stdout, &stderr)
+		}
+	}
+	lines := strings.Split(stdout.String(), "\n")
+	if !strings.Contains(stdout.String(), "A "+testNameIP) {
+		t.Errorf("DNS through --dns-forward 10.0.2.3:\n%s", &stdout)
+	}
+	var echoes int
+	for _, l := range lines {
+		if strings.HasPrefix(l, "bytes=") {
+			echoes++
+		}
+	}
+	m := echoLine.FindStringSubmatch(stdout.String())
+	if m == nil || m[1] != fmt.Sprint(size) || m[2] != m[3] || echoes < 3 {
+		t.Fatalf("echoes from the child (outbound, 10.0.2.2, 127.0.0.1):\n%s", &stdout)
+	}
+	// -t auto publishes the child's 9000 on the host within a second or so.
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		out, err := exec.Command("ip", "netns", "exec", wd.w, bins.nettool, "tcp-echo-check", "127.0.0.1:9000", fmt.Sprint(size)).CombinedOutput()
+		if err == nil {
+			checkEcho(t, result{stdout: string(out)}, size)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("inbound through -t auto: %v\n%s\nrootlesskit stderr:\n%s", err, out, &stderr)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The helper ends with the child's namespace.
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	<-exited
+	exited <- nil
+	waitServingEnds(t, pasta, "rootlesskit exited")
+}
