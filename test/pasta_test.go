@@ -410,3 +410,65 @@ exec %[1]s tcp-echo-server 0.0.0.0:9000`, bins.nettool, remoteAddr, size, testNa
 	exited <- nil
 	waitServingEnds(t, pasta, "rootlesskit exited")
 }
+
+// TestPastaForegroundExtensions runs pasta -f (the process stays ours) with
+// usernet's extensions: the JSON API, a packet capture and a debug log.
+func TestPastaForegroundExtensions(t *testing.T) {
+	wd := newWorld(t)
+	pasta := pastaLink(t)
+	wd.startServer(wd.r, "dns-server", routerAddr+":53", testName+"="+testNameIP)
+	nsPath := wd.containerNetns()
+	dir := userDir(t, "pasta-ext-")
+	sock, pcap, logf, pidf := filepath.Join(dir, "api.sock"), filepath.Join(dir, "cap.pcap"), filepath.Join(dir, "log"), filepath.Join(dir, "pid")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", wd.w, pasta, "-f", "--config-net", "--dns-forward", "169.254.1.1",
+		"-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw", "--netns", nsPath,
+		"-P", pidf, "--api-socket", sock, "--pcap", pcap, "-d", "-l", logf)
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	})
+	for {
+		if b, err := os.ReadFile(pidf); err == nil && string(b) == fmt.Sprintf("%d\n", cmd.Process.Pid) {
+			break
+		}
+		select {
+		case err := <-exited:
+			t.Fatalf("pasta -f exited: %v\n%s", err, &out)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	if got := inNetns(t, nsPath, bins.nettool, "dns-query", "169.254.1.1:53", testName, "udp"); !strings.Contains(got, "A "+testNameIP) {
+		t.Errorf("dns: %s", got)
+	}
+	if got := inNetns(t, nsPath, bins.nettool, "dns-query", routerAddr+":53", testName, "tcp"); !strings.Contains(got, "A "+testNameIP) {
+		t.Errorf("dns over tcp to the gateway: %s", got)
+	}
+	if got := apiCall(t, sock, `{"execute":"get_stats"}`); !strings.Contains(got, `"tcp_total":1`) {
+		t.Errorf("get_stats: %s", got)
+	}
+	if got := apiCall(t, sock, `{"execute":"get_info"}`); !strings.Contains(got, `"mtu":65520`) || !strings.Contains(got, `"gateway":"`+routerAddr+`"`) {
+		t.Errorf("get_info: %s", got)
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-exited; err != nil {
+		t.Errorf("pasta -f after SIGTERM: %v\n%s", err, &out)
+	}
+	exited <- nil
+	if b, err := os.ReadFile(pcap); err != nil || len(b) <= 24 || string(b[:4]) != "\xd4\xc3\xb2\xa1" {
+		t.Errorf("packet capture: %v, %d bytes", err, len(b))
+	}
+	if b, _ := os.ReadFile(logf); !strings.Contains(string(b), "tcp flow opened") {
+		t.Errorf("debug log lacks the flow:\n%s", b)
+	}
+}
