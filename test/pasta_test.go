@@ -313,6 +313,12 @@ func rootlesskit2(t *testing.T) string {
 // the forwarder, the host's loopback through the gateway and through -T
 // auto, and a port the child listens on, published by -t auto.
 func TestPastaRootlesskit2(t *testing.T) {
+	// By PID, and with --detach-netns (--userns and --netns paths).
+	t.Run("pid", func(t *testing.T) { testPastaRootlesskit2(t, nil) })
+	t.Run("detach-netns", func(t *testing.T) { testPastaRootlesskit2(t, []string{"--detach-netns"}) })
+}
+
+func testPastaRootlesskit2(t *testing.T, flags []string) {
 	wd := newWorld(t)
 	for _, tool := range []string{"newuidmap", "newgidmap"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -334,19 +340,26 @@ func TestPastaRootlesskit2(t *testing.T) {
 		t.Fatal(err)
 	}
 	const size = 16 << 20
+	// With --detach-netns the child stays in the host's network namespace;
+	// the one pasta serves is at $ROOTLESSKIT_STATE_DIR/netns.
+	nettool := bins.nettool
+	if len(flags) > 0 {
+		nettool = `nsenter --net="$ROOTLESSKIT_STATE_DIR/netns" -- ` + nettool
+	}
 	script := fmt.Sprintf(`set -e
 %[1]s tcp-echo-check %[2]s:7 %[3]d
 %[1]s dns-query 10.0.2.3:53 %[4]s udp
 %[1]s tcp-echo-check 10.0.2.2:8082 1048576
 # -T auto: the host's 127.0.0.1:8082 on our own loopback, once seen.
 i=0; until %[1]s tcp-echo-check 127.0.0.1:8082 1048576; do i=$((i+1)); [ $i -lt 100 ]; sleep 0.1; done
-exec %[1]s tcp-echo-server 0.0.0.0:9000`, bins.nettool, remoteAddr, size, testName)
+exec %[1]s tcp-echo-server 0.0.0.0:9000`, nettool, remoteAddr, size, testName)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", wd.w,
+	args := []string{"netns", "exec", wd.w,
 		"setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--",
-		rk, "--state-dir", state+"/rk", "--net=pasta", "--pasta-binary="+pasta, "--port-driver=implicit",
-		"-p", "127.0.0.1:9000:9000/tcp", "sh", "-c", script)
+		rk, "--state-dir", state + "/rk", "--net=pasta", "--pasta-binary=" + pasta, "--port-driver=implicit"}
+	args = append(append(args, flags...), "-p", "127.0.0.1:9000:9000/tcp", "sh", "-c", script)
+	cmd := exec.CommandContext(ctx, "ip", args...)
 	cmd.Env = append(os.Environ(), "HOME="+state)
 	cmd.WaitDelay = 5 * time.Second
 	var stdout, stderr syncBuffer
