@@ -425,7 +425,8 @@ exec %[1]s tcp-echo-server 0.0.0.0:9000`, nettool, remoteAddr, size, testName)
 }
 
 // TestPastaForegroundExtensions runs pasta -f (the process stays ours) with
-// usernet's extensions: the JSON API, a packet capture and a debug log.
+// usernet's extensions: the JSON API, a packet capture and a debug log; and
+// --map-host-loopback.
 func TestPastaForegroundExtensions(t *testing.T) {
 	wd := newWorld(t)
 	pasta := pastaLink(t)
@@ -435,8 +436,9 @@ func TestPastaForegroundExtensions(t *testing.T) {
 	sock, pcap, logf, pidf := filepath.Join(dir, "api.sock"), filepath.Join(dir, "cap.pcap"), filepath.Join(dir, "log"), filepath.Join(dir, "pid")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8083")
 	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", wd.w, pasta, "-f", "--config-net", "--dns-forward", "169.254.1.1",
-		"-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw", "--netns", nsPath,
+		"-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw", "--map-host-loopback", "169.254.1.3", "--netns", nsPath,
 		"-P", pidf, "--api-socket", sock, "--pcap", pcap, "-d", "-l", logf)
 	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -465,7 +467,8 @@ func TestPastaForegroundExtensions(t *testing.T) {
 	if got := inNetns(t, nsPath, bins.nettool, "dns-query", routerAddr+":53", testName, "tcp"); !strings.Contains(got, "A "+testNameIP) {
 		t.Errorf("dns over tcp to the gateway: %s", got)
 	}
-	if got := apiCall(t, sock, `{"execute":"get_stats"}`); !strings.Contains(got, `"tcp_total":1`) {
+	checkEcho(t, result{stdout: inNetns(t, nsPath, bins.nettool, "tcp-echo-check", "169.254.1.3:8083", "1048576")}, 1<<20)
+	if got := apiCall(t, sock, `{"execute":"get_stats"}`); !strings.Contains(got, `"tcp_total":2`) {
 		t.Errorf("get_stats: %s", got)
 	}
 	if got := apiCall(t, sock, `{"execute":"get_info"}`); !strings.Contains(got, `"mtu":65520`) || !strings.Contains(got, `"gateway":"`+routerAddr+`"`) {
@@ -484,4 +487,29 @@ func TestPastaForegroundExtensions(t *testing.T) {
 	if b, _ := os.ReadFile(logf); !strings.Contains(string(b), "tcp flow opened") {
 		t.Errorf("debug log lacks the flow:\n%s", b)
 	}
+}
+
+// TestPastaOfflineHost: a host without a default route gives the namespace
+// pasta's fallback addressing, and an interface named tap0.
+func TestPastaOfflineHost(t *testing.T) {
+	wd := newWorld(t)
+	pasta := pastaLink(t)
+	offline := wd.containerNetns() // stands in for the host: lo only
+	nsPath := wd.containerNetns()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	args := append([]string{"netns", "exec", filepath.Base(offline), pasta}, podmanArgs(nsPath)...)
+	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("pasta on an offline host: %v\n%s", err, out)
+	}
+	daemonsFor(t, nsPath)
+	view := inNetns(t, nsPath, "sh", "-c", "ip addr show; ip route")
+	for _, want := range []string{"tap0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 65520", "inet 169.254.2.1/16", "default via 169.254.2.2 dev tap0"} {
+		if !strings.Contains(view, want) {
+			t.Errorf("namespace lacks %q:\n%s", want, view)
+		}
+	}
+	wd.ip("netns", "del", filepath.Base(nsPath))
+	waitServingEnds(t, nsPath, "the namespace file was deleted")
 }

@@ -105,15 +105,15 @@ func pastaAddressing(c *pastaConfig) (pastaNet, error) {
 			n.Pasta.HostMap[a] = netip.AddrFrom4([4]byte{127, 0, 0, 1})
 		}
 	}
+	// --map-guest-addr: to the address the guest was given, which by
+	// default is the host's own (as in pasta); a family without one has
+	// nothing to map.
 	for _, a := range c.mapGuestAddr {
-		h := v4.host
-		if a.Is6() {
-			h = v6.host
+		if to := p.addr4; a.Is4() && to.IsValid() {
+			n.Pasta.HostMap[a] = to
+		} else if to := p.addr6; a.Is6() && to.IsValid() {
+			n.Pasta.HostMap[a] = to
 		}
-		if h == nil {
-			return pastaNet{}, fmt.Errorf("--map-guest-addr %s: the host has no address of that family to map it to", a)
-		}
-		n.Pasta.HostMap[a] = h.Addrs[0].Addr()
 	}
 	if n.OutboundAddr4, err = pastaOutbound(c, false); err != nil {
 		return pastaNet{}, err
