@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -180,18 +182,61 @@ func (f *Follower) Sync() error {
 	return nil
 }
 
-// Run syncs every AutoInterval until ctx ends.
-func (f *Follower) Run(ctx context.Context) {
+// run syncs every AutoInterval until ctx ends.
+func (f *Follower) run(ctx context.Context) {
 	t := time.NewTicker(AutoInterval)
 	defer t.Stop()
 	for {
-		if err := f.Sync(); err != nil {
-			f.Log.Warn("auto port forwarding: scan failed", "proto", f.Proto, "err", err)
-		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+		if err := f.Sync(); err != nil {
+			f.Log.Warn("auto port forwarding: scan failed", "proto", f.Proto, "err", err)
+		}
 	}
+}
+
+// OpenProcNet opens the /proc/net files of proto ("tcp" or "udp", both
+// families) with open and returns their scanner; UDP leaves out the
+// ephemeral ports.
+func OpenProcNet(open func(name string) (*os.File, error), proto string) (ProcNet, error) {
+	p := ProcNet{UDP: proto == "udp"}
+	if p.UDP {
+		p.SkipFrom, p.SkipTo = EphemeralPorts()
+	}
+	for _, name := range []string{proto, proto + "6"} {
+		f, err := open(name)
+		if err != nil {
+			p.Close()
+			return ProcNet{}, fmt.Errorf("auto port forwarding: %w", err)
+		}
+		p.Files = append(p.Files, f)
+	}
+	return p, nil
+}
+
+// RunFollowers syncs each follower once, so that what listens already is
+// forwarded when it returns, then keeps them in step every AutoInterval
+// until ctx ends or stop is called; stop waits for them.
+func RunFollowers(ctx context.Context, followers []*Follower) (stop func(), err error) {
+	for _, f := range followers {
+		if err := f.Sync(); err != nil {
+			return nil, fmt.Errorf("auto port forwarding: %w", err)
+		}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for _, f := range followers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f.run(ctx)
+		}()
+	}
+	return func() {
+		cancel()
+		wg.Wait()
+	}, nil
 }

@@ -404,19 +404,8 @@ exec %[1]s tcp-echo-server 0.0.0.0:9000`, nettool, remoteAddr, size, testName)
 	if m == nil || m[1] != fmt.Sprint(size) || m[2] != m[3] || echoes < 3 {
 		t.Fatalf("echoes from the child (outbound, 10.0.2.2, 127.0.0.1):\n%s", &stdout)
 	}
-	// -t auto publishes the child's 9000 on the host within a second or so.
-	deadline = time.Now().Add(20 * time.Second)
-	for {
-		out, err := exec.Command("ip", "netns", "exec", wd.w, bins.nettool, "tcp-echo-check", "127.0.0.1:9000", fmt.Sprint(size)).CombinedOutput()
-		if err == nil {
-			checkEcho(t, result{stdout: string(out)}, size)
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("inbound through -t auto: %v\n%s\nrootlesskit stderr:\n%s", err, out, &stderr)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	// -t auto publishes the child's 9000 on the host.
+	checkEcho(t, result{stdout: retryInW(t, wd, "inbound through -t auto", "tcp-echo-check", "127.0.0.1:9000", fmt.Sprint(size))}, size)
 	// The helper ends with the child's namespace.
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	<-exited

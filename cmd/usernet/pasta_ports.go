@@ -2,10 +2,8 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"os"
-	"sync"
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/portfwd"
@@ -133,7 +131,7 @@ func (h *pastaHelper) nsRules(proto string, addr netip.Addr, port, to uint16) []
 // direction bound itself.
 func (h *pastaHelper) startFollowers(ctx context.Context) error {
 	c := h.c
-	from, to := portfwd.EphemeralPorts()
+	hostProc := func(name string) (*os.File, error) { return os.Open("/proc/self/net/" + name) }
 	var followers []*portfwd.Follower
 	for _, p := range []struct {
 		proto string
@@ -143,20 +141,13 @@ func (h *pastaHelper) startFollowers(ctx context.Context) error {
 		if p.mode != portfwd.PortsAuto {
 			continue
 		}
-		scan := portfwd.ProcNet{UDP: p.proto == "udp", SkipFrom: from, SkipTo: to}
-		for _, name := range []string{p.proto, p.proto + "6"} {
-			var f *os.File
-			var err error
-			if p.ns {
-				f, err = h.ports.OpenProcNet(name)
-			} else {
-				f, err = os.Open("/proc/self/net/" + name)
-			}
-			if err != nil {
-				scan.Close()
-				return fmt.Errorf("auto port forwarding: %w", err)
-			}
-			scan.Files = append(scan.Files, f)
+		open := hostProc
+		if p.ns {
+			open = h.ports.OpenProcNet
+		}
+		scan, err := portfwd.OpenProcNet(open, p.proto)
+		if err != nil {
+			return err
 		}
 		h.closers = append(h.closers, func() { scan.Close() })
 		proto := p.proto
@@ -172,28 +163,15 @@ func (h *pastaHelper) startFollowers(ctx context.Context) error {
 			f.Skip = func(port uint16) bool { return h.fwd.HasPort(proto, port) }
 			f.Rules = func(port uint16) []portfwd.Rule { return h.nsRules(proto, netip.Addr{}, port, port) }
 		}
-		// The first pass before ready: what listens already is
-		// forwarded when the caller goes on.
-		if err := f.Sync(); err != nil {
-			return fmt.Errorf("auto port forwarding: %w", err)
-		}
 		followers = append(followers, f)
 	}
 	if len(followers) == 0 {
 		return nil
 	}
-	fctx, stop := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	for _, f := range followers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			f.Run(fctx)
-		}()
+	stop, err := portfwd.RunFollowers(ctx, followers)
+	if err != nil {
+		return err
 	}
-	h.closers = append(h.closers, func() {
-		stop()
-		wg.Wait()
-	})
+	h.closers = append(h.closers, stop)
 	return nil
 }
