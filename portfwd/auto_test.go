@@ -74,9 +74,11 @@ func TestFollower(t *testing.T) {
 	listening := map[uint16]bool{}
 	lo := netip.MustParseAddr("127.0.0.1")
 	f := &Follower{Map: m, Proto: "tcp",
-		Scan:  func() (map[uint16]bool, error) { return listening, nil },
-		Rules: func(p uint16) []Rule { return []Rule{{Proto: "tcp", HostAddr: lo, HostPort: p, GuestAddr: lo, GuestPort: p}} },
-		Skip:  func(p uint16) bool { return p == skipped },
+		Scan: func() (map[uint16]bool, error) { return listening, nil },
+		Rules: func(p uint16) []Rule {
+			return []Rule{{Proto: "tcp", HostAddr: lo, HostPort: p, GuestAddr: lo, GuestPort: p}}
+		},
+		Skip: func(p uint16) bool { return p == skipped },
 	}
 	listening[a], listening[skipped] = true, true
 	if err := f.Sync(); err != nil {

@@ -27,10 +27,10 @@ type hostSide struct {
 	// stopAuto ends --publish auto's followers.
 	stopAuto func()
 	stack    *netstack.Stack
-	helper *launcher.PortHelper
-	ports  *portfwd.PortMap
-	api    *portfwd.APISocket
-	apiEnd chan struct{}
+	helper   *launcher.PortHelper
+	ports    *portfwd.PortMap
+	api      *portfwd.APISocket
+	apiEnd   chan struct{}
 }
 
 // startHostSide is netns-run's launcher.NetworkFunc.
