@@ -62,15 +62,22 @@ func (s *Stack) sharesGuestSubnet(a netip.Addr) bool {
 }
 
 // dialUpstreamTLS connects to the first upstream resolver that accepts DNS
-// over TLS (port 853), as pasta's --dns-forward does for TCP.
+// over TLS, as pasta's --dns-forward does for TCP.
 func (s *Stack) dialUpstreamTLS() (*net.TCPConn, error) {
+	return s.dialUpstreamPort(dnsTLSPort)
+}
+
+// dialUpstreamPort connects to port on the first upstream resolver that
+// accepts. (dns.go's dialDNSUpstreamTCP is this with each upstream's own
+// port.)
+func (s *Stack) dialUpstreamPort(port uint16) (*net.TCPConn, error) {
 	if len(s.cfg.DNSUpstreams) == 0 {
 		return nil, errNoUpstream
 	}
 	var errs []error
 	for _, up := range s.cfg.DNSUpstreams {
 		d := net.Dialer{Timeout: dnsTryTimeout}
-		c, err := d.DialContext(s.ctx, "tcp", netip.AddrPortFrom(up.Addr(), dnsTLSPort).String())
+		c, err := d.DialContext(s.ctx, "tcp", netip.AddrPortFrom(up.Addr(), port).String())
 		if err == nil {
 			return c.(*net.TCPConn), nil
 		}

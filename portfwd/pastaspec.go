@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strconv"
 	"strings"
 )
 
@@ -132,30 +131,10 @@ func (s *PortSpec) Add(value string) error {
 	return nil
 }
 
-// pastaRange parses FIRST[-LAST].
+// pastaRange parses FIRST[-LAST]; pasta takes ranges of any size.
 func pastaRange(s string) (first, last uint16, err error) {
-	lo, hi, isRange := strings.Cut(s, "-")
-	if first, err = pastaPort(lo); err != nil {
-		return 0, 0, err
-	}
-	last = first
-	if isRange {
-		if last, err = pastaPort(hi); err != nil {
-			return 0, 0, err
-		}
-		if last < first {
-			return 0, 0, fmt.Errorf("range %s runs backwards", s)
-		}
-	}
-	return first, last, nil
-}
-
-func pastaPort(s string) (uint16, error) {
-	n, err := strconv.ParseUint(s, 10, 16)
-	if err != nil || n == 0 {
-		return 0, fmt.Errorf("%q is not a port number 1-65535", s)
-	}
-	return uint16(n), nil
+	f, l, err := parsePortRange(s, 65535)
+	return uint16(f), uint16(l), err
 }
 
 // cutExclusions removes the excluded ports from r, keeping the mapping of

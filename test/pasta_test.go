@@ -19,6 +19,28 @@ import (
 // addresses in place, PID file, exit on SIGTERM and on the namespace's
 // removal).
 
+// startEnded starts cmd and returns the channel its end is reported on (a
+// reader that takes the value puts it back). At cleanup it gets SIGTERM,
+// and SIGKILL ten seconds later.
+func startEnded(t *testing.T, cmd *exec.Cmd) chan error {
+	t.Helper()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			exited <- err
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+		}
+	})
+	return exited
+}
+
 // pastaLink returns a link named pasta to usernet, in a directory the
 // unprivileged user can read.
 func pastaLink(t *testing.T) string {
@@ -331,14 +353,7 @@ func testPastaRootlesskit2(t *testing.T, flags []string) {
 	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
 	wd.startServer(wd.r, "dns-server", routerAddr+":53", testName+"="+testNameIP)
 	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8082")
-	state, err := os.MkdirTemp("", "rootlesskit2-state-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(state) })
-	if err := os.Chown(state, unprivUID, unprivUID); err != nil {
-		t.Fatal(err)
-	}
+	state := userDir(t, "rootlesskit2-state-")
 	const size = 16 << 20
 	// With --detach-netns the child stays in the host's network namespace;
 	// the one pasta serves is at $ROOTLESSKIT_STATE_DIR/netns.
@@ -364,20 +379,7 @@ exec %[1]s tcp-echo-server 0.0.0.0:9000`, nettool, remoteAddr, size, testName)
 	cmd.WaitDelay = 5 * time.Second
 	var stdout, stderr syncBuffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-	})
+	exited := startEnded(t, cmd)
 	deadline := time.Now().Add(time.Minute)
 	for !strings.Contains(stdout.String(), "listening") {
 		select {
@@ -431,15 +433,7 @@ func TestPastaForegroundExtensions(t *testing.T) {
 		"-P", pidf, "--api-socket", sock, "--pcap", pcap, "-d", "-l", logf)
 	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	})
+	exited := startEnded(t, cmd)
 	for {
 		if b, err := os.ReadFile(pidf); err == nil && string(b) == fmt.Sprintf("%d\n", cmd.Process.Pid) {
 			break

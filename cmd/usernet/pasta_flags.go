@@ -258,17 +258,9 @@ func (c *pastaConfig) set(name, v string) error {
 	case "dns-forward":
 		c.dnsForward, err = addOncePerFamily(c.dnsForward, "--dns-forward", v)
 	case "map-host-loopback":
-		if v == "none" {
-			c.noMapHostLoopback, c.mapHostLoopback = true, nil
-			break
-		}
-		c.mapHostLoopback, err = addOncePerFamily(c.mapHostLoopback, "--map-host-loopback", v)
+		c.mapHostLoopback, c.noMapHostLoopback, err = addrOrNone(c.mapHostLoopback, c.noMapHostLoopback, name, v)
 	case "map-guest-addr":
-		if v == "none" {
-			c.noMapGuestAddr, c.mapGuestAddr = true, nil
-			break
-		}
-		c.mapGuestAddr, err = addOncePerFamily(c.mapGuestAddr, "--map-guest-addr", v)
+		c.mapGuestAddr, c.noMapGuestAddr, err = addrOrNone(c.mapGuestAddr, c.noMapGuestAddr, name, v)
 	case "no-map-gw":
 		c.noMapGW = true
 	case "host-lo-to-ns-lo":
@@ -321,6 +313,16 @@ func addOncePerFamily(list []netip.Addr, flag, v string) ([]netip.Addr, error) {
 		}
 	}
 	return append(list, a), nil
+}
+
+// addrOrNone is addOncePerFamily for options that also take "none",
+// which clears the list.
+func addrOrNone(list []netip.Addr, none bool, name, v string) ([]netip.Addr, bool, error) {
+	if v == "none" {
+		return nil, true, nil
+	}
+	list, err := addOncePerFamily(list, "--"+name, v)
+	return list, none, err
 }
 
 // parseNetmask accepts a prefix length or a dotted-decimal mask.
