@@ -213,6 +213,18 @@ func TestPastaPodman(t *testing.T) {
 	// No teardown from podman: it deletes the namespace file.
 	wd.ip("netns", "del", filepath.Base(nsPath))
 	waitServingEnds(t, nsPath, "the namespace file was deleted")
+
+	// podman's retry for a pasta without --map-guest-addr: the same list
+	// less the last two arguments.
+	retry := wd.containerNetns()
+	args := podmanArgs(retry)
+	if out, code := wd.runPasta(pasta, args[:len(args)-2]...); code != 0 {
+		t.Fatalf("podman's retry without --map-guest-addr: exit %d:\n%s", code, out)
+	}
+	daemonsFor(t, retry)
+	if got := inNetns(t, retry, bins.nettool, "dns-query", "169.254.1.1:53", testName, "udp"); !strings.Contains(got, "A "+testNameIP) {
+		t.Errorf("dns after the retry: %s", got)
+	}
 }
 
 // TestPastaPodmanPorts replays podman with published ports and --pid (a
@@ -244,6 +256,12 @@ func TestPastaPodmanPorts(t *testing.T) {
 	}
 	if len(pids) != 1 || string(b) != pids[0]+"\n" {
 		t.Fatalf("PID file says %q; processes serving the namespace: %v", b, pids)
+	}
+	// It left our session (setsid): session ID = its PID.
+	if st, err := os.ReadFile("/proc/" + pids[0] + "/stat"); err != nil {
+		t.Fatal(err)
+	} else if f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:])); len(f) < 4 || f[3] != pids[0] {
+		t.Errorf("background copy is not a session leader: %s", st)
 	}
 	const size = 16 << 20
 	for _, where := range []struct{ ns, addr string }{{wd.w, "127.0.0.1"}, {wd.w, worldAddr}, {wd.r, worldAddr}} {
@@ -417,7 +435,7 @@ exec %[1]s tcp-echo-server 0.0.0.0:9000`, nettool, remoteAddr, size, testName)
 
 // TestPastaForegroundExtensions runs pasta -f (the process stays ours) with
 // usernet's extensions: the JSON API, a packet capture and a debug log; and
-// --map-host-loopback.
+// --map-host-loopback, DNS over TLS to --dns-forward, --host-lo-to-ns-lo.
 func TestPastaForegroundExtensions(t *testing.T) {
 	wd := newWorld(t)
 	pasta := pastaLink(t)
@@ -428,8 +446,11 @@ func TestPastaForegroundExtensions(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8083")
+	// DNS over TLS at the resolver (an echo server stands in for it).
+	wd.startServer(wd.r, "tcp-echo-server", routerAddr+":853")
+	wd.startServer(filepath.Base(nsPath), "peer-server", "tcp", "0.0.0.0:88")
 	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", wd.w, pasta, "-f", "--config-net", "--dns-forward", "169.254.1.1",
-		"-t", "none", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw", "--map-host-loopback", "169.254.1.3", "--netns", nsPath,
+		"-t", "8090:88", "--host-lo-to-ns-lo", "-u", "none", "-T", "none", "-U", "none", "--no-map-gw", "--map-host-loopback", "169.254.1.3", "--netns", nsPath,
 		"-P", pidf, "--api-socket", sock, "--pcap", pcap, "-d", "-l", logf)
 	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -451,7 +472,13 @@ func TestPastaForegroundExtensions(t *testing.T) {
 		t.Errorf("dns over tcp to the gateway: %s", got)
 	}
 	checkEcho(t, result{stdout: inNetns(t, nsPath, bins.nettool, "tcp-echo-check", "169.254.1.3:8083", "1048576")}, 1<<20)
-	if got := apiCall(t, sock, `{"execute":"get_stats"}`); !strings.Contains(got, `"tcp_total":2`) {
+	checkEcho(t, result{stdout: inNetns(t, nsPath, bins.nettool, "tcp-echo-check", "169.254.1.1:853", "65536")}, 1<<16)
+	// --host-lo-to-ns-lo: a client on the host's loopback arrives from
+	// the namespace's loopback.
+	if res, _ := exec.Command("ip", "netns", "exec", wd.w, bins.nettool, "peer-query", "tcp", "127.0.0.1:8090").CombinedOutput(); !strings.Contains(string(res), "peer=127.0.0.1:") {
+		t.Errorf("with --host-lo-to-ns-lo the guest sees the loopback client as %s", res)
+	}
+	if got := apiCall(t, sock, `{"execute":"get_stats"}`); !strings.Contains(got, `"tcp_total":3`) {
 		t.Errorf("get_stats: %s", got)
 	}
 	if got := apiCall(t, sock, `{"execute":"get_info"}`); !strings.Contains(got, `"mtu":65520`) || !strings.Contains(got, `"gateway":"`+routerAddr+`"`) {

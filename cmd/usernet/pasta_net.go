@@ -190,8 +190,17 @@ func familyAddressing(c *pastaConfig, v6 bool) (familyNet, error) {
 	}
 	if v6 {
 		// The guest's IPv6 addresses come without an on-link prefix
-		// (see launcher.GuestConfig): a route to the gateway itself first.
-		f.routes = append([]launcher.GuestRoute{{Dst: netip.PrefixFrom(f.gw, 128)}}, f.routes...)
+		// (see launcher.GuestConfig), and on-link routes (SLAAC's,
+		// proto ra) are left out: the stack answers neighbour
+		// solicitations for its own addresses only. A route to the
+		// gateway itself comes first.
+		routes := []launcher.GuestRoute{{Dst: netip.PrefixFrom(f.gw, 128)}}
+		for _, r := range f.routes {
+			if r.Gw.IsValid() {
+				routes = append(routes, r)
+			}
+		}
+		f.routes = routes
 	}
 	return f, nil
 }
