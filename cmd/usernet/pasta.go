@@ -110,17 +110,17 @@ func servePasta(c *pastaConfig, report *launcher.DaemonReport, stderr io.Writer)
 	if err := h.setUp(ctx); err != nil {
 		return err
 	}
-	var quit []<-chan struct{}
+	// Nil channels (not watched) never fire.
+	var nsGone, targetExited <-chan struct{}
 	if !c.noNetnsQuit {
-		gone, err := launcher.WatchRemoval(ctx, h.target.NetNS)
-		if err != nil {
+		var err error
+		if nsGone, err = launcher.WatchRemoval(ctx, h.target.NetNS); err != nil {
 			return err
 		}
-		quit = append(quit, gone)
 		if c.pid > 0 {
 			if exited, stop, err := launcher.WatchExit(c.pid); err == nil {
 				h.closers = append(h.closers, stop)
-				quit = append(quit, exited)
+				targetExited = exited
 			}
 		}
 	}
@@ -135,14 +135,11 @@ func servePasta(c *pastaConfig, report *launcher.DaemonReport, stderr io.Writer)
 		}
 	}
 	h.log.Debug("pasta mode: serving", "netns", h.target.NetNS, "interface", h.net.guest.TapName)
-	for len(quit) < 2 {
-		quit = append(quit, nil)
-	}
 	select {
 	case <-ctx.Done():
-	case <-quit[0]:
+	case <-nsGone:
 		h.log.Info("the network namespace is gone; exiting")
-	case <-quit[1]:
+	case <-targetExited:
 		h.log.Info("the target process exited; exiting")
 	case <-h.stack.LinkDown():
 		h.log.Info("the guest's link went away; exiting")
