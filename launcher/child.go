@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -221,14 +223,22 @@ func configureTap(link netlink.Link, g GuestConfig) (netlink.Link, error) {
 			return nil, failed("set txqueuelen on "+name, err)
 		}
 	}
-	addr := &netlink.Addr{IPNet: &net.IPNet{
-		IP:   g.Address.Addr().AsSlice(),
-		Mask: net.CIDRMask(g.Address.Bits(), g.Address.Addr().BitLen()),
-	}}
-	if err := netlink.AddrAdd(link, addr); err != nil {
-		return nil, failed(fmt.Sprintf("add address %s to %s", g.Address, name), err)
+	for _, p := range append([]netip.Prefix{g.Address}, g.ExtraAddresses...) {
+		if !p.IsValid() {
+			continue
+		}
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
+		if p.Addr().Is6() {
+			// No prefix route: the userspace stack answers neighbour
+			// solicitations only for its own addresses, so the rest of
+			// the prefix goes through the gateway (Routes name it).
+			addr.Flags = unix.IFA_F_NODAD | unix.IFA_F_NOPREFIXROUTE
+		}
+		if err := netlink.AddrAdd(link, addr); err != nil {
+			return nil, failed(fmt.Sprintf("add address %s to %s", p, name), err)
+		}
 	}
-	if g.Address6.IsValid() {
+	if g.Address6.IsValid() || slices.ContainsFunc(g.ExtraAddresses, func(p netip.Prefix) bool { return p.Addr().Is6() }) {
 		// Before the link comes up, or its link-local address goes
 		// through DAD and autoconfiguration starts.
 		for key, val := range map[string]string{"accept_ra": "0", "accept_dad": "0"} {
@@ -241,9 +251,15 @@ func configureTap(link netlink.Link, g GuestConfig) (netlink.Link, error) {
 	if err := netlink.LinkSetUp(link); err != nil {
 		return nil, failed("bring up "+name, err)
 	}
-	route := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: g.Gateway.AsSlice()}
-	if err := netlink.RouteAdd(route); err != nil {
-		return nil, failed("add default route via "+g.Gateway.String(), err)
+	if len(g.Routes) > 0 {
+		if err := addRoutes(link, g.Routes); err != nil {
+			return nil, err
+		}
+	} else if g.Gateway.IsValid() {
+		route := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: g.Gateway.AsSlice()}
+		if err := netlink.RouteAdd(route); err != nil {
+			return nil, failed("add default route via "+g.Gateway.String(), err)
+		}
 	}
 	if g.Address6.IsValid() {
 		if err := configureIPv6(link, g); err != nil {
@@ -269,9 +285,44 @@ func configureIPv6(link netlink.Link, g GuestConfig) error {
 	if err := netlink.AddrAdd(link, addr); err != nil {
 		return failed(fmt.Sprintf("add address %s to %s", g.Address6, name), err)
 	}
+	if len(g.Routes) > 0 {
+		return nil
+	}
 	route := &netlink.Route{LinkIndex: link.Attrs().Index, Gw: g.Gateway6.AsSlice()}
 	if err := netlink.RouteAdd(route); err != nil {
 		return failed("add default route via "+g.Gateway6.String(), err)
+	}
+	return nil
+}
+
+// addRoutes adds routes through the TAP: those to a prefix first, so that
+// a gateway behind one of them is reachable when the default route needs it.
+func addRoutes(link netlink.Link, routes []GuestRoute) error {
+	for _, pass := range []bool{false, true} {
+		for _, r := range routes {
+			if r.Dst.IsValid() == pass {
+				continue
+			}
+			route := &netlink.Route{LinkIndex: link.Attrs().Index}
+			if r.Gw.IsValid() {
+				route.Gw = r.Gw.AsSlice()
+			}
+			what := "default route"
+			if r.Dst.IsValid() {
+				route.Dst = &net.IPNet{IP: r.Dst.Addr().AsSlice(), Mask: net.CIDRMask(r.Dst.Bits(), r.Dst.Addr().BitLen())}
+				what = "route to " + r.Dst.String()
+			} else if !r.Gw.IsValid() {
+				continue
+			} else if r.Gw.Is6() {
+				route.Dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+			}
+			if r.Gw.IsValid() {
+				what += " via " + r.Gw.String()
+			}
+			if err := netlink.RouteAdd(route); err != nil && !errors.Is(err, unix.EEXIST) {
+				return failed("add "+what, err)
+			}
+		}
 	}
 	return nil
 }

@@ -47,6 +47,9 @@ type message struct {
 type dialRequest struct {
 	Network string `json:"network"`
 	Addr    string `json:"addr"`
+	// Op is what to do: "" dials Addr; "listen" binds Addr (a listener
+	// or datagram socket); "proc" opens /proc/self/net/Network.
+	Op string `json:"op,omitempty"`
 }
 
 type dialResult struct {

@@ -65,6 +65,14 @@ type GuestConfig struct {
 	// the guest's kernel spreads its flows over them, and the helper
 	// reads each on its own.
 	Queues int `json:"queues,omitempty"`
+	// ExtraAddresses are added besides Address and Address6 (pasta copies
+	// every address of the host's interface). Address may then be left
+	// out (IPv6 only). IPv6 ones get no prefix route: Routes must reach
+	// the gateway.
+	ExtraAddresses []netip.Prefix `json:"extra_addresses,omitempty"`
+	// Routes, if set, replace the default routes via Gateway and
+	// Gateway6 (pasta copies the host interface's routes).
+	Routes []GuestRoute `json:"routes,omitempty"`
 }
 
 // Namespace is the set-up namespace as the network sees it.

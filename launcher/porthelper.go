@@ -52,12 +52,36 @@ func StartPortHelper(t Target) (*PortHelper, error) {
 // Dial returns a socket connected to addr ("tcp" or "udp") inside the
 // namespace, as a file owned by the caller.
 func (h *PortHelper) Dial(network string, addr netip.AddrPort) (*os.File, error) {
+	return h.request(dialRequest{Network: network, Addr: addr.String()})
+}
+
+// Listen returns a socket bound to addr inside the namespace: a TCP
+// listener ("tcp") or a datagram socket ("udp"), as a file owned by the
+// caller. It keeps serving that namespace's address from our own.
+func (h *PortHelper) Listen(network string, addr netip.AddrPort) (*os.File, error) {
+	return h.request(dialRequest{Network: network, Addr: addr.String(), Op: opListen})
+}
+
+// OpenProcNet opens /proc/net/NAME (tcp, tcp6, udp or udp6) of the
+// namespace. Reading the file again from its start lists the namespace's
+// sockets as they are then.
+func (h *PortHelper) OpenProcNet(name string) (*os.File, error) {
+	return h.request(dialRequest{Network: name, Op: opProc})
+}
+
+const (
+	opListen = "listen"
+	opProc   = "proc"
+)
+
+func (h *PortHelper) request(req dialRequest) (*os.File, error) {
+	network, addr := req.Network, req.Addr
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if err := h.ch.conn.SetDeadline(time.Now().Add(dialTimeout + time.Second)); err != nil {
 		return nil, err
 	}
-	if err := h.ch.send(message{Kind: kindDial, Dial: &dialRequest{Network: network, Addr: addr.String()}}); err != nil {
+	if err := h.ch.send(message{Kind: kindDial, Dial: &req}); err != nil {
 		return nil, fmt.Errorf("port helper: %w", err)
 	}
 	m, files, err := h.ch.recv(kindDialed)
@@ -72,7 +96,7 @@ func (h *PortHelper) Dial(network string, addr netip.AddrPort) (*os.File, error)
 		if m.Dialed != nil && m.Dialed.Error != "" {
 			reason = m.Dialed.Error
 		}
-		return nil, fmt.Errorf("dial %s %s in the namespace: %s", network, addr, reason)
+		return nil, fmt.Errorf("%s %s %s in the namespace: %s", opName(req.Op), network, addr, reason)
 	}
 	return files[0], nil
 }
@@ -103,7 +127,7 @@ func servePorts(ch channel) error {
 		if m.Dial == nil {
 			return errors.New("dial message without body")
 		}
-		f, derr := dialFile(m.Dial.Network, m.Dial.Addr)
+		f, derr := serveRequest(*m.Dial)
 		if derr != nil {
 			if err := ch.send(message{Kind: kindDialed, Dialed: &dialResult{Error: derr.Error()}}); err != nil {
 				return err
@@ -116,6 +140,51 @@ func servePorts(ch channel) error {
 			return err
 		}
 	}
+}
+
+func opName(op string) string {
+	if op == "" {
+		return "dial"
+	}
+	return op
+}
+
+// procNetFiles are the files OpenProcNet may open.
+var procNetFiles = map[string]bool{"tcp": true, "tcp6": true, "udp": true, "udp6": true}
+
+func serveRequest(r dialRequest) (*os.File, error) {
+	switch r.Op {
+	case "":
+		return dialFile(r.Network, r.Addr)
+	case opListen:
+		return listenFile(r.Network, r.Addr)
+	case opProc:
+		if !procNetFiles[r.Network] {
+			return nil, fmt.Errorf("proc file %q", r.Network)
+		}
+		return os.Open("/proc/self/net/" + r.Network)
+	}
+	return nil, fmt.Errorf("operation %q", r.Op)
+}
+
+func listenFile(network, addr string) (*os.File, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		ln, err := net.Listen(network, addr)
+		if err != nil {
+			return nil, err
+		}
+		defer ln.Close()
+		return ln.(*net.TCPListener).File()
+	case "udp", "udp4", "udp6":
+		pc, err := net.ListenPacket(network, addr)
+		if err != nil {
+			return nil, err
+		}
+		defer pc.Close()
+		return pc.(*net.UDPConn).File()
+	}
+	return nil, fmt.Errorf("network %q", network)
 }
 
 func dialFile(network, addr string) (*os.File, error) {

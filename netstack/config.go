@@ -53,6 +53,9 @@ type Config struct {
 	Capture io.Writer `json:"-"`
 	// Logger receives debug detail and one line per problem. Nil: quiet.
 	Logger *slog.Logger `json:"-"`
+
+	// Pasta-style addressing (usernet's pasta mode); see pasta.go.
+	Pasta PastaAddressing
 }
 
 // Default addressing, identical to slirp4netns so guests and tools that
@@ -96,6 +99,9 @@ func (c *Config) validate() error {
 	}
 	if !c.Network.IsValid() || !c.Network.Addr().Is4() {
 		return fmt.Errorf("network %v: want an IPv4 prefix", c.Network)
+	}
+	if c.Pasta.Enabled {
+		return c.Pasta.validate(c)
 	}
 	for name, a := range map[string]netip.Addr{"gateway": c.Gateway, "dns": c.DNS} {
 		if !c.Network.Contains(a) {

@@ -35,7 +35,7 @@ func (s *Stack) sourceFor(client, guest netip.AddrPort) netip.AddrPort {
 		}
 		return netip.AddrPortFrom(s.cfg.Gateway6, client.Port())
 	}
-	if a.IsLoopback() || a.IsUnspecified() || !a.Is4() || s.cfg.Network.Contains(a) {
+	if a.IsLoopback() || a.IsUnspecified() || !a.Is4() || s.sharesGuestSubnet(a) {
 		return netip.AddrPortFrom(s.cfg.Gateway, client.Port())
 	}
 	return netip.AddrPortFrom(a, client.Port())

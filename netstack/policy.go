@@ -28,20 +28,24 @@ func (s *Stack) isDNS(a netip.Addr) bool {
 // The DNS address is not handled here: its flows go to the forwarder.
 func (s *Stack) hostTarget(dst netip.AddrPort) (netip.AddrPort, error) {
 	a := dst.Addr().Unmap()
+	if t, ok := s.cfg.Pasta.HostMap[a]; ok && !s.cfg.Restrict {
+		return netip.AddrPortFrom(t, dst.Port()), nil
+	}
 	switch {
 	case s.cfg.Restrict, s.loopbackBlocked(a):
 		// loopbackBlocked is the one rule for host loopback; the
 		// transport guard applies it first, this repeats it for every
 		// other caller.
 		return netip.AddrPort{}, errBlocked
-	case a == s.cfg.Gateway:
+	case a == s.cfg.Gateway && !s.cfg.Pasta.NoGatewayMap:
 		return netip.AddrPortFrom(hostLoopback4, dst.Port()), nil
-	case s.cfg.IPv6 && a == s.cfg.Gateway6:
+	case s.cfg.IPv6 && a == s.cfg.Gateway6 && !s.cfg.Pasta.NoGatewayMap:
 		return netip.AddrPortFrom(hostLoopback6, dst.Port()), nil
 	case a.IsUnspecified(), a.IsMulticast(), a == limitedBroadcast, a.Is6() && a.IsLinkLocalUnicast():
 		return netip.AddrPort{}, errBlocked
-	case s.cfg.Network.Contains(a), s.cfg.IPv6 && s.cfg.Network6.Contains(a):
-		// Nothing but the gateway and DNS lives in the guest subnet.
+	case !s.cfg.Pasta.Enabled && (s.cfg.Network.Contains(a) || s.cfg.IPv6 && s.cfg.Network6.Contains(a)):
+		// Nothing but the gateway and DNS lives in the guest subnet
+		// (in pasta's addressing it is the host's, with real hosts).
 		return netip.AddrPort{}, errBlocked
 	}
 	if dst.Port() == 0 {

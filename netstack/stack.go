@@ -152,6 +152,9 @@ func (s *Stack) start(vnetHdr int) error {
 			netip.PrefixFrom(s.cfg.DNS6, s.cfg.Network6.Bits()))
 	}
 	for _, p := range own {
+		if !p.Addr().IsValid() {
+			continue // no DNS address (pasta without --dns-forward)
+		}
 		proto := ipv4.ProtocolNumber
 		if p.Addr().Is6() {
 			proto = ipv6.ProtocolNumber

@@ -109,6 +109,9 @@ func (s *Stack) dialTCP(dst netip.AddrPort) (*net.TCPConn, error) {
 		if s.cfg.DisableDNS {
 			return nil, errSilentDrop
 		}
+		if dst.Port() == dnsTLSPort && s.cfg.Pasta.Enabled {
+			return s.dialUpstreamTLS()
+		}
 		if dst.Port() != dnsPort {
 			return nil, errBlocked
 		}

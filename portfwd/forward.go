@@ -1,6 +1,7 @@
 package portfwd
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -29,20 +32,11 @@ type forward struct {
 	wg            sync.WaitGroup
 }
 
-func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
+func startForward(r Rule, guest Guest, bind Binder, log *slog.Logger) (*forward, error) {
 	f := &forward{rule: r}
-	// No address: every address, IPv4 and IPv6 (one dual-stack socket).
-	network, host := r.Proto, fmt.Sprintf(":%d", r.HostPort)
-	if r.HostAddr.IsValid() {
-		network = r.Proto + "4"
-		if r.HostAddr.Is6() {
-			network = r.Proto + "6"
-		}
-		host = net.JoinHostPort(r.HostAddr.String(), fmt.Sprint(r.HostPort))
-	}
 	switch r.Proto {
 	case "tcp":
-		ln, err := net.Listen(network, host)
+		ln, err := bind.ListenTCP(r)
 		if err != nil {
 			return nil, explainListenError(r, err)
 		}
@@ -50,10 +44,10 @@ func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
 		f.wg.Add(1)
 		go func() {
 			defer f.wg.Done()
-			f.acceptTCP(ln.(*net.TCPListener), guest, log)
+			f.acceptTCP(ln, guest, log)
 		}()
 	case "udp":
-		pc, err := net.ListenPacket(network, host)
+		pc, err := bind.ListenUDP(r)
 		if err != nil {
 			return nil, explainListenError(r, err)
 		}
@@ -61,10 +55,53 @@ func startForward(r Rule, guest Guest, log *slog.Logger) (*forward, error) {
 		f.wg.Add(1)
 		go func() {
 			defer f.wg.Done()
-			f.serveUDP(pc.(*net.UDPConn), guest, log)
+			f.serveUDP(pc, guest, log)
 		}()
 	}
 	return f, nil
+}
+
+// Binder opens the listening socket of a rule.
+type Binder interface {
+	ListenTCP(r Rule) (*net.TCPListener, error)
+	ListenUDP(r Rule) (*net.UDPConn, error)
+}
+
+// hostBinder listens on the host, in our own namespace.
+type hostBinder struct{}
+
+// listenArgs is the network and address of r's listener. No address:
+// every address, IPv4 and IPv6 (one dual-stack socket).
+func listenArgs(r Rule) (network, addr string) {
+	network, addr = r.Proto, fmt.Sprintf(":%d", r.HostPort)
+	if r.HostAddr.IsValid() {
+		network = r.Proto + "4"
+		if r.HostAddr.Is6() {
+			network = r.Proto + "6"
+		}
+		addr = net.JoinHostPort(r.HostAddr.String(), fmt.Sprint(r.HostPort))
+	}
+	return network, addr
+}
+
+func (hostBinder) ListenTCP(r Rule) (*net.TCPListener, error) {
+	network, addr := listenArgs(r)
+	lc := net.ListenConfig{Control: bindToDevice(r.HostIface)}
+	ln, err := lc.Listen(context.Background(), network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return ln.(*net.TCPListener), nil
+}
+
+func (hostBinder) ListenUDP(r Rule) (*net.UDPConn, error) {
+	network, addr := listenArgs(r)
+	lc := net.ListenConfig{Control: bindToDevice(r.HostIface)}
+	pc, err := lc.ListenPacket(context.Background(), network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return pc.(*net.UDPConn), nil
 }
 
 // explainListenError names the fix for the usual bind failures.
@@ -79,6 +116,27 @@ func explainListenError(r Rule, err error) error {
 		return fmt.Errorf("publish %s: %s is not an address of this host: %w", r, r.HostAddr, err)
 	}
 	return fmt.Errorf("publish %s: %w", r, err)
+}
+
+// bindToDevice returns a listener hook that binds the socket to iface
+// (nil when iface is empty).
+func bindToDevice(iface string) func(network, address string, c syscall.RawConn) error {
+	if iface == "" {
+		return nil
+	}
+	return func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.BindToDevice(int(fd), iface)
+		})
+		if err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("bind to interface %s: %w", iface, serr)
+		}
+		return nil
+	}
 }
 
 func (f *forward) stop() {

@@ -15,8 +15,10 @@ import (
 
 // Rule is one published port.
 type Rule struct {
-	Proto     string // "tcp" or "udp"
-	HostAddr  netip.Addr
+	Proto    string // "tcp" or "udp"
+	HostAddr netip.Addr
+	// HostIface, if set, binds the listener to that interface.
+	HostIface string
 	HostPort  uint16
 	GuestAddr netip.Addr
 	GuestPort uint16
@@ -30,6 +32,9 @@ func (r Rule) String() string {
 	host := "*:" + fmt.Sprint(r.HostPort)
 	if r.HostAddr.IsValid() {
 		host = netip.AddrPortFrom(r.HostAddr, r.HostPort).String()
+	}
+	if r.HostIface != "" {
+		host += "%" + r.HostIface
 	}
 	guest := netip.AddrPortFrom(r.GuestAddr, r.GuestPort).String()
 	if r.GuestAddr6.IsValid() {
@@ -63,6 +68,7 @@ type Guest interface {
 // PortMap holds the published ports. Its methods are safe for concurrent use.
 type PortMap struct {
 	guest Guest
+	bind  Binder
 	log   *slog.Logger
 
 	mu     sync.Mutex
@@ -76,7 +82,15 @@ func New(guest Guest, log *slog.Logger) *PortMap {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &PortMap{guest: guest, log: log, nextID: 1, fwds: map[int]*forward{}}
+	return &PortMap{guest: guest, bind: hostBinder{}, log: log, nextID: 1, fwds: map[int]*forward{}}
+}
+
+// NewWithBinder returns an empty PortMap whose listeners bind opens (for
+// example inside a namespace), delivering to guest.
+func NewWithBinder(guest Guest, bind Binder, log *slog.Logger) *PortMap {
+	m := New(guest, log)
+	m.bind = bind
+	return m
 }
 
 // ErrNotFound is returned by Remove for an unknown ID.
@@ -102,7 +116,7 @@ func (m *PortMap) Add(r Rule) (int, error) {
 			return 0, fmt.Errorf("publish %s: host port already published as %s", r, f.rule)
 		}
 	}
-	f, err := startForward(r, m.guest, m.log)
+	f, err := startForward(r, m.guest, m.bind, m.log)
 	if err != nil {
 		return 0, err
 	}
@@ -155,4 +169,16 @@ func (m *PortMap) Close() error {
 		f.stop()
 	}
 	return nil
+}
+
+// HasPort reports whether a rule listens on port for proto.
+func (m *PortMap) HasPort(proto string, port uint16) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, f := range m.fwds {
+		if f.rule.Proto == proto && f.rule.HostPort == port {
+			return true
+		}
+	}
+	return false
 }

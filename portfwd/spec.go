@@ -47,11 +47,11 @@ func ParseSpec(spec string) ([]Rule, error) {
 		}
 		hostAddr, hostPorts = a, hostPart[j+1:]
 	}
-	hFirst, hLast, err := parsePortRange(hostPorts)
+	hFirst, hLast, err := parsePortRange(hostPorts, maxRangeSize)
 	if err != nil {
 		return bad("host port: %v", err)
 	}
-	gFirst, gLast, err := parsePortRange(guestPart)
+	gFirst, gLast, err := parsePortRange(guestPart, maxRangeSize)
 	if err != nil {
 		return bad("guest port: %v", err)
 	}
@@ -69,7 +69,8 @@ func ParseSpec(spec string) ([]Rule, error) {
 // tens of thousands of listeners.
 const maxRangeSize = 1024
 
-func parsePortRange(s string) (first, last int, err error) {
+// parsePortRange parses FIRST[-LAST], a range of at most maxSize ports.
+func parsePortRange(s string, maxSize int) (first, last int, err error) {
 	lo, hi, isRange := strings.Cut(s, "-")
 	if first, err = parsePort(lo); err != nil {
 		return 0, 0, err
@@ -82,8 +83,8 @@ func parsePortRange(s string) (first, last int, err error) {
 		if last < first {
 			return 0, 0, fmt.Errorf("range %s runs backwards", s)
 		}
-		if last-first >= maxRangeSize {
-			return 0, 0, fmt.Errorf("range %s is larger than %d ports", s, maxRangeSize)
+		if last-first >= maxSize {
+			return 0, 0, fmt.Errorf("range %s is larger than %d ports", s, maxSize)
 		}
 	}
 	return first, last, nil

@@ -253,14 +253,7 @@ func TestRootlesskitWithUsernet(t *testing.T) {
 	}
 	addSubIDs(t, "nobody", 300000, 65536)
 	wd.startServer(wd.r, "tcp-echo-server", remoteAddr+":7")
-	state, err := os.MkdirTemp("", "rootlesskit-state-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(state) })
-	if err := os.Chown(state, unprivUID, unprivUID); err != nil {
-		t.Fatal(err)
-	}
+	state := userDir(t, "rootlesskit-state-")
 	const size = 16 << 20
 	script := fmt.Sprintf("%[1]s tcp-echo-check %[2]s:7 %[3]d && exec %[1]s tcp-echo-server 0.0.0.0:9000", bins.nettool, remoteAddr, size)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

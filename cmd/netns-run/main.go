@@ -293,7 +293,7 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.BoolVar(&o.pid, "mount-proc", false, "same as --pid (a fresh /proc needs its own PID namespace)")
 	fs.StringVar(&o.hostname, "hostname", "", "hostname inside (UTS namespace)")
 	fs.StringArrayVar(&o.copyUp, "copy-up", nil, "make DIR writable inside with a tmpfs copy (repeatable; e.g. /etc), leaving the host's untouched")
-	fs.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a port: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp] (repeatable; IPv6 HOSTIP in brackets; default: all addresses)")
+	fs.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a port: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp] (repeatable; IPv6 HOSTIP in brackets; default: all addresses), or auto: every port the command listens on")
 	fs.StringVar(&o.portDriver, "port-driver", driverBuiltin, "how published ports reach the guest: builtin (kernel sockets, fastest; the guest sees connections from 127.0.0.1) or netstack (through the userspace stack; the guest sees the real client address)")
 	fs.StringVar(&o.apiSocket, "api-socket", "", "serve slirp4netns's JSON API (add_hostfwd, list_hostfwd, remove_hostfwd) on this Unix socket")
 	fs.IntVar(&o.mtu, "mtu", netstack.DefaultMTU, "MTU of the namespace's tap0 (68-65521)")

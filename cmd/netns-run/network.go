@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
@@ -24,10 +25,12 @@ const (
 type hostSide struct {
 	cancel context.CancelFunc
 	engine packetEngine
-	helper *launcher.PortHelper
-	ports  *portfwd.PortMap
-	api    *portfwd.APISocket
-	apiEnd chan struct{}
+	// stopAuto ends --publish auto's followers.
+	stopAuto func()
+	helper   *launcher.PortHelper
+	ports    *portfwd.PortMap
+	api      *portfwd.APISocket
+	apiEnd   chan struct{}
 }
 
 // packetEngine is the userspace stack: in its own sandboxed process
@@ -80,11 +83,14 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 	if netCfg.IPv6 {
 		guestAddr6 = netstack.DefaultGuestAddr6
 	}
-	if opts.portDriver == driverBuiltin && (len(rules) > 0 || opts.apiSocket != "") {
+	auto := slices.Contains(opts.publish, publishAuto)
+	if auto || opts.portDriver == driverBuiltin && (len(rules) > 0 || opts.apiSocket != "") {
 		if h.helper, err = launcher.StartPortHelper(ns.Target()); err != nil {
 			h.Close()
 			return nil, err
 		}
+	}
+	if h.helper != nil && opts.portDriver == driverBuiltin {
 		guest = portfwd.NewBuiltin(ctx, h.helper)
 		// The helper dials from inside the namespace: its loopback
 		// reaches servers bound to 127.0.0.1 as well as to any address.
@@ -94,6 +100,12 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 	for _, r := range rules {
 		r.GuestAddr, r.GuestAddr6 = guestAddr, guestAddr6
 		if _, err := h.ports.Add(r); err != nil {
+			h.Close()
+			return nil, err
+		}
+	}
+	if auto {
+		if h.stopAuto, err = followListeners(ctx, h.helper, h.ports, guestAddr, log); err != nil {
 			h.Close()
 			return nil, err
 		}
@@ -134,6 +146,9 @@ func (h *hostSide) Close() error {
 	if h.apiEnd != nil {
 		<-h.apiEnd
 	}
+	if h.stopAuto != nil {
+		h.stopAuto()
+	}
 	if h.api != nil {
 		errs = append(errs, h.api.Close())
 	}
@@ -149,10 +164,50 @@ func (h *hostSide) Close() error {
 	return errors.Join(errs...)
 }
 
-// parsePublish turns the -p specs into rules.
+// publishAuto is -p's value that follows the guest's listening sockets.
+const publishAuto = "auto"
+
+// followListeners publishes every TCP and UDP port the guest listens on,
+// on all of the host's addresses, while it listens (checked every second,
+// as pasta's -t auto does). stop ends it.
+func followListeners(ctx context.Context, h *launcher.PortHelper, ports *portfwd.PortMap, guestAddr netip.Addr, log *slog.Logger) (stop func(), err error) {
+	var followers []*portfwd.Follower
+	var scans []portfwd.ProcNet
+	closeScans := func() {
+		for _, s := range scans {
+			s.Close()
+		}
+	}
+	for _, proto := range []string{"tcp", "udp"} {
+		scan, err := portfwd.OpenProcNet(h.OpenProcNet, proto)
+		if err != nil {
+			closeScans()
+			return nil, err
+		}
+		scans = append(scans, scan)
+		followers = append(followers, &portfwd.Follower{Map: ports, Proto: proto, Scan: scan.Scan, Log: log,
+			Rules: func(port uint16) []portfwd.Rule {
+				return []portfwd.Rule{{Proto: proto, HostPort: port, GuestAddr: guestAddr, GuestPort: port}}
+			}})
+	}
+	stopFollowers, err := portfwd.RunFollowers(ctx, followers)
+	if err != nil {
+		closeScans()
+		return nil, err
+	}
+	return func() {
+		stopFollowers()
+		closeScans()
+	}, nil
+}
+
+// parsePublish turns the -p specs into rules (auto is followListeners').
 func parsePublish(specs []string) ([]portfwd.Rule, error) {
 	var rules []portfwd.Rule
 	for _, s := range specs {
+		if s == publishAuto {
+			continue
+		}
 		r, err := portfwd.ParseSpec(s)
 		if err != nil {
 			return nil, fmt.Errorf("-p: %w", err)

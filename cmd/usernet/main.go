@@ -36,6 +36,9 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
+	if pasta, rest := pastaMode(args); pasta {
+		return runPasta(rest, stdout, stderr)
+	}
 	parseOut := stdout
 	if launcher.IsSandboxedCopy() {
 		// The command line was parsed, and its warnings printed, before
