@@ -129,7 +129,9 @@ func (s *Stack) start(vnetHdr int) error {
 			return fmt.Errorf("packet capture: %w", err)
 		}
 	}
-	if terr := s.stack.CreateNIC(nicID, link); terr != nil {
+	// Disabled until every handler is installed: the TAP readers start
+	// with the NIC, and gVisor's handler setters must not race packets.
+	if terr := s.stack.CreateNICWithOptions(nicID, link, stack.NICOptions{Disabled: true}); terr != nil {
 		return fmt.Errorf("create NIC: %s", terr)
 	}
 	// The gateway and DNS addresses are the stack's own: it answers ARP
@@ -176,6 +178,9 @@ func (s *Stack) start(vnetHdr int) error {
 	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber6, s.ping.handle)
 	udpFwd := udp.NewForwarder(s.stack, s.handleUDP)
 	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, s.guardTransport(udpFwd.HandlePacket))
+	if terr := s.stack.EnableNIC(nicID); terr != nil {
+		return fmt.Errorf("enable NIC: %s", terr)
+	}
 	if s.cfg.IPv6 {
 		if !s.flows.enter() {
 			return net.ErrClosed
