@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -102,15 +101,4 @@ func guestDialTCP(t testing.TB, gs *stack.Stack, dst netip.AddrPort) *gonet.TCPC
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
-}
-
-// socketpair returns both ends of a datagram socketpair, closed with the
-// test.
-func socketpair(t testing.TB) (int, int) {
-	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fds[0], fds[1]
 }

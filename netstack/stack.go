@@ -58,6 +58,7 @@ type Stack struct {
 	counters     counters
 	started      time.Time
 	ping         *pinger
+	dns          *dnsForwarder
 	linkDown     chan struct{}
 	linkOnce     sync.Once
 	hostAddrs    hostAddrSet
@@ -178,6 +179,11 @@ func (s *Stack) start(vnetHdr int) error {
 	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber6, s.ping.handle)
 	udpFwd := udp.NewForwarder(s.stack, s.handleUDP)
 	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, s.guardTransport(udpFwd.HandlePacket))
+	if !s.cfg.DisableDNS {
+		if err := s.startDNS(); err != nil {
+			return err
+		}
+	}
 	if terr := s.stack.EnableNIC(nicID); terr != nil {
 		return fmt.Errorf("enable NIC: %s", terr)
 	}

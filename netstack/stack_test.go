@@ -2,36 +2,27 @@ package netstack
 
 import (
 	"context"
-	"encoding/binary"
 	"net/netip"
 	"os"
 	"testing"
 
+	"github.com/miekg/dns"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"github.com/netns-run/netns-run/tap"
 )
 
-// dnsQuery is a minimal DNS query for name (A, class IN) with the given ID.
-func dnsQuery(id uint16, name string) []byte {
-	q := make([]byte, 12, 64)
-	binary.BigEndian.PutUint16(q[0:], id)
-	q[2] = 1 // RD
-	binary.BigEndian.PutUint16(q[4:], 1)
-	for len(name) > 0 {
-		label := name
-		rest := ""
-		for i := 0; i < len(name); i++ {
-			if name[i] == '.' {
-				label, rest = name[:i], name[i+1:]
-				break
-			}
-		}
-		q = append(append(q, byte(len(label))), label...)
-		name = rest
+// packQuery is a DNS query for name (A, class IN) with the given ID.
+func packQuery(id uint16, name string) []byte {
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	m.Id = id
+	b, err := m.Pack()
+	if err != nil {
+		panic(err)
 	}
-	return append(q, 0, 0, 1, 0, 1)
+	return b
 }
 
 // Frames that arrive while the stack starts must not meet it half built:
@@ -54,7 +45,7 @@ func TestFramesDuringStart(t *testing.T) {
 			defer close(sent)
 			for i := 0; i < 300; i++ {
 				src := netip.AddrPortFrom(DefaultGuestAddr, uint16(20000+i))
-				_ = unix.Send(peer, udpFrame(src, netip.AddrPortFrom(DefaultDNS, 53), dnsQuery(uint16(i), "example.test")), 0)
+				_ = unix.Send(peer, udpFrame(src, netip.AddrPortFrom(DefaultDNS, 53), packQuery(uint16(i), "example.test")), 0)
 			}
 		}()
 		s, err := newStack(context.Background(), cfg, tap.FromFiles("test0", []*os.File{os.NewFile(uintptr(fds[0]), "stack")}), 0)

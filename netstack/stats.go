@@ -18,6 +18,8 @@ type counters struct {
 	dropBlocked         atomic.Uint64
 	dropICMPUnavailable atomic.Uint64
 	dropFlowLimit       atomic.Uint64
+	dropDNSOverload     atomic.Uint64
+	dnsTimeouts         atomic.Uint64
 }
 
 // Stats is a snapshot of what the stack has done, for the API's get_stats.
@@ -30,6 +32,8 @@ type Stats struct {
 		TCPTotal  uint64 `json:"tcp_total"`
 		UDPTotal  uint64 `json:"udp_total"`
 		ICMPTotal uint64 `json:"icmp_total"`
+		// DNSPending counts queries waiting for an upstream.
+		DNSPending int64 `json:"dns_pending"`
 	} `json:"flows"`
 	// Bytes relayed by the forwarders (payload, both ends of all flows).
 	Bytes struct {
@@ -55,6 +59,10 @@ type Stats struct {
 		ICMPUnavailable uint64 `json:"icmp_unavailable"`
 		FlowLimit       uint64 `json:"flow_limit"`
 		Malformed       uint64 `json:"malformed"`
+		// DNSOverload counts queries answered SERVFAIL because too
+		// many were waiting; DNSTimeout those no upstream answered.
+		DNSOverload uint64 `json:"dns_overload"`
+		DNSTimeout  uint64 `json:"dns_timeout"`
 	} `json:"drops"`
 }
 
@@ -69,6 +77,10 @@ func (s *Stack) Stats() Stats {
 	st.Drops.BlockedLoopback = c.dropBlocked.Load()
 	st.Drops.ICMPUnavailable = c.dropICMPUnavailable.Load()
 	st.Drops.FlowLimit = c.dropFlowLimit.Load() + s.stack.Stats().TCP.ForwardMaxInFlightDrop.Value()
+	st.Drops.DNSOverload, st.Drops.DNSTimeout = c.dropDNSOverload.Load(), c.dnsTimeouts.Load()
+	if s.dns != nil {
+		st.Flows.DNSPending = int64(s.dns.pending())
+	}
 	st.Process.Goroutines = runtime.NumGoroutine()
 	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
 		st.Process.FDs = len(fds)

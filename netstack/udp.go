@@ -27,21 +27,18 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	dst := netip.AddrPortFrom(netipAddr(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(netipAddr(id.RemoteAddress), id.RemotePort)
 
-	var target netip.AddrPort
-	isDNS := s.isDNS(dst.Addr())
-	if isDNS {
-		if s.cfg.DisableDNS {
+	if s.isDNS(dst.Addr()) {
+		// Port 53 has the forwarder's own socket (dns.go); what
+		// reaches here is for other ports, or the forwarder is off.
+		if s.cfg.DisableDNS || dst.Port() == dnsPort {
 			return true // dropped without an ICMP error, as slirp4netns does
 		}
-		if dst.Port() != dnsPort {
-			return false
-		}
-	} else {
-		var err error
-		if target, err = s.hostTarget(dst); err != nil {
-			s.log.Debug("udp flow refused", "src", src, "dst", dst, "err", err)
-			return false
-		}
+		return false
+	}
+	target, err := s.hostTarget(dst)
+	if err != nil {
+		s.log.Debug("udp flow refused", "src", src, "dst", dst, "err", err)
+		return false
 	}
 	// A guest spraying datagrams at many ports must not get a host
 	// socket and goroutine per port without bound. (The slot is taken
@@ -67,10 +64,6 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	go func() {
 		defer s.flows.leave()
 		defer s.counters.udpOpen.Add(-1)
-		if isDNS {
-			s.serveDNS(guest)
-			return
-		}
 		s.serveUDP(guest, src, dst, target, first.ttl)
 	}()
 	return true
