@@ -52,6 +52,8 @@ type Config struct {
 	Capture io.Writer
 	// Logger receives debug detail and one line per problem. Nil: quiet.
 	Logger *slog.Logger
+	// limits, if set, replaces the flow limits and timeouts (tests).
+	limits *limits
 }
 
 // Default addressing, identical to slirp4netns so guests and tools that

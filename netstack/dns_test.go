@@ -27,15 +27,8 @@ type testDNSServer struct {
 func startDNSServer(t testing.TB) *testDNSServer {
 	t.Helper()
 	ts := &testDNSServer{}
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	pc, ln := listenUDPAndTCP(t)
 	ts.addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
-	ln, err := net.Listen("tcp4", ts.addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
 	h := dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
 		ts.queries.Add(1)
 		m := new(dns.Msg)
@@ -84,6 +77,26 @@ func fastUpstream(t testing.TB) (*atomic.Int64, netip.AddrPort) {
 	return &n, c.LocalAddr().(*net.UDPAddr).AddrPort()
 }
 
+// listenUDPAndTCP listens on one loopback port with UDP and TCP (trying
+// until the UDP port's TCP twin is free too).
+func listenUDPAndTCP(t testing.TB) (*net.UDPConn, net.Listener) {
+	t.Helper()
+	for i := 0; ; i++ {
+		pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := net.Listen("tcp4", pc.LocalAddr().String())
+		if err == nil {
+			return pc, ln
+		}
+		pc.Close()
+		if i == 10 {
+			t.Fatal(err)
+		}
+	}
+}
+
 // silentUpstream is a UDP socket on loopback that never reads: queries to
 // it get neither an answer nor an ICMP error.
 func silentUpstream(t testing.TB) (*net.UDPConn, netip.AddrPort) {
@@ -103,6 +116,12 @@ func dnsStack(t *testing.T, upstreams ...netip.AddrPort) (*Stack, int, *guestNet
 	cfg := DefaultConfig()
 	cfg.Restrict = true
 	cfg.DNSUpstreams = upstreams
+	return withGuest(t, cfg)
+}
+
+// withGuest runs a stack with cfg and a guest stack on its link.
+func withGuest(t *testing.T, cfg Config) (*Stack, int, *guestNet) {
+	t.Helper()
 	s, peer := stackOnSocketpair(t, cfg, 0)
 	return s, peer, &guestNet{t: t, gs: guestStack(t, peer)}
 }

@@ -63,6 +63,8 @@ type Stack struct {
 	linkOnce     sync.Once
 	hostAddrs    hostAddrSet
 	link         *tapLink
+	lim          limits
+	udpFlows     *flowTable
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on
@@ -83,8 +85,12 @@ func newStack(ctx context.Context, cfg Config, dev tap.Device, vnetHdr int) (*St
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Stack{cfg: cfg, log: log, dev: dev, started: time.Now(), linkDown: make(chan struct{})}
+	s := &Stack{cfg: cfg, log: log, dev: dev, started: time.Now(), linkDown: make(chan struct{}), lim: defaultLimits()}
+	if cfg.limits != nil {
+		s.lim = *cfg.limits
+	}
 	s.ctx, s.cancel = context.WithCancel(ctx)
+	s.udpFlows = newFlowTable(s.ctx, &s.flows, s.lim.udpFlows, s.lim.udp)
 	if err := s.start(vnetHdr); err != nil {
 		s.Close()
 		return nil, err

@@ -19,6 +19,7 @@ type counters struct {
 	dropICMPUnavailable atomic.Uint64
 	dropFlowLimit       atomic.Uint64
 	dropDNSOverload     atomic.Uint64
+	dropPingFull        atomic.Uint64
 	dnsTimeouts         atomic.Uint64
 }
 
@@ -63,6 +64,9 @@ type Stats struct {
 		// many were waiting; DNSTimeout those no upstream answered.
 		DNSOverload uint64 `json:"dns_overload"`
 		DNSTimeout  uint64 `json:"dns_timeout"`
+		// PingQueueFull counts echo requests dropped because the
+		// host's ICMP socket was full.
+		PingQueueFull uint64 `json:"ping_queue_full"`
 	} `json:"drops"`
 }
 
@@ -76,8 +80,10 @@ func (s *Stack) Stats() Stats {
 	st.Bytes.FromGuest, st.Bytes.ToGuest = c.bytesFromGuest.Load(), c.bytesToGuest.Load()
 	st.Drops.BlockedLoopback = c.dropBlocked.Load()
 	st.Drops.ICMPUnavailable = c.dropICMPUnavailable.Load()
-	st.Drops.FlowLimit = c.dropFlowLimit.Load() + s.stack.Stats().TCP.ForwardMaxInFlightDrop.Value()
+	st.Drops.FlowLimit = c.dropFlowLimit.Load() + s.stack.Stats().TCP.ForwardMaxInFlightDrop.Value() +
+		s.udpFlows.evictions.Load() + s.ping.table.evictions.Load()
 	st.Drops.DNSOverload, st.Drops.DNSTimeout = c.dropDNSOverload.Load(), c.dnsTimeouts.Load()
+	st.Drops.PingQueueFull = c.dropPingFull.Load()
 	if s.dns != nil {
 		st.Flows.DNSPending = int64(s.dns.pending())
 	}

@@ -11,11 +11,19 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
-// udpIdleTimeout ends a UDP flow (and frees its host socket) after this long
-// without a datagram in either direction, like a NAT mapping.
-const udpIdleTimeout = 60 * time.Second
+// UDP flows expire as conntrack's do (nf_conntrack_udp_timeout and
+// udp_timeout_stream): 30 s while nothing came back or after a single
+// exchange, 120 s once the flow is a conversation (still active 2 s after its
+// first answer). 120 s is also the least RFC 4787 (REQ-5) allows a NAT's UDP
+// mappings, so a peer's keepalives every minute or so keep a flow open,
+// while a guest spraying ports holds each port only 30 s.
+const (
+	udpUnrepliedTimeout = 30 * time.Second
+	udpAssuredTimeout   = 120 * time.Second
+)
 
-// maxUDPFlows bounds concurrent guest UDP flows (each holds a host socket).
+// maxUDPFlows bounds concurrent guest UDP flows (each holds a host socket and
+// a goroutine); at the cap a new flow evicts the least recently used one.
 const maxUDPFlows = 4096
 
 // handleUDP serves the first datagram of a new guest UDP flow. gVisor calls
@@ -40,36 +48,32 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 		s.log.Debug("udp flow refused", "src", src, "dst", dst, "err", err)
 		return false
 	}
-	// A guest spraying datagrams at many ports must not get a host
-	// socket and goroutine per port without bound. (The slot is taken
-	// atomically: processor goroutines call this concurrently.)
-	if !reserve(&s.counters.udpOpen, maxUDPFlows) {
-		s.counters.dropFlowLimit.Add(1)
-		return true
-	}
 	if !s.flows.enter() {
-		s.counters.udpOpen.Add(-1)
 		return true
 	}
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
 	if terr != nil {
 		s.flows.leave()
-		s.counters.udpOpen.Add(-1)
 		s.log.Debug("udp endpoint", "src", src, "dst", dst, "err", terr)
 		return true
 	}
 	guest := gonet.NewUDPConn(&wq, ep)
-	s.counters.udpTotal.Add(1)
+	// A guest spraying datagrams at many ports gets no host socket and
+	// goroutine per port without bound: at the cap the least recently
+	// used flow goes (closing its guest side ends its relay).
+	fl := s.udpFlows.add(func() { guest.Close() })
+	flowStarted(&s.counters.udpOpen, &s.counters.udpTotal)
 	go func() {
 		defer s.flows.leave()
 		defer s.counters.udpOpen.Add(-1)
-		s.serveUDP(guest, src, dst, target, first.ttl)
+		defer fl.remove()
+		s.serveUDP(guest, fl, src, dst, target, first.ttl)
 	}()
 	return true
 }
 
-func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort, ttl uint8) {
+func (s *Stack) serveUDP(guest *gonet.UDPConn, fl *tableFlow, src, dst, target netip.AddrPort, ttl uint8) {
 	var laddr *net.UDPAddr
 	if a := s.outboundAddr("udp", target.Addr()); a != nil {
 		laddr = a.(*net.UDPAddr)
@@ -106,7 +110,9 @@ func (s *Stack) serveUDP(guest *gonet.UDPConn, src, dst, target netip.AddrPort, 
 	}
 	start := time.Now()
 	s.log.Debug("udp flow opened", "src", src, "dst", dst, "remote", target)
-	up, down := relayDatagrams(s.ctx, guest, host, udpIdleTimeout, hostErr)
+	// The flow table expires the flow by what it exchanged; the relay's
+	// own idle timeout is the longest of those.
+	up, down := relayDatagrams(s.ctx, fl.watch(guest, false), fl.watch(host, true), s.lim.udp.assured, hostErr)
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))
 	s.log.Debug("udp flow closed", "src", src, "dst", dst, "duration", time.Since(start), "bytes_out", up, "bytes_in", down)
