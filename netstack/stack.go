@@ -15,7 +15,6 @@ import (
 	"net"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	gvlog "gvisor.dev/gvisor/pkg/log"
@@ -52,9 +51,8 @@ type Stack struct {
 	flows  flowGroup
 	closed sync.Once
 	// firstPackets carries notes on a new flow's first packet from the
-	// transport guard to the forwarder (endpoint ID -> firstPacket).
-	firstPackets sync.Map
-	pendingFirst atomic.Int64
+	// transport guard to the forwarder.
+	firstPackets firstPacketNotes
 	counters     counters
 	started      time.Time
 	ping         *pinger
