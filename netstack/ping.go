@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -335,7 +336,8 @@ func (f *pingFlow) deliver(s *Stack, b []byte, from netip.Addr) {
 	}
 	replyType, errTypes := byte(header.ICMPv4EchoReply), []byte{byte(header.ICMPv4DstUnreachable), byte(header.ICMPv4TimeExceeded)}
 	if f.v6 {
-		replyType, errTypes = byte(header.ICMPv6EchoReply), []byte{byte(header.ICMPv6DstUnreachable), byte(header.ICMPv6TimeExceeded)}
+		replyType = byte(header.ICMPv6EchoReply)
+		errTypes = []byte{byte(header.ICMPv6DstUnreachable), byte(header.ICMPv6PacketTooBig), byte(header.ICMPv6TimeExceeded)}
 	}
 	switch {
 	case b[0] == replyType:
@@ -347,7 +349,7 @@ func (f *pingFlow) deliver(s *Stack, b []byte, from netip.Addr) {
 		binary.BigEndian.PutUint16(rest[:], f.key.ident)
 		copy(rest[2:], b[6:8])
 		s.sendICMP(f.key.guest, from, replyType, 0, rest, b[8:], 64)
-	case f.mode == pingRaw && (b[0] == errTypes[0] || b[0] == errTypes[1]):
+	case f.mode == pingRaw && bytes.IndexByte(errTypes, b[0]) >= 0:
 		// A raw socket receives errors as packets: match the quoted echo.
 		q := b[8:]
 		ipLen := header.IPv6MinimumSize
@@ -366,7 +368,7 @@ func (f *pingFlow) deliver(s *Stack, b []byte, from netip.Addr) {
 		} else {
 			dst = netipAddr(header.IPv4(q).DestinationAddress())
 		}
-		f.relayError(s, &sockError{icmpType: b[0], icmpCode: b[1], offender: from, payload: q[ipLen:], dest: dst})
+		f.relayError(s, &sockError{icmpType: b[0], icmpCode: b[1], rest: [4]byte(b[4:8]), offender: from, payload: q[ipLen:], dest: dst})
 	}
 }
 
@@ -389,7 +391,7 @@ func (f *pingFlow) relayError(s *Stack, se *sockError) {
 		proto = header.ICMPv6ProtocolNumber
 	}
 	quote := quotedPacket(f.key.guest, dst, proto, 1, echo)
-	s.sendICMP(f.key.guest, se.offender, se.icmpType, se.icmpCode, [4]byte{}, quote, 64)
+	s.sendICMP(f.key.guest, se.offender, se.icmpType, se.icmpCode, se.rest, quote, 64)
 }
 
 func sockaddrAddr(sa unix.Sockaddr) netip.Addr {

@@ -129,6 +129,5 @@ func (s *Stack) relayICMPError(guest, remote netip.Addr, se *sockError, quote []
 	if guest.Is4() != from.Is4() {
 		return
 	}
-	var rest [4]byte
-	s.sendICMP(guest, from, se.icmpType, se.icmpCode, rest, quote, 64)
+	s.sendICMP(guest, from, se.icmpType, se.icmpCode, se.rest, quote, 64)
 }
