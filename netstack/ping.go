@@ -175,7 +175,7 @@ func (p *pinger) flow(k pingKey, v6 bool, mode pingMode) (*pingFlow, error) {
 		p.nextRaw++
 		wireIdent = p.nextRaw ^ uint16(os.Getpid())
 	}
-	f, err := openPingFlow(k, v6, mode, wireIdent)
+	f, err := openPingFlow(k, v6, mode, wireIdent, p.s.outboundIP(k.guest))
 	if err != nil {
 		return nil, err
 	}
@@ -222,9 +222,9 @@ type pingFlow struct {
 	lastDst netip.Addr
 }
 
-// openPingFlow opens the host socket of one ping flow; wireIdent is the
-// identifier a raw socket sends with.
-func openPingFlow(k pingKey, v6 bool, mode pingMode, wireIdent uint16) (*pingFlow, error) {
+// openPingFlow opens the host socket of one ping flow, bound to local if
+// that is valid; wireIdent is the identifier a raw socket sends with.
+func openPingFlow(k pingKey, v6 bool, mode pingMode, wireIdent uint16, local netip.Addr) (*pingFlow, error) {
 	family, proto := unix.AF_INET, unix.IPPROTO_ICMP
 	if v6 {
 		family, proto = unix.AF_INET6, unix.IPPROTO_ICMPV6
@@ -238,7 +238,19 @@ func openPingFlow(k pingKey, v6 bool, mode pingMode, wireIdent uint16) (*pingFlo
 		return nil, fmt.Errorf("icmp socket: %w", err)
 	}
 	f := &pingFlow{key: k, v6: v6, mode: mode, wireIdent: wireIdent, file: os.NewFile(uintptr(fd), "icmp")}
-	if f.rc, err = f.file.SyscallConn(); err == nil && mode == pingDgram {
+	if local.IsValid() {
+		var sa unix.Sockaddr = &unix.SockaddrInet4{Addr: local.As4()}
+		if v6 {
+			sa = &unix.SockaddrInet6{Addr: local.As16()}
+		}
+		if err = unix.Bind(fd, sa); err != nil {
+			err = fmt.Errorf("icmp socket: bind %s: %w", local, err)
+		}
+	}
+	if err == nil {
+		f.rc, err = f.file.SyscallConn()
+	}
+	if err == nil && mode == pingDgram {
 		err = enableRecvErr(f.rc, v6)
 	}
 	if err == nil && mode == pingRaw {

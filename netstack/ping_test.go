@@ -42,7 +42,7 @@ func hostPinger(t *testing.T, ident uint16) (send func(), fd int) {
 func TestRawPingSocketIsFiltered(t *testing.T) {
 	other, _ := hostPinger(t, 0x1111)
 	mine, _ := hostPinger(t, 0x4242)
-	f, err := openPingFlow(pingKey{DefaultGuestAddr, 7}, false, pingRaw, 0x4242)
+	f, err := openPingFlow(pingKey{DefaultGuestAddr, 7}, false, pingRaw, 0x4242, netip.Addr{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -165,10 +165,7 @@ func (s *Stack) dialTCP(dst netip.AddrPort) (*net.TCPConn, error) {
 // configured outbound address of dst's family, or nil to let the kernel
 // choose.
 func (s *Stack) outboundAddr(network string, dst netip.Addr) net.Addr {
-	a := s.cfg.OutboundAddr4
-	if dst.Is6() {
-		a = s.cfg.OutboundAddr6
-	}
+	a := s.outboundIP(dst)
 	if !a.IsValid() {
 		return nil
 	}
@@ -176,4 +173,13 @@ func (s *Stack) outboundAddr(network string, dst netip.Addr) net.Addr {
 		return net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 0))
 	}
 	return net.TCPAddrFromAddrPort(netip.AddrPortFrom(a, 0))
+}
+
+// outboundIP is the configured outbound address of dst's family, or the
+// zero Addr.
+func (s *Stack) outboundIP(dst netip.Addr) netip.Addr {
+	if dst.Is6() {
+		return s.cfg.OutboundAddr6
+	}
+	return s.cfg.OutboundAddr4
 }
