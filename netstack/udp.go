@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
+	"syscall"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -48,41 +49,55 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 		s.log.Debug("udp flow refused", "src", src, "dst", dst, "err", err)
 		return false
 	}
+	// The host socket is opened here, on the packet path, so that
+	// evicting a flow closes both its sockets at once: a guest spraying
+	// ports holds at most the table's worth of host sockets, however far
+	// behind the flows' own goroutines are.
+	host, rc, err := s.dialUDPHost(target, first.ttl)
+	if err != nil {
+		s.log.Debug("udp socket", "src", src, "dst", dst, "err", err)
+		return true
+	}
 	if !s.flows.enter() {
+		host.Close()
 		return true
 	}
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
 	if terr != nil {
 		s.flows.leave()
+		host.Close()
 		s.log.Debug("udp endpoint", "src", src, "dst", dst, "err", terr)
 		return true
 	}
 	guest := gonet.NewUDPConn(&wq, ep)
-	// A guest spraying datagrams at many ports gets no host socket and
-	// goroutine per port without bound: at the cap the least recently
-	// used flow goes (closing its guest side ends its relay).
-	fl := s.udpFlows.add(func() { guest.Close() })
+	// At the cap the least recently used flow goes; closing its sockets
+	// ends its relay.
+	fl := s.udpFlows.add(func() {
+		guest.Close()
+		host.Close()
+	})
 	flowStarted(&s.counters.udpOpen, &s.counters.udpTotal)
 	go func() {
 		defer s.flows.leave()
 		defer s.counters.udpOpen.Add(-1)
 		defer fl.remove()
-		s.serveUDP(guest, fl, src, dst, target, first.ttl)
+		s.serveUDP(guest, host, rc, fl, src, dst, target, first.ttl)
 	}()
 	return true
 }
 
-func (s *Stack) serveUDP(guest *gonet.UDPConn, fl *tableFlow, src, dst, target netip.AddrPort, ttl uint8) {
+// dialUDPHost opens the host socket of a UDP flow to target, with the
+// guest's TTL (traceroute's probes expire where they would have without the
+// helper) and ICMP errors reported.
+func (s *Stack) dialUDPHost(target netip.AddrPort, ttl uint8) (*net.UDPConn, syscall.RawConn, error) {
 	var laddr *net.UDPAddr
 	if a := s.outboundAddr("udp", target.Addr()); a != nil {
 		laddr = a.(*net.UDPAddr)
 	}
 	host, err := net.DialUDP("udp", laddr, net.UDPAddrFromAddrPort(target))
 	if err != nil {
-		s.log.Debug("udp socket", "src", src, "dst", dst, "err", err)
-		guest.Close()
-		return
+		return nil, nil, err
 	}
 	v6 := target.Addr().Is6()
 	rc, err := host.SyscallConn()
@@ -90,13 +105,15 @@ func (s *Stack) serveUDP(guest *gonet.UDPConn, fl *tableFlow, src, dst, target n
 		err = enableRecvErr(rc, v6)
 	}
 	if err == nil && ttl > 0 {
-		// Carry the guest's TTL so that traceroute's probes expire where
-		// they would have without the helper.
 		err = setHopLimit(rc, v6, int(ttl))
 	}
 	if err != nil {
-		s.log.Debug("udp socket options", "dst", dst, "err", err)
+		s.log.Debug("udp socket options", "dst", target, "err", err)
 	}
+	return host, rc, nil
+}
+
+func (s *Stack) serveUDP(guest *gonet.UDPConn, host *net.UDPConn, rc syscall.RawConn, fl *tableFlow, src, dst, target netip.AddrPort, ttl uint8) {
 	hostErr := func() {
 		se := readSockError(rc)
 		if se == nil {
