@@ -34,6 +34,8 @@ var commands = map[string]command{
 	"spray":           {"tcp|udp HOST FIRSTPORT COUNT", spray},
 	"peer-query":      {"tcp|udp ADDR", peerQuery},
 	"hold":            {"ADDR COUNT SECONDS", holdConns},
+	"dns-flood":       {"SERVER SECONDS", dnsFlood},
+	"ping-spray":      {"HOST COUNT", pingSpray},
 }
 
 func main() {
