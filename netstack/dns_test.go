@@ -51,11 +51,7 @@ func startDNSServer(t testing.TB) *testDNSServer {
 // measuring the process sees the forwarder, not its test server.
 func fastUpstream(t testing.TB) (*atomic.Int64, netip.AddrPort) {
 	t.Helper()
-	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := loopbackUDP(t)
 	var n atomic.Int64
 	answer := []byte{0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1}
 	go func() {
@@ -74,7 +70,7 @@ func fastUpstream(t testing.TB) (*atomic.Int64, netip.AddrPort) {
 			}
 		}
 	}()
-	return &n, c.LocalAddr().(*net.UDPAddr).AddrPort()
+	return &n, addrOf(c)
 }
 
 // listenUDPAndTCP listens on one loopback port with UDP and TCP (trying
@@ -101,12 +97,23 @@ func listenUDPAndTCP(t testing.TB) (*net.UDPConn, net.Listener) {
 // it get neither an answer nor an ICMP error.
 func silentUpstream(t testing.TB) (*net.UDPConn, netip.AddrPort) {
 	t.Helper()
+	c := loopbackUDP(t)
+	return c, addrOf(c)
+}
+
+// loopbackUDP is a UDP socket on 127.0.0.1, closed with the test.
+func loopbackUDP(t testing.TB) *net.UDPConn {
+	t.Helper()
 	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	return c, c.LocalAddr().(*net.UDPAddr).AddrPort()
+	return c
+}
+
+func addrOf(c *net.UDPConn) netip.AddrPort {
+	return c.LocalAddr().(*net.UDPAddr).AddrPort()
 }
 
 // dnsStack runs a stack whose DNS forwarder asks upstreams, with a guest
@@ -216,11 +223,7 @@ func TestDNSServfailWhenUpstreamsDown(t *testing.T) {
 // An answer whose question differs from the query's, or that is not a
 // response, is not the answer, whatever its ID.
 func TestDNSAnswerMustMatchQuestion(t *testing.T) {
-	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pc.Close() })
+	pc := loopbackUDP(t)
 	go func() {
 		buf := make([]byte, 65536)
 		for {
@@ -248,7 +251,7 @@ func TestDNSAnswerMustMatchQuestion(t *testing.T) {
 			}
 		}
 	}()
-	_, _, g := dnsStack(t, pc.LocalAddr().(*net.UDPAddr).AddrPort())
+	_, _, g := dnsStack(t, addrOf(pc))
 	m := g.exchange("e.example.test", 7)
 	if m == nil || len(m.Answer) != 1 || m.Answer[0].(*dns.A).A.String() != "192.0.2.1" {
 		t.Fatalf("got %v, want the answer to the question asked", m)

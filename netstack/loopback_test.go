@@ -45,28 +45,7 @@ func synFrame(src, dst netip.AddrPort) []byte {
 // (v4 or v6) arrives, or fails.
 func awaitUnreachable(t *testing.T, peer int) {
 	t.Helper()
-	_ = unix.SetsockoptTimeval(peer, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
-	buf := make([]byte, 65536)
-	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
-		n, err := unix.Read(peer, buf)
-		if err != nil {
-			break
-		}
-		eth := header.Ethernet(buf[:n])
-		switch eth.Type() {
-		case header.IPv4ProtocolNumber:
-			ip := header.IPv4(buf[header.EthernetMinimumSize:n])
-			if ip.Protocol() == uint8(header.ICMPv4ProtocolNumber) && header.ICMPv4(ip.Payload()).Type() == header.ICMPv4DstUnreachable {
-				return
-			}
-		case header.IPv6ProtocolNumber:
-			ip := header.IPv6(buf[header.EthernetMinimumSize:n])
-			if ip.NextHeader() == uint8(header.ICMPv6ProtocolNumber) && header.ICMPv6(ip.Payload()).Type() == header.ICMPv6DstUnreachable {
-				return
-			}
-		}
-	}
-	t.Fatal("no ICMP destination unreachable came back")
+	readICMP(t, peer, uint8(header.ICMPv4DstUnreachable), uint8(header.ICMPv6DstUnreachable))
 }
 
 // TestHostLoopbackTricks: with host loopback disabled, a guest that uses

@@ -30,9 +30,12 @@ func extendedErr(origin, typ, code uint8, info uint32, offender netip.Addr) []by
 	return d
 }
 
-// readICMP reads frames from the guest's side of the link until an ICMP
-// message (v4 or v6) of type typ arrives, and returns it.
-func readICMP(t *testing.T, peer int, typ uint8) []byte {
+// noICMP is a type readICMP never matches (reserved in both versions).
+const noICMP = 255
+
+// readICMP reads frames from the guest's side of the link until an ICMPv4
+// message of type typ4 or an ICMPv6 one of type typ6 arrives, and returns it.
+func readICMP(t *testing.T, peer int, typ4, typ6 uint8) []byte {
 	t.Helper()
 	_ = unix.SetsockoptTimeval(peer, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
 	buf := make([]byte, 65536)
@@ -41,9 +44,9 @@ func readICMP(t *testing.T, peer int, typ uint8) []byte {
 		if err != nil {
 			break
 		}
-		eth := header.Ethernet(buf[:n])
 		var icmp []byte
-		switch eth.Type() {
+		typ := typ4
+		switch header.Ethernet(buf[:n]).Type() {
 		case header.IPv4ProtocolNumber:
 			ip := header.IPv4(buf[header.EthernetMinimumSize:n])
 			if ip.Protocol() == uint8(header.ICMPv4ProtocolNumber) {
@@ -52,14 +55,14 @@ func readICMP(t *testing.T, peer int, typ uint8) []byte {
 		case header.IPv6ProtocolNumber:
 			ip := header.IPv6(buf[header.EthernetMinimumSize:n])
 			if ip.NextHeader() == uint8(header.ICMPv6ProtocolNumber) {
-				icmp = ip.Payload()
+				icmp, typ = ip.Payload(), typ6
 			}
 		}
 		if len(icmp) >= 8 && icmp[0] == typ {
 			return append([]byte(nil), icmp...)
 		}
 	}
-	t.Fatalf("no ICMP type %d reached the guest", typ)
+	t.Fatalf("no ICMP type %d (ICMPv6 %d) reached the guest", typ4, typ6)
 	return nil
 }
 
@@ -82,13 +85,13 @@ func TestICMPErrorsCarryMTU(t *testing.T) {
 
 	se := parseExtendedErr(extendedErr(unix.SO_EE_ORIGIN_ICMP, uint8(header.ICMPv4DstUnreachable), uint8(header.ICMPv4FragmentationNeeded), 1280, router4), make([]byte, 8))
 	s.relayICMPError(DefaultGuestAddr, remote4, se, quotedPacket(DefaultGuestAddr, remote4, header.UDPProtocolNumber, 64, make([]byte, 8)))
-	if m := readICMP(t, peer, uint8(header.ICMPv4DstUnreachable)); binary.BigEndian.Uint16(m[6:]) != 1280 {
+	if m := readICMP(t, peer, uint8(header.ICMPv4DstUnreachable), noICMP); binary.BigEndian.Uint16(m[6:]) != 1280 {
 		t.Errorf("fragmentation needed: next-hop MTU %d, want 1280", binary.BigEndian.Uint16(m[6:]))
 	}
 
 	se = parseExtendedErr(extendedErr(unix.SO_EE_ORIGIN_ICMP6, uint8(header.ICMPv6PacketTooBig), 0, 1400, router6), make([]byte, 8))
 	s.relayICMPError(guest6, remote6, se, quotedPacket(guest6, remote6, header.UDPProtocolNumber, 64, make([]byte, 8)))
-	if m := readICMP(t, peer, uint8(header.ICMPv6PacketTooBig)); binary.BigEndian.Uint32(m[4:]) != 1400 {
+	if m := readICMP(t, peer, noICMP, uint8(header.ICMPv6PacketTooBig)); binary.BigEndian.Uint32(m[4:]) != 1400 {
 		t.Errorf("packet too big: MTU %d, want 1400", binary.BigEndian.Uint32(m[4:]))
 	}
 
@@ -100,7 +103,7 @@ func TestICMPErrorsCarryMTU(t *testing.T) {
 	header.IPv4(pkt).Encode(&header.IPv4Fields{TotalLength: header.IPv4MinimumSize, TTL: 64})
 	pkt = append(pkt, quotedPacket(netip.MustParseAddr("203.0.113.2"), remote4, header.ICMPv4ProtocolNumber, 64, quoted)...)
 	f.deliver(s, pkt, router4)
-	if m := readICMP(t, peer, uint8(header.ICMPv4DstUnreachable)); binary.BigEndian.Uint16(m[6:]) != 1280 {
+	if m := readICMP(t, peer, uint8(header.ICMPv4DstUnreachable), noICMP); binary.BigEndian.Uint16(m[6:]) != 1280 {
 		t.Errorf("raw socket's fragmentation needed: next-hop MTU %d, want 1280", binary.BigEndian.Uint16(m[6:]))
 	}
 }

@@ -1,7 +1,6 @@
 package netstack
 
 import (
-	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -13,11 +12,7 @@ import (
 // sent on seen.
 func udpEcho(t *testing.T) (netip.AddrPort, chan netip.AddrPort) {
 	t.Helper()
-	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := loopbackUDP(t)
 	seen := make(chan netip.AddrPort, 64)
 	go func() {
 		buf := make([]byte, 65536)
@@ -33,7 +28,7 @@ func udpEcho(t *testing.T) (netip.AddrPort, chan netip.AddrPort) {
 			_, _ = c.WriteToUDPAddrPort(buf[:n], from)
 		}
 	}()
-	return c.LocalAddr().(*net.UDPAddr).AddrPort(), seen
+	return addrOf(c), seen
 }
 
 // gatewayPort is the gateway address at a host loopback port.
