@@ -53,6 +53,8 @@ type Config struct {
 	Capture io.Writer `json:"-"`
 	// Logger receives debug detail and one line per problem. Nil: quiet.
 	Logger *slog.Logger `json:"-"`
+	// limits, if set, replaces the flow limits and timeouts (tests).
+	limits *limits
 
 	// Pasta-style addressing (usernet's pasta mode); see pasta.go.
 	Pasta PastaAddressing

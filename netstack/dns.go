@@ -1,116 +1,275 @@
 package netstack
 
 import (
+	"bytes"
+	"container/list"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
+	"github.com/miekg/dns"
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
 )
 
+// The DNS forwarder answers the guest on the DNS address (UDP port 53) from
+// one socket per address family and relays each query over a few shared,
+// connected sockets per upstream, with the query ID rewritten. What a guest
+// can make it hold is bounded: dnsMaxInFlight queries waiting for an answer
+// (a copy of each, no goroutine, no socket), a handful of sockets per
+// upstream, and one reader goroutine per socket. A query past the bound, or
+// one no upstream can take, is answered SERVFAIL at once.
 const (
 	// dnsTryTimeout is how long one upstream gets to answer a query
 	// before the next one is asked.
 	dnsTryTimeout = 2 * time.Second
-	// dnsFlowIdle ends a guest's DNS socket flow; resolvers use a fresh
-	// source port per lookup, so flows are short.
-	dnsFlowIdle = 10 * time.Second
-	// dnsMaxPending bounds queries in flight on one guest flow.
-	dnsMaxPending = 16
+	// dnsMaxInFlight bounds the queries of all guests waiting for an
+	// upstream; each holds a copy of the query.
+	dnsMaxInFlight = 1024
+	// dnsMaxQuery is the largest query relayed: resolvers send a name and
+	// an EDNS record, a few hundred bytes; anything larger is dropped.
+	dnsMaxQuery = 4096
 	// dnsMaxMessage is the largest DNS message over UDP (EDNS0 allows up
 	// to 64 KiB).
 	dnsMaxMessage = 65535
+	// dnsActiveConns sockets per upstream carry new queries; each is
+	// retired (closed once its queries are done) after dnsConnQueries
+	// queries, so the source port the upstream sees changes, and at most
+	// dnsMaxConns exist per upstream, retired ones included.
+	dnsActiveConns = 2
+	dnsConnQueries = 512
+	dnsMaxConns    = 6
+	// An upstream that answered nothing while a query to it timed out is
+	// skipped for dnsBackoffMin, doubling up to dnsBackoffMax while it
+	// stays silent, instead of costing every query dnsTryTimeout.
+	dnsBackoffMin = 5 * time.Second
+	dnsBackoffMax = time.Minute
+	// dnsGuestRcvBuf is the receive buffer of the guest-facing sockets:
+	// a burst from many resolvers waits there; beyond it the stack drops.
+	// gVisor counts payload bytes only, ~50 a query: this holds ~2,600
+	// queries, about 3 MiB with their packet buffers (1 MiB held 14 MiB
+	// under a flood).
+	dnsGuestRcvBuf = 128 << 10
 )
 
 var errNoUpstream = errors.New("no DNS upstream configured")
 
-// serveDNS answers the queries of one guest UDP flow to the DNS address by
-// relaying each to the upstreams in order. Queries are handled concurrently:
-// resolvers send A and AAAA on the same socket at once.
-func (s *Stack) serveDNS(guest *gonet.UDPConn) {
-	var wg sync.WaitGroup
-	defer func() {
-		guest.Close()
-		wg.Wait()
-	}()
-	stop := context.AfterFunc(s.ctx, func() { guest.Close() })
-	defer stop()
+// dnsForwarder relays the guest's UDP DNS queries to the upstreams.
+type dnsForwarder struct {
+	s *Stack
 
-	pending := make(chan struct{}, dnsMaxPending)
+	mu        sync.Mutex
+	closed    bool
+	upstreams []*dnsUpstream
+	inFlight  int
+	guests    []*gonet.UDPConn
+	// waiting holds the queries sent, by deadline: every try gets the
+	// same dnsTryTimeout, so the order they were sent in. One goroutine
+	// expires them (a timer per query would be a goroutine per query
+	// expiring at once).
+	waiting list.List
+	kick    chan struct{}
+}
+
+// dnsQuery is one guest query waiting for an answer.
+type dnsQuery struct {
+	msg      []byte // as the guest sent it, but for the ID
+	guestID  uint16
+	question dnsQuestion
+	qEnd     int // end of the question section in msg
+	reply    func([]byte)
+
+	upstream int // index of the upstream being asked
+	conn     *dnsConn
+	wireID   uint16
+	sent     time.Time
+	deadline time.Time
+	elem     *list.Element // in dnsForwarder.waiting
+}
+
+type dnsQuestion struct {
+	name         string
+	qtype, class uint16
+}
+
+// parseDNSQuestion reads the header and the one question of a DNS message.
+func parseDNSQuestion(m []byte) (q dnsQuestion, end int, ok bool) {
+	if len(m) < 12 || binary.BigEndian.Uint16(m[4:]) != 1 {
+		return q, 0, false
+	}
+	name, off, err := dns.UnpackDomainName(m, 12)
+	if err != nil || off+4 > len(m) {
+		return q, 0, false
+	}
+	q = dnsQuestion{name: name, qtype: binary.BigEndian.Uint16(m[off:]), class: binary.BigEndian.Uint16(m[off+2:])}
+	return q, off + 4, true
+}
+
+// startDNS binds the forwarder's guest sockets: UDP port 53 on the DNS
+// addresses. Flows to other ports there, and TCP, go through the ordinary
+// forwarders.
+func (s *Stack) startDNS() error {
+	f := &dnsForwarder{s: s, kick: make(chan struct{}, 1)}
+	for _, up := range s.cfg.DNSUpstreams {
+		f.upstreams = append(f.upstreams, &dnsUpstream{addr: up})
+	}
+	s.dns = f
+	context.AfterFunc(s.ctx, f.close)
+	if !s.flows.enter() {
+		return net.ErrClosed
+	}
+	go func() {
+		defer s.flows.leave()
+		f.expireLoop()
+	}()
+	addrs := []netip.Addr{s.cfg.DNS}
+	if s.cfg.IPv6 {
+		addrs = append(addrs, s.cfg.DNS6)
+	}
+	for _, a := range addrs {
+		proto := ipv4.ProtocolNumber
+		if a.Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		var wq waiter.Queue
+		ep, terr := s.stack.NewEndpoint(udp.ProtocolNumber, proto, &wq)
+		if terr != nil {
+			return fmt.Errorf("dns socket: %s", terr)
+		}
+		ep.SocketOptions().SetReceiveBufferSize(dnsGuestRcvBuf, true)
+		if terr := ep.Bind(s.fullAddress(netip.AddrPortFrom(a, dnsPort))); terr != nil {
+			ep.Close()
+			return fmt.Errorf("dns socket %s: %s", a, terr)
+		}
+		g := gonet.NewUDPConn(&wq, ep)
+		f.mu.Lock()
+		closed := f.closed
+		if !closed {
+			f.guests = append(f.guests, g)
+		}
+		f.mu.Unlock()
+		if closed || !s.flows.enter() {
+			g.Close()
+			return net.ErrClosed
+		}
+		go func() {
+			defer s.flows.leave()
+			f.serveGuest(g, ep)
+		}()
+	}
+	return nil
+}
+
+// serveGuest reads the guest's queries from one DNS socket until it closes.
+func (f *dnsForwarder) serveGuest(g *gonet.UDPConn, ep tcpip.Endpoint) {
+	s := f.s
 	buf := make([]byte, dnsMaxMessage)
 	for {
-		_ = guest.SetReadDeadline(time.Now().Add(dnsFlowIdle))
-		n, err := guest.Read(buf)
+		n, from, err := g.ReadFrom(buf)
 		if err != nil {
 			return
 		}
-		if n < 12 {
-			continue // shorter than a DNS header
-		}
-		select {
-		case pending <- struct{}{}:
-		default:
-			s.log.Debug("dns: too many pending queries on one flow; dropping")
+		ua, ok := from.(*net.UDPAddr)
+		if !ok {
 			continue
 		}
-		query := append([]byte(nil), buf[:n]...)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-pending }()
-			resp, err := s.exchangeUDP(query)
-			if err != nil {
-				s.log.Debug("dns query failed", "err", err)
-				return
-			}
-			_, _ = guest.Write(resp)
-		}()
+		to := s.fullAddress(ua.AddrPort())
+		f.query(buf[:n], func(m []byte) {
+			// Never wait on the guest: a full socket drops the answer
+			// as a full network would.
+			_, _ = ep.Write(bytes.NewReader(m), tcpip.WriteOptions{To: &to})
+		})
 	}
 }
 
-// exchangeUDP sends query to each upstream in turn and returns the first
-// answer whose ID matches.
-func (s *Stack) exchangeUDP(query []byte) ([]byte, error) {
-	if len(s.cfg.DNSUpstreams) == 0 {
-		return nil, errNoUpstream
+// query relays one guest query; reply is called at most once, with the
+// answer or a SERVFAIL.
+func (f *dnsForwarder) query(m []byte, reply func([]byte)) {
+	if len(m) < 12 || len(m) > dnsMaxQuery || m[2]&0x80 != 0 {
+		return // not a query
 	}
-	var errs []error
-	for _, up := range s.cfg.DNSUpstreams {
-		resp, err := exchangeOne(s.ctx, up.String(), query)
-		if err == nil {
-			return resp, nil
-		}
-		errs = append(errs, fmt.Errorf("%s: %w", up, err))
+	question, qEnd, ok := parseDNSQuestion(m)
+	if !ok {
+		f.s.log.Debug("dns: malformed query dropped")
+		return
 	}
-	return nil, errors.Join(errs...)
+	q := &dnsQuery{msg: append([]byte(nil), m...), guestID: binary.BigEndian.Uint16(m), question: question, qEnd: qEnd, reply: reply}
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return
+	}
+	if f.inFlight >= dnsMaxInFlight {
+		f.mu.Unlock()
+		f.s.counters.dropDNSOverload.Add(1)
+		reply(servfail(q))
+		return
+	}
+	f.inFlight++
+	sent := f.sendLocked(q, 0)
+	f.mu.Unlock()
+	if !sent {
+		reply(servfail(q))
+	}
 }
 
-func exchangeOne(ctx context.Context, server string, query []byte) ([]byte, error) {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "udp", server)
-	if err != nil {
-		return nil, err
+// servfail is the answer to q when no upstream could give one.
+func servfail(q *dnsQuery) []byte {
+	m := append([]byte(nil), q.msg[:q.qEnd]...)
+	binary.BigEndian.PutUint16(m, q.guestID)
+	m[2] = 0x80 | q.msg[2]&0x79 // QR, the query's opcode and RD
+	m[3] = 0x80 | dns.RcodeServerFailure
+	clear(m[6:12]) // no answer, authority or additional records
+	return m
+}
+
+// close stops the forwarder: its sockets close and its goroutines end.
+func (f *dnsForwarder) close() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.closed = true
+	for _, g := range f.guests {
+		g.Close()
 	}
-	defer conn.Close()
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	defer stop()
-	_ = conn.SetDeadline(time.Now().Add(dnsTryTimeout))
-	if _, err := conn.Write(query); err != nil {
-		return nil, err
-	}
-	buf := make([]byte, dnsMaxMessage)
-	for {
-		n, err := conn.Read(buf)
-		if err != nil {
-			return nil, err
+	for _, up := range f.upstreams {
+		for _, c := range up.conns {
+			c.c.Close()
 		}
-		if n >= 12 && buf[0] == query[0] && buf[1] == query[1] {
-			return buf[:n], nil
+		up.conns = nil
+	}
+}
+
+// pending is the number of queries waiting for an upstream.
+func (f *dnsForwarder) pending() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.inFlight
+}
+
+// tcpOrder is the order to try the upstreams in for a TCP query: those not
+// known to be down first.
+func (f *dnsForwarder) tcpOrder() []netip.AddrPort {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := time.Now()
+	var up, down []netip.AddrPort
+	for _, u := range f.upstreams {
+		if now.Before(u.downUntil) {
+			down = append(down, u.addr)
+		} else {
+			up = append(up, u.addr)
 		}
 	}
+	return append(up, down...)
 }
 
 // dialDNSUpstreamTCP connects to the first upstream that accepts TCP.
@@ -119,8 +278,8 @@ func (s *Stack) dialDNSUpstreamTCP() (*net.TCPConn, error) {
 		return nil, errNoUpstream
 	}
 	var errs []error
-	for _, up := range s.cfg.DNSUpstreams {
-		d := net.Dialer{Timeout: dnsTryTimeout}
+	for _, up := range s.dns.tcpOrder() {
+		d := net.Dialer{Timeout: dnsTryTimeout, LocalAddr: s.outboundAddr("tcp", up.Addr())}
 		c, err := d.DialContext(s.ctx, "tcp", up.String())
 		if err == nil {
 			return c.(*net.TCPConn), nil

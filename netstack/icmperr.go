@@ -1,7 +1,9 @@
 package netstack
 
 import (
+	"container/list"
 	"net/netip"
+	"sync"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -47,13 +49,9 @@ type firstPacket struct {
 	mac tcpip.LinkAddress
 }
 
-// maxPendingFirst bounds the first-packet notes waiting for a forwarder
-// (SYNs the TCP forwarder drops leave theirs behind).
-const maxPendingFirst = 8192
-
 func (s *Stack) noteFirstPacket(id stack.TransportEndpointID, pkt *stack.PacketBuffer) {
 	nh := pkt.NetworkHeader().Slice()
-	if len(nh) == 0 || s.pendingFirst.Load() >= maxPendingFirst {
+	if len(nh) == 0 {
 		return
 	}
 	fp := firstPacket{ttl: header.IPv4(nh).TTL()}
@@ -70,19 +68,68 @@ func (s *Stack) noteFirstPacket(id stack.TransportEndpointID, pkt *stack.PacketB
 		}
 		fp.seq = th.SequenceNumber()
 	}
-	if _, loaded := s.firstPackets.Swap(id, fp); !loaded {
-		s.pendingFirst.Add(1)
-	}
+	s.firstPackets.put(id, fp)
 }
 
 // takeFirstPacket returns and forgets what noteFirstPacket saw for id.
 func (s *Stack) takeFirstPacket(id stack.TransportEndpointID) (firstPacket, bool) {
-	v, ok := s.firstPackets.LoadAndDelete(id)
+	return s.firstPackets.take(id)
+}
+
+// maxPendingFirst bounds the first-packet notes waiting for a forwarder.
+const maxPendingFirst = 8192
+
+// firstPacketNotes carries notes from the transport guard to the
+// forwarders, by endpoint ID. Some are never taken (a SYN the TCP forwarder
+// drops at its in-flight limit leaves its note behind), so the oldest note
+// makes room for a new one: a full table must not keep new flows from
+// getting theirs.
+type firstPacketNotes struct {
+	mu    sync.Mutex
+	byID  map[stack.TransportEndpointID]*list.Element
+	order list.List // of *firstPacketNote, oldest first
+}
+
+type firstPacketNote struct {
+	id stack.TransportEndpointID
+	fp firstPacket
+}
+
+func (n *firstPacketNotes) put(id stack.TransportEndpointID, fp firstPacket) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if e, ok := n.byID[id]; ok {
+		e.Value.(*firstPacketNote).fp = fp
+		n.order.MoveToBack(e)
+		return
+	}
+	if n.byID == nil {
+		n.byID = map[stack.TransportEndpointID]*list.Element{}
+	}
+	if n.order.Len() >= maxPendingFirst {
+		oldest := n.order.Front()
+		delete(n.byID, oldest.Value.(*firstPacketNote).id)
+		n.order.Remove(oldest)
+	}
+	n.byID[id] = n.order.PushBack(&firstPacketNote{id: id, fp: fp})
+}
+
+func (n *firstPacketNotes) take(id stack.TransportEndpointID) (firstPacket, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	e, ok := n.byID[id]
 	if !ok {
 		return firstPacket{}, false
 	}
-	s.pendingFirst.Add(-1)
-	return v.(firstPacket), true
+	delete(n.byID, id)
+	n.order.Remove(e)
+	return e.Value.(*firstPacketNote).fp, true
+}
+
+func (n *firstPacketNotes) len() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.order.Len()
 }
 
 // loopbackBlocked reports whether a flow to dst must be refused because

@@ -73,6 +73,9 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 		conn.Close()
 		return fmt.Errorf("connect to guest %s: %w", guest, err)
 	}
+	if err := s.lim.keepalive.set(gc.ep); err != nil {
+		s.log.Debug("tcp keepalive", "client", client, "guest", guest, "err", err)
+	}
 	start := time.Now()
 	flowStarted(&s.counters.tcpOpen, &s.counters.tcpTotal)
 	defer s.counters.tcpOpen.Add(-1)

@@ -62,20 +62,7 @@ func awaitFrame(peer int, match func(header.Ethernet) bool) header.Ethernet {
 // (v4 or v6) arrives, or fails.
 func awaitUnreachable(t *testing.T, peer int) {
 	t.Helper()
-	unreachable := func(eth header.Ethernet) bool {
-		switch eth.Type() {
-		case header.IPv4ProtocolNumber:
-			ip := header.IPv4(eth[header.EthernetMinimumSize:])
-			return ip.Protocol() == uint8(header.ICMPv4ProtocolNumber) && header.ICMPv4(ip.Payload()).Type() == header.ICMPv4DstUnreachable
-		case header.IPv6ProtocolNumber:
-			ip := header.IPv6(eth[header.EthernetMinimumSize:])
-			return ip.NextHeader() == uint8(header.ICMPv6ProtocolNumber) && header.ICMPv6(ip.Payload()).Type() == header.ICMPv6DstUnreachable
-		}
-		return false
-	}
-	if awaitFrame(peer, unreachable) == nil {
-		t.Fatal("no ICMP destination unreachable came back")
-	}
+	readICMP(t, peer, uint8(header.ICMPv4DstUnreachable), uint8(header.ICMPv6DstUnreachable))
 }
 
 // TestHostLoopbackTricks: with host loopback disabled, a guest that uses

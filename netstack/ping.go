@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,6 +39,8 @@ func (m pingMode) String() string {
 	return [...]string{"unavailable", "ping socket", "raw socket"}[m]
 }
 
+// A ping flow (one guest ping process) ends pingIdle after its last echo
+// request or reply; at maxPingFlows a new one evicts the least recently used.
 const (
 	pingIdle     = 30 * time.Second
 	maxPingFlows = 256
@@ -74,13 +78,16 @@ type pinger struct {
 	mode4, mode6 pingMode
 	warn         sync.Once
 
+	table *flowTable
+
 	mu      sync.Mutex
 	flows   map[pingKey]*pingFlow
 	nextRaw uint16
 }
 
 func newPinger(s *Stack) *pinger {
-	p := &pinger{s: s, mode4: detectPingMode(false), flows: map[pingKey]*pingFlow{}}
+	p := &pinger{s: s, mode4: detectPingMode(false), flows: map[pingKey]*pingFlow{},
+		table: newFlowTable(s.ctx, &s.flows, s.lim.pingFlows, s.lim.ping)}
 	if s.cfg.IPv6 {
 		p.mode6 = detectPingMode(true)
 	}
@@ -138,7 +145,11 @@ func (p *pinger) handle(id stack.TransportEndpointID, pkt *stack.PacketBuffer) b
 		return true
 	}
 	data := pkt.Data().AsRange().ToSlice()
-	if err := f.send(dst, seq, ttl, data); err != nil {
+	f.entry.touch(false)
+	if err := f.send(dst, seq, ttl, data); errors.Is(err, unix.EAGAIN) {
+		// This runs on the TAP reader: never wait for the socket.
+		p.s.counters.dropPingFull.Add(1)
+	} else if err != nil {
 		p.s.log.Debug("icmp echo send", "guest", guest, "dst", dst, "err", err)
 	}
 	return true
@@ -156,26 +167,27 @@ func pingUnavailable() string {
 func (p *pinger) flow(k pingKey, v6 bool, mode pingMode) (*pingFlow, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if f, ok := p.flows[k]; ok {
+	if f, ok := p.flows[k]; ok && !f.closed.Load() {
 		return f, nil
 	}
-	if len(p.flows) >= maxPingFlows {
-		p.s.counters.dropFlowLimit.Add(1)
-		return nil, errors.New("too many ping flows")
-	}
-	f, err := openPingFlow(k, v6, mode)
-	if err != nil {
-		return nil, err
-	}
+	var wireIdent uint16
 	if mode == pingRaw {
 		p.nextRaw++
-		f.wireIdent = p.nextRaw ^ uint16(os.Getpid())
+		wireIdent = p.nextRaw ^ uint16(os.Getpid())
+	}
+	f, err := openPingFlow(k, v6, mode, wireIdent, p.s.outboundIP(k.guest))
+	if err != nil {
+		return nil, err
 	}
 	if !p.s.flows.enter() {
 		f.file.Close()
 		return nil, errors.New("stack closing")
 	}
 	p.flows[k] = f
+	// The table expires the flow on its own echoes and replies (not on
+	// whatever else the host receives) and evicts the least recently
+	// used one at the cap; closing the socket ends receive.
+	f.entry = p.table.add(f.close)
 	flowStarted(&p.s.counters.icmpOpen, &p.s.counters.icmpTotal)
 	go func() {
 		defer p.s.flows.leave()
@@ -184,8 +196,11 @@ func (p *pinger) flow(k pingKey, v6 bool, mode pingMode) (*pingFlow, error) {
 		stop := context.AfterFunc(p.s.ctx, func() { f.file.Close() })
 		defer stop()
 		f.receive(p.s)
+		f.entry.remove()
 		p.mu.Lock()
-		delete(p.flows, k)
+		if p.flows[k] == f {
+			delete(p.flows, k)
+		}
 		p.mu.Unlock()
 	}()
 	return f, nil
@@ -199,13 +214,17 @@ type pingFlow struct {
 	wireIdent uint16 // raw mode: the identifier on the wire
 	file      *os.File
 	rc        syscall.RawConn
+	entry     *tableFlow
+	closed    atomic.Bool
 
 	mu      sync.Mutex
 	ttl     uint8
 	lastDst netip.Addr
 }
 
-func openPingFlow(k pingKey, v6 bool, mode pingMode) (*pingFlow, error) {
+// openPingFlow opens the host socket of one ping flow, bound to local if
+// that is valid; wireIdent is the identifier a raw socket sends with.
+func openPingFlow(k pingKey, v6 bool, mode pingMode, wireIdent uint16, local netip.Addr) (*pingFlow, error) {
 	family, proto := unix.AF_INET, unix.IPPROTO_ICMP
 	if v6 {
 		family, proto = unix.AF_INET6, unix.IPPROTO_ICMPV6
@@ -218,15 +237,37 @@ func openPingFlow(k pingKey, v6 bool, mode pingMode) (*pingFlow, error) {
 	if err != nil {
 		return nil, fmt.Errorf("icmp socket: %w", err)
 	}
-	f := &pingFlow{key: k, v6: v6, mode: mode, file: os.NewFile(uintptr(fd), "icmp")}
-	if f.rc, err = f.file.SyscallConn(); err == nil && mode == pingDgram {
+	f := &pingFlow{key: k, v6: v6, mode: mode, wireIdent: wireIdent, file: os.NewFile(uintptr(fd), "icmp")}
+	if local.IsValid() {
+		var sa unix.Sockaddr = &unix.SockaddrInet4{Addr: local.As4()}
+		if v6 {
+			sa = &unix.SockaddrInet6{Addr: local.As16()}
+		}
+		if err = unix.Bind(fd, sa); err != nil {
+			err = fmt.Errorf("icmp socket: bind %s: %w", local, err)
+		}
+	}
+	if err == nil {
+		f.rc, err = f.file.SyscallConn()
+	}
+	if err == nil && mode == pingDgram {
 		err = enableRecvErr(f.rc, v6)
+	}
+	if err == nil && mode == pingRaw {
+		err = filterRaw(fd, v6, wireIdent)
 	}
 	if err != nil {
 		f.file.Close()
 		return nil, err
 	}
 	return f, nil
+}
+
+// close ends the flow (its socket, and with it receive); the flow table
+// calls it when the flow expires or is evicted.
+func (f *pingFlow) close() {
+	f.closed.Store(true)
+	f.file.Close()
 }
 
 func (f *pingFlow) send(dst netip.Addr, seq uint16, ttl uint8, data []byte) error {
@@ -257,21 +298,20 @@ func (f *pingFlow) send(dst netip.Addr, seq uint16, ttl uint8, data []byte) erro
 	} else {
 		sa = &unix.SockaddrInet4{Addr: dst.As4()}
 	}
-	_ = f.file.SetWriteDeadline(time.Now().Add(time.Second))
+	// Never wait: this runs on the TAP reader, and a full socket drops
+	// the request as a full link would.
 	var serr error
-	err := f.rc.Write(func(fd uintptr) bool {
-		serr = unix.Sendto(int(fd), msg, 0, sa)
-		return !errors.Is(serr, unix.EAGAIN)
+	err := f.rc.Control(func(fd uintptr) {
+		serr = unix.Sendto(int(fd), msg, unix.MSG_DONTWAIT, sa)
 	})
 	return errors.Join(err, serr)
 }
 
-// receive relays replies and errors to the guest until the flow idles.
+// receive relays replies and errors to the guest until the socket closes.
 func (f *pingFlow) receive(s *Stack) {
 	defer f.file.Close()
 	buf := make([]byte, 65536)
 	for {
-		_ = f.file.SetReadDeadline(time.Now().Add(pingIdle))
 		var n int
 		var from unix.Sockaddr
 		var rerr error
@@ -280,7 +320,7 @@ func (f *pingFlow) receive(s *Stack) {
 			return !errors.Is(rerr, unix.EAGAIN)
 		})
 		if err != nil {
-			return // idle deadline or closed
+			return // closed: expired, evicted or the stack stopped
 		}
 		if rerr != nil {
 			if f.mode == pingDgram {
@@ -308,18 +348,20 @@ func (f *pingFlow) deliver(s *Stack, b []byte, from netip.Addr) {
 	}
 	replyType, errTypes := byte(header.ICMPv4EchoReply), []byte{byte(header.ICMPv4DstUnreachable), byte(header.ICMPv4TimeExceeded)}
 	if f.v6 {
-		replyType, errTypes = byte(header.ICMPv6EchoReply), []byte{byte(header.ICMPv6DstUnreachable), byte(header.ICMPv6TimeExceeded)}
+		replyType = byte(header.ICMPv6EchoReply)
+		errTypes = []byte{byte(header.ICMPv6DstUnreachable), byte(header.ICMPv6PacketTooBig), byte(header.ICMPv6TimeExceeded)}
 	}
 	switch {
 	case b[0] == replyType:
 		if f.mode == pingRaw && binary.BigEndian.Uint16(b[4:]) != f.wireIdent {
-			return // another process's reply
+			return // another process's reply (the socket filter lets none through)
 		}
+		f.entry.touch(true)
 		var rest [4]byte
 		binary.BigEndian.PutUint16(rest[:], f.key.ident)
 		copy(rest[2:], b[6:8])
 		s.sendICMP(f.key.guest, from, replyType, 0, rest, b[8:], 64)
-	case f.mode == pingRaw && (b[0] == errTypes[0] || b[0] == errTypes[1]):
+	case f.mode == pingRaw && bytes.IndexByte(errTypes, b[0]) >= 0:
 		// A raw socket receives errors as packets: match the quoted echo.
 		q := b[8:]
 		ipLen := header.IPv6MinimumSize
@@ -338,7 +380,7 @@ func (f *pingFlow) deliver(s *Stack, b []byte, from netip.Addr) {
 		} else {
 			dst = netipAddr(header.IPv4(q).DestinationAddress())
 		}
-		f.relayError(s, &sockError{icmpType: b[0], icmpCode: b[1], offender: from, payload: q[ipLen:], dest: dst})
+		f.relayError(s, &sockError{icmpType: b[0], icmpCode: b[1], rest: [4]byte(b[4:8]), offender: from, payload: q[ipLen:], dest: dst})
 	}
 }
 
@@ -361,7 +403,7 @@ func (f *pingFlow) relayError(s *Stack, se *sockError) {
 		proto = header.ICMPv6ProtocolNumber
 	}
 	quote := quotedPacket(f.key.guest, dst, proto, 1, echo)
-	s.sendICMP(f.key.guest, se.offender, se.icmpType, se.icmpCode, [4]byte{}, quote, 64)
+	s.sendICMP(f.key.guest, se.offender, se.icmpType, se.icmpCode, se.rest, quote, 64)
 }
 
 func sockaddrAddr(sa unix.Sockaddr) netip.Addr {

@@ -7,6 +7,7 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
 // Host sockets are opened with IP_RECVERR / IPV6_RECVERR so that the ICMP
@@ -18,7 +19,11 @@ import (
 // sockError is one ICMP error the kernel queued on a host socket.
 type sockError struct {
 	icmpType, icmpCode uint8
-	offender           netip.Addr
+	// rest is the 4 bytes after the ICMP checksum: the next-hop MTU of a
+	// "fragmentation needed" or "packet too big", which path MTU
+	// discovery in the guest needs; zero for other errors.
+	rest     [4]byte
+	offender netip.Addr
 	// dest is where the datagram that caused it was going.
 	dest netip.Addr
 	// payload is the start of the datagram we sent that caused it.
@@ -94,6 +99,14 @@ func parseExtendedErr(d, payload []byte) *sockError {
 		return nil
 	}
 	se := &sockError{icmpType: d[5], icmpCode: d[6], payload: append([]byte(nil), payload...)}
+	// ee_info carries the MTU the router reported.
+	mtu := binary.NativeEndian.Uint32(d[8:])
+	switch {
+	case origin == unix.SO_EE_ORIGIN_ICMP && se.icmpType == uint8(header.ICMPv4DstUnreachable) && se.icmpCode == uint8(header.ICMPv4FragmentationNeeded):
+		binary.BigEndian.PutUint16(se.rest[2:], uint16(mtu))
+	case origin == unix.SO_EE_ORIGIN_ICMP6 && se.icmpType == uint8(header.ICMPv6PacketTooBig):
+		binary.BigEndian.PutUint32(se.rest[:], mtu)
+	}
 	sa := d[eeSize:]
 	switch binary.NativeEndian.Uint16(sa) {
 	case unix.AF_INET:

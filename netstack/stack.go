@@ -15,7 +15,6 @@ import (
 	"net"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	gvlog "gvisor.dev/gvisor/pkg/log"
@@ -52,16 +51,18 @@ type Stack struct {
 	flows  flowGroup
 	closed sync.Once
 	// firstPackets carries notes on a new flow's first packet from the
-	// transport guard to the forwarder (endpoint ID -> firstPacket).
-	firstPackets sync.Map
-	pendingFirst atomic.Int64
+	// transport guard to the forwarder.
+	firstPackets firstPacketNotes
 	counters     counters
 	started      time.Time
 	ping         *pinger
+	dns          *dnsForwarder
 	linkDown     chan struct{}
 	linkOnce     sync.Once
 	hostLocal    hostLocal
 	link         *tapLink
+	lim          limits
+	udpFlows     *flowTable
 	// udpFast carries established UDP flows past the stack; nil when
 	// capturing, since the capture sees only what passes the stack.
 	udpFast *udpFastPath
@@ -85,8 +86,12 @@ func newStack(ctx context.Context, cfg Config, dev tap.Device, vnetHdr int) (*St
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Stack{cfg: cfg, log: log, dev: dev, started: time.Now(), linkDown: make(chan struct{})}
+	s := &Stack{cfg: cfg, log: log, dev: dev, started: time.Now(), linkDown: make(chan struct{}), lim: defaultLimits()}
+	if cfg.limits != nil {
+		s.lim = *cfg.limits
+	}
 	s.ctx, s.cancel = context.WithCancel(ctx)
+	s.udpFlows = newFlowTable(s.ctx, &s.flows, s.lim.udpFlows, s.lim.udp)
 	if err := s.start(vnetHdr); err != nil {
 		s.Close()
 		return nil, err
@@ -136,7 +141,9 @@ func (s *Stack) start(vnetHdr int) error {
 			return fmt.Errorf("packet capture: %w", err)
 		}
 	}
-	if terr := s.stack.CreateNIC(nicID, link); terr != nil {
+	// Disabled until every handler is installed: the TAP readers start
+	// with the NIC, and gVisor's handler setters must not race packets.
+	if terr := s.stack.CreateNICWithOptions(nicID, link, stack.NICOptions{Disabled: true}); terr != nil {
 		return fmt.Errorf("create NIC: %s", terr)
 	}
 	// The gateway and DNS addresses are the stack's own: it answers ARP
@@ -186,6 +193,14 @@ func (s *Stack) start(vnetHdr int) error {
 	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber6, s.ping.handle)
 	udpFwd := udp.NewForwarder(s.stack, s.handleUDP)
 	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, s.dhcpFirst(s.guardTransport(udpFwd.HandlePacket)))
+	if !s.cfg.DisableDNS {
+		if err := s.startDNS(); err != nil {
+			return err
+		}
+	}
+	if terr := s.stack.EnableNIC(nicID); terr != nil {
+		return fmt.Errorf("enable NIC: %s", terr)
+	}
 	if s.cfg.IPv6 {
 		if !s.flows.enter() {
 			return net.ErrClosed

@@ -20,7 +20,10 @@ type counters struct {
 	dropFlowLimit       atomic.Uint64
 	// dropFastPath counts datagrams the UDP fast path dropped because a
 	// host socket or the TAP queue was full.
-	dropFastPath atomic.Uint64
+	dropFastPath    atomic.Uint64
+	dropDNSOverload atomic.Uint64
+	dropPingFull    atomic.Uint64
+	dnsTimeouts     atomic.Uint64
 }
 
 // Stats is a snapshot of what the stack has done, for the API's get_stats.
@@ -33,6 +36,8 @@ type Stats struct {
 		TCPTotal  uint64 `json:"tcp_total"`
 		UDPTotal  uint64 `json:"udp_total"`
 		ICMPTotal uint64 `json:"icmp_total"`
+		// DNSPending counts queries waiting for an upstream.
+		DNSPending int64 `json:"dns_pending"`
 	} `json:"flows"`
 	// Bytes relayed by the forwarders (payload, both ends of all flows).
 	Bytes struct {
@@ -58,6 +63,13 @@ type Stats struct {
 		ICMPUnavailable uint64 `json:"icmp_unavailable"`
 		FlowLimit       uint64 `json:"flow_limit"`
 		Malformed       uint64 `json:"malformed"`
+		// DNSOverload counts queries answered SERVFAIL because too
+		// many were waiting; DNSTimeout those no upstream answered.
+		DNSOverload uint64 `json:"dns_overload"`
+		DNSTimeout  uint64 `json:"dns_timeout"`
+		// PingQueueFull counts echo requests dropped because the
+		// host's ICMP socket was full.
+		PingQueueFull uint64 `json:"ping_queue_full"`
 	} `json:"drops"`
 }
 
@@ -71,7 +83,13 @@ func (s *Stack) Stats() Stats {
 	st.Bytes.FromGuest, st.Bytes.ToGuest = c.bytesFromGuest.Load(), c.bytesToGuest.Load()
 	st.Drops.BlockedLoopback = c.dropBlocked.Load()
 	st.Drops.ICMPUnavailable = c.dropICMPUnavailable.Load()
-	st.Drops.FlowLimit = c.dropFlowLimit.Load() + s.stack.Stats().TCP.ForwardMaxInFlightDrop.Value()
+	st.Drops.FlowLimit = c.dropFlowLimit.Load() + s.stack.Stats().TCP.ForwardMaxInFlightDrop.Value() +
+		s.udpFlows.evictions.Load() + s.ping.table.evictions.Load()
+	st.Drops.DNSOverload, st.Drops.DNSTimeout = c.dropDNSOverload.Load(), c.dnsTimeouts.Load()
+	st.Drops.PingQueueFull = c.dropPingFull.Load()
+	if s.dns != nil {
+		st.Flows.DNSPending = int64(s.dns.pending())
+	}
 	st.Process.Goroutines = runtime.NumGoroutine()
 	st.Process.FDs, st.Process.RSSKiB = Footprint("self")
 	if info, ok := s.stack.NICInfo()[nicID]; ok {

@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"syscall"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -18,9 +20,20 @@ import (
 // about what a guest's own connect would give up after.
 const tcpDialTimeout = 75 * time.Second
 
-// maxTCPFlows bounds established guest TCP flows: each holds a host socket,
-// two goroutines and gVisor buffers.
+// maxTCPFlows bounds guest TCP flows, open or being dialed: each holds a host
+// socket, two goroutines and gVisor buffers.
 const maxTCPFlows = 16384
+
+// The stack's side of a guest connection probes an idle guest: one that
+// vanished without a word (its state lost, its address gone) would otherwise
+// hold the flow, and the host connection behind it, forever. A guest that
+// is alive answers the probes itself, so only idle connections cost a few
+// bytes every keepaliveIdle.
+const (
+	keepaliveIdle     = 2 * time.Minute
+	keepaliveInterval = 30 * time.Second
+	keepaliveCount    = 4
+)
 
 // handleTCP serves one guest SYN. gVisor calls it on a goroutine of its own.
 func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
@@ -31,15 +44,21 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	defer s.flows.leave()
 
 	id := r.ID()
-	first, _ := s.takeFirstPacket(id)
-	if s.counters.tcpOpen.Load() >= maxTCPFlows {
+	// The slot is taken before the dial, atomically: counting the flow
+	// only once it was up let every SYN being dialed past the limit.
+	if !reserve(&s.counters.tcpOpen, s.lim.tcpFlows) {
+		s.takeFirstPacket(id)
 		s.counters.dropFlowLimit.Add(1)
 		r.Complete(true)
 		return
 	}
+	defer s.counters.tcpOpen.Add(-1)
 	dst := netip.AddrPortFrom(netipAddr(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(netipAddr(id.RemoteAddress), id.RemotePort)
 	host, err := s.dialTCP(dst)
+	// The note is taken after the dial: a SYN the guest resends while the
+	// dial is slow notes it again, and that note would stay behind.
+	first, _ := s.takeFirstPacket(id)
 	if err != nil {
 		s.log.Debug("tcp connect failed", "src", src, "dst", dst, "err", err)
 		s.refuseSYN(r, src, dst, first, err)
@@ -56,15 +75,32 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	r.Complete(false)
+	if err := s.lim.keepalive.set(ep); err != nil {
+		s.log.Debug("tcp keepalive", "src", src, "dst", dst, "err", err)
+	}
 	start := time.Now()
-	flowStarted(&s.counters.tcpOpen, &s.counters.tcpTotal)
-	defer s.counters.tcpOpen.Add(-1)
+	s.counters.tcpTotal.Add(1)
 	s.log.Debug("tcp flow opened", "src", src, "dst", dst, "remote", host.RemoteAddr())
 	up, down := relayTCP(s.ctx, guestConn{ep: ep, wq: &wq}, host)
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))
 	s.log.Debug("tcp flow closed", "src", src, "dst", dst, "remote", host.RemoteAddr(),
 		"duration", time.Since(start), "bytes_out", up, "bytes_in", down)
+}
+
+// set turns keepalive on for a gVisor TCP endpoint.
+func (k tcpKeepalive) set(ep tcpip.Endpoint) error {
+	idle, interval := tcpip.KeepaliveIdleOption(k.idle), tcpip.KeepaliveIntervalOption(k.interval)
+	for _, o := range []tcpip.SettableSocketOption{&idle, &interval} {
+		if terr := ep.SetSockOpt(o); terr != nil {
+			return fmt.Errorf("%T: %s", o, terr)
+		}
+	}
+	if terr := ep.SetSockOptInt(tcpip.KeepaliveCountOption, k.count); terr != nil {
+		return fmt.Errorf("keepalive count: %s", terr)
+	}
+	ep.SocketOptions().SetKeepAlive(true)
+	return nil
 }
 
 // refuseSYN tells the guest its connection failed the way the host's
@@ -133,10 +169,7 @@ func (s *Stack) dialTCP(dst netip.AddrPort) (*net.TCPConn, error) {
 // configured outbound address of dst's family, or nil to let the kernel
 // choose.
 func (s *Stack) outboundAddr(network string, dst netip.Addr) net.Addr {
-	a := s.cfg.OutboundAddr4
-	if dst.Is6() {
-		a = s.cfg.OutboundAddr6
-	}
+	a := s.outboundIP(dst)
 	if !a.IsValid() {
 		return nil
 	}
@@ -144,4 +177,13 @@ func (s *Stack) outboundAddr(network string, dst netip.Addr) net.Addr {
 		return net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 0))
 	}
 	return net.TCPAddrFromAddrPort(netip.AddrPortFrom(a, 0))
+}
+
+// outboundIP is the configured outbound address of dst's family, or the
+// zero Addr.
+func (s *Stack) outboundIP(dst netip.Addr) netip.Addr {
+	if dst.Is6() {
+		return s.cfg.OutboundAddr6
+	}
+	return s.cfg.OutboundAddr4
 }

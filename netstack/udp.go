@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
+	"syscall"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -12,11 +13,19 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
-// udpIdleTimeout ends a UDP flow (and frees its host socket) after this long
-// without a datagram in either direction, like a NAT mapping.
-const udpIdleTimeout = 60 * time.Second
+// UDP flows expire as conntrack's do (nf_conntrack_udp_timeout and
+// udp_timeout_stream): 30 s while nothing came back or after a single
+// exchange, 120 s once the flow is a conversation (still active 2 s after its
+// first answer). 120 s is also the least RFC 4787 (REQ-5) allows a NAT's UDP
+// mappings, so a peer's keepalives every minute or so keep a flow open,
+// while a guest spraying ports holds each port only 30 s.
+const (
+	udpUnrepliedTimeout = 30 * time.Second
+	udpAssuredTimeout   = 120 * time.Second
+)
 
-// maxUDPFlows bounds concurrent guest UDP flows (each holds a host socket).
+// maxUDPFlows bounds concurrent guest UDP flows (each holds a host socket and
+// a goroutine); at the cap a new flow evicts the least recently used one.
 const maxUDPFlows = 4096
 
 // handleUDP serves the first datagram of a new guest UDP flow. gVisor calls
@@ -28,65 +37,67 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	dst := netip.AddrPortFrom(netipAddr(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(netipAddr(id.RemoteAddress), id.RemotePort)
 
-	var target netip.AddrPort
-	isDNS := s.isDNS(dst.Addr())
-	if isDNS {
-		if s.cfg.DisableDNS {
+	if s.isDNS(dst.Addr()) {
+		// Port 53 has the forwarder's own socket (dns.go); what
+		// reaches here is for other ports, or the forwarder is off.
+		if s.cfg.DisableDNS || dst.Port() == dnsPort {
 			return true // dropped without an ICMP error, as slirp4netns does
 		}
-		if dst.Port() != dnsPort {
-			return false
-		}
-	} else {
-		var err error
-		if target, err = s.hostTarget(dst); err != nil {
-			s.log.Debug("udp flow refused", "src", src, "dst", dst, "err", err)
-			return false
-		}
+		return false
 	}
-	// A guest spraying datagrams at many ports must not get a host
-	// socket and goroutine per port without bound. (The slot is taken
-	// atomically: processor goroutines call this concurrently.)
-	if !reserve(&s.counters.udpOpen, maxUDPFlows) {
-		s.counters.dropFlowLimit.Add(1)
+	target, err := s.hostTarget(dst)
+	if err != nil {
+		s.log.Debug("udp flow refused", "src", src, "dst", dst, "err", err)
+		return false
+	}
+	// The host socket is opened here, on the packet path, so that
+	// evicting a flow closes both its sockets at once: a guest spraying
+	// ports holds at most the table's worth of host sockets, however far
+	// behind the flows' own goroutines are.
+	host, rc, err := s.dialUDPHost(target, first.ttl)
+	if err != nil {
+		s.log.Debug("udp socket", "src", src, "dst", dst, "err", err)
 		return true
 	}
 	if !s.flows.enter() {
-		s.counters.udpOpen.Add(-1)
+		host.Close()
 		return true
 	}
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
 	if terr != nil {
 		s.flows.leave()
-		s.counters.udpOpen.Add(-1)
+		host.Close()
 		s.log.Debug("udp endpoint", "src", src, "dst", dst, "err", terr)
 		return true
 	}
-	s.counters.udpTotal.Add(1)
+	// At the cap the least recently used flow goes; closing its sockets
+	// ends its relay.
+	fl := s.udpFlows.add(func() {
+		ep.Abort()
+		host.Close()
+	})
+	flowStarted(&s.counters.udpOpen, &s.counters.udpTotal)
 	go func() {
 		defer s.flows.leave()
 		defer s.counters.udpOpen.Add(-1)
-		if isDNS {
-			s.serveDNS(gonet.NewUDPConn(&wq, ep))
-			return
-		}
-		s.serveUDP(ep, &wq, src, dst, target, first)
+		defer fl.remove()
+		s.serveUDP(ep, &wq, host, rc, fl, udpKey{guest: src, remote: dst}, target, first)
 	}()
 	return true
 }
 
-func (s *Stack) serveUDP(ep tcpip.Endpoint, wq *waiter.Queue, src, dst, target netip.AddrPort, first firstPacket) {
-	ttl := first.ttl
+// dialUDPHost opens the host socket of a UDP flow to target, with the
+// guest's TTL (traceroute's probes expire where they would have without the
+// helper) and ICMP errors reported.
+func (s *Stack) dialUDPHost(target netip.AddrPort, ttl uint8) (*net.UDPConn, syscall.RawConn, error) {
 	var laddr *net.UDPAddr
 	if a := s.outboundAddr("udp", target.Addr()); a != nil {
 		laddr = a.(*net.UDPAddr)
 	}
 	host, err := net.DialUDP("udp", laddr, net.UDPAddrFromAddrPort(target))
 	if err != nil {
-		s.log.Debug("udp socket", "src", src, "dst", dst, "err", err)
-		ep.Close()
-		return
+		return nil, nil, err
 	}
 	v6 := target.Addr().Is6()
 	rc, err := host.SyscallConn()
@@ -94,13 +105,16 @@ func (s *Stack) serveUDP(ep tcpip.Endpoint, wq *waiter.Queue, src, dst, target n
 		err = enableRecvErr(rc, v6)
 	}
 	if err == nil && ttl > 0 {
-		// Carry the guest's TTL so that traceroute's probes expire where
-		// they would have without the helper.
 		err = setHopLimit(rc, v6, int(ttl))
 	}
 	if err != nil {
-		s.log.Debug("udp socket options", "dst", dst, "err", err)
+		s.log.Debug("udp socket options", "dst", target, "err", err)
 	}
+	return host, rc, nil
+}
+
+func (s *Stack) serveUDP(ep tcpip.Endpoint, wq *waiter.Queue, host *net.UDPConn, rc syscall.RawConn, fl *tableFlow, key udpKey, target netip.AddrPort, first firstPacket) {
+	src, dst, ttl := key.guest, key.remote, first.ttl
 	hostErr := func() {
 		se := readSockError(rc)
 		if se == nil {
@@ -114,11 +128,14 @@ func (s *Stack) serveUDP(ep tcpip.Endpoint, wq *waiter.Queue, src, dst, target n
 	}
 	start := time.Now()
 	s.log.Debug("udp flow opened", "src", src, "dst", dst, "remote", target)
+	// The flow table expires the flow by what it exchanged; the relay's
+	// own idle timeout is the longest of those.
 	var up, down int64
 	if s.udpFast != nil {
-		up, down = s.relayUDPFast(s.ctx, ep, wq, host, udpKey{guest: src, remote: dst}, first, udpIdleTimeout, hostErr)
+		up, down = s.relayUDPFast(s.ctx, ep, wq, host, fl, key, first, s.lim.udp.assured, hostErr)
 	} else {
-		up, down = relayDatagrams(s.ctx, gonet.NewUDPConn(wq, ep), host, udpIdleTimeout, hostErr)
+		guest := gonet.NewUDPConn(wq, ep)
+		up, down = relayDatagrams(s.ctx, fl.watch(guest, false), fl.watch(host, true), s.lim.udp.assured, hostErr)
 	}
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))
@@ -136,6 +153,5 @@ func (s *Stack) relayICMPError(guest, remote netip.Addr, se *sockError, quote []
 	if guest.Is4() != from.Is4() {
 		return
 	}
-	var rest [4]byte
-	s.sendICMP(guest, from, se.icmpType, se.icmpCode, rest, quote, 64)
+	s.sendICMP(guest, from, se.icmpType, se.icmpCode, se.rest, quote, 64)
 }

@@ -161,6 +161,9 @@ type udpFlow struct {
 	path   *udpFastPath
 	host   *net.UDPConn
 	hostRC syscall.RawConn
+	// table is the flow's entry in the stack's flow table, which
+	// expires it by what it exchanged.
+	table *tableFlow
 	// guestMAC is where replies are addressed.
 	guestMAC tcpip.LinkAddress
 	// queue is the TAP queue fd replies go out on.
@@ -179,6 +182,7 @@ type udpFlow struct {
 // without blocking: a full socket drops it, as a full link would.
 func (f *udpFlow) fromGuest(iov []unix.Iovec, size int, ttl uint8) {
 	f.activity.Add(1)
+	f.table.touch(false)
 	if uint32(ttl) != f.ttl.Load() && ttl > 0 {
 		f.ttl.Store(uint32(ttl))
 		_ = setHopLimit(f.hostRC, f.key.remote.Addr().Is6(), int(ttl))
@@ -364,8 +368,8 @@ const udpIdleChecks = 4
 // idle for idle or ctx ends. ep is the flow's endpoint in the stack, which
 // still carries the first datagram and what the fast path leaves to the
 // stack. It owns ep and host and closes them.
-func (s *Stack) relayUDPFast(ctx context.Context, ep tcpip.Endpoint, wq *waiter.Queue, host *net.UDPConn, key udpKey,
-	first firstPacket, idle time.Duration, hostErr func()) (up, down int64) {
+func (s *Stack) relayUDPFast(ctx context.Context, ep tcpip.Endpoint, wq *waiter.Queue, host *net.UDPConn, table *tableFlow,
+	key udpKey, first firstPacket, idle time.Duration, hostErr func()) (up, down int64) {
 	rc, err := host.SyscallConn()
 	if err != nil {
 		host.Close()
@@ -373,7 +377,7 @@ func (s *Stack) relayUDPFast(ctx context.Context, ep tcpip.Endpoint, wq *waiter.
 		return 0, 0
 	}
 	l := s.udpFast.link
-	f := &udpFlow{key: key, path: s.udpFast, host: host, hostRC: rc, guestMAC: first.mac,
+	f := &udpFlow{key: key, path: s.udpFast, host: host, hostRC: rc, table: table, guestMAC: first.mac,
 		queue: l.fds[flowHash(key)%uint32(len(l.fds))], drops: &s.counters.dropFastPath, hostErr: hostErr}
 	f.ttl.Store(uint32(first.ttl))
 	s.udpFast.add(f)
@@ -485,6 +489,7 @@ func (f *udpFlow) relayReplies(ep tcpip.Endpoint, idle time.Duration) {
 		switch b.err {
 		case 0:
 			f.activity.Add(1)
+			f.table.touch(true)
 			f.toGuest(b, oversize)
 			waitFirst = b.n < udpBatchSize
 		default:

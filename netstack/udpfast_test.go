@@ -17,9 +17,9 @@ import (
 	"github.com/netns-run/netns-run/tap"
 )
 
-// udpFrame builds a guest UDP datagram from src to dst, behind a zeroed
+// vnetUDPFrame builds a guest UDP datagram from src to dst, behind a zeroed
 // virtio-net header of vnetHdr bytes.
-func udpFrame(src, dst netip.AddrPort, payload []byte, vnetHdr int) []byte {
+func vnetUDPFrame(src, dst netip.AddrPort, payload []byte, vnetHdr int) []byte {
 	u := make([]byte, header.UDPMinimumSize+len(payload))
 	copy(u[header.UDPMinimumSize:], payload)
 	s, d := tcpipAddr(src.Addr()), tcpipAddr(dst.Addr())
@@ -162,7 +162,7 @@ func TestUDPFastPath(t *testing.T) {
 			dst := netip.AddrPortFrom(DefaultGateway, server.Port())
 			const n = 50
 			for i := range n {
-				if _, err := unix.Write(peer, udpFrame(src, dst, []byte(fmt.Sprintf("datagram %d", i)), vnetHdr)); err != nil {
+				if _, err := unix.Write(peer, vnetUDPFrame(src, dst, []byte(fmt.Sprintf("datagram %d", i)), vnetHdr)); err != nil {
 					t.Fatal(err)
 				}
 				if i == 0 {
@@ -205,7 +205,7 @@ func TestUDPFastPathOversizeReply(t *testing.T) {
 	src := netip.MustParseAddrPort("10.0.2.100:40001")
 	dst := netip.AddrPortFrom(DefaultGateway, server.Port())
 	for i := range 3 {
-		if _, err := unix.Write(peer, udpFrame(src, dst, []byte{byte(i)}, 0)); err != nil {
+		if _, err := unix.Write(peer, vnetUDPFrame(src, dst, []byte{byte(i)}, 0)); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(20 * time.Millisecond)

@@ -173,6 +173,9 @@ func (f *forward) acceptTCP(ln *net.TCPListener, guest Guest, log *slog.Logger) 
 type udpFlow struct {
 	conn     net.Conn
 	lastSeen time.Time
+	// replyFrom is the control message that makes replies leave from
+	// the address the client last sent to (nil: the kernel's choice).
+	replyFrom []byte
 }
 
 func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, log *slog.Logger) {
@@ -187,9 +190,17 @@ func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, log *slog.Logger) {
 		mu.Unlock()
 		wg.Wait()
 	}()
+	rs, err := newReplySource(pc)
+	if err != nil {
+		log.Debug("published udp port: replies leave from the kernel's choice of address", "rule", f.rule.String(), "err", err)
+	}
+	var oob []byte
+	if rs != nil {
+		oob = make([]byte, rs.oobSize())
+	}
 	buf := make([]byte, 65535)
 	for {
-		n, client, err := pc.ReadFromUDPAddrPort(buf)
+		n, oobn, _, client, err := pc.ReadMsgUDPAddrPort(buf, oob)
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) {
 				log.Warn("published port stopped reading", "rule", f.rule.String(), "err", err)
@@ -225,6 +236,9 @@ func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, log *slog.Logger) {
 			}()
 		}
 		fl.lastSeen = time.Now()
+		if rs != nil {
+			fl.replyFrom = rs.control(oob[:oobn])
+		}
 		mu.Unlock()
 		_, _ = fl.conn.Write(buf[:n])
 	}
@@ -255,7 +269,8 @@ func replyUDP(pc *net.UDPConn, fl *udpFlow, client netip.AddrPort, mu *sync.Mute
 		}
 		mu.Lock()
 		fl.lastSeen = time.Now()
+		from := fl.replyFrom
 		mu.Unlock()
-		_, _ = pc.WriteToUDPAddrPort(buf[:n], client)
+		_, _, _ = pc.WriteMsgUDPAddrPort(buf[:n], from, client)
 	}
 }

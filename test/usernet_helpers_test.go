@@ -203,21 +203,27 @@ func apiSocketPath(t *testing.T) string {
 // apiCall sends one request like podman does (write, half-close, read).
 func apiCall(t *testing.T, sock, req string) string {
 	t.Helper()
+	reply, err := apiRequest(sock, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return reply
+}
+
+// apiRequest is apiCall for goroutines other than the test's.
+func apiRequest(sock, req string) (string, error) {
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: sock, Net: "unix"})
 	if err != nil {
-		t.Fatalf("api dial: %v", err)
+		return "", fmt.Errorf("api dial: %w", err)
 	}
 	defer c.Close()
 	if _, err := c.Write([]byte(req)); err != nil {
-		t.Fatal(err)
+		return "", err
 	}
 	_ = c.CloseWrite()
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 	b, err := io.ReadAll(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
+	return string(b), err
 }
 
 // addSubIDs gives user a subordinate id range for the test's duration.

@@ -38,6 +38,8 @@ var commands = map[string]command{
 	"stream-sink":     {"ADDR", streamSink},
 	"stream":          {"ADDR STREAMS SECONDS", streamSource},
 	"ptrace-probe":    {"PID", ptraceProbe},
+	"dns-flood":       {"SERVER SECONDS", dnsFlood},
+	"ping-spray":      {"HOST COUNT", pingSpray},
 }
 
 func main() {
