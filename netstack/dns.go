@@ -136,6 +136,9 @@ func (s *Stack) startDNS() error {
 		addrs = append(addrs, s.cfg.DNS6)
 	}
 	for _, a := range addrs {
+		if !a.IsValid() {
+			continue // no DNS address of this family (pasta without --dns-forward)
+		}
 		proto := ipv4.ProtocolNumber
 		if a.Is6() {
 			proto = ipv6.ProtocolNumber
