@@ -74,7 +74,7 @@ type dnsForwarder struct {
 	// bySource counts the queries in flight per guest source address and
 	// port, so a flood from some sources cannot keep out the others.
 	bySource map[netip.AddrPort]int
-	guests    []*gonet.UDPConn
+	guests   []*gonet.UDPConn
 	// waiting holds the queries sent, by deadline: every try gets the
 	// same dnsTryTimeout, so the order they were sent in. One goroutine
 	// expires them (a timer per query would be a goroutine per query
