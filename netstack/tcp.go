@@ -78,6 +78,8 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	if err := s.lim.keepalive.set(ep); err != nil {
 		s.log.Debug("tcp keepalive", "src", src, "dst", dst, "err", err)
 	}
+	s.tcpBufs.add(ep)
+	defer s.tcpBufs.remove(ep)
 	start := time.Now()
 	s.counters.tcpTotal.Add(1)
 	s.log.Debug("tcp flow opened", "src", src, "dst", dst, "remote", host.RemoteAddr())

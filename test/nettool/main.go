@@ -40,6 +40,7 @@ var commands = map[string]command{
 	"ptrace-probe":      {"PID", ptraceProbe},
 	"fin-then-reset":    {"ADDR", finThenReset},
 	"close-wait-server": {"ADDR FILE", closeWaitServer},
+	"flood-server":      {"ADDR", floodServer},
 	"dns-flood":         {"SERVER SECONDS", dnsFlood},
 	"ping-spray":        {"HOST COUNT", pingSpray},
 }

@@ -75,3 +75,39 @@ func closeWaitServer(args []string) error {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// floodServer answers each connection's first byte, then sends zeros until
+// the connection ends: a host peer that keeps sending to a guest that has
+// stopped reading.
+func floodServer(args []string) error {
+	if err := needArgs(args, 1); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", args[0])
+	if err != nil {
+		return err
+	}
+	fmt.Printf("listening %s\n", ln.Addr())
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			one := make([]byte, 1)
+			if _, err := io.ReadFull(c, one); err != nil {
+				return
+			}
+			if _, err := c.Write(one); err != nil {
+				return
+			}
+			zeros := make([]byte, 64<<10)
+			for {
+				if _, err := c.Write(zeros); err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
