@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -95,7 +96,7 @@ func addressesOf(p netip.Prefix) addressing {
 // launcher.ReexecSandboxed) inherits: descriptors by number, plus what it
 // can no longer read from the filesystem.
 type sandboxState struct {
-	TapFD     int              `json:"tap_fd"`
+	TapFDs    []int            `json:"tap_fds"`
 	TapName   string           `json:"tap_name"`
 	APIFD     int              `json:"api_fd"`
 	RemoverFD int              `json:"remover_fd"`
@@ -240,6 +241,10 @@ func (h *helper) openTap(ctx context.Context, target launcher.Target) error {
 		Gateway:    h.netCfg.Gateway,
 		Nameserver: h.netCfg.DNS,
 		MAC:        cfg.macAddress,
+		// One queue per P, as netns-run: the guest's kernel spreads its
+		// flows over them. A TAP the runtime created without
+		// IFF_MULTI_QUEUE gets one.
+		Queues: runtime.GOMAXPROCS(0),
 	}
 	ns, below, same, err := portfwd.GuestUserNS(target.UserNS, target.NetNS)
 	if err != nil {
@@ -258,9 +263,11 @@ func (h *helper) openTap(ctx context.Context, target launcher.Target) error {
 // enterSandbox re-executes into the sandbox, carrying the TAP and the API
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
-	q := h.dev.Queues()[0]
-	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS}
-	keep := []*os.File{q}
+	st := sandboxState{TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS}
+	keep := append([]*os.File(nil), h.dev.Queues()...)
+	for _, q := range keep {
+		st.TapFDs = append(st.TapFDs, int(q.Fd()))
+	}
 	if h.pcap != nil {
 		st.PcapFD = int(h.pcap.Fd())
 		keep = append(keep, h.pcap)
@@ -287,7 +294,14 @@ func (h *helper) enterSandbox() error {
 func (h *helper) adopt(st sandboxState) error {
 	h.netCfg.DNSUpstreams = st.Upstreams
 	h.guestNS = st.GuestNS
-	h.dev = tap.FromFiles(st.TapName, []*os.File{os.NewFile(uintptr(st.TapFD), "tap")})
+	if len(st.TapFDs) == 0 {
+		return errors.New("sandbox: no TAP queue was handed over")
+	}
+	queues := make([]*os.File, len(st.TapFDs))
+	for i, fd := range st.TapFDs {
+		queues[i] = os.NewFile(uintptr(fd), "tap")
+	}
+	h.dev = tap.FromFiles(st.TapName, queues)
 	if st.PcapFD >= 0 {
 		h.pcap = os.NewFile(uintptr(st.PcapFD), "pcap")
 	}
