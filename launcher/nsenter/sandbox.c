@@ -156,7 +156,7 @@ static int join_userns(const char *fd_var) {
 		return 0;
 	char *end;
 	long fd = strtol(fd_var, &end, 10);
-	if (*end != '\0' || fd < 3 || fd > INT_MAX) {
+	if (*end != '\0' || fd < 0 || fd > INT_MAX) {
 		errno = EBADF;
 		return fail("user namespace descriptor for the sandbox");
 	}
