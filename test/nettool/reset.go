@@ -83,31 +83,19 @@ func floodServer(args []string) error {
 	if err := needArgs(args, 1); err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", args[0])
-	if err != nil {
-		return err
-	}
-	fmt.Printf("listening %s\n", ln.Addr())
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return err
+	return serveTCP(args[0], func(c net.Conn) {
+		one := make([]byte, 1)
+		if _, err := io.ReadFull(c, one); err != nil {
+			return
 		}
-		go func() {
-			defer c.Close()
-			one := make([]byte, 1)
-			if _, err := io.ReadFull(c, one); err != nil {
+		if _, err := c.Write(one); err != nil {
+			return
+		}
+		zeros := make([]byte, 64<<10)
+		for {
+			if _, err := c.Write(zeros); err != nil {
 				return
 			}
-			if _, err := c.Write(one); err != nil {
-				return
-			}
-			zeros := make([]byte, 64<<10)
-			for {
-				if _, err := c.Write(zeros); err != nil {
-					return
-				}
-			}
-		}()
-	}
+		}
+	})
 }

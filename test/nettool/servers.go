@@ -10,11 +10,11 @@ import (
 	"github.com/miekg/dns"
 )
 
-func tcpEchoServer(args []string) error {
-	if err := needArgs(args, 1); err != nil {
-		return err
-	}
-	ln, err := net.Listen("tcp", args[0])
+// serveTCP listens on addr, says so on stdout, and serves each connection
+// with handle in a goroutine of its own (handle closes nothing; the
+// connection is closed after it).
+func serveTCP(addr string, handle func(net.Conn)) error {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
@@ -26,12 +26,21 @@ func tcpEchoServer(args []string) error {
 		}
 		go func() {
 			defer c.Close()
-			_, _ = io.Copy(c, c)
-			if tc, ok := c.(*net.TCPConn); ok {
-				_ = tc.CloseWrite()
-			}
+			handle(c)
 		}()
 	}
+}
+
+func tcpEchoServer(args []string) error {
+	if err := needArgs(args, 1); err != nil {
+		return err
+	}
+	return serveTCP(args[0], func(c net.Conn) {
+		_, _ = io.Copy(c, c)
+		if tc, ok := c.(*net.TCPConn); ok {
+			_ = tc.CloseWrite()
+		}
+	})
 }
 
 func udpEchoServer(args []string) error {

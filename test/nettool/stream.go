@@ -18,21 +18,7 @@ func streamSink(args []string) error {
 	if err := needArgs(args, 1); err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", args[0])
-	if err != nil {
-		return err
-	}
-	fmt.Println("listening", ln.Addr())
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return err
-		}
-		go func() {
-			defer c.Close()
-			_, _ = io.Copy(io.Discard, c)
-		}()
-	}
+	return serveTCP(args[0], func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
 }
 
 // streamSource sends on STREAMS parallel connections for SECONDS and prints
