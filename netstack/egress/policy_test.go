@@ -404,18 +404,18 @@ func TestInspect(t *testing.T) {
 		t.Error("ClientHello in two records denied")
 	}
 	for req, want := range map[string]bool{
-		"GET / HTTP/1.1\r\nHost: good.example\r\n\r\n":                                  true,
-		"GET / HTTP/1.1\r\nhost: GOOD.example:80\r\nAccept: */*\r\n\r\n":                true,
-		"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n":                                 false,
-		"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n":                                         false,
-		"GET http://other.example/ HTTP/1.1\r\nHost: good.example\r\n\r\n":              false,
-		"GET / HTTP/1.1\r\nHost: good.example\r\nHost: other.example\r\n\r\n":           false,
-		"GET / HTTP/1.1\r\nHost: 198.51.100.7\r\n\r\n":                                  false,
-		"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n":                                              false,
-		"SSH-2.0-OpenSSH_9.6\r\n":                                                       true,
-		"\x00\x00\x00\x01binary protocol":                                               true,
-		"CONNECT other.example:443 HTTP/1.1\r\nHost: good.example\r\n\r\n":              false,
-		"POST /x HTTP/1.1\r\nHost: good.example\r\nContent-Length: 3\r\n\r\nabc":        true,
+		"GET / HTTP/1.1\r\nHost: good.example\r\n\r\n":                                   true,
+		"GET / HTTP/1.1\r\nhost: GOOD.example:80\r\nAccept: */*\r\n\r\n":                 true,
+		"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n":                                  false,
+		"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n":                                          false,
+		"GET http://other.example/ HTTP/1.1\r\nHost: good.example\r\n\r\n":               false,
+		"GET / HTTP/1.1\r\nHost: good.example\r\nHost: other.example\r\n\r\n":            false,
+		"GET / HTTP/1.1\r\nHost: 198.51.100.7\r\n\r\n":                                   false,
+		"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n":                                               false,
+		"SSH-2.0-OpenSSH_9.6\r\n":                                                        true,
+		"\x00\x00\x00\x01binary protocol":                                                true,
+		"CONNECT other.example:443 HTTP/1.1\r\nHost: good.example\r\n\r\n":               false,
+		"POST /x HTTP/1.1\r\nHost: good.example\r\nContent-Length: 3\r\n\r\nabc":         true,
 		"GET /" + strings.Repeat("a", MaxFirstBytes) + " HTTP/1.1\r\nHost: good.example": false,
 	} {
 		port := "80"

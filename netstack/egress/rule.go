@@ -76,10 +76,10 @@ func (p Proto) String() string {
 type hostKind uint8
 
 const (
-	hostName   hostKind = iota // example.com
-	hostBelow                  // *.example.com: names below it, not itself
-	hostSubtree                // **.example.com: the name and names below it
-	hostPrefix                 // an address or CIDR
+	hostName    hostKind = iota // example.com
+	hostBelow                   // *.example.com: names below it, not itself
+	hostSubtree                 // **.example.com: the name and names below it
+	hostPrefix                  // an address or CIDR
 )
 
 // portRange is an inclusive range of ports.
