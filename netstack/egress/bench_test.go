@@ -54,7 +54,7 @@ func benchDecide(b *testing.B, n int) {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				p.Decide(TCP, c.dst, false)
+				p.Decide(TCP, c.dst, c.dst, false)
 			}
 		})
 	}
@@ -67,7 +67,7 @@ func BenchmarkDecide(b *testing.B) {
 		p := New(Config{})
 		dst := netip.MustParseAddrPort("127.0.0.1:16301")
 		for b.Loop() {
-			p.Decide(TCP, dst, false)
+			p.Decide(TCP, dst, dst, false)
 		}
 	})
 	b.Run("rules=10000", func(b *testing.B) { benchDecide(b, 10000) })
@@ -96,11 +96,11 @@ func TestManyRulesMatch(t *testing.T) {
 		"198.51.100.1:443":      false,
 		"[2001:db8:9::abcd]:53": false,
 	} {
-		if got := p.Decide(TCP, netip.MustParseAddrPort(dst), false).Allowed; got != want {
+		if got := p.Decide(TCP, netip.MustParseAddrPort(dst), netip.MustParseAddrPort(dst), false).Allowed; got != want {
 			t.Errorf("%s: %v, want %v", dst, got, want)
 		}
 	}
-	if !p.Decide(UDP, netip.MustParseAddrPort("[2001:db8:4::1]:53"), false).Allowed {
+	if !p.Decide(UDP, netip.MustParseAddrPort("[2001:db8:4::1]:53"), netip.MustParseAddrPort("[2001:db8:4::1]:53"), false).Allowed {
 		t.Error("udp to [2001:db8:4::1]:53 denied")
 	}
 }

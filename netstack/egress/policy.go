@@ -83,8 +83,13 @@ type Decision struct {
 	// bytes must name an allowed host (see Inspect) before it is dialed.
 	Inspect bool
 
-	proto  Proto
-	dst    netip.AddrPort
+	proto Proto
+	// target is where the flow goes on the host (address rules and
+	// messages name it), guest the address the guest sent to (names
+	// were pinned to it); they differ for the gateway (the host's
+	// loopback) and other mapped addresses.
+	target netip.AddrPort
+	guest  netip.Addr
 	name   string // the pinned name the address came from, if any
 	rule   *entry
 	viaPin bool
@@ -93,20 +98,20 @@ type Decision struct {
 	inspected bool
 }
 
-// Decide rules on a new flow of protocol p to dst (the host-side
-// destination: 127.0.0.1 for the gateway; port 0 for ICMP). perPacket
-// says the caller asks per packet (ICMP echoes, datagrams of a denied UDP
-// flow), so repeated decisions are logged once in a while.
-func (p *Policy) Decide(proto Proto, dst netip.AddrPort, perPacket bool) Decision {
+// Decide rules on a new flow of protocol p that the guest sent to dst and
+// that goes to target on the host (127.0.0.1 for the gateway; port 0 for
+// ICMP). perPacket says the caller asks per packet (ICMP echoes, datagrams
+// of a denied UDP flow), so repeated decisions are logged once in a while.
+func (p *Policy) Decide(proto Proto, dst, target netip.AddrPort, perPacket bool) Decision {
 	m := p.m.Load()
 	if !m.active {
 		return Decision{Allowed: true}
 	}
-	a, port := dst.Addr().Unmap(), dst.Port()
+	a, port := target.Addr().Unmap(), target.Port()
 	if proto == ICMP {
 		port = 0
 	}
-	d := Decision{proto: proto, dst: netip.AddrPortFrom(a, port)}
+	d := Decision{proto: proto, target: netip.AddrPortFrom(a, port), guest: dst.Addr().Unmap()}
 	allow, deny := m.addrRules(a, proto, port)
 	switch {
 	case deny != nil:
@@ -125,7 +130,7 @@ func (p *Policy) Decide(proto Proto, dst netip.AddrPort, perPacket bool) Decisio
 // decideByName rules on a destination no address rule covers: by the
 // names pinned to it.
 func (p *Policy) decideByName(m *matcher, d *Decision) {
-	a, port := d.dst.Addr(), d.dst.Port()
+	a, port := d.target.Addr(), d.target.Port()
 	switch {
 	case isLinkLocal(a):
 		d.reason = "link-local and metadata addresses need an address rule"
@@ -134,7 +139,7 @@ func (p *Policy) decideByName(m *matcher, d *Decision) {
 	}
 	var denied, neutral string
 	var denyRule *entry
-	p.pins.each(a, p.now(), func(name string) bool {
+	p.pins.each(d.guest, p.now(), func(name string) bool {
 		if d.reason != "" {
 			d.name = name // for the message only
 			return false
@@ -206,14 +211,14 @@ func (p *Policy) settle(d *Decision, sni string, perPacket bool) {
 	if !p.rep.wants(verdict) && !p.audit {
 		return
 	}
-	rec := record{Proto: d.proto.String(), Addr: d.dst.Addr().String(), Port: d.dst.Port(), Name: d.name, SNI: sni,
+	rec := record{Proto: d.proto.String(), Addr: d.target.Addr().String(), Port: d.target.Port(), Name: d.name, SNI: sni,
 		Verdict: verdict, Reason: d.reason}
 	if d.rule != nil {
 		rec.Rule = d.rule.rule.String()
 	}
 	// The host to allow: the name the flow is for, if it is known and
 	// a name may open it; else the address.
-	host := d.dst.Addr().String()
+	host := d.target.Addr().String()
 	switch {
 	case sni != "" && !isAddress(sni):
 		host = normalName(sni)
@@ -222,12 +227,12 @@ func (p *Policy) settle(d *Decision, sni string, perPacket bool) {
 	}
 	suggest := ""
 	deniedByRule := d.rule != nil && d.rule.rule.Verdict == Deny
-	if verdict != verdictAllow && !deniedByRule && (!d.inspected || host != d.dst.Addr().String()) {
-		suggest = suggestion(host, d.proto, strconv.Itoa(int(d.dst.Port())))
+	if verdict != verdictAllow && !deniedByRule && (!d.inspected || host != d.target.Addr().String()) {
+		suggest = suggestion(host, d.proto, strconv.Itoa(int(d.target.Port())))
 	}
 	p.rep.report(rec, p.now(), perPacket, suggest)
 	if p.audit {
-		p.rep.use(host, d.proto, d.dst.Port())
+		p.rep.use(host, d.proto, d.target.Port())
 	}
 }
 
@@ -274,7 +279,7 @@ func (p *Policy) nameFits(d *Decision, name string) bool {
 		return false
 	}
 	m := p.m.Load()
-	allow, deny := m.nameRules(name, d.proto, d.dst.Port())
+	allow, deny := m.nameRules(name, d.proto, d.target.Port())
 	if deny != nil {
 		d.rule = deny
 		return false
@@ -282,7 +287,7 @@ func (p *Policy) nameFits(d *Decision, name string) bool {
 	if !m.defaultDeny {
 		return true
 	}
-	if allow == nil || !p.pins.has(d.dst.Addr(), name, p.now()) {
+	if allow == nil || !p.pins.has(d.guest, name, p.now()) {
 		return false
 	}
 	d.rule, d.name = allow, name
@@ -295,7 +300,7 @@ func (p *Policy) Hold(d Decision) (release func()) {
 	if !d.viaPin {
 		return func() {}
 	}
-	return p.pins.hold(d.dst.Addr())
+	return p.pins.hold(d.guest)
 }
 
 // Listed is one rule in force, as the API lists it.

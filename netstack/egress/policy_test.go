@@ -133,7 +133,7 @@ func addrsOf(m *dns.Msg) []string {
 
 func TestOffPolicyAllowsEverything(t *testing.T) {
 	p, _ := newPolicy(t, Config{})
-	if p.Active() || !p.Decide(TCP, ap("198.51.100.1:53"), false).Allowed {
+	if p.Active() || !p.Decide(TCP, ap("198.51.100.1:53"), ap("198.51.100.1:53"), false).Allowed {
 		t.Error("a policy without rules must allow everything")
 	}
 	if _, forward, filter := p.Query([]byte{1, 2, 3}); !forward || filter != nil {
@@ -144,45 +144,45 @@ func TestOffPolicyAllowsEverything(t *testing.T) {
 func TestNamesOnlyThroughDNS(t *testing.T) {
 	p, c := newPolicy(t, Config{}, "allow good.example:443")
 	dst := ap("198.51.100.7:443")
-	if p.Decide(TCP, dst, false).Allowed {
+	if p.Decide(TCP, dst, dst, false).Allowed {
 		t.Fatal("address allowed before its name was resolved")
 	}
 	m := resolve(t, p, "GOOD.example", dns.TypeA, "A 198.51.100.7")
 	if m.Rcode != dns.RcodeSuccess || len(addrsOf(m)) != 1 {
 		t.Fatalf("answer: %v", m)
 	}
-	d := p.Decide(TCP, dst, false)
+	d := p.Decide(TCP, dst, dst, false)
 	if !d.Allowed || !d.Inspect || d.name != "good.example" {
 		t.Fatalf("after resolving: %+v", d)
 	}
-	if p.Decide(TCP, ap("198.51.100.7:80"), false).Allowed {
+	if p.Decide(TCP, ap("198.51.100.7:80"), ap("198.51.100.7:80"), false).Allowed {
 		t.Error("another port of the name allowed")
 	}
-	if p.Decide(UDP, ap("198.51.100.8:443"), false).Allowed {
+	if p.Decide(UDP, ap("198.51.100.8:443"), ap("198.51.100.8:443"), false).Allowed {
 		t.Error("another address allowed")
 	}
-	if !p.Decide(UDP, dst, false).Allowed {
+	if !p.Decide(UDP, dst, dst, false).Allowed {
 		t.Error("UDP to the pinned port denied (the rule has no protocol)")
 	}
 	// The pin lasts max(TTL, 60 s): 300 s here.
 	c.advance(299 * time.Second)
-	if !p.Decide(TCP, dst, false).Allowed {
+	if !p.Decide(TCP, dst, dst, false).Allowed {
 		t.Error("pin gone before its TTL")
 	}
 	c.advance(2 * time.Second)
-	if p.Decide(TCP, dst, false).Allowed {
+	if p.Decide(TCP, dst, dst, false).Allowed {
 		t.Error("pin outlived its TTL")
 	}
 	// An open flow keeps it alive.
 	resolve(t, p, "good.example", dns.TypeA, "A 198.51.100.7")
-	d = p.Decide(TCP, dst, false)
+	d = p.Decide(TCP, dst, dst, false)
 	release := p.Hold(d)
 	c.advance(time.Hour)
-	if !p.Decide(TCP, dst, false).Allowed {
+	if !p.Decide(TCP, dst, dst, false).Allowed {
 		t.Error("pin expired while a flow through it is open")
 	}
 	release()
-	if p.Decide(TCP, dst, false).Allowed {
+	if p.Decide(TCP, dst, dst, false).Allowed {
 		t.Error("pin kept after its flow closed")
 	}
 }
@@ -203,11 +203,11 @@ func TestShortTTLHasFloor(t *testing.T) {
 	out, _ := a.Pack()
 	filter(out)
 	c2.advance(59 * time.Second)
-	if !p2.Decide(TCP, ap("198.51.100.9:1"), false).Allowed {
+	if !p2.Decide(TCP, ap("198.51.100.9:1"), ap("198.51.100.9:1"), false).Allowed {
 		t.Error("a 1 s TTL pin expired before 60 s")
 	}
 	c2.advance(2 * time.Second)
-	if p2.Decide(TCP, ap("198.51.100.9:1"), false).Allowed {
+	if p2.Decide(TCP, ap("198.51.100.9:1"), ap("198.51.100.9:1"), false).Allowed {
 		t.Error("a 1 s TTL pin outlived 60 s")
 	}
 	_ = c
@@ -231,15 +231,15 @@ func TestWildcardsAndDenyWins(t *testing.T) {
 		}
 	}
 	resolve(t, p, "y.tree.example", dns.TypeA, "A 198.51.100.51")
-	if p.Decide(TCP, ap("198.51.100.51:22"), false).Allowed {
+	if p.Decide(TCP, ap("198.51.100.51:22"), ap("198.51.100.51:22"), false).Allowed {
 		t.Error("port 22 of *.tree.example allowed despite the deny rule")
 	}
-	if !p.Decide(TCP, ap("198.51.100.51:80"), false).Allowed {
+	if !p.Decide(TCP, ap("198.51.100.51:80"), ap("198.51.100.51:80"), false).Allowed {
 		t.Error("port 80 denied")
 	}
 	// An address that names share: the one allowing port 22 opens it,
 	// and the first bytes show which name the flow is for.
-	if d := p.Decide(TCP, ap("198.51.100.50:22"), false); !d.Allowed || !d.Inspect {
+	if d := p.Decide(TCP, ap("198.51.100.50:22"), ap("198.51.100.50:22"), false); !d.Allowed || !d.Inspect {
 		t.Errorf("shared address, port 22: %+v", d)
 	}
 }
@@ -266,7 +266,7 @@ func TestAddressRules(t *testing.T) {
 		{TCP, "169.254.169.254:81", false},
 		{ICMP, "198.51.100.10:0", false},
 	} {
-		if got := p.Decide(c.proto, ap(c.dst), false).Allowed; got != c.want {
+		if got := p.Decide(c.proto, ap(c.dst), ap(c.dst), false).Allowed; got != c.want {
 			t.Errorf("%v %s: allowed %v, want %v", c.proto, c.dst, got, c.want)
 		}
 	}
@@ -274,7 +274,7 @@ func TestAddressRules(t *testing.T) {
 
 func TestDenyOnlyPolicy(t *testing.T) {
 	p, _ := newPolicy(t, Config{}, "deny blocked.example", "deny 198.51.100.66")
-	if !p.Decide(TCP, ap("198.51.100.10:443"), false).Allowed || p.Decide(TCP, ap("198.51.100.66:443"), false).Allowed {
+	if !p.Decide(TCP, ap("198.51.100.10:443"), ap("198.51.100.10:443"), false).Allowed || p.Decide(TCP, ap("198.51.100.66:443"), ap("198.51.100.66:443"), false).Allowed {
 		t.Error("deny-only policy: wrong address verdicts")
 	}
 	if m := resolve(t, p, "blocked.example", dns.TypeA, "A 1.2.3.4"); m.Rcode != dns.RcodeNameError {
@@ -284,7 +284,7 @@ func TestDenyOnlyPolicy(t *testing.T) {
 		t.Errorf("deny-only policy must forward other names' TXT: %v", m)
 	}
 	// One resolver, and no metadata service, even without an allow list.
-	if p.Decide(UDP, ap("198.51.100.10:53"), false).Allowed || p.Decide(TCP, ap("169.254.169.254:80"), false).Allowed {
+	if p.Decide(UDP, ap("198.51.100.10:53"), ap("198.51.100.10:53"), false).Allowed || p.Decide(TCP, ap("169.254.169.254:80"), ap("169.254.169.254:80"), false).Allowed {
 		t.Error("DNS elsewhere or metadata allowed")
 	}
 }
@@ -310,7 +310,7 @@ func TestDNSTypesAndRebinding(t *testing.T) {
 	}
 	// CNAME chains: the addresses are pinned to the name asked.
 	m = resolve(t, p, "www.example", dns.TypeA, "CNAME cdn.other.net.", "A 198.51.100.44")
-	if len(addrsOf(m)) != 1 || !p.Decide(TCP, ap("198.51.100.44:443"), false).Allowed {
+	if len(addrsOf(m)) != 1 || !p.Decide(TCP, ap("198.51.100.44:443"), ap("198.51.100.44:443"), false).Allowed {
 		t.Errorf("CNAME chain: %v", m)
 	}
 	if !p.pins.has(netip.MustParseAddr("198.51.100.44"), "www.example", time.Unix(1_700_000_000, 0)) {
@@ -335,11 +335,11 @@ func TestDNSPortsAndMetadataNeedAddressRules(t *testing.T) {
 	p, _ := newPolicy(t, Config{}, "allow **.example", "allow 198.51.100.53:53/udp")
 	resolve(t, p, "ns.example", dns.TypeA, "A 198.51.100.99")
 	for _, dst := range []string{"198.51.100.99:53", "198.51.100.99:853"} {
-		if p.Decide(UDP, ap(dst), false).Allowed || p.Decide(TCP, ap(dst), false).Allowed {
+		if p.Decide(UDP, ap(dst), ap(dst), false).Allowed || p.Decide(TCP, ap(dst), ap(dst), false).Allowed {
 			t.Errorf("%s allowed through a name pin", dst)
 		}
 	}
-	if !p.Decide(UDP, ap("198.51.100.53:53"), false).Allowed {
+	if !p.Decide(UDP, ap("198.51.100.53:53"), ap("198.51.100.53:53"), false).Allowed {
 		t.Error("DNS server named by an address rule denied")
 	}
 }
@@ -373,7 +373,7 @@ func TestInspect(t *testing.T) {
 	resolve(t, p, "good.example", dns.TypeA, "A 198.51.100.7")
 	resolve(t, p, "other.example", dns.TypeA, "A 198.51.100.7") // denied: not pinned
 	inspect := func(port string, b []byte, final bool) (bool, bool) {
-		d := p.Decide(TCP, ap("198.51.100.7:"+port), false)
+		d := p.Decide(TCP, ap("198.51.100.7:"+port), ap("198.51.100.7:"+port), false)
 		if !d.Inspect {
 			t.Fatalf("flow through a pin not inspected: %+v", d)
 		}
@@ -450,10 +450,10 @@ func TestAuditAndLog(t *testing.T) {
 	if m := resolve(t, p, "files.example.org", dns.TypeA, "A 198.51.100.8"); m.Rcode != dns.RcodeSuccess {
 		t.Fatalf("audit mode blocked a name: %v", m)
 	}
-	if !p.Decide(TCP, ap("198.51.100.8:443"), false).Allowed || !p.Decide(UDP, ap("198.51.100.9:5353"), false).Allowed {
+	if !p.Decide(TCP, ap("198.51.100.8:443"), ap("198.51.100.8:443"), false).Allowed || !p.Decide(UDP, ap("198.51.100.9:5353"), ap("198.51.100.9:5353"), false).Allowed {
 		t.Fatal("audit mode blocked a flow")
 	}
-	d := p.Decide(TCP, ap("198.51.100.7:443"), false)
+	d := p.Decide(TCP, ap("198.51.100.7:443"), ap("198.51.100.7:443"), false)
 	p.Inspect(&d, clientHello(t, "good.example"), false)
 	st := p.Stats()
 	if st.Audited != 2 || st.Denied != 0 || st.Allowed != 1 {
@@ -487,9 +487,9 @@ func TestNotices(t *testing.T) {
 	p, c := newPolicy(t, Config{Notices: &out}, "allow files.example.org:8443")
 	resolve(t, p, "files.example.org", dns.TypeA, "A 198.51.100.7")
 	for i := 0; i < 3; i++ {
-		p.Decide(TCP, ap("198.51.100.7:443"), false)
+		p.Decide(TCP, ap("198.51.100.7:443"), ap("198.51.100.7:443"), false)
 	}
-	p.Decide(TCP, ap("198.51.100.7:8443"), false) // allowed: no notice
+	p.Decide(TCP, ap("198.51.100.7:8443"), ap("198.51.100.7:8443"), false) // allowed: no notice
 	resolve(t, p, "exfil.attacker.example", dns.TypeTXT)
 	got := out.String()
 	want := "egress: denied tcp 198.51.100.7:443 (files.example.org): allow it with --allow files.example.org:443\n"
@@ -501,7 +501,8 @@ func TestNotices(t *testing.T) {
 	}
 	// A spray of destinations is rate-limited.
 	for i := 0; i < 1000; i++ {
-		p.Decide(TCP, netip.AddrPortFrom(netip.MustParseAddr("198.51.100.7"), uint16(1000+i)), false)
+		dst := netip.AddrPortFrom(netip.MustParseAddr("198.51.100.7"), uint16(1000+i))
+		p.Decide(TCP, dst, dst, false)
 	}
 	if n := strings.Count(out.String(), "\n"); n > int(noticeBurst)+3 {
 		t.Errorf("%d notice lines for a spray", n)
@@ -515,7 +516,7 @@ func TestNotices(t *testing.T) {
 func TestRuntimeEdits(t *testing.T) {
 	p, _ := newPolicy(t, Config{}, "allow a.example")
 	id := p.Add(rules(t, "allow 198.51.100.0/24:443")[0])
-	if !p.Decide(TCP, ap("198.51.100.1:443"), false).Allowed {
+	if !p.Decide(TCP, ap("198.51.100.1:443"), ap("198.51.100.1:443"), false).Allowed {
 		t.Error("added rule not in force")
 	}
 	l := p.List()
@@ -525,7 +526,7 @@ func TestRuntimeEdits(t *testing.T) {
 	if err := p.Remove(id); err != nil {
 		t.Fatal(err)
 	}
-	if p.Decide(TCP, ap("198.51.100.1:443"), false).Allowed {
+	if p.Decide(TCP, ap("198.51.100.1:443"), ap("198.51.100.1:443"), false).Allowed {
 		t.Error("removed rule still in force")
 	}
 	if err := p.Remove(id); err == nil {
