@@ -21,6 +21,7 @@ import (
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/launcher/safefs"
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/egress"
 	"github.com/netns-run/netns-run/portfwd"
 	"github.com/netns-run/netns-run/tap"
 )
@@ -99,6 +100,10 @@ type sandboxState struct {
 	PcapFD    int              `json:"pcap_fd"`
 	Upstreams []netip.AddrPort `json:"dns_upstreams"`
 	GuestNS   *portfwd.UserNS  `json:"guest_userns"`
+	// The egress policy, its --policy file read outside, and the
+	// descriptor of its decision log (-1: none).
+	Egress      egress.Config `json:"egress"`
+	EgressLogFD int           `json:"egress_log_fd"`
 }
 
 // helper is everything the long-running part needs.
@@ -109,6 +114,8 @@ type helper struct {
 	dev    tap.Device
 	api    *portfwd.APISocket
 	pcap   *os.File
+	// egressLog is --egress-log's file (nil: none, or stderr).
+	egressLog *os.File
 	// guestNS is the user namespace whose processes the API refuses
 	// (nil: the guest shares ours, so they cannot be told apart), and
 	// seesGuests whether we may inspect all of them (see RefuseGuest).
@@ -174,6 +181,12 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 	if h.netCfg.DNSUpstreams, err = netstack.DNSUpstreams(cfg.dnsUpstreams, "/etc/resolv.conf"); err != nil {
 		return err
 	}
+	if h.netCfg.Egress, err = cfg.egress.Config(); err != nil {
+		return err
+	}
+	if h.egressLog, _, err = cfg.egress.OpenLog(); err != nil {
+		return err
+	}
 	target := launcher.Target{NetNS: cfg.netnsPath, UserNS: cfg.usernsPath}
 	if cfg.pid > 0 {
 		t, err := launcher.TargetOfPID(cfg.pid, 10*time.Second)
@@ -229,11 +242,16 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
 	q := h.dev.Queues()[0]
-	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS}
+	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS,
+		Egress: h.netCfg.Egress, EgressLogFD: -1}
 	keep := []*os.File{q}
 	if h.pcap != nil {
 		st.PcapFD = int(h.pcap.Fd())
 		keep = append(keep, h.pcap)
+	}
+	if h.egressLog != nil {
+		st.EgressLogFD = int(h.egressLog.Fd())
+		keep = append(keep, h.egressLog)
 	}
 	if h.api != nil {
 		// The socket file is removed at exit by a process that stays
@@ -261,6 +279,10 @@ func (h *helper) adopt(st sandboxState) error {
 	if st.PcapFD >= 0 {
 		h.pcap = os.NewFile(uintptr(st.PcapFD), "pcap")
 	}
+	h.netCfg.Egress = st.Egress
+	if st.EgressLogFD >= 0 {
+		h.egressLog = os.NewFile(uintptr(st.EgressLogFD), "egress-log")
+	}
 	if st.APIFD >= 0 {
 		var err error
 		remover := os.NewFile(uintptr(st.RemoverFD), "remover")
@@ -279,6 +301,10 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 	if h.pcap != nil {
 		defer h.pcap.Close()
 		h.netCfg.Capture = netstack.NewCaptureWriter(h.pcap, h.cfg.pcapMaxSize, log)
+	}
+	cli.SetEgressOutput(&h.netCfg.Egress, h.egressLog, h.cfg.egress.Log == "-", stderr)
+	if h.egressLog != nil {
+		defer h.egressLog.Close()
 	}
 	stack, err := netstack.New(ctx, h.netCfg, h.dev)
 	if err != nil {
@@ -305,6 +331,7 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 			api.RefuseGuest(*h.guestNS, h.seesGuests)
 		}
 		api.SetReporter(func() any { return stack.Info() }, func() any { return stack.Stats() })
+		api.SetEgress(stack)
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
@@ -359,6 +386,10 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 		log.Info("the target process exited; exiting")
 	case <-stack.LinkDown():
 		log.Info("the guest's link went away; exiting")
+	}
+	if h.netCfg.Egress.Audit {
+		policy, err := stack.EgressPolicy()
+		cli.PrintSuggestion(stderr, policy, err)
 	}
 	return nil
 }
