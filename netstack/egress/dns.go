@@ -155,7 +155,7 @@ func (p *Policy) filterAnswer(r *dns.Msg, name string, strict bool) {
 		if p.rebinding(m, addr) {
 			p.counters.answersDropped.Add(1)
 			rec := record{Proto: "dns", Addr: addr.String(), Name: name, QType: dns.TypeToString[rr.Header().Rrtype],
-				Verdict: verdictDeny, Reason: "answer points inside (loopback, link-local or the guest's network): dropped"}
+				Verdict: verdictDeny, Reason: "it points inside (loopback, link-local or the guest's network), dropped"}
 			if p.audit {
 				rec.Verdict = verdictAudit
 			}

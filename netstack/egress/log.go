@@ -143,13 +143,20 @@ func notice(rec record, flag, suggest string) string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "egress: %s %s", what, rec.Proto)
-	if rec.Proto == "dns" {
+	switch {
+	case rec.Proto == "dns" && rec.Addr != "":
+		fmt.Fprintf(&b, " answer %s for %s", rec.Addr, rec.Name)
+	case rec.Proto == "dns":
 		fmt.Fprintf(&b, " %s query for %s", rec.QType, rec.Name)
-	} else {
-		b.WriteString(" " + rec.Addr)
+	default:
+		addr := rec.Addr
 		if rec.Port != 0 {
-			b.WriteString(":" + strconv.Itoa(int(rec.Port)))
+			if strings.Contains(addr, ":") {
+				addr = "[" + addr + "]"
+			}
+			addr += ":" + strconv.Itoa(int(rec.Port))
 		}
+		b.WriteString(" " + addr)
 		if rec.Name != "" {
 			b.WriteString(" (" + rec.Name + ")")
 		}
@@ -159,6 +166,9 @@ func notice(rec record, flag, suggest string) string {
 	}
 	if rec.Reason != "" {
 		b.WriteString(": " + rec.Reason)
+	}
+	if strings.HasPrefix(rec.Rule, "deny ") {
+		b.WriteString(": rule " + rec.Rule)
 	}
 	if suggest != "" {
 		fmt.Fprintf(&b, ": allow it with %s %s", flag, suggest)
