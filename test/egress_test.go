@@ -356,7 +356,7 @@ func TestEgressUsernet(t *testing.T) {
 	ew := newEgressWorld(t)
 	dir := userDir(t, "egress-usernet-")
 	policy := filepath.Join(dir, "policy")
-	if err := os.WriteFile(policy, []byte("# usernet\nallow good.egress.test:443\n"), 0o644); err != nil {
+	if err := os.WriteFile(policy, []byte("# usernet\n"+fillerRules(10000)+"allow good.egress.test:443\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	logPath := filepath.Join(dir, "decisions.jsonl")
@@ -401,4 +401,87 @@ func execCommand(name string, args ...string) (string, error) {
 	defer cancel()
 	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
 	return string(out), err
+}
+
+// TestEgressPasta: the same options in usernet's pasta mode, as podman
+// would pass them through containers.conf.
+func TestEgressPasta(t *testing.T) {
+	ew := newEgressWorld(t)
+	pasta := pastaLink(t)
+	nsPath := ew.containerNetns()
+	if out, code := ew.runPasta(pasta, podmanArgs(nsPath, "--allow", "good.egress.test:443", "--deny", "alias.egress.test")...); code != 0 {
+		t.Fatalf("pasta exited %d:\n%s", code, out)
+	}
+	daemonsFor(t, nsPath)
+	if got := inNetns(t, nsPath, bins.nettool, "tcp-connect", remoteAddr+":443"); !strings.Contains(got, "refused") {
+		t.Errorf("before resolving: %s", got)
+	}
+	if got := inNetns(t, nsPath, bins.nettool, "dns-query", "169.254.1.1:53", "good.egress.test", "tcp"); !strings.Contains(got, "A "+remoteAddr) {
+		t.Fatalf("resolve through --dns-forward: %s", got)
+	}
+	checkEcho(t, result{stdout: inNetns(t, nsPath, bins.nettool, "tcp-echo-check", remoteAddr+":443", "1000000")}, 1000000)
+	if got := inNetns(t, nsPath, bins.nettool, "tcp-connect", egressOther+":443"); !strings.Contains(got, "refused") {
+		t.Errorf("another host: %s", got)
+	}
+	if got := inNetns(t, nsPath, "sh", "-c", bins.nettool+" dns-query 169.254.1.1:53 alias.egress.test udp 2>&1; true"); !strings.Contains(got, "NXDOMAIN") {
+		t.Errorf("denied name: %s", got)
+	}
+	if got := inNetns(t, nsPath, "sh", "-c", bins.nettool+" dns-query "+routerAddr+":53 good.egress.test udp 2>&1; true"); strings.Contains(got, "A "+remoteAddr) {
+		t.Errorf("DNS to another resolver answered: %s", got)
+	}
+	if strings.Contains(ew.queries(), "alias.egress.test") {
+		t.Errorf("a denied name reached the upstream:\n%s", ew.queries())
+	}
+}
+
+// TestEgressHostLoopback: the gateway is the host's loopback and follows
+// the rules like any other destination; --disable-host-loopback wins.
+func TestEgressHostLoopback(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8081")
+	script := stepScript(
+		"allowed NT tcp-echo-check 10.0.2.2:8080 100000",
+		"other NT tcp-connect 10.0.2.2:8081",
+		"metadata NT tcp-connect 169.254.169.254:80",
+	)
+	res := wd.runGuest([]string{"--allow", "127.0.0.1:8080"}, "sh", "-c", script)
+	expectSteps(t, res, map[string]string{
+		"allowed":  `^rc=0 bytes=100000 `,
+		"other":    `^rc=0 refused`,
+		"metadata": `^rc=0 refused`,
+	})
+	if !strings.Contains(res.stderr, "egress: denied tcp 169.254.169.254:80: link-local and metadata addresses need an address rule") {
+		t.Errorf("metadata denial not explained:\n%s", res.stderr)
+	}
+	// 10,000 rules reach the sandboxed engine (once, they did not fit in
+	// its environment).
+	policy := filepath.Join(userDir(t, "egress-policy-"), "policy")
+	if err := os.WriteFile(policy, []byte(fillerRules(10000)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res = wd.runGuest([]string{"--policy", policy, "--allow", "127.0.0.1:8080"}, "sh", "-c", script)
+	expectSteps(t, res, map[string]string{"allowed": `^rc=0 bytes=100000 `, "other": `^rc=0 refused`})
+	res = wd.runGuest([]string{"--allow", "127.0.0.1:8080", "--disable-host-loopback", "--no-sandbox", "--egress-log", "-"}, "sh", "-c", stepScript(
+		"allowed NT tcp-connect 10.0.2.2:8080",
+	))
+	expectSteps(t, res, map[string]string{"allowed": `^rc=0 unreachable`})
+}
+
+// fillerRules is a policy of n rules that none of the tests' flows match.
+func fillerRules(n int) string {
+	var b strings.Builder
+	for i := 0; i < n; i++ {
+		switch i % 4 {
+		case 0:
+			fmt.Fprintf(&b, "allow host%d.filler.example:443\n", i)
+		case 1:
+			fmt.Fprintf(&b, "allow *.svc%d.filler.example\n", i)
+		case 2:
+			fmt.Fprintf(&b, "allow 10.%d.%d.0/24:8000-8099/tcp\n", i>>8&255, i&255)
+		case 3:
+			fmt.Fprintf(&b, "deny [2001:db8:%x::/48]:53/udp\n", i)
+		}
+	}
+	return b.String()
 }

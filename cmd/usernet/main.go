@@ -100,10 +100,12 @@ type sandboxState struct {
 	PcapFD    int              `json:"pcap_fd"`
 	Upstreams []netip.AddrPort `json:"dns_upstreams"`
 	GuestNS   *portfwd.UserNS  `json:"guest_userns"`
-	// The egress policy, its --policy file read outside, and the
-	// descriptor of its decision log (-1: none).
-	Egress      egress.Config `json:"egress"`
-	EgressLogFD int           `json:"egress_log_fd"`
+	// The egress policy, with its rules (its --policy file read outside)
+	// in a file of their own (egress.RulesFile: thousands do not fit in
+	// the environment), and its decision log (-1: none).
+	Egress        egress.Config `json:"egress"`
+	EgressRulesFD int           `json:"egress_rules_fd"`
+	EgressLogFD   int           `json:"egress_log_fd"`
 }
 
 // helper is everything the long-running part needs.
@@ -243,8 +245,16 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 func (h *helper) enterSandbox() error {
 	q := h.dev.Queues()[0]
 	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS,
-		Egress: h.netCfg.Egress, EgressLogFD: -1}
+		Egress: h.netCfg.Egress, EgressRulesFD: -1, EgressLogFD: -1}
 	keep := []*os.File{q}
+	if len(st.Egress.Rules) > 0 {
+		rules, err := egress.RulesFile(st.Egress.Rules)
+		if err != nil {
+			return err
+		}
+		st.Egress.Rules, st.EgressRulesFD = nil, int(rules.Fd())
+		keep = append(keep, rules)
+	}
 	if h.pcap != nil {
 		st.PcapFD = int(h.pcap.Fd())
 		keep = append(keep, h.pcap)
@@ -280,6 +290,13 @@ func (h *helper) adopt(st sandboxState) error {
 		h.pcap = os.NewFile(uintptr(st.PcapFD), "pcap")
 	}
 	h.netCfg.Egress = st.Egress
+	if st.EgressRulesFD >= 0 {
+		rules, err := egress.ReadRulesFile(os.NewFile(uintptr(st.EgressRulesFD), "egress-rules"))
+		if err != nil {
+			return err
+		}
+		h.netCfg.Egress.Rules = rules
+	}
 	if st.EgressLogFD >= 0 {
 		h.egressLog = os.NewFile(uintptr(st.EgressLogFD), "egress-log")
 	}

@@ -149,3 +149,18 @@ func FuzzParseRule(f *testing.F) {
 		}
 	})
 }
+
+func TestRulesFile(t *testing.T) {
+	var in []Rule
+	for i := 0; i < 10000; i++ {
+		in = append(in, rules(t, "allow host"+strings.Repeat("x", i%7)+".example.com:443", "deny [2001:db8::/32]:53/udp")...)
+	}
+	f, err := RulesFile(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := ReadRulesFile(f)
+	if err != nil || len(out) != len(in) || out[len(out)-1].String() != in[len(in)-1].String() {
+		t.Fatalf("round trip of %d rules: %d back, %v", len(in), len(out), err)
+	}
+}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/egress"
 	"github.com/netns-run/netns-run/portfwd"
 	"github.com/netns-run/netns-run/tap"
 )
@@ -75,6 +76,16 @@ func Start(spec Spec, pcap, egressLog *os.File, log *slog.Logger) (*Client, erro
 	}
 	if spec.EgressLog = egressLog != nil; spec.EgressLog {
 		files = append(files, egressLog)
+	}
+	if spec.EgressRules = len(spec.Net.Egress.Rules) > 0; spec.EgressRules {
+		rules, err := egress.RulesFile(spec.Net.Egress.Rules)
+		if err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("start network engine: %w", err)
+		}
+		defer rules.Close()
+		spec.Net.Egress.Rules = nil
+		files = append(files, rules)
 	}
 	proc, err := launcher.StartEngine(spec, files...)
 	if err != nil {

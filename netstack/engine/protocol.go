@@ -35,9 +35,11 @@ import (
 )
 
 // Spec is what the engine process is given besides its descriptors, which
-// are, in order: the control socket, the pcap file if Pcap and the egress
-// decision log if EgressLog. The TAP comes later, over the control socket:
-// the engine starts while the namespace is being set up.
+// are, in order: the control socket, the pcap file if Pcap, the egress
+// decision log if EgressLog, and the egress rules (egress.RulesFile) if
+// EgressRules: Net.Egress.Rules stays empty, as thousands of rules would
+// not fit in the environment. The TAP comes later, over the control
+// socket: the engine starts while the namespace is being set up.
 type Spec struct {
 	Net         netstack.Config `json:"net"`
 	Pcap        bool            `json:"pcap"`
@@ -46,6 +48,7 @@ type Spec struct {
 	// follows; EgressLogStderr: the log goes to stderr instead.
 	EgressLog       bool `json:"egress_log"`
 	EgressLogStderr bool `json:"egress_log_stderr"`
+	EgressRules     bool `json:"egress_rules"`
 	// Debug and LogFormat configure the engine's logger (its stderr is
 	// the parent's); Debug also has the kernel log refused system calls.
 	Debug     bool   `json:"debug"`

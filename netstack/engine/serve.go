@@ -15,6 +15,7 @@ import (
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/egress"
 	"github.com/netns-run/netns-run/tap"
 )
 
@@ -48,15 +49,23 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 	if setupErr != nil {
 		return fail(setupErr)
 	}
-	if want := 1 + btoi(spec.Pcap) + btoi(spec.EgressLog); len(files) != want {
+	if want := 1 + btoi(spec.Pcap) + btoi(spec.EgressLog) + btoi(spec.EgressRules); len(files) != want {
 		return fail(fmt.Errorf("network engine: got %d descriptors, want %d", len(files), want))
 	}
 	var pcap, egressLog *os.File
+	next := files[1:]
 	if spec.Pcap {
-		pcap = files[1]
+		pcap, next = next[0], next[1:]
 	}
 	if spec.EgressLog {
-		egressLog = files[len(files)-1]
+		egressLog, next = next[0], next[1:]
+	}
+	if spec.EgressRules {
+		rules, err := egress.ReadRulesFile(next[0])
+		if err != nil {
+			return fail(fmt.Errorf("network engine: %w", err))
+		}
+		spec.Net.Egress.Rules = rules
 	}
 	dev, err := awaitTap(ctrl)
 	if errors.Is(err, errHangup) {
