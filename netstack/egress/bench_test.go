@@ -31,18 +31,7 @@ func manyRules(tb testing.TB, n int) []Rule {
 
 func benchDecide(b *testing.B, n int) {
 	p := New(Config{Rules: append(manyRules(b, n), rules(b, "allow 127.0.0.1", "allow pinned.example:443")...)})
-	q := new(dns.Msg)
-	q.SetQuestion("pinned.example.", dns.TypeA)
-	qb, _ := q.Pack()
-	_, _, filter := p.Query(qb)
-	a := new(dns.Msg)
-	a.SetReply(q)
-	rr, _ := dns.NewRR("pinned.example. 3600 IN A 198.51.100.7")
-	a.Answer = []dns.RR{rr}
-	ab, _ := a.Pack()
-	if filter != nil {
-		filter(ab)
-	}
+	resolveTTL(b, p, "pinned.example", dns.TypeA, 3600, "A 198.51.100.7")
 	for _, c := range []struct {
 		name string
 		dst  netip.AddrPort

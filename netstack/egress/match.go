@@ -100,20 +100,32 @@ func (m *matcher) table(a netip.Addr) *cidrTable {
 // addrRules returns an allow and a deny rule matching a for protocol p and
 // port, if there are any.
 func (m *matcher) addrRules(a netip.Addr, p Proto, port uint16) (allow, deny *entry) {
-	m.table(a).visit(a, func(e *entry) bool {
-		if !e.rule.covers(p, port) {
-			return true
-		}
-		if e.rule.Verdict == Deny {
-			deny = e
-			return false
-		}
-		if allow == nil {
-			allow = e
-		}
+	v := verdicts{proto: p, port: port}
+	m.table(a).visit(a, v.see)
+	return v.allow, v.deny
+}
+
+// verdicts collects, from the rules it sees, the first allow and the first
+// deny rule covering a protocol and port.
+type verdicts struct {
+	proto       Proto
+	port        uint16
+	allow, deny *entry
+}
+
+// see takes one rule; false once a deny rule was seen (it wins).
+func (v *verdicts) see(e *entry) bool {
+	if !e.rule.covers(v.proto, v.port) {
 		return true
-	})
-	return allow, deny
+	}
+	if e.rule.Verdict == Deny {
+		v.deny = e
+		return false
+	}
+	if v.allow == nil {
+		v.allow = e
+	}
+	return true
 }
 
 // addrAllowedAnyhow reports whether an allow rule's range holds a, for
@@ -162,20 +174,9 @@ func (m *matcher) visitName(name string, fn func(*entry) bool) {
 // nameRules returns an allow and a deny rule matching name for protocol p
 // and port, if there are any.
 func (m *matcher) nameRules(name string, p Proto, port uint16) (allow, deny *entry) {
-	m.visitName(name, func(e *entry) bool {
-		if !e.rule.covers(p, port) {
-			return true
-		}
-		if e.rule.Verdict == Deny {
-			deny = e
-			return false
-		}
-		if allow == nil {
-			allow = e
-		}
-		return true
-	})
-	return allow, deny
+	v := verdicts{proto: p, port: port}
+	m.visitName(name, v.see)
+	return v.allow, v.deny
 }
 
 // queryRules decides whether name may be looked up: it returns an allow

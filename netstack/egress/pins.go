@@ -139,22 +139,7 @@ func (t *pinTable) hold(a netip.Addr) (release func()) {
 // sweepLocked drops expired names of addresses without open flows.
 func (t *pinTable) sweepLocked(now time.Time) {
 	t.lastSweep = now
-	for a, p := range t.byAddr {
-		if p.flows > 0 {
-			continue
-		}
-		kept := p.names[:0]
-		for _, pn := range p.names {
-			if pn.until.After(now) {
-				kept = append(kept, pn)
-			}
-		}
-		t.n -= len(p.names) - len(kept)
-		p.names = kept
-		if len(kept) == 0 {
-			delete(t.byAddr, a)
-		}
-	}
+	t.dropLocked(now)
 }
 
 // evictLocked drops the eighth of the pins (of addresses without open
@@ -173,14 +158,19 @@ func (t *pinTable) evictLocked() {
 		return
 	}
 	slices.SortFunc(untils, func(a, b time.Time) int { return a.Compare(b) })
-	cut := untils[min(len(untils)-1, max(t.max/8, 1)-1)]
+	t.dropLocked(untils[min(len(untils)-1, max(t.max/8, 1)-1)])
+}
+
+// dropLocked drops the names pinned until "until" or earlier, of
+// addresses without open flows.
+func (t *pinTable) dropLocked(until time.Time) {
 	for a, p := range t.byAddr {
 		if p.flows > 0 {
 			continue
 		}
 		kept := p.names[:0]
 		for _, pn := range p.names {
-			if pn.until.After(cut) {
+			if pn.until.After(until) {
 				kept = append(kept, pn)
 			}
 		}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -83,7 +84,13 @@ func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 // resolve sends a query for name through p and an answer with the given
 // records ("A 1.2.3.4", "CNAME x.", "AAAA ::1", TTL 300), and returns the
 // guest's answer.
-func resolve(t *testing.T, p *Policy, name string, qtype uint16, records ...string) *dns.Msg {
+func resolve(t testing.TB, p *Policy, name string, qtype uint16, records ...string) *dns.Msg {
+	t.Helper()
+	return resolveTTL(t, p, name, qtype, 300, records...)
+}
+
+// resolveTTL is resolve with the records' TTL given.
+func resolveTTL(t testing.TB, p *Policy, name string, qtype uint16, ttl int, records ...string) *dns.Msg {
 	t.Helper()
 	q := new(dns.Msg)
 	q.SetQuestion(dns.Fqdn(name), qtype)
@@ -97,7 +104,7 @@ func resolve(t *testing.T, p *Policy, name string, qtype uint16, records ...stri
 		a.SetReply(q)
 		owner := dns.Fqdn(name)
 		for _, r := range records {
-			rr, err := dns.NewRR(owner + " 300 IN " + r)
+			rr, err := dns.NewRR(owner + " " + strconv.Itoa(ttl) + " IN " + r)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -188,29 +195,17 @@ func TestNamesOnlyThroughDNS(t *testing.T) {
 }
 
 func TestShortTTLHasFloor(t *testing.T) {
-	p, c := newPolicy(t, Config{}, "allow short.example")
-	resolve(t, p, "short.example", dns.TypeA, "A 198.51.100.9")
-	// Records come with TTL 300 from resolve; build a 1 s one by hand.
-	q := new(dns.Msg)
-	q.SetQuestion("one.example.", dns.TypeA)
-	p2, c2 := newPolicy(t, Config{}, "allow one.example")
-	b, _ := q.Pack()
-	_, _, filter := p2.Query(b)
-	a := new(dns.Msg)
-	a.SetReply(q)
-	rr, _ := dns.NewRR("one.example. 1 IN A 198.51.100.9")
-	a.Answer = []dns.RR{rr}
-	out, _ := a.Pack()
-	filter(out)
-	c2.advance(59 * time.Second)
-	if !p2.Decide(TCP, ap("198.51.100.9:1"), ap("198.51.100.9:1"), false).Allowed {
+	p, c := newPolicy(t, Config{}, "allow one.example")
+	resolveTTL(t, p, "one.example", dns.TypeA, 1, "A 198.51.100.9")
+	dst := ap("198.51.100.9:1")
+	c.advance(59 * time.Second)
+	if !p.Decide(TCP, dst, dst, false).Allowed {
 		t.Error("a 1 s TTL pin expired before 60 s")
 	}
-	c2.advance(2 * time.Second)
-	if p2.Decide(TCP, ap("198.51.100.9:1"), ap("198.51.100.9:1"), false).Allowed {
+	c.advance(2 * time.Second)
+	if p.Decide(TCP, dst, dst, false).Allowed {
 		t.Error("a 1 s TTL pin outlived 60 s")
 	}
-	_ = c
 }
 
 func TestWildcardsAndDenyWins(t *testing.T) {

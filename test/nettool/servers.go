@@ -14,6 +14,12 @@ func tcpEchoServer(args []string) error {
 	if err != nil {
 		return err
 	}
+	return serveEcho(ln)
+}
+
+// serveEcho says it listens and echoes what each client sends, half-closing
+// after the client's FIN where it can.
+func serveEcho(ln net.Listener) error {
 	fmt.Printf("listening %s\n", ln.Addr())
 	for {
 		c, err := ln.Accept()

@@ -41,17 +41,7 @@ func tlsEchoServer(args []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("listening %s\n", ln.Addr())
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return err
-		}
-		go func() {
-			defer c.Close()
-			_, _ = io.Copy(c, c)
-		}()
-	}
+	return serveEcho(ln)
 }
 
 // isReset reports whether err is the peer resetting the connection (or
