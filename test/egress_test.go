@@ -462,7 +462,15 @@ func TestEgressHostLoopback(t *testing.T) {
 	}
 	res = wd.runGuest([]string{"--policy", policy, "--allow", "127.0.0.1:8080"}, "sh", "-c", script)
 	expectSteps(t, res, map[string]string{"allowed": `^rc=0 bytes=100000 `, "other": `^rc=0 refused`})
-	res = wd.runGuest([]string{"--allow", "127.0.0.1:8080", "--disable-host-loopback", "--no-sandbox", "--egress-log", "-"}, "sh", "-c", stepScript(
+	// In netns-run's own process, with the decision log on stderr.
+	res = wd.runGuest([]string{"--allow", "127.0.0.1:8080", "--no-sandbox", "--egress-log", "-"}, "sh", "-c", stepScript(
+		"allowed NT tcp-connect 10.0.2.2:8080",
+	))
+	expectSteps(t, res, map[string]string{"allowed": `^rc=0 connected`})
+	if !regexp.MustCompile(`(?m)^\{"time":"[^"]+","proto":"tcp","addr":"127\.0\.0\.1","port":8080,"rule":"allow 127\.0\.0\.1:8080","verdict":"allow"\}$`).MatchString(res.stderr) {
+		t.Errorf("no JSON decision on stderr:\n%s", res.stderr)
+	}
+	res = wd.runGuest([]string{"--allow", "127.0.0.1:8080", "--disable-host-loopback"}, "sh", "-c", stepScript(
 		"allowed NT tcp-connect 10.0.2.2:8080",
 	))
 	expectSteps(t, res, map[string]string{"allowed": `^rc=0 unreachable`})
