@@ -57,6 +57,52 @@ func TargetOfPID(pid int, timeout time.Duration) (Target, error) {
 	return Target{NetNS: dir + "net", UserNS: dir + "user"}, nil
 }
 
+// OpenTarget is a Target whose namespace files are open.
+type OpenTarget struct {
+	// NetNS and UserNS are the namespace files; UserNS is nil when the
+	// Target named none.
+	NetNS, UserNS *os.File
+}
+
+// Open opens t's namespace files. Later uses should go through them (see
+// OpenTarget.Target) rather than through t's paths, which may stop
+// resolving or come to name another namespace: a /proc/PID path once that
+// process exits, any path of the host's once this process is in a sandbox.
+func (t Target) Open() (*OpenTarget, error) {
+	netns, err := os.Open(t.NetNS)
+	if err != nil {
+		return nil, fmt.Errorf("network namespace: %w", err)
+	}
+	o := &OpenTarget{NetNS: netns}
+	if t.UserNS != "" {
+		if o.UserNS, err = os.Open(t.UserNS); err != nil {
+			netns.Close()
+			return nil, fmt.Errorf("user namespace: %w", err)
+		}
+	}
+	return o, nil
+}
+
+// Target names the open files through this process's descriptors
+// (/proc/self/fd/N), for what takes paths (OpenTapIn).
+func (o *OpenTarget) Target() Target {
+	t := Target{NetNS: fdPath(o.NetNS)}
+	if o.UserNS != nil {
+		t.UserNS = fdPath(o.UserNS)
+	}
+	return t
+}
+
+// Close closes the files.
+func (o *OpenTarget) Close() {
+	o.NetNS.Close()
+	if o.UserNS != nil {
+		o.UserNS.Close()
+	}
+}
+
+func fdPath(f *os.File) string { return "/proc/self/fd/" + strconv.Itoa(int(f.Fd())) }
+
 // OpenTapIn creates or attaches to the TAP g.TapName inside the target's
 // network namespace and returns it for use from our own namespaces, with the
 // TAP's MAC address. With configure, lo is brought up and the TAP gets g's

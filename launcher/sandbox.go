@@ -19,16 +19,27 @@ const sandboxStateEnv = "_NETNS_RUN_SANDBOX_STATE"
 // runtimes track), with a fresh copy that enters a sandbox before its Go
 // runtime starts: a private mount namespace whose root holds only /etc and
 // /run read-only, no capabilities but CAP_NET_BIND_SERVICE, no_new_privs.
-// An unprivileged caller first joins userns (the container's user namespace)
-// to be allowed to do that.
+// An unprivileged caller first joins userns (the container's user namespace,
+// open; nil for none) to be allowed to do that.
+//
+// Nothing the copy needs is looked up by path after the exec: the host's
+// paths (namespace files, the API socket's directory, the capture file) may
+// not exist in the sandbox, so the caller opens them first and passes them
+// in keep or state.
 //
 // state is marshalled to JSON for SandboxedState; keep lists the files that
 // must stay open (their descriptor numbers do not change). It only returns on
 // failure.
-func ReexecSandboxed(userns string, state any, keep ...*os.File) error {
+func ReexecSandboxed(userns *os.File, state any, keep ...*os.File) error {
 	b, err := json.Marshal(state)
 	if err != nil {
 		return fmt.Errorf("sandbox: encode state: %w", err)
+	}
+	env := append(os.Environ(), sandboxStateEnv+"="+string(b), nsenter.EnvSandbox+"=1")
+	if userns != nil {
+		// The constructor joins it and closes it.
+		keep = append(keep, userns)
+		env = append(env, fmt.Sprintf("%s=%d", nsenter.EnvSandboxUserNSFD, userns.Fd()))
 	}
 	for _, f := range keep {
 		// Clearing close-on-exec is what carries the file across.
@@ -36,10 +47,6 @@ func ReexecSandboxed(userns string, state any, keep ...*os.File) error {
 			return fmt.Errorf("sandbox: keep %s open: %w", f.Name(), err)
 		}
 	}
-	env := append(os.Environ(),
-		sandboxStateEnv+"="+string(b),
-		nsenter.EnvSandbox+"=1",
-		nsenter.EnvSandboxUserNS+"="+userns)
 	err = syscall.Exec("/proc/self/exe", os.Args, env)
 	return fmt.Errorf("sandbox: re-exec: %w", err)
 }
@@ -58,7 +65,7 @@ func SandboxedState(v any) (bool, error) {
 	if !ok {
 		return false, nil
 	}
-	return true, sandboxState(s, v, sandboxStateEnv, nsenter.EnvSandbox, nsenter.EnvSandboxUserNS)
+	return true, sandboxState(s, v, sandboxStateEnv, nsenter.EnvSandbox, nsenter.EnvSandboxUserNSFD)
 }
 
 // sandboxState, in a process that entered a sandbox, clears the variables

@@ -71,7 +71,10 @@ type dnsForwarder struct {
 	closed    bool
 	upstreams []*dnsUpstream
 	inFlight  int
-	guests    []*gonet.UDPConn
+	// bySource counts the queries in flight per guest source address and
+	// port, so a flood from some sources cannot keep out the others.
+	bySource map[netip.AddrPort]int
+	guests   []*gonet.UDPConn
 	// waiting holds the queries sent, by deadline: every try gets the
 	// same dnsTryTimeout, so the order they were sent in. One goroutine
 	// expires them (a timer per query would be a goroutine per query
@@ -82,7 +85,8 @@ type dnsForwarder struct {
 
 // dnsQuery is one guest query waiting for an answer.
 type dnsQuery struct {
-	msg      []byte // as the guest sent it, but for the ID
+	source   netip.AddrPort // the guest's address and port
+	msg      []byte         // as the guest sent it, but for the ID
 	guestID  uint16
 	question dnsQuestion
 	qEnd     int // end of the question section in msg
@@ -118,7 +122,7 @@ func parseDNSQuestion(m []byte) (q dnsQuestion, end int, ok bool) {
 // addresses. Flows to other ports there, and TCP, go through the ordinary
 // forwarders.
 func (s *Stack) startDNS() error {
-	f := &dnsForwarder{s: s, kick: make(chan struct{}, 1)}
+	f := &dnsForwarder{s: s, kick: make(chan struct{}, 1), bySource: make(map[netip.AddrPort]int)}
 	for _, up := range s.cfg.DNSUpstreams {
 		f.upstreams = append(f.upstreams, &dnsUpstream{addr: up})
 	}
@@ -186,7 +190,7 @@ func (f *dnsForwarder) serveGuest(g *gonet.UDPConn, ep tcpip.Endpoint) {
 			continue
 		}
 		to := s.fullAddress(ua.AddrPort())
-		f.query(buf[:n], func(m []byte) {
+		f.query(ua.AddrPort(), buf[:n], func(m []byte) {
 			// Never wait on the guest: a full socket drops the answer
 			// as a full network would.
 			_, _ = ep.Write(bytes.NewReader(m), tcpip.WriteOptions{To: &to})
@@ -194,9 +198,9 @@ func (f *dnsForwarder) serveGuest(g *gonet.UDPConn, ep tcpip.Endpoint) {
 	}
 }
 
-// query relays one guest query; reply is called at most once, with the
-// answer or a SERVFAIL.
-func (f *dnsForwarder) query(m []byte, reply func([]byte)) {
+// query relays one guest query from source; reply is called at most once,
+// with the answer or a SERVFAIL.
+func (f *dnsForwarder) query(source netip.AddrPort, m []byte, reply func([]byte)) {
 	if len(m) < 12 || len(m) > dnsMaxQuery || m[2]&0x80 != 0 {
 		return // not a query
 	}
@@ -214,23 +218,71 @@ func (f *dnsForwarder) query(m []byte, reply func([]byte)) {
 		f.s.log.Debug("dns: malformed query dropped")
 		return
 	}
-	q := &dnsQuery{msg: append([]byte(nil), m...), guestID: binary.BigEndian.Uint16(m), question: question, qEnd: qEnd, reply: reply}
+	q := &dnsQuery{source: source, msg: append([]byte(nil), m...), guestID: binary.BigEndian.Uint16(m), question: question, qEnd: qEnd, reply: reply}
 	f.mu.Lock()
 	if f.closed {
 		f.mu.Unlock()
 		return
 	}
+	var displaced *dnsQuery
 	if f.inFlight >= dnsMaxInFlight {
-		f.mu.Unlock()
+		// Full: the query goes in only in place of the oldest one of
+		// the source that holds most, and only if that source holds
+		// more than this one's would: a flood fails its own queries,
+		// not everyone's.
+		if displaced = f.displaceLocked(source); displaced == nil {
+			f.mu.Unlock()
+			f.s.counters.dropDNSOverload.Add(1)
+			reply(servfail(q))
+			return
+		}
 		f.s.counters.dropDNSOverload.Add(1)
-		reply(servfail(q))
-		return
 	}
 	f.inFlight++
+	f.bySource[source]++
 	sent := f.sendLocked(q, 0)
 	f.mu.Unlock()
+	if displaced != nil {
+		displaced.reply(servfail(displaced))
+	}
 	if !sent {
 		reply(servfail(q))
+	}
+}
+
+// displaceLocked takes the oldest query of the source with the most in
+// flight out, if that source holds more than one more than source does,
+// and returns it (nil: nothing to displace).
+func (f *dnsForwarder) displaceLocked(source netip.AddrPort) *dnsQuery {
+	var heaviest netip.AddrPort
+	most := 0
+	for src, n := range f.bySource {
+		if n > most {
+			heaviest, most = src, n
+		}
+	}
+	if most <= f.bySource[source]+1 {
+		return nil
+	}
+	for e := f.waiting.Front(); e != nil; e = e.Next() {
+		q := e.Value.(*dnsQuery)
+		if q.source != heaviest {
+			continue
+		}
+		f.waiting.Remove(q.elem)
+		delete(q.conn.pending, q.wireID)
+		f.closeIfDoneLocked(q.conn)
+		f.doneLocked(q)
+		return q
+	}
+	return nil
+}
+
+// doneLocked counts q out of the queries in flight.
+func (f *dnsForwarder) doneLocked(q *dnsQuery) {
+	f.inFlight--
+	if f.bySource[q.source]--; f.bySource[q.source] <= 0 {
+		delete(f.bySource, q.source)
 	}
 }
 

@@ -291,23 +291,6 @@ func TestDNSFloodSilentUpstream(t *testing.T) {
 			}
 		}
 	}()
-	probe := func(id uint16) *dns.Msg {
-		src := netip.AddrPortFrom(DefaultGuestAddr, probePort)
-		if _, err := unix.Write(peer, udpFrame(src, netip.AddrPortFrom(DefaultDNS, 53), packQuery(id, "real.example.test"))); err != nil {
-			t.Fatal(err)
-		}
-		timeout := time.After(time.Second)
-		for {
-			select {
-			case m := <-answers:
-				if m.Id == id {
-					return m
-				}
-			case <-timeout:
-				return nil
-			}
-		}
-	}
 	before := footprint()
 
 	frames := make([][]byte, 4096)
@@ -317,9 +300,9 @@ func TestDNSFloodSilentUpstream(t *testing.T) {
 	}
 	stop := make(chan struct{})
 	flooded := make(chan int)
+	var sentSoFar atomic.Int64
 	go func() {
-		sent := 0
-		defer func() { flooded <- sent }()
+		defer func() { flooded <- int(sentSoFar.Load()) }()
 		for i := 0; ; i++ {
 			select {
 			case <-stop:
@@ -327,28 +310,43 @@ func TestDNSFloodSilentUpstream(t *testing.T) {
 			default:
 			}
 			if unix.Send(peer, frames[i%len(frames)], unix.MSG_DONTWAIT) == nil {
-				sent++
+				sentSoFar.Add(1)
 			}
 		}
 	}()
+	// A resolver asks during the flood, again every 200 ms with a new ID,
+	// until one answer comes back: under the flood the forwarder's socket
+	// is often full (the flood's own queries are dropped there by the
+	// thousand) and answers queue behind the flood's, so how long that
+	// takes depends on the machine; the bound is only there to end a
+	// broken run.
 	var peak footprintStats
-	answered := 0
-	// The flood starts while the first upstream is not yet known to be
-	// silent: the forwarder fills up, then moves on to the second.
-	for i := 0; i < 30 && answered < 3; i++ {
+	answered := false
+	src := netip.AddrPortFrom(DefaultGuestAddr, probePort)
+	resend := time.NewTicker(200 * time.Millisecond)
+	defer resend.Stop()
+	giveUp := time.After(2 * time.Minute)
+	// ...and the flood goes on until it has sent more than the forwarder
+	// holds.
+	for id := uint16(1000); !answered || sentSoFar.Load() < 4*dnsMaxInFlight; {
 		peak = peak.max(footprint())
 		peak.pending = max(peak.pending, s.dns.pending())
-		if m := probe(uint16(1000 + i)); m != nil && len(m.Answer) == 1 {
-			answered++
+		select {
+		case m := <-answers:
+			answered = answered || m.Id >= 1000 && len(m.Answer) == 1
+		case <-resend.C:
+			if _, err := unix.Write(peer, udpFrame(src, netip.AddrPortFrom(DefaultDNS, 53), packQuery(id, "real.example.test"))); err != nil {
+				t.Fatal(err)
+			}
+			id++
+		case <-giveUp:
+			t.Fatal("no query was answered during the flood")
 		}
 	}
 	close(stop)
 	sent := <-flooded
 	peak = peak.max(footprint())
 	t.Logf("flood of %d queries: before %+v, peak %+v, upstream answered %d", sent, before, peak, upQueries.Load())
-	if answered == 0 {
-		t.Error("no query was answered during the flood")
-	}
 	if sent < 4*dnsMaxInFlight {
 		t.Errorf("the flood sent only %d queries; the test wants more than the forwarder holds", sent)
 	}
@@ -416,4 +414,49 @@ func (a footprintStats) max(b footprintStats) footprintStats {
 type guestNet struct {
 	t  *testing.T
 	gs *stack.Stack
+}
+
+// A source that fills the forwarder fails its own queries, not others':
+// at the bound, a query from another source takes the place of the
+// heaviest source's oldest one (which gets SERVFAIL), and the heaviest
+// source's next query is refused at once.
+func TestDNSFloodCannotLockOutOthers(t *testing.T) {
+	_, silentAddr := silentUpstream(t)
+	cfg := DefaultConfig()
+	cfg.Restrict = true
+	cfg.DNSUpstreams = []netip.AddrPort{silentAddr}
+	s, _ := stackOnSocketpair(t, cfg, 0)
+	rcode := func(m []byte) int { return int(m[3] & 0xf) }
+	flood := netip.MustParseAddrPort("10.0.2.100:10000")
+	var floodFails atomic.Int64
+	for i := range dnsMaxInFlight {
+		s.dns.query(flood, packQuery(uint16(i), "flood.example.test"), func(m []byte) {
+			if rcode(m) == dns.RcodeServerFailure {
+				floodFails.Add(1)
+			}
+		})
+	}
+	if n := s.dns.pending(); n != dnsMaxInFlight {
+		t.Fatalf("%d queries in flight, want the bound %d", n, dnsMaxInFlight)
+	}
+	got := make(chan []byte, 1)
+	s.dns.query(netip.MustParseAddrPort("10.0.2.100:5353"), packQuery(7, "real.example.test"), func(m []byte) { got <- m })
+	select {
+	case m := <-got:
+		t.Fatalf("the other source's query was answered at once (rcode %d), not taken", rcode(m))
+	default:
+	}
+	if n := floodFails.Load(); n != 1 {
+		t.Errorf("the flood lost %d queries to make room, want 1", n)
+	}
+	refused := make(chan []byte, 1)
+	s.dns.query(flood, packQuery(9999, "flood.example.test"), func(m []byte) { refused <- m })
+	select {
+	case m := <-refused:
+		if rcode(m) != dns.RcodeServerFailure {
+			t.Errorf("the flood's next query: rcode %d, want SERVFAIL", rcode(m))
+		}
+	default:
+		t.Error("the flood's next query was taken while the forwarder is full")
+	}
 }

@@ -70,7 +70,7 @@ func (f *dnsForwarder) sendLocked(q *dnsQuery, from int) bool {
 			f.markDownLocked(up, now)
 		}
 	}
-	f.inFlight--
+	f.doneLocked(q)
 	return false
 }
 
@@ -265,7 +265,7 @@ func (f *dnsForwarder) readUpstream(c *dnsConn) {
 		delete(c.pending, q.wireID)
 		f.waiting.Remove(q.elem)
 		c.up.lastAnswer, c.up.fails, c.up.downUntil = time.Now(), 0, time.Time{}
-		f.inFlight--
+		f.doneLocked(q)
 		f.closeIfDoneLocked(c)
 		f.mu.Unlock()
 		answer := append([]byte(nil), m...)

@@ -12,16 +12,19 @@ type limits struct {
 	pingFlows int
 	ping      flowTimeouts
 	keepalive tcpKeepalive
+	// tcpBuffers is the budget for all TCP flows' buffers (budget.go).
+	tcpBuffers int64
 }
 
 func defaultLimits() limits {
 	return limits{
-		tcpFlows:  maxTCPFlows,
-		udpFlows:  maxUDPFlows,
-		udp:       flowTimeouts{unreplied: udpUnrepliedTimeout, replied: udpUnrepliedTimeout, assured: udpAssuredTimeout},
-		pingFlows: maxPingFlows,
-		ping:      flowTimeouts{unreplied: pingIdle, replied: pingIdle, assured: pingIdle},
-		keepalive: tcpKeepalive{idle: keepaliveIdle, interval: keepaliveInterval, count: keepaliveCount},
+		tcpFlows:   maxTCPFlows,
+		udpFlows:   maxUDPFlows,
+		udp:        flowTimeouts{unreplied: udpUnrepliedTimeout, replied: udpUnrepliedTimeout, assured: udpAssuredTimeout},
+		pingFlows:  maxPingFlows,
+		ping:       flowTimeouts{unreplied: pingIdle, replied: pingIdle, assured: pingIdle},
+		keepalive:  tcpKeepalive{idle: keepaliveIdle, interval: keepaliveInterval, count: keepaliveCount},
+		tcpBuffers: tcpBufferBudget,
 	}
 }
 

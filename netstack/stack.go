@@ -64,6 +64,7 @@ type Stack struct {
 	link         *tapLink
 	lim          limits
 	udpFlows     *flowTable
+	tcpBufs      *tcpBuffers
 	// udpFast carries established UDP flows past the stack; nil when
 	// capturing, since the capture sees only what passes the stack.
 	udpFast *udpFastPath
@@ -95,6 +96,7 @@ func newStack(ctx context.Context, cfg Config, dev tap.Device, vnetHdr int) (*St
 	s.egress = newEgress(cfg)
 	s.ctx, s.cancel = context.WithCancel(ctx)
 	s.udpFlows = newFlowTable(s.ctx, &s.flows, s.lim.udpFlows, s.lim.udp)
+	s.tcpBufs = newTCPBuffers(s.lim.tcpBuffers)
 	if err := s.start(vnetHdr); err != nil {
 		s.Close()
 		return nil, err
@@ -240,8 +242,10 @@ func (s *Stack) tuneTCP() error {
 		&moderate,
 		&recovery,
 		&reno,
-		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
-		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
+		// Grown automatically up to tcpBufferMax, and cut by the
+		// budget for all flows (budget.go).
+		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: tcpBufferMax},
+		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: tcpBufferMax},
 	}
 	for _, o := range opts {
 		if terr := s.stack.SetTransportProtocolOption(tcp.ProtocolNumber, o); terr != nil {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -50,8 +51,11 @@ func relayTCP(ctx context.Context, guest guestConn, host *net.TCPConn) (up, down
 	defer stop()
 
 	// downDone ends the wait for a late guest reset once the host ->
-	// guest direction is over.
+	// guest direction is over; closing says the stack's side has begun
+	// its own close, from which on a closed endpoint is no sign of a
+	// reset.
 	downDone := make(chan struct{})
+	var closing atomic.Bool
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -63,6 +67,7 @@ func relayTCP(ctx context.Context, guest guestConn, host *net.TCPConn) (up, down
 			abort()
 			return
 		}
+		closing.Store(true)
 		guest.ep.Shutdown(tcpip.ShutdownWrite)
 	}()
 	sw := newStreamWriter(rc)
@@ -74,7 +79,7 @@ func relayTCP(ctx context.Context, guest guestConn, host *net.TCPConn) (up, down
 		_ = host.CloseWrite()
 		// The guest has sent its FIN; a reset it sends now must still
 		// reach the host, which would otherwise wait in CLOSE_WAIT.
-		if waitGuestReset(guest, downDone) {
+		if waitGuestReset(guest, downDone, &closing) {
 			abort()
 		}
 	}
@@ -200,15 +205,21 @@ func copyHostToGuest(guest guestConn, rc syscall.RawConn) (int64, error) {
 const smallRead = 2048
 
 // waitGuestReset waits, after the guest's FIN, until either done is closed
-// or the guest endpoint fails (the guest reset it, or it timed out); it
-// reports the latter.
-func waitGuestReset(guest guestConn, done <-chan struct{}) bool {
+// or the guest endpoint fails (the guest reset it, or keepalive gave up on
+// it); it reports the latter. An endpoint that closed before the stack's
+// side began to close (closing) can only have been reset.
+func waitGuestReset(guest guestConn, done <-chan struct{}, closing *atomic.Bool) bool {
 	entry, ch := waiter.NewChannelEntry(waiter.EventHUp | waiter.EventErr)
 	guest.wq.EventRegister(&entry)
 	defer guest.wq.EventUnregister(&entry)
 	for {
-		if tcp.EndpointState(guest.ep.State()) == tcp.StateError {
+		switch tcp.EndpointState(guest.ep.State()) {
+		case tcp.StateError:
 			return true
+		case tcp.StateClose:
+			if !closing.Load() {
+				return true
+			}
 		}
 		select {
 		case <-done:

@@ -53,34 +53,59 @@ type TapDevice struct {
 
 var _ Device = (*TapDevice)(nil)
 
-// Create creates (or attaches to an existing, matching) TAP interface called
-// name in the calling thread's network namespace.
+// Create creates (or attaches to an existing) TAP interface called name in
+// the calling thread's network namespace.
 func Create(name string, opts Options) (*TapDevice, error) {
-	n := opts.Queues
-	if n <= 0 {
+	n := max(opts.Queues, 1)
+	first, actual, open, multi, err := attachFirst(name, opts.Offload, n > 1)
+	if err != nil {
+		return nil, err
+	}
+	if !multi {
 		n = 1
 	}
-	dev := &TapDevice{name: name}
-	open := openQueue
-	if opts.Offload {
-		open = openOffloadQueue
-	}
-	for i := 0; i < n; i++ {
-		f, actual, err := open(name, n > 1)
-		if i == 0 && errors.Is(err, errNoOffload) {
-			// A TAP without offloads is slower but works the same;
-			// every queue of one device must agree.
-			open = openQueue
-			f, actual, err = open(name, n > 1)
-		}
+	dev := &TapDevice{name: actual, queues: []*os.File{first}}
+	for len(dev.queues) < n {
+		f, _, err := open(name, multi)
 		if err != nil {
 			dev.Close()
 			return nil, err
 		}
-		dev.name = actual
 		dev.queues = append(dev.queues, f)
 	}
 	return dev, nil
+}
+
+// opener attaches one queue to the TAP name (creating it if need be) and
+// returns it with the interface's name.
+type opener func(name string, multiQueue bool) (*os.File, string, error)
+
+// attachFirst attaches the first queue and reports how the others must be
+// opened. A TAP that exists already (a runtime may create it before
+// starting the helper) accepts queues only of its own kind: TUNSETIFF fails
+// with EINVAL when IFF_MULTI_QUEUE differs, so the other kind is tried, and
+// a TAP without it gets one queue however many were asked for. A TAP
+// without offloads (an old kernel, a /dev/net/tun emulated by a sandbox) is
+// slower but works the same; every queue of one device must agree.
+func attachFirst(name string, offload, multi bool) (f *os.File, actual string, open opener, gotMulti bool, err error) {
+	opens := []opener{openQueue}
+	if offload {
+		opens = []opener{openOffloadQueue, openQueue}
+	}
+	for _, open := range opens {
+		for _, mq := range []bool{multi, !multi} {
+			if f, actual, err = open(name, mq); err == nil {
+				return f, actual, open, mq, nil
+			}
+			if !errors.Is(err, unix.EINVAL) {
+				break
+			}
+		}
+		if !errors.Is(err, errNoOffload) {
+			break
+		}
+	}
+	return nil, "", nil, false, err
 }
 
 // openQueue opens one queue through songgao/water and takes its fd over.

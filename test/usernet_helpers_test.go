@@ -128,6 +128,14 @@ func (s *syncBuffer) waitFor(want string, d time.Duration) bool {
 // and waits for the ready byte.
 func (wd *world) startUsernet(args ...string) *usernetProc {
 	wd.t.Helper()
+	return wd.startUsernetVia(nil, args...)
+}
+
+// startUsernetVia is startUsernet with usernet started through the command
+// prefix (e.g. nsenter into a user namespace, as podman runs it), which
+// must exec it in place so that its PID is usernet's.
+func (wd *world) startUsernetVia(prefix []string, args ...string) *usernetProc {
+	wd.t.Helper()
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
 		wd.t.Fatal(err)
@@ -138,8 +146,8 @@ func (wd *world) startUsernet(args ...string) *usernetProc {
 		wd.t.Fatal(err)
 	}
 	full := append([]string{"netns", "exec", wd.w,
-		"setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--",
-		bins.usernet, "-r", "3", "-e", "4"}, args...)
+		"setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--"}, prefix...)
+	full = append(append(full, bins.usernet, "-r", "3", "-e", "4"), args...)
 	u := &usernetProc{cmd: exec.Command("ip", full...), exitW: exitW, done: make(chan error, 1)}
 	u.cmd.Stdout, u.cmd.Stderr = &u.stdout, &u.stderr
 	u.cmd.ExtraFiles = []*os.File{readyW, exitR}
@@ -167,7 +175,10 @@ func (wd *world) startUsernet(args ...string) *usernetProc {
 	select {
 	case b := <-got:
 		if b != "1" {
-			<-u.done
+			// Wait for its output, and leave the status for the
+			// clean-up, which waits for it too.
+			err := <-u.done
+			u.done <- err
 			wd.t.Fatalf("ready fd gave %q, want \"1\"\nstdout:\n%s\nstderr:\n%s", b, &u.stdout, &u.stderr)
 		}
 	case <-time.After(20 * time.Second):

@@ -325,28 +325,8 @@ func TestUsernetSandbox(t *testing.T) {
 	sb := wd.startSandbox()
 	sock := apiSocketPath(t)
 	u := wd.startUsernet("-c", "--mtu=65520", "--enable-sandbox", "-a", sock, fmt.Sprint(sb.pid), "tap0")
-	pid := u.cmd.Process.Pid
 	// The long-running process is still the one that was started.
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, want := range []string{"NoNewPrivs:\t1", "CapEff:\t0000000000000400", "CapBnd:\t0000000000000400"} {
-		if !strings.Contains(string(status), want) {
-			t.Errorf("helper status lacks %q:\n%s", want, status)
-		}
-	}
-	entries, err := os.ReadDir(fmt.Sprintf("/proc/%d/root", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range entries {
-		names = append(names, e.Name())
-	}
-	if strings.Join(names, ",") != "etc,run" {
-		t.Errorf("sandbox root holds %v, want only etc and run", names)
-	}
+	checkSandboxed(t, u.cmd.Process.Pid, sandboxStatus...)
 	const size = 8 << 20
 	checkEcho(t, result{stdout: wd.inSandbox(sb, bins.nettool, "tcp-echo-check", remoteAddr+":7", fmt.Sprint(size))}, size)
 	// From W: the sandboxed helper may not inspect callers to tell them

@@ -105,7 +105,10 @@ func usagef(format string, a ...any) error {
 
 var cidrPattern = regexp.MustCompile(`^(([0-9]{1,3}\.){3}[0-9]{1,3})/([0-9]{1,2})$`)
 
-func parseArgs(args []string, stdout io.Writer) (*config, error) {
+// parseArgs parses and checks slirp4netns's command line. hostPaths: check
+// that the namespace paths exist (not in the sandboxed copy, which no longer
+// sees them).
+func parseArgs(args []string, stdout io.Writer, hostPaths bool) (*config, error) {
 	c := &config{exitFD: -1, readyFD: -1}
 	fs := pflag.NewFlagSet("usernet", pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -206,10 +209,10 @@ func parseArgs(args []string, stdout io.Writer) (*config, error) {
 	if c.outbound6 != "" {
 		fmt.Fprintln(stdout, "WARNING: Support for --outbound-addr6 is experimental")
 	}
-	return c, c.positional(fs.Args(), stdout)
+	return c, c.positional(fs.Args(), stdout, hostPaths)
 }
 
-func (c *config) positional(rest []string, stdout io.Writer) error {
+func (c *config) positional(rest []string, stdout io.Writer, hostPaths bool) error {
 	if len(rest) < 2 {
 		return usagef("missing PID|PATH or TAPNAME")
 	}
@@ -220,7 +223,7 @@ func (c *config) positional(rest []string, stdout io.Writer) error {
 	if len(c.tapName) >= 16 {
 		return usagef("TAPNAME %q: interface names are at most 15 bytes", c.tapName)
 	}
-	if c.usernsPath != "" {
+	if c.usernsPath != "" && hostPaths {
 		if _, err := os.Stat(c.usernsPath); err != nil {
 			return usagef("userns path doesn't exist: %s", c.usernsPath)
 		}
@@ -234,8 +237,10 @@ func (c *config) positional(rest []string, stdout io.Writer) error {
 		c.pid = pid
 		return nil
 	}
-	if _, err := os.Stat(rest[0]); err != nil {
-		return usagef("existing path expected when --netns-type=path: %v", errors.Unwrap(err))
+	if hostPaths {
+		if _, err := os.Stat(rest[0]); err != nil {
+			return usagef("existing path expected when --netns-type=path: %v", errors.Unwrap(err))
+		}
 	}
 	c.netnsPath = rest[0]
 	return nil

@@ -9,7 +9,7 @@ import (
 
 func TestParseArgsForms(t *testing.T) {
 	// Both --opt=value and --opt value, options after positionals.
-	c, err := parseArgs(strings.Fields("--mtu 65520 -c 1234 tap0 --cidr=10.0.3.0/24 -r 3 --api-socket /tmp/x.sock"), io.Discard)
+	c, err := parseArgs(strings.Fields("--mtu 65520 -c 1234 tap0 --cidr=10.0.3.0/24 -r 3 --api-socket /tmp/x.sock"), io.Discard, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -17,13 +17,29 @@ func TestParseArgsForms(t *testing.T) {
 		t.Errorf("parsed %+v", c)
 	}
 	var out strings.Builder
-	if _, err := parseArgs(strings.Fields("--no-host-loopback --create-sandbox 1 tap0 extra"), &out); err != nil {
+	if _, err := parseArgs(strings.Fields("--no-host-loopback --create-sandbox 1 tap0 extra"), &out, true); err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"--no-host-loopback is deprecated", "--create-sandbox is deprecated", "WARNING: too many arguments"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q: %s", want, out.String())
 		}
+	}
+}
+
+// TestParseArgsHostPaths: the paths must exist before the re-exec into the
+// sandbox, and are not looked up in it (where they may not exist).
+func TestParseArgsHostPaths(t *testing.T) {
+	line := strings.Fields("--netns-type=path --userns-path=/nonexistent/user /nonexistent/net tap0")
+	if _, err := parseArgs(line, io.Discard, true); err == nil || !strings.Contains(err.Error(), "userns path doesn't exist") {
+		t.Errorf("missing userns path outside the sandbox: %v", err)
+	}
+	c, err := parseArgs(line, io.Discard, false)
+	if err != nil {
+		t.Fatalf("in the sandbox: %v", err)
+	}
+	if c.netnsPath != "/nonexistent/net" || c.usernsPath != "/nonexistent/user" {
+		t.Errorf("parsed %+v", c)
 	}
 }
 
@@ -40,7 +56,7 @@ func FuzzParseArgs(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, line string) {
-		c, err := parseArgs(strings.Fields(line), io.Discard)
+		c, err := parseArgs(strings.Fields(line), io.Discard, true)
 		if err != nil {
 			var ue *usageError
 			if !errors.As(err, &ue) {
@@ -58,14 +74,14 @@ func FuzzParseArgs(f *testing.F) {
 }
 
 func TestParseArgsEgress(t *testing.T) {
-	c, err := parseArgs(strings.Fields("--allow github.com:443 --allow=**.pypi.org:443 --deny 192.0.2.0/24 --egress-audit --egress-log - 1 tap0"), io.Discard)
+	c, err := parseArgs(strings.Fields("--allow github.com:443 --allow=**.pypi.org:443 --deny 192.0.2.0/24 --egress-audit --egress-log - 1 tap0"), io.Discard, true)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if strings.Join(c.egress.Allow, ",") != "github.com:443,**.pypi.org:443" || len(c.egress.Deny) != 1 || !c.egress.Audit || c.egress.Log != "-" {
 		t.Errorf("parsed %+v", c.egress)
 	}
-	_, err = parseArgs(strings.Fields("--allow example.com:99999 1 tap0"), io.Discard)
+	_, err = parseArgs(strings.Fields("--allow example.com:99999 1 tap0"), io.Discard, true)
 	var ue *usageError
 	if !errors.As(err, &ue) || !ue.noUsage || !strings.Contains(ue.msg, `--allow: rule "example.com:99999": port 99999 out of range`) {
 		t.Errorf("bad rule: %v", err)

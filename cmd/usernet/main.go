@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -46,7 +47,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		// the re-exec into the sandbox.
 		parseOut = io.Discard
 	}
-	cfg, err := parseArgs(args, parseOut)
+	// The sandboxed copy must not look the host's paths up again: they
+	// need not exist in the sandbox, and what it needs of them was opened
+	// before the re-exec.
+	cfg, err := parseArgs(args, parseOut, !launcher.IsSandboxedCopy())
 	var ue *usageError
 	if errors.As(err, &ue) {
 		fmt.Fprintln(stderr, ue.msg)
@@ -93,7 +97,7 @@ func addressesOf(p netip.Prefix) addressing {
 // launcher.ReexecSandboxed) inherits: descriptors by number, plus what it
 // can no longer read from the filesystem.
 type sandboxState struct {
-	TapFD     int              `json:"tap_fd"`
+	TapFDs    []int            `json:"tap_fds"`
 	TapName   string           `json:"tap_name"`
 	APIFD     int              `json:"api_fd"`
 	RemoverFD int              `json:"remover_fd"`
@@ -114,8 +118,11 @@ type helper struct {
 	netCfg netstack.Config
 	guest  netip.Addr
 	dev    tap.Device
-	api    *portfwd.APISocket
-	pcap   *os.File
+	// ns holds the target's namespace files from setUp until the TAP is
+	// open, and the user namespace on to the re-exec into the sandbox.
+	ns   *launcher.OpenTarget
+	api  *portfwd.APISocket
+	pcap *os.File
 	// egressLog is --egress-log's file (nil: none, or stderr).
 	egressLog *os.File
 	// guestNS is the user namespace whose processes the API refuses
@@ -150,6 +157,9 @@ func serve(cfg *config, stdout, stderr io.Writer) error {
 	if cfg.sandbox && !sandboxed {
 		return h.enterSandbox()
 	}
+	if h.ns != nil {
+		h.ns.Close()
+	}
 	return h.run(ctx, cancel, log, stderr)
 }
 
@@ -176,10 +186,9 @@ func newHelper(cfg *config, log *slog.Logger) (*helper, error) {
 }
 
 // setUp opens the TAP in the target namespace, prints the banner and binds
-// the API socket.
-func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
+// the API socket. On failure it leaves nothing open.
+func (h *helper) setUp(ctx context.Context, stdout io.Writer) (err error) {
 	cfg := h.cfg
-	var err error
 	if h.netCfg.DNSUpstreams, err = netstack.DNSUpstreams(cfg.dnsUpstreams, "/etc/resolv.conf"); err != nil {
 		return err
 	}
@@ -200,7 +209,44 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 			target.UserNS = t.UserNS
 		}
 	}
-	h.cfg.usernsPath = target.UserNS
+	// Opened once: the paths are not looked up again, neither here nor
+	// (the user namespace) in the sandbox, where they may not exist.
+	if h.ns, err = target.Open(); err != nil {
+		return err
+	}
+	defer func() {
+		if err == nil {
+			return
+		}
+		if h.dev != nil {
+			h.dev.Close()
+		}
+		if h.pcap != nil {
+			h.pcap.Close()
+		}
+		h.ns.Close()
+	}()
+	if err = h.openTap(ctx, h.ns.Target()); err != nil {
+		return err
+	}
+	printBanner(stdout, cfg, addressesOf(cfg.cidr), h.netCfg)
+	if cfg.pcap != "" {
+		if h.pcap, err = safefs.CreateFile(cfg.pcap); err != nil {
+			return fmt.Errorf("packet capture: %w", err)
+		}
+	}
+	if cfg.apiSocket != "" {
+		if h.api, err = portfwd.ListenAPISocket(cfg.apiSocket); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// openTap opens the TAP in target (named by our descriptors) and learns
+// the guest's user namespace.
+func (h *helper) openTap(ctx context.Context, target launcher.Target) error {
+	cfg := h.cfg
 	guest := launcher.GuestConfig{
 		TapName:    cfg.tapName,
 		MTU:        cfg.mtu,
@@ -210,6 +256,10 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 		Gateway:    h.netCfg.Gateway,
 		Nameserver: h.netCfg.DNS,
 		MAC:        cfg.macAddress,
+		// One queue per P, as netns-run: the guest's kernel spreads its
+		// flows over them. A TAP the runtime created without
+		// IFF_MULTI_QUEUE gets one.
+		Queues: runtime.GOMAXPROCS(0),
 	}
 	ns, below, same, err := portfwd.GuestUserNS(target.UserNS, target.NetNS)
 	if err != nil {
@@ -221,32 +271,19 @@ func (h *helper) setUp(ctx context.Context, stdout io.Writer) error {
 		// without capabilities, we may not inspect all of its processes.
 		h.seesGuests = below && !cfg.sandbox
 	}
-	if h.dev, _, err = launcher.OpenTapIn(ctx, target, guest, cfg.configure); err != nil {
-		return err
-	}
-	printBanner(stdout, cfg, addressesOf(cfg.cidr), h.netCfg)
-	if cfg.pcap != "" {
-		if h.pcap, err = safefs.CreateFile(cfg.pcap); err != nil {
-			h.dev.Close()
-			return fmt.Errorf("packet capture: %w", err)
-		}
-	}
-	if cfg.apiSocket != "" {
-		if h.api, err = portfwd.ListenAPISocket(cfg.apiSocket); err != nil {
-			h.dev.Close()
-			return err
-		}
-	}
-	return nil
+	h.dev, _, err = launcher.OpenTapIn(ctx, target, guest, cfg.configure)
+	return err
 }
 
 // enterSandbox re-executes into the sandbox, carrying the TAP and the API
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
-	q := h.dev.Queues()[0]
-	st := sandboxState{TapFD: int(q.Fd()), TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS,
+	st := sandboxState{TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS,
 		Egress: h.netCfg.Egress, EgressRulesFD: -1, EgressLogFD: -1}
-	keep := []*os.File{q}
+	keep := append([]*os.File(nil), h.dev.Queues()...)
+	for _, q := range keep {
+		st.TapFDs = append(st.TapFDs, int(q.Fd()))
+	}
 	if len(st.Egress.Rules) > 0 {
 		rules, err := egress.RulesFile(st.Egress.Rules)
 		if err != nil {
@@ -278,14 +315,21 @@ func (h *helper) enterSandbox() error {
 		st.APIFD, st.RemoverFD = int(ln.Fd()), int(remover.Fd())
 		keep = append(keep, ln, remover)
 	}
-	return launcher.ReexecSandboxed(h.cfg.usernsPath, st, keep...)
+	return launcher.ReexecSandboxed(h.ns.UserNS, st, keep...)
 }
 
 // adopt takes over what the pre-sandbox process set up.
 func (h *helper) adopt(st sandboxState) error {
 	h.netCfg.DNSUpstreams = st.Upstreams
 	h.guestNS = st.GuestNS
-	h.dev = tap.FromFiles(st.TapName, []*os.File{os.NewFile(uintptr(st.TapFD), "tap")})
+	if len(st.TapFDs) == 0 {
+		return errors.New("sandbox: no TAP queue was handed over")
+	}
+	queues := make([]*os.File, len(st.TapFDs))
+	for i, fd := range st.TapFDs {
+		queues[i] = os.NewFile(uintptr(fd), "tap")
+	}
+	h.dev = tap.FromFiles(st.TapName, queues)
 	if st.PcapFD >= 0 {
 		h.pcap = os.NewFile(uintptr(st.PcapFD), "pcap")
 	}

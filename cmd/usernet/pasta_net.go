@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"runtime"
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
@@ -67,7 +68,8 @@ func pastaAddressing(c *pastaConfig) (pastaNet, error) {
 		mtu = 1500 // no MTU given to the interface: the kernel's default
 	}
 	p := pastaNet{
-		guest: launcher.GuestConfig{TapName: name, MTU: mtu, TxQueueLen: 10000, Offload: true, MAC: c.nsMAC},
+		// One TAP queue per P, as netns-run and usernet's slirp4netns mode.
+		guest: launcher.GuestConfig{TapName: name, MTU: mtu, TxQueueLen: 10000, Offload: true, MAC: c.nsMAC, Queues: runtime.GOMAXPROCS(0)},
 		stack: netstack.DefaultConfig(),
 	}
 	p.guest.Routes = append(v4.routes, v6.routes...)

@@ -12,22 +12,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "nsenter.h"
-
 int nsenter_errno;
 const char *nsenter_step = "";
 int nsenter_userns_errno;
-
-int nsenter_join(const char *path, int nstype) {
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -1;
-	int rc = setns(fd, nstype);
-	int saved = errno;
-	close(fd);
-	errno = saved;
-	return rc;
-}
 
 // The namespaces to join, in the order they are joined: the user namespace
 // first (it grants the rights for the others), the network namespace last.

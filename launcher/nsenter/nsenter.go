@@ -52,14 +52,14 @@ func UserNSErr() error {
 }
 
 // Environment variables that make the constructor enter a sandbox:
-// EnvSandbox "1" for usernet's (joining EnvSandboxUserNS first), or
-// SandboxEngine for netns-run's engine, which keeps EnvSandboxFiles
-// descriptors from 3 on.
+// EnvSandbox "1" for usernet's (first joining the user namespace open as
+// descriptor EnvSandboxUserNSFD, which it closes), or SandboxEngine for
+// netns-run's engine, which keeps EnvSandboxFiles descriptors from 3 on.
 const (
-	EnvSandbox       = "_NETNS_RUN_SANDBOX"
-	EnvSandboxUserNS = "_NETNS_RUN_SANDBOX_USERNS"
-	SandboxEngine    = "engine"
-	EnvSandboxFiles  = "_NETNS_RUN_SANDBOX_FILES"
+	EnvSandbox         = "_NETNS_RUN_SANDBOX"
+	EnvSandboxUserNSFD = "_NETNS_RUN_SANDBOX_USERNS_FD"
+	SandboxEngine      = "engine"
+	EnvSandboxFiles    = "_NETNS_RUN_SANDBOX_FILES"
 )
 
 // SandboxErr reports whether entering the sandbox failed.

@@ -6,7 +6,10 @@
 // "1": slirp4netns's --enable-sandbox for usernet. The helper joins the
 // container's user namespace (if it is not root), unshares a mount
 // namespace and pivots into a tmpfs holding read-only binds of /etc and
-// /run; capabilities are dropped to CAP_NET_BIND_SERVICE.
+// /run; capabilities are dropped to CAP_NET_BIND_SERVICE. The user
+// namespace comes as a descriptor the process before the exec opened
+// (_NETNS_RUN_SANDBOX_USERNS_FD): its path may lead anywhere, through
+// /proc/PID/... or a runtime's directory, and is not looked up again.
 //
 // "engine": netns-run's packet engine. Clone already put it in fresh user,
 // mount, PID and IPC namespaces as their root; it keeps descriptors 0-2
@@ -37,8 +40,6 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-
-#include "nsenter.h"
 
 int sandbox_errno;
 const char *sandbox_step = "";
@@ -146,19 +147,37 @@ static int pivot_to_tmp(void) {
 	return 0;
 }
 
-static int enter_sandbox(const char *userns) {
+// join_userns joins the user namespace open as descriptor fd (the
+// variable's value; none if it is unset) when we are not root, becoming
+// root in it, and closes the descriptor either way: nothing that names a
+// namespace stays open in the sandbox.
+static int join_userns(const char *fd_var) {
+	if (fd_var == NULL || *fd_var == '\0')
+		return 0;
+	char *end;
+	long fd = strtol(fd_var, &end, 10);
+	if (*end != '\0' || fd < 0 || fd > INT_MAX) {
+		errno = EBADF;
+		return fail("user namespace descriptor for the sandbox");
+	}
+	int rc = 0;
+	if (geteuid() != 0 && setns((int)fd, CLONE_NEWUSER) < 0)
+		rc = fail("join user namespace for the sandbox");
+	close((int)fd);
+	return rc;
+}
+
+static int enter_sandbox(const char *userns_fd) {
 	// Before the join, so there is no moment when the container could
 	// attach.
 	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
 		return fail("make non-dumpable");
 	if (close_escapes(INT_MAX) < 0)
 		return -1;
-	if (geteuid() != 0 && userns != NULL && *userns != '\0') {
-		// Unprivileged: become root in the container's user namespace,
-		// which may then create the mount namespace.
-		if (nsenter_join(userns, CLONE_NEWUSER) < 0)
-			return fail("join user namespace for the sandbox");
-	}
+	// Unprivileged: become root in the container's user namespace, which
+	// may then create the mount namespace.
+	if (join_userns(userns_fd) < 0)
+		return -1;
 	if (unshare(CLONE_NEWNS) < 0)
 		return fail("unshare mount namespace");
 	if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
@@ -201,7 +220,7 @@ __attribute__((constructor)) static void netns_run_sandbox(void) {
 	if (kind == NULL)
 		return;
 	if (strcmp(kind, "1") == 0)
-		enter_sandbox(getenv("_NETNS_RUN_SANDBOX_USERNS"));
+		enter_sandbox(getenv("_NETNS_RUN_SANDBOX_USERNS_FD"));
 	else if (strcmp(kind, "engine") == 0)
 		enter_engine_sandbox(getenv("_NETNS_RUN_SANDBOX_FILES"));
 }
