@@ -57,7 +57,6 @@ const (
 type reporter struct {
 	log     io.Writer
 	notices io.Writer
-	flag    string // the option that adds an allow rule, for notices
 
 	mu         sync.Mutex
 	lastNotice map[string]time.Time
@@ -76,11 +75,8 @@ type usageKey struct {
 	port  uint16
 }
 
-func newReporter(log, notices io.Writer, flag string) *reporter {
-	if flag == "" {
-		flag = "--allow"
-	}
-	return &reporter{log: log, notices: notices, flag: flag, lastNotice: map[string]time.Time{},
+func newReporter(log, notices io.Writer) *reporter {
+	return &reporter{log: log, notices: notices, lastNotice: map[string]time.Time{},
 		repeats: map[string]time.Time{}, tokens: noticeBurst, used: map[usageKey]struct{}{}}
 }
 
@@ -119,7 +115,7 @@ func (r *reporter) report(rec record, now time.Time, perPacket bool, suggest str
 	}
 	r.tokens--
 	remember(r.lastNotice, key, now)
-	_, _ = io.WriteString(r.notices, notice(rec, r.flag, suggest))
+	_, _ = io.WriteString(r.notices, notice(rec, suggest))
 }
 
 // wants reports whether a decision with this verdict is logged at all.
@@ -136,7 +132,7 @@ func remember(m map[string]time.Time, key string, now time.Time) {
 }
 
 // notice is the stderr line for a denied (or audited) decision.
-func notice(rec record, flag, suggest string) string {
+func notice(rec record, suggest string) string {
 	what := "denied"
 	if rec.Verdict == verdictAudit {
 		what = "audit: would deny"
@@ -171,7 +167,7 @@ func notice(rec record, flag, suggest string) string {
 		b.WriteString(": rule " + rec.Rule)
 	}
 	if suggest != "" {
-		fmt.Fprintf(&b, ": allow it with %s %s", flag, suggest)
+		fmt.Fprintf(&b, ": allow it with --allow %s", suggest)
 	}
 	b.WriteByte('\n')
 	return b.String()

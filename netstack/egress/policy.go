@@ -23,8 +23,6 @@ type Config struct {
 	// Notices, if set and Log is not, receives one line per denied
 	// destination (rate-limited) naming the rule to add.
 	Notices io.Writer `json:"-"`
-	// AllowFlag is the option notices tell the user to add ("--allow").
-	AllowFlag string `json:"-"`
 	// Internal are the guest's own networks: answers pointing there are
 	// rebinding attempts, like loopback and link-local ones.
 	Internal []netip.Prefix `json:"-"`
@@ -62,7 +60,7 @@ func New(cfg Config) *Policy {
 	if p.now == nil {
 		p.now = time.Now
 	}
-	p.rep = newReporter(cfg.Log, cfg.Notices, cfg.AllowFlag)
+	p.rep = newReporter(cfg.Log, cfg.Notices)
 	for _, r := range cfg.Rules {
 		p.nextID++
 		p.entries = append(p.entries, &entry{id: p.nextID, rule: r})
@@ -344,8 +342,8 @@ func (p *Policy) Add(r Rule) int {
 	return p.nextID
 }
 
-// ErrNoRule: Remove was given an ID no rule has.
-var ErrNoRule = errors.New("no rule with that id")
+// errNoRule: Remove was given an ID no rule has.
+var errNoRule = errors.New("no rule with that id")
 
 // Remove takes rule id out of force; open flows stay.
 func (p *Policy) Remove(id int) error {
@@ -359,7 +357,7 @@ func (p *Policy) Remove(id int) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("%w: %d", ErrNoRule, id)
+	return fmt.Errorf("%w: %d", errNoRule, id)
 }
 
 // Stats counts the decisions made.

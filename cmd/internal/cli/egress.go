@@ -34,7 +34,7 @@ const EgressHelp = `--allow=RULE             allow egress to RULE: HOST[:PORTS][
 // --deny) into a policy configuration; Log and Notices are left to the
 // caller. Errors name the rule or file line and what is wrong.
 func (f EgressFlags) Config() (egress.Config, error) {
-	cfg := egress.Config{Audit: f.Audit, AllowFlag: "--allow"}
+	cfg := egress.Config{Audit: f.Audit}
 	if f.Policy != "" {
 		fh, err := os.Open(f.Policy)
 		if err != nil {
