@@ -11,6 +11,8 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+
+	"github.com/netns-run/netns-run/netstack/egress"
 )
 
 // Config describes the virtual network the guest sees and how the helper
@@ -53,6 +55,8 @@ type Config struct {
 	Capture io.Writer `json:"-"`
 	// Logger receives debug detail and one line per problem. Nil: quiet.
 	Logger *slog.Logger `json:"-"`
+	// Egress is the egress policy (none: everything is allowed).
+	Egress egress.Config
 	// limits, if set, replaces the flow limits and timeouts (tests).
 	limits *limits
 

@@ -204,6 +204,15 @@ func (f *dnsForwarder) query(source netip.AddrPort, m []byte, reply func([]byte)
 	if len(m) < 12 || len(m) > dnsMaxQuery || m[2]&0x80 != 0 {
 		return // not a query
 	}
+	if local, forward, filter := f.s.egress.Query(m); !forward {
+		if local != nil {
+			reply(local)
+		}
+		return
+	} else if filter != nil {
+		guest := reply
+		reply = func(answer []byte) { guest(filter(answer)) }
+	}
 	question, qEnd, ok := parseDNSQuestion(m)
 	if !ok {
 		f.s.log.Debug("dns: malformed query dropped")

@@ -18,6 +18,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/netns-run/netns-run/netstack/egress"
 )
 
 // Guest echo requests to outside hosts leave through a real ICMP socket on
@@ -126,7 +128,12 @@ func (p *pinger) handle(id stack.TransportEndpointID, pkt *stack.PacketBuffer) b
 		p.s.sendUnreachable(pkt, header.ICMPv4NetUnreachable, header.ICMPv6NetworkUnreachable)
 		return true
 	}
-	if _, err := p.s.hostTarget(netip.AddrPortFrom(dst, 1)); err != nil {
+	target, err := p.s.hostTarget(netip.AddrPortFrom(dst, 1))
+	if err != nil {
+		return true
+	}
+	if d := p.s.egress.Decide(egress.ICMP, netip.AddrPortFrom(dst, 0), netip.AddrPortFrom(target.Addr(), 0), true); !d.Allowed {
+		p.s.sendUnreachable(pkt, header.ICMPv4AdminProhibited, header.ICMPv6Prohibited)
 		return true
 	}
 	mode := p.mode4

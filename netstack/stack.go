@@ -30,6 +30,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
+	"github.com/netns-run/netns-run/netstack/egress"
 	"github.com/netns-run/netns-run/tap"
 )
 
@@ -67,6 +68,7 @@ type Stack struct {
 	// udpFast carries established UDP flows past the stack; nil when
 	// capturing, since the capture sees only what passes the stack.
 	udpFast *udpFastPath
+	egress  *egress.Policy
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on
@@ -91,6 +93,7 @@ func newStack(ctx context.Context, cfg Config, dev tap.Device, vnetHdr int) (*St
 	if cfg.limits != nil {
 		s.lim = *cfg.limits
 	}
+	s.egress = newEgress(cfg)
 	s.ctx, s.cancel = context.WithCancel(ctx)
 	s.udpFlows = newFlowTable(s.ctx, &s.flows, s.lim.udpFlows, s.lim.udp)
 	s.tcpBufs = newTCPBuffers(s.lim.tcpBuffers)

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/netns-run/netns-run/netstack/egress"
 )
 
 // counters are the Stack's own statistics; gVisor keeps the packet ones.
@@ -71,6 +73,8 @@ type Stats struct {
 		// host's ICMP socket was full.
 		PingQueueFull uint64 `json:"ping_queue_full"`
 	} `json:"drops"`
+	// Egress counts the egress policy's decisions.
+	Egress egress.Stats `json:"egress"`
 }
 
 // Stats returns the current statistics.
@@ -87,6 +91,7 @@ func (s *Stack) Stats() Stats {
 		s.udpFlows.evictions.Load() + s.ping.table.evictions.Load()
 	st.Drops.DNSOverload, st.Drops.DNSTimeout = c.dropDNSOverload.Load(), c.dnsTimeouts.Load()
 	st.Drops.PingQueueFull = c.dropPingFull.Load()
+	st.Egress = s.egress.Stats()
 	if s.dns != nil {
 		st.Flows.DNSPending = int64(s.dns.pending())
 	}

@@ -55,6 +55,21 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	defer s.counters.tcpOpen.Add(-1)
 	dst := netip.AddrPortFrom(netipAddr(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(netipAddr(id.RemoteAddress), id.RemotePort)
+	if s.egress.Active() && s.isDNS(dst.Addr()) && !s.cfg.DisableDNS {
+		s.serveDNSTCP(r, dst)
+		return
+	}
+	d := s.decideTCP(dst)
+	switch {
+	case !d.Allowed:
+		s.takeFirstPacket(id)
+		r.Complete(true)
+		return
+	case d.Inspect:
+		s.serveInspected(r, src, dst, d)
+		return
+	}
+	defer s.egress.Hold(d)()
 	host, err := s.dialTCP(dst)
 	// The note is taken after the dial: a SYN the guest resends while the
 	// dial is slow notes it again, and that note would stay behind.
@@ -78,12 +93,20 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	if err := s.lim.keepalive.set(ep); err != nil {
 		s.log.Debug("tcp keepalive", "src", src, "dst", dst, "err", err)
 	}
-	s.tcpBufs.add(ep)
-	defer s.tcpBufs.remove(ep)
+	s.relayFlow(guestConn{ep: ep, wq: &wq}, host, src, dst, 0)
+}
+
+// relayFlow relays an accepted guest connection and its host socket until
+// both are done, and counts the flow; sent is what was already written to
+// host on the guest's behalf.
+func (s *Stack) relayFlow(g guestConn, host *net.TCPConn, src, dst netip.AddrPort, sent int) {
+	s.tcpBufs.add(g.ep)
+	defer s.tcpBufs.remove(g.ep)
 	start := time.Now()
 	s.counters.tcpTotal.Add(1)
 	s.log.Debug("tcp flow opened", "src", src, "dst", dst, "remote", host.RemoteAddr())
-	up, down := relayTCP(s.ctx, guestConn{ep: ep, wq: &wq}, host)
+	up, down := relayTCP(s.ctx, g, host)
+	up += int64(sent)
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))
 	s.log.Debug("tcp flow closed", "src", src, "dst", dst, "remote", host.RemoteAddr(),

@@ -11,6 +11,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/netns-run/netns-run/netstack/egress"
 )
 
 // UDP flows expire as conntrack's do (nf_conntrack_udp_timeout and
@@ -50,22 +52,33 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 		s.log.Debug("udp flow refused", "src", src, "dst", dst, "err", err)
 		return false
 	}
+	// A denied flow's every datagram comes here (no endpoint is made
+	// for it), and is answered.
+	d := s.egress.Decide(egress.UDP, dst, target, true)
+	if !d.Allowed {
+		s.sendProhibited(src, dst, udp.ProtocolNumber, first.ttl)
+		return true
+	}
+	release := s.egress.Hold(d)
 	// The host socket is opened here, on the packet path, so that
 	// evicting a flow closes both its sockets at once: a guest spraying
 	// ports holds at most the table's worth of host sockets, however far
 	// behind the flows' own goroutines are.
 	host, rc, err := s.dialUDPHost(target, first.ttl)
 	if err != nil {
+		release()
 		s.log.Debug("udp socket", "src", src, "dst", dst, "err", err)
 		return true
 	}
 	if !s.flows.enter() {
+		release()
 		host.Close()
 		return true
 	}
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
 	if terr != nil {
+		release()
 		s.flows.leave()
 		host.Close()
 		s.log.Debug("udp endpoint", "src", src, "dst", dst, "err", terr)
@@ -80,6 +93,7 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	flowStarted(&s.counters.udpOpen, &s.counters.udpTotal)
 	go func() {
 		defer s.flows.leave()
+		defer release()
 		defer s.counters.udpOpen.Add(-1)
 		defer fl.remove()
 		s.serveUDP(ep, &wq, host, rc, fl, udpKey{guest: src, remote: dst}, target, first)

@@ -33,9 +33,22 @@ type API struct {
 	log                         *slog.Logger
 	allowIPv6                   bool
 	info, stats                 func() any
+	egress                      Egress
 	// guest, if set, says whose requests are refused (see RefuseGuest).
 	guest *guestFilter
 }
+
+// Egress is the runtime control of the egress policy behind the API's
+// get_egress_policy, add_egress_rule and remove_egress_rule.
+type Egress interface {
+	EgressPolicy() (any, error)
+	AddEgressRule(verdict, rule string) (int, error)
+	RemoveEgressRule(id int) error
+}
+
+// SetEgress enables the egress policy commands (extensions, like
+// get_stats).
+func (a *API) SetEgress(e Egress) { a.egress = e }
 
 // RefuseGuest makes the API refuse requests from processes in user
 // namespace guest (the namespace whose network it configures) or one
@@ -158,8 +171,51 @@ func (a *API) Handle(req []byte) []byte {
 		if a.stats != nil {
 			return mustJSON(map[string]any{"return": a.stats()})
 		}
+	case "get_egress_policy", "add_egress_rule", "remove_egress_rule":
+		if a.egress != nil {
+			return a.egressCommand(exec, args)
+		}
 	}
 	return apiError("bad request: unknown execute")
+}
+
+// egressCommand serves the egress policy commands:
+//
+//	{"execute":"get_egress_policy"}
+//	{"execute":"add_egress_rule","arguments":{"verdict":"allow","rule":"github.com:443"}} -> {"return":{"id":N}}
+//	{"execute":"remove_egress_rule","arguments":{"id":N}}
+func (a *API) egressCommand(exec string, args map[string]any) []byte {
+	prefix := "bad request: " + exec + ": "
+	switch exec {
+	case "get_egress_policy":
+		v, err := a.egress.EgressPolicy()
+		if err != nil {
+			return apiError(exec + ": " + err.Error())
+		}
+		return mustJSON(map[string]any{"return": v})
+	case "add_egress_rule":
+		verdict, _ := args["verdict"].(string)
+		rule, _ := args["rule"].(string)
+		if verdict == "" || rule == "" {
+			return apiError(prefix + "want arguments.verdict (allow or deny) and arguments.rule")
+		}
+		id, err := a.egress.AddEgressRule(verdict, rule)
+		if err != nil {
+			return apiError(prefix + err.Error())
+		}
+		a.log.Info("api: egress rule added", "id", id, "verdict", verdict, "rule", rule)
+		return mustJSON(map[string]any{"return": map[string]int{"id": id}})
+	default:
+		n, _ := args["id"].(float64)
+		if n < 1 || n > math.MaxInt32 || n != math.Trunc(n) {
+			return apiError(prefix + "bad arguments.id")
+		}
+		if err := a.egress.RemoveEgressRule(int(n)); err != nil {
+			return apiError(prefix + err.Error())
+		}
+		a.log.Info("api: egress rule removed", "id", int(n))
+		return []byte(`{"return":{}}`)
+	}
 }
 
 func (a *API) add(args map[string]any) []byte {

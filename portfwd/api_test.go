@@ -166,3 +166,50 @@ func TestAPISlowClients(t *testing.T) {
 		t.Errorf("answered after %v; slow clients should have timed out after %v", el, apiReadTimeout)
 	}
 }
+
+// fakeEgress records the egress commands the API passes on.
+type fakeEgress struct {
+	rules map[int]string
+	next  int
+}
+
+func (f *fakeEgress) EgressPolicy() (any, error) { return map[string]any{"rules": len(f.rules)}, nil }
+
+func (f *fakeEgress) AddEgressRule(verdict, rule string) (int, error) {
+	if verdict != "allow" && verdict != "deny" {
+		return 0, errors.New(`verdict "` + verdict + `": want allow or deny`)
+	}
+	f.next++
+	f.rules[f.next] = verdict + " " + rule
+	return f.next, nil
+}
+
+func (f *fakeEgress) RemoveEgressRule(id int) error {
+	if _, ok := f.rules[id]; !ok {
+		return errors.New("no rule with that id: " + itoa(id))
+	}
+	delete(f.rules, id)
+	return nil
+}
+
+func TestAPIEgressCommands(t *testing.T) {
+	a := newTestAPI(t)
+	if got := string(a.Handle([]byte(`{"execute":"get_egress_policy"}`))); got != `{"error":{"desc":"bad request: unknown execute"}}` {
+		t.Errorf("without a policy: %s", got)
+	}
+	e := &fakeEgress{rules: map[int]string{}}
+	a.SetEgress(e)
+	for _, s := range []struct{ req, want string }{
+		{`{"execute":"add_egress_rule","arguments":{"verdict":"allow","rule":"github.com:443"}}`, `{"return":{"id":1}}`},
+		{`{"execute":"get_egress_policy"}`, `{"return":{"rules":1}}`},
+		{`{"execute":"add_egress_rule","arguments":{"verdict":"maybe","rule":"x"}}`, `{"error":{"desc":"bad request: add_egress_rule: verdict \"maybe\": want allow or deny"}}`},
+		{`{"execute":"add_egress_rule","arguments":{"rule":"x"}}`, `{"error":{"desc":"bad request: add_egress_rule: want arguments.verdict (allow or deny) and arguments.rule"}}`},
+		{`{"execute":"remove_egress_rule","arguments":{"id":1}}`, `{"return":{}}`},
+		{`{"execute":"remove_egress_rule","arguments":{"id":1}}`, `{"error":{"desc":"bad request: remove_egress_rule: no rule with that id: 1"}}`},
+		{`{"execute":"remove_egress_rule","arguments":{"id":1.5}}`, `{"error":{"desc":"bad request: remove_egress_rule: bad arguments.id"}}`},
+	} {
+		if got := string(a.Handle([]byte(s.req))); got != s.want {
+			t.Errorf("%s:\n got %s\nwant %s", s.req, got, s.want)
+		}
+	}
+}

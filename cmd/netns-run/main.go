@@ -66,6 +66,9 @@ Examples:
   netns-run -p 8080:80 -p 127.0.0.1:5353:53/udp -- ./server
   netns-run -p 8080:80 --port-driver=netstack -- nginx   # nginx logs real client IPs
   netns-run --api-socket /tmp/nr.sock --pcap /tmp/guest.pcap -- ./app
+  netns-run --allow github.com:443 --allow '**.pypi.org:443' \
+            --allow files.pythonhosted.org:443 -- pip install requests
+  netns-run --egress-audit -- make test      # then: --policy with what it printed
   netns-run stats /tmp/nr.sock
 
 Troubleshooting (/dev/net/tun permissions, user namespaces, ping,
@@ -95,6 +98,7 @@ type options struct {
 	pcap                string
 	pcapMaxSize         int64
 	noSandbox           bool
+	egress              cli.EgressFlags
 	version             bool
 	help                bool
 }
@@ -186,6 +190,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netns-run: %v\n", err)
 		return exitSetupFailed
 	}
+	egressLog, err := setEgress(&netCfg, opts.egress, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "netns-run: %v\n", err)
+		return exitSetupFailed
+	}
+	if egressLog != nil {
+		defer egressLog.Close()
+	}
 	if len(netCfg.DNSUpstreams) == 0 {
 		log.Warn("no nameserver found in /etc/resolv.conf; DNS inside will not resolve (use --dns-upstream)")
 	}
@@ -213,7 +225,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		// death signal follows this thread, which must not end first.
 		runtime.LockOSThread()
 		spec := engine.Spec{Net: netCfg, PcapMaxSize: opts.pcapMaxSize, Debug: opts.debug, LogFormat: opts.logFormat}
-		if eng, err = engine.Start(spec, pcap, log); err != nil {
+		spec.EgressLogStderr = opts.egress.Log == "-"
+		if eng, err = engine.Start(spec, pcap, egressLog, log); err != nil {
 			fmt.Fprintf(stderr, "netns-run: %v\n", err)
 			return exitSetupFailed
 		}
@@ -233,6 +246,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 			host, err := startHostSide(ctx, ns, netCfg, eng, opts, rules, log)
 			if err != nil {
 				return nil, err
+			}
+			if opts.egress.Audit {
+				host.suggestTo = stderr
 			}
 			if opts.netnsPath != "" {
 				// A symlink: unprivileged users cannot bind-mount into
@@ -258,6 +274,24 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitSetupFailed
 	}
 	return code
+}
+
+// setEgress puts the egress policy of the flags into netCfg and returns
+// the decision log file to hand to the engine (nil: none, or stderr).
+func setEgress(netCfg *netstack.Config, flags cli.EgressFlags, stderr io.Writer) (*os.File, error) {
+	cfg, err := flags.Config()
+	if err != nil {
+		return nil, err
+	}
+	f, toStderr, err := flags.OpenLog()
+	if err != nil {
+		return nil, err
+	}
+	// With --no-sandbox the stack runs here and uses these writers; the
+	// engine sets its own from the descriptor.
+	cli.SetEgressOutput(&cfg, f, toStderr, stderr)
+	netCfg.Egress = cfg
+	return f, nil
 }
 
 func newLoggerFor(opts options, w io.Writer) *slog.Logger {
@@ -304,6 +338,11 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.pcap, "pcap", "", "capture the guest's frames to this pcap file (tcpdump -r / tshark -r)")
 	fs.Int64Var(&o.pcapMaxSize, "pcap-max-size", 1<<30, "stop capturing once the file reaches this many bytes (0: no limit)")
+	fs.StringArrayVar(&o.egress.Allow, "allow", nil, "allow egress to RULE: HOST[:PORTS][/tcp|/udp|/icmp]; HOST is a name, *.name (names below it), **.name (it and below), an address or CIDR ([IPv6] in brackets); PORTS 443, 80,443 or 8000-8099. Once one rule allows, everything else is denied (repeatable)")
+	fs.StringArrayVar(&o.egress.Deny, "deny", nil, "deny egress to RULE (same syntax; a matching deny wins over every allow; repeatable)")
+	fs.StringVar(&o.egress.Policy, "policy", "", "read egress rules from FILE: one \"allow RULE\" or \"deny RULE\" per line, # comments")
+	fs.BoolVar(&o.egress.Audit, "egress-audit", false, "apply the egress rules without blocking: report what would be denied, and print a suggested allow list at exit")
+	fs.StringVar(&o.egress.Log, "egress-log", "", "write one JSON line per egress decision to FILE (- for stderr); without it, denials are summarized on stderr")
 	fs.BoolVar(&o.noSandbox, "no-sandbox", false, "run the packet engine in netns-run's own process, unconfined, instead of its sandbox (for debugging)")
 	fs.BoolVarP(&o.help, "help", "h", false, "show this help and exit")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")

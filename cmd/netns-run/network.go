@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"slices"
 
+	"github.com/netns-run/netns-run/cmd/internal/cli"
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
 	"github.com/netns-run/netns-run/netstack/engine"
@@ -31,12 +33,16 @@ type hostSide struct {
 	ports    *portfwd.PortMap
 	api      *portfwd.APISocket
 	apiEnd   chan struct{}
+	// suggestTo, in egress audit mode, gets the suggested allow list
+	// when the namespace ends.
+	suggestTo io.Writer
 }
 
 // packetEngine is the userspace stack: in its own sandboxed process
 // (engine.Client), or with --no-sandbox in this one (localEngine).
 type packetEngine interface {
 	portfwd.Guest
+	portfwd.Egress
 	Info() any
 	Stats() any
 	Failed() <-chan error
@@ -127,6 +133,7 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 		api.RefuseGuest(guestNS, true)
 		api.AllowIPv6()
 		api.SetReporter(h.engine.Info, h.engine.Stats)
+		api.SetEgress(h.engine)
 		h.apiEnd = make(chan struct{})
 		go func() {
 			defer close(h.apiEnd)
@@ -151,6 +158,10 @@ func (h *hostSide) Close() error {
 	}
 	if h.api != nil {
 		errs = append(errs, h.api.Close())
+	}
+	if h.engine != nil && h.suggestTo != nil {
+		policy, err := h.engine.EgressPolicy()
+		cli.PrintSuggestion(h.suggestTo, policy, err)
 	}
 	if h.engine != nil {
 		errs = append(errs, h.engine.Close())

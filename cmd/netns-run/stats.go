@@ -11,20 +11,21 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/egress"
 	"github.com/netns-run/netns-run/portfwd"
 )
 
 const statsUsage = `Usage: netns-run stats [--json] SOCKET|DIR
 Print what a running netns-run (started with --api-socket) or usernet (-a)
-is doing: configuration, flows, bytes, drops and published ports. DIR is a
-directory holding api.sock.
+is doing: configuration, flows, bytes, drops, published ports and the
+egress policy. DIR is a directory holding api.sock.
 `
 
 // runStats is the "netns-run stats" subcommand.
 func runStats(args []string, stdout, stderr io.Writer) int {
 	fs := pflag.NewFlagSet("netns-run stats", pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	asJSON := fs.Bool("json", false, "print the raw get_info and get_stats replies as one JSON object")
+	asJSON := fs.Bool("json", false, "print the raw get_info, get_stats and get_egress_policy replies as one JSON object")
 	help := fs.BoolP("help", "h", false, "show this help")
 	if err := fs.Parse(args); err != nil || *help || fs.NArg() != 1 {
 		if *help {
@@ -47,12 +48,20 @@ func runStats(args []string, stdout, stderr io.Writer) int {
 	var stats struct {
 		Return netstack.Stats `json:"return"`
 	}
+	var policy struct {
+		Return *egress.Listing `json:"return"`
+	}
 	rawInfo, err := call(sock, "get_info", &info)
 	if err == nil {
 		var rawStats json.RawMessage
 		rawStats, err = call(sock, "get_stats", &stats)
+		// Helpers without an egress policy do not know the command.
+		rawPolicy, perr := call(sock, "get_egress_policy", &policy)
+		if perr != nil {
+			rawPolicy = json.RawMessage("null")
+		}
 		if err == nil && *asJSON {
-			fmt.Fprintf(stdout, "{\"info\":%s,\"stats\":%s}\n", rawInfo, rawStats)
+			fmt.Fprintf(stdout, "{\"info\":%s,\"stats\":%s,\"egress_policy\":%s}\n", rawInfo, rawStats, rawPolicy)
 			return 0
 		}
 	}
@@ -61,7 +70,32 @@ func runStats(args []string, stdout, stderr io.Writer) int {
 		return exitSetupFailed
 	}
 	printStats(stdout, info.Return.Network, stats.Return, info.Return.Ports)
+	printEgress(stdout, stats.Return.Egress, policy.Return)
 	return 0
+}
+
+// printEgress shows the egress policy's counts and rules.
+func printEgress(w io.Writer, st egress.Stats, l *egress.Listing) {
+	if !st.Active {
+		fmt.Fprintln(w, "egress      off (no rules)")
+		return
+	}
+	mode := "deny list"
+	switch {
+	case st.Audit:
+		mode = "audit (blocks nothing)"
+	case l != nil && l.DefaultDeny:
+		mode = "allow list"
+	}
+	fmt.Fprintf(w, "egress      %s, %d rules; flows allowed %d, denied %d, audited %d\n", mode, st.Rules, st.Allowed, st.Denied, st.Audited)
+	fmt.Fprintf(w, "egress dns  forwarded %d, denied %d, refused %d, empty %d; answers dropped %d; pins %d\n",
+		st.DNSForwarded, st.DNSDenied, st.DNSRefused, st.DNSEmpty, st.AnswersDropped, st.Pins)
+	if l == nil {
+		return
+	}
+	for _, r := range l.Rules {
+		fmt.Fprintf(w, "  %d %s %s\n", r.ID, r.Verdict, r.Rule)
+	}
 }
 
 func call(sock, execute string, into any) (json.RawMessage, error) {

@@ -10,6 +10,8 @@ import (
 	"strconv"
 
 	"github.com/spf13/pflag"
+
+	"github.com/netns-run/netns-run/cmd/internal/cli"
 )
 
 // helpText is slirp4netns 1.2.0's --help, byte for byte (including the
@@ -44,6 +46,7 @@ const helpText = "Usage: %s [OPTION]... PID|PATH [TAPNAME]\n" +
 	"--log-format=FORMAT      text (default) or json\n" +
 	"--pcap=FILE              capture the guest's frames to FILE (pcap)\n" +
 	"--pcap-max-size=BYTES    stop capturing at BYTES (default 1073741824, 0: no limit)\n" +
+	cli.EgressHelp +
 	"\n" +
 	"usernet is a slirp4netns-compatible helper built on the gVisor userspace network\n" +
 	"stack; install it as \"slirp4netns\" or point runtimes at it (rootlesskit\n" +
@@ -83,6 +86,7 @@ type config struct {
 	logFormat           string
 	pcap                string
 	pcapMaxSize         int64
+	egress              cli.EgressFlags
 	help, version       bool
 }
 
@@ -135,6 +139,11 @@ func parseArgs(args []string, stdout io.Writer, hostPaths bool) (*config, error)
 	fs.StringVar(&c.logFormat, "log-format", "text", "")
 	fs.StringVar(&c.pcap, "pcap", "", "")
 	fs.Int64Var(&c.pcapMaxSize, "pcap-max-size", 1<<30, "")
+	fs.StringArrayVar(&c.egress.Allow, "allow", nil, "")
+	fs.StringArrayVar(&c.egress.Deny, "deny", nil, "")
+	fs.StringVar(&c.egress.Policy, "policy", "", "")
+	fs.BoolVar(&c.egress.Audit, "egress-audit", false, "")
+	fs.StringVar(&c.egress.Log, "egress-log", "", "")
 	fs.BoolVarP(&c.help, "help", "h", false, "")
 	fs.BoolVarP(&c.version, "version", "v", false, "")
 	if err := fs.Parse(args); err != nil {
@@ -148,6 +157,11 @@ func parseArgs(args []string, stdout io.Writer, hostPaths bool) (*config, error)
 	}
 	if c.pcapMaxSize < 0 {
 		return nil, usagef("--pcap-max-size must not be negative")
+	}
+	// The rules' syntax is checked here; --policy's file is read once,
+	// before the sandbox (setUp).
+	if _, err := (cli.EgressFlags{Allow: c.egress.Allow, Deny: c.egress.Deny}).Config(); err != nil {
+		return nil, &usageError{msg: err.Error(), noUsage: true}
 	}
 	if noHostLoopback {
 		fmt.Fprintln(stdout, "WARNING: --no-host-loopback is deprecated, please use --disable-host-loopback instead.")

@@ -51,6 +51,7 @@ func FuzzParseArgs(f *testing.F) {
 		"-c6 --netns-type=path --userns-path=/proc/1/ns/user /proc/1/ns/net tap0",
 		"--cidr 10.0.2.0/24 --macaddress=52:54:00:12:34:56 -c 1 tap0",
 		"--mtu= -- 1 tap0", "-m -1 1 tap0", "--target-type=bess 1", "-h", "-v", "",
+		"--allow **.pypi.org:443 --deny 192.0.2.0/24:53/udp --egress-audit 1 tap0",
 	} {
 		f.Add(s)
 	}
@@ -70,4 +71,19 @@ func FuzzParseArgs(f *testing.F) {
 			t.Fatalf("%q: accepted bad config %+v", line, c)
 		}
 	})
+}
+
+func TestParseArgsEgress(t *testing.T) {
+	c, err := parseArgs(strings.Fields("--allow github.com:443 --allow=**.pypi.org:443 --deny 192.0.2.0/24 --egress-audit --egress-log - 1 tap0"), io.Discard, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(c.egress.Allow, ",") != "github.com:443,**.pypi.org:443" || len(c.egress.Deny) != 1 || !c.egress.Audit || c.egress.Log != "-" {
+		t.Errorf("parsed %+v", c.egress)
+	}
+	_, err = parseArgs(strings.Fields("--allow example.com:99999 1 tap0"), io.Discard, true)
+	var ue *usageError
+	if !errors.As(err, &ue) || !ue.noUsage || !strings.Contains(ue.msg, `--allow: rule "example.com:99999": port 99999 out of range`) {
+		t.Errorf("bad rule: %v", err)
+	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/launcher/safefs"
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/egress"
 	"github.com/netns-run/netns-run/portfwd"
 	"github.com/netns-run/netns-run/tap"
 )
@@ -103,6 +104,12 @@ type sandboxState struct {
 	PcapFD    int              `json:"pcap_fd"`
 	Upstreams []netip.AddrPort `json:"dns_upstreams"`
 	GuestNS   *portfwd.UserNS  `json:"guest_userns"`
+	// The egress policy, with its rules (its --policy file read outside)
+	// in a file of their own (egress.RulesFile: thousands do not fit in
+	// the environment), and its decision log (-1: none).
+	Egress        egress.Config `json:"egress"`
+	EgressRulesFD int           `json:"egress_rules_fd"`
+	EgressLogFD   int           `json:"egress_log_fd"`
 }
 
 // helper is everything the long-running part needs.
@@ -116,6 +123,8 @@ type helper struct {
 	ns   *launcher.OpenTarget
 	api  *portfwd.APISocket
 	pcap *os.File
+	// egressLog is --egress-log's file (nil: none, or stderr).
+	egressLog *os.File
 	// guestNS is the user namespace whose processes the API refuses
 	// (nil: the guest shares ours, so they cannot be told apart), and
 	// seesGuests whether we may inspect all of them (see RefuseGuest).
@@ -181,6 +190,12 @@ func newHelper(cfg *config, log *slog.Logger) (*helper, error) {
 func (h *helper) setUp(ctx context.Context, stdout io.Writer) (err error) {
 	cfg := h.cfg
 	if h.netCfg.DNSUpstreams, err = netstack.DNSUpstreams(cfg.dnsUpstreams, "/etc/resolv.conf"); err != nil {
+		return err
+	}
+	if h.netCfg.Egress, err = cfg.egress.Config(); err != nil {
+		return err
+	}
+	if h.egressLog, _, err = cfg.egress.OpenLog(); err != nil {
 		return err
 	}
 	target := launcher.Target{NetNS: cfg.netnsPath, UserNS: cfg.usernsPath}
@@ -263,14 +278,27 @@ func (h *helper) openTap(ctx context.Context, target launcher.Target) error {
 // enterSandbox re-executes into the sandbox, carrying the TAP and the API
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
-	st := sandboxState{TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS}
+	st := sandboxState{TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS,
+		Egress: h.netCfg.Egress, EgressRulesFD: -1, EgressLogFD: -1}
 	keep := append([]*os.File(nil), h.dev.Queues()...)
 	for _, q := range keep {
 		st.TapFDs = append(st.TapFDs, int(q.Fd()))
 	}
+	if len(st.Egress.Rules) > 0 {
+		rules, err := egress.RulesFile(st.Egress.Rules)
+		if err != nil {
+			return err
+		}
+		st.Egress.Rules, st.EgressRulesFD = nil, int(rules.Fd())
+		keep = append(keep, rules)
+	}
 	if h.pcap != nil {
 		st.PcapFD = int(h.pcap.Fd())
 		keep = append(keep, h.pcap)
+	}
+	if h.egressLog != nil {
+		st.EgressLogFD = int(h.egressLog.Fd())
+		keep = append(keep, h.egressLog)
 	}
 	if h.api != nil {
 		// The socket file is removed at exit by a process that stays
@@ -305,6 +333,17 @@ func (h *helper) adopt(st sandboxState) error {
 	if st.PcapFD >= 0 {
 		h.pcap = os.NewFile(uintptr(st.PcapFD), "pcap")
 	}
+	h.netCfg.Egress = st.Egress
+	if st.EgressRulesFD >= 0 {
+		rules, err := egress.ReadRulesFile(os.NewFile(uintptr(st.EgressRulesFD), "egress-rules"))
+		if err != nil {
+			return err
+		}
+		h.netCfg.Egress.Rules = rules
+	}
+	if st.EgressLogFD >= 0 {
+		h.egressLog = os.NewFile(uintptr(st.EgressLogFD), "egress-log")
+	}
 	if st.APIFD >= 0 {
 		var err error
 		remover := os.NewFile(uintptr(st.RemoverFD), "remover")
@@ -323,6 +362,10 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 	if h.pcap != nil {
 		defer h.pcap.Close()
 		h.netCfg.Capture = netstack.NewCaptureWriter(h.pcap, h.cfg.pcapMaxSize, log)
+	}
+	cli.SetEgressOutput(&h.netCfg.Egress, h.egressLog, h.cfg.egress.Log == "-", stderr)
+	if h.egressLog != nil {
+		defer h.egressLog.Close()
 	}
 	stack, err := netstack.New(ctx, h.netCfg, h.dev)
 	if err != nil {
@@ -349,6 +392,7 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 			api.RefuseGuest(*h.guestNS, h.seesGuests)
 		}
 		api.SetReporter(func() any { return stack.Info() }, func() any { return stack.Stats() })
+		api.SetEgress(stack)
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
@@ -403,6 +447,10 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 		log.Info("the target process exited; exiting")
 	case <-stack.LinkDown():
 		log.Info("the guest's link went away; exiting")
+	}
+	if h.netCfg.Egress.Audit {
+		policy, err := stack.EgressPolicy()
+		cli.PrintSuggestion(stderr, policy, err)
 	}
 	return nil
 }

@@ -86,6 +86,7 @@ type pastaHelper struct {
 	api    *portfwd.APISocket
 	pcap   *os.File
 	logf   *os.File
+	logTo  io.Writer
 	// closers run in reverse order on the way out.
 	closers []func()
 }
@@ -107,6 +108,7 @@ func servePasta(c *pastaConfig, report *launcher.DaemonReport, stderr io.Writer)
 		logTo = f
 	}
 	h.log = cli.NewLogger(logTo, c.debug, "text")
+	h.logTo = logTo
 	if err := h.setUp(ctx); err != nil {
 		return err
 	}
@@ -144,6 +146,10 @@ func servePasta(c *pastaConfig, report *launcher.DaemonReport, stderr io.Writer)
 	case <-h.stack.LinkDown():
 		h.log.Info("the guest's link went away; exiting")
 	}
+	if c.egress.Audit {
+		policy, err := h.stack.EgressPolicy()
+		cli.PrintSuggestion(logTo, policy, err)
+	}
 	return nil
 }
 
@@ -175,6 +181,17 @@ func (h *pastaHelper) setUp(ctx context.Context) error {
 			return err
 		}
 	}
+	if n.Egress, err = c.egress.Config(); err != nil {
+		return err
+	}
+	egressLog, toStderr, err := c.egress.OpenLog()
+	if err != nil {
+		return err
+	}
+	if egressLog != nil {
+		h.closers = append(h.closers, func() { egressLog.Close() })
+	}
+	cli.SetEgressOutput(&n.Egress, egressLog, toStderr, h.logTo)
 	h.target = launcher.Target{NetNS: c.netns, UserNS: c.userns}
 	if c.pid > 0 {
 		t, err := launcher.TargetOfPID(c.pid, 10*time.Second)
@@ -231,6 +248,7 @@ func (h *pastaHelper) startAPI(ctx context.Context) error {
 	}
 	api.AllowIPv6()
 	api.SetReporter(func() any { return h.stack.Info() }, func() any { return h.stack.Stats() })
+	api.SetEgress(h.stack)
 	apiCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {

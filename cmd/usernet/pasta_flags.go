@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/netns-run/netns-run/cmd/internal/cli"
 	"github.com/netns-run/netns-run/portfwd"
 )
 
@@ -50,6 +51,8 @@ const pastaHelpText = "Usage: pasta [OPTION]... PID\n" +
 	"      --config-net        configure addresses and routes (required)\n" +
 	"      --ns-mac-addr MAC   MAC of the namespace's interface\n" +
 	"      --api-socket PATH   usernet: the slirp4netns JSON API (stats, info, ports)\n" +
+	"      --allow RULE, --deny RULE, --policy FILE, --egress-audit, --egress-log FILE\n" +
+	"                          usernet: the egress policy, as in netns-run (see its --help)\n" +
 	"      --version, -h, --help\n"
 
 // pastaConfig is pasta's command line, parsed.
@@ -83,6 +86,7 @@ type pastaConfig struct {
 	ipv6Only          bool
 	tcp, udp          portfwd.PortSpec
 	tcpNS, udpNS      portfwd.PortSpec
+	egress            cli.EgressFlags
 	pid               int
 	netns, userns     string
 	netnsOnly         bool
@@ -126,6 +130,8 @@ var pastaOptions = []optSpec{
 	{long: "ns-mac-addr", arg: true},
 	// usernet's own
 	{long: "api-socket", arg: true},
+	{long: "allow", arg: true}, {long: "deny", arg: true}, {long: "policy", arg: true},
+	{long: "egress-audit"}, {long: "egress-log", arg: true},
 }
 
 // pastaRefused are pasta options whose behaviour usernet does not have.
@@ -214,6 +220,18 @@ func (c *pastaConfig) set(name, v string) error {
 		c.pidFile = v
 	case "api-socket":
 		c.apiSocket = v
+	case "allow":
+		c.egress.Allow = append(c.egress.Allow, v)
+		_, err = cli.EgressFlags{Allow: []string{v}}.Config()
+	case "deny":
+		c.egress.Deny = append(c.egress.Deny, v)
+		_, err = cli.EgressFlags{Deny: []string{v}}.Config()
+	case "policy":
+		c.egress.Policy = v
+	case "egress-audit":
+		c.egress.Audit = true
+	case "egress-log":
+		c.egress.Log = v
 	case "mtu":
 		c.mtu, err = strconv.Atoi(v)
 		if err != nil || c.mtu != 0 && (c.mtu < 68 || c.mtu > 65520) {

@@ -153,3 +153,16 @@ func FuzzPastaArgs(f *testing.F) {
 		}
 	})
 }
+
+func TestPastaArgsEgress(t *testing.T) {
+	c, _, err := parsePastaArgs(strings.Fields("--config-net --allow github.com:443 --deny=bad.example --egress-audit --policy /x --egress-log /y 42"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.egress.Allow) != 1 || len(c.egress.Deny) != 1 || !c.egress.Audit || c.egress.Policy != "/x" || c.egress.Log != "/y" {
+		t.Errorf("parsed %+v", c.egress)
+	}
+	if _, _, err := parsePastaArgs(strings.Fields("--config-net --allow *.* 42")); err == nil || !strings.Contains(err.Error(), `rule "*.*"`) {
+		t.Errorf("bad rule: %v", err)
+	}
+}

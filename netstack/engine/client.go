@@ -17,6 +17,7 @@ import (
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/egress"
 	"github.com/netns-run/netns-run/portfwd"
 	"github.com/netns-run/netns-run/tap"
 )
@@ -53,8 +54,9 @@ var _ portfwd.Guest = (*Client)(nil)
 
 // Start starts the engine process; Attach gives it the TAP. Starting it
 // first lets its exec and runtime start-up overlap the namespace's set-up.
-// pcap (nil: no capture) goes to the engine; the caller keeps its copy.
-func Start(spec Spec, pcap *os.File, log *slog.Logger) (*Client, error) {
+// pcap (nil: no capture) and egressLog (nil: none) go to the engine; the
+// caller keeps its copies.
+func Start(spec Spec, pcap, egressLog *os.File, log *slog.Logger) (*Client, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -71,6 +73,19 @@ func Start(spec Spec, pcap *os.File, log *slog.Logger) (*Client, error) {
 	files := []*os.File{theirs}
 	if spec.Pcap = pcap != nil; spec.Pcap {
 		files = append(files, pcap)
+	}
+	if spec.EgressLog = egressLog != nil; spec.EgressLog {
+		files = append(files, egressLog)
+	}
+	if spec.EgressRules = len(spec.Net.Egress.Rules) > 0; spec.EgressRules {
+		rules, err := egress.RulesFile(spec.Net.Egress.Rules)
+		if err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("start network engine: %w", err)
+		}
+		defer rules.Close()
+		spec.Net.Egress.Rules = nil
+		files = append(files, rules)
 	}
 	proc, err := launcher.StartEngine(spec, files...)
 	if err != nil {
@@ -221,9 +236,36 @@ func (c *Client) DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error) {
 	return newDatagramConn(ours)
 }
 
+// EgressPolicy implements portfwd.Egress.
+func (c *Client) EgressPolicy() (any, error) {
+	raw, err := c.request(message{Op: opEgressGet})
+	return raw, err
+}
+
+// AddEgressRule implements portfwd.Egress.
+func (c *Client) AddEgressRule(verdict, rule string) (int, error) {
+	raw, err := c.request(message{Op: opEgressAdd, Verdict: verdict, Rule: rule})
+	if err != nil {
+		return 0, err
+	}
+	var r struct {
+		ID int `json:"id"`
+	}
+	if err := json.Unmarshal(raw, &r); err != nil {
+		return 0, fmt.Errorf("network engine: %w", err)
+	}
+	return r.ID, nil
+}
+
+// RemoveEgressRule implements portfwd.Egress.
+func (c *Client) RemoveEgressRule(id int) error {
+	_, err := c.request(message{Op: opEgressRemove, RuleID: id})
+	return err
+}
+
 // Info is get_info's network part, as the engine reports it.
 func (c *Client) Info() any {
-	raw, err := c.request(opInfo)
+	raw, err := c.request(message{Op: opInfo})
 	if err != nil {
 		return map[string]string{"error": err.Error()}
 	}
@@ -233,7 +275,7 @@ func (c *Client) Info() any {
 // Stats is get_stats, with the engine's descriptors and memory read from
 // its /proc entry here (the engine has no /proc).
 func (c *Client) Stats() any {
-	raw, err := c.request(opStats)
+	raw, err := c.request(message{Op: opStats})
 	if err != nil {
 		return map[string]string{"error": err.Error()}
 	}
@@ -245,7 +287,8 @@ func (c *Client) Stats() any {
 	return st
 }
 
-func (c *Client) request(o op) (json.RawMessage, error) {
+// request sends m (its ID set here) and waits for the engine's result.
+func (c *Client) request(m message) (json.RawMessage, error) {
 	ch := make(chan message, 1)
 	c.mu.Lock()
 	if c.gone {
@@ -261,21 +304,22 @@ func (c *Client) request(o op) (json.RawMessage, error) {
 		delete(c.pending, id)
 		c.mu.Unlock()
 	}
-	if err := send(c.conn, message{Op: o, ID: id}); err != nil {
+	m.ID = id
+	if err := send(c.conn, m); err != nil {
 		forget()
 		return nil, fmt.Errorf("network engine: %w", err)
 	}
 	select {
-	case m, ok := <-ch:
+	case r, ok := <-ch:
 		if !ok {
 			return nil, errors.New("network engine: not running")
 		}
-		if m.Error != "" {
-			return nil, fmt.Errorf("network engine: %s", m.Error)
+		if r.Error != "" {
+			return nil, errors.New(r.Error)
 		}
-		return m.Result, nil
+		return r.Result, nil
 	case <-time.After(requestTimeout):
 		forget()
-		return nil, fmt.Errorf("network engine: no answer to %s within %v", o, requestTimeout)
+		return nil, fmt.Errorf("network engine: no answer to %s within %v", m.Op, requestTimeout)
 	}
 }

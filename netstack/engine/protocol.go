@@ -11,6 +11,7 @@
 //	parent -> engine  tcp   guest         + host socket  forward a published TCP connection
 //	parent -> engine  udp   client, guest + socket       a published UDP flow (one end of a datagram socketpair)
 //	parent -> engine  info | stats  id
+//	parent -> engine  egress_get | egress_add (verdict, rule) | egress_remove (rule_id)  id
 //	engine -> parent  result  id, result | error
 //
 // The parent's hang-up ends the engine; the engine's hang-up (a crash)
@@ -34,13 +35,20 @@ import (
 )
 
 // Spec is what the engine process is given besides its descriptors, which
-// are, in order: the control socket and the pcap file if Pcap. The TAP
-// comes later, over the control socket: the engine starts while the
-// namespace is being set up.
+// are, in order: the control socket, the pcap file if Pcap, the egress
+// decision log if EgressLog, and the egress rules (egress.RulesFile) if
+// EgressRules: Net.Egress.Rules stays empty, as thousands of rules would
+// not fit in the environment. The TAP comes later, over the control
+// socket: the engine starts while the namespace is being set up.
 type Spec struct {
 	Net         netstack.Config `json:"net"`
 	Pcap        bool            `json:"pcap"`
 	PcapMaxSize int64           `json:"pcap_max_size"`
+	// EgressLog: a descriptor for the egress policy's decision log
+	// follows; EgressLogStderr: the log goes to stderr instead.
+	EgressLog       bool `json:"egress_log"`
+	EgressLogStderr bool `json:"egress_log_stderr"`
+	EgressRules     bool `json:"egress_rules"`
 	// Debug and LogFormat configure the engine's logger (its stderr is
 	// the parent's); Debug also has the kernel log refused system calls.
 	Debug     bool   `json:"debug"`
@@ -58,6 +66,10 @@ const (
 	opInfo   op = "info"
 	opStats  op = "stats"
 	opResult op = "result"
+
+	opEgressGet    op = "egress_get"
+	opEgressAdd    op = "egress_add"
+	opEgressRemove op = "egress_remove"
 )
 
 // message is every message both ways; Op says which fields matter.
@@ -69,6 +81,10 @@ type message struct {
 	Guest  netip.AddrPort  `json:"guest,omitzero"`
 	Error  string          `json:"error,omitempty"`
 	Result json.RawMessage `json:"result,omitempty"`
+	// The egress requests' arguments.
+	Verdict string `json:"verdict,omitempty"`
+	Rule    string `json:"rule,omitempty"`
+	RuleID  int    `json:"rule_id,omitempty"`
 }
 
 // maxMessage bounds one control message (get_stats is the largest).

@@ -15,6 +15,7 @@ import (
 
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
+	"github.com/netns-run/netns-run/netstack/egress"
 	"github.com/netns-run/netns-run/tap"
 )
 
@@ -38,20 +39,33 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 		return 1
 	}
 	defer ctrl.Close()
-	var pcap *os.File
-	if len(files) > 1 {
-		pcap = files[1]
-		defer pcap.Close()
-	}
 	fail := func(err error) int {
 		_ = send(ctrl, message{Op: opFailed, Error: err.Error()})
 		return 1
 	}
+	for _, f := range files[1:] {
+		defer f.Close()
+	}
 	if setupErr != nil {
 		return fail(setupErr)
 	}
-	if len(files) != 1+btoi(spec.Pcap) {
-		return fail(fmt.Errorf("network engine: got %d descriptors, want %d", len(files), 1+btoi(spec.Pcap)))
+	if want := 1 + btoi(spec.Pcap) + btoi(spec.EgressLog) + btoi(spec.EgressRules); len(files) != want {
+		return fail(fmt.Errorf("network engine: got %d descriptors, want %d", len(files), want))
+	}
+	var pcap, egressLog *os.File
+	next := files[1:]
+	if spec.Pcap {
+		pcap, next = next[0], next[1:]
+	}
+	if spec.EgressLog {
+		egressLog, next = next[0], next[1:]
+	}
+	if spec.EgressRules {
+		rules, err := egress.ReadRulesFile(next[0])
+		if err != nil {
+			return fail(fmt.Errorf("network engine: %w", err))
+		}
+		spec.Net.Egress.Rules = rules
 	}
 	dev, err := awaitTap(ctrl)
 	if errors.Is(err, errHangup) {
@@ -64,6 +78,16 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 	cfg.Logger = log
 	if pcap != nil {
 		cfg.Capture = netstack.NewCaptureWriter(pcap, spec.PcapMaxSize, log)
+	}
+	// The engine's stderr is its parent's.
+	cfg.Egress.Log, cfg.Egress.Notices = nil, nil
+	switch {
+	case egressLog != nil:
+		cfg.Egress.Log = egressLog
+	case spec.EgressLogStderr:
+		cfg.Egress.Log = os.Stderr
+	default:
+		cfg.Egress.Notices = os.Stderr
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -135,7 +159,7 @@ func (e *server) serve() error {
 			e.forwardTCP(m, f)
 		case opUDP:
 			e.forwardUDP(m, f)
-		case opInfo, opStats:
+		case opInfo, opStats, opEgressGet, opEgressAdd, opEgressRemove:
 			if f != nil {
 				f.Close()
 			}
@@ -153,13 +177,27 @@ func (e *server) serve() error {
 
 func (e *server) report(m message) error {
 	var v any
-	if m.Op == opInfo {
+	var err error
+	switch m.Op {
+	case opInfo:
 		v = e.stack.Info()
-	} else {
+	case opStats:
 		v = e.stack.Stats()
+	case opEgressGet:
+		v, err = e.stack.EgressPolicy()
+	case opEgressAdd:
+		var id int
+		id, err = e.stack.AddEgressRule(m.Verdict, m.Rule)
+		v = map[string]int{"id": id}
+	case opEgressRemove:
+		err = e.stack.RemoveEgressRule(m.RuleID)
+		v = struct{}{}
 	}
 	reply := message{Op: opResult, ID: m.ID}
-	b, err := json.Marshal(v)
+	var b []byte
+	if err == nil {
+		b, err = json.Marshal(v)
+	}
 	if err != nil {
 		reply.Error = err.Error()
 	} else {

@@ -66,12 +66,33 @@ for _ in $(seq "$REPS"); do
 done
 res netns-run rr_out_p50_us "$(median < "$work/rr50")"
 res netns-run rr_out_p99_us "$(median < "$work/rr99")"
+# The same under an egress policy of 10,000 rules (names, wildcards, ranges
+# of both families, ports; the last one admits the echo server), run
+# alternately with the plain one so that both see the same machine.
+awk 'BEGIN {
+	for (i = 0; i < 9999; i++) {
+		m = i % 5
+		if (m == 0) printf "allow host%d.example.com:443\n", i
+		if (m == 1) printf "allow *.svc%d.example.net\n", i
+		if (m == 2) printf "allow 10.%d.%d.0/24:8000-8099/tcp\n", int(i / 256) % 256, i % 256
+		if (m == 3) printf "deny 172.%d.%d.%d\n", 16 + int(i / 65536) % 16, int(i / 256) % 256, i % 256
+		if (m == 4) printf "allow [2001:db8:%x::/48]:53/udp\n", i
+	}
+	print "allow 127.0.0.1:16301"
+}' > "$work/policy"
 : > "$work/cps"
+: > "$work/cps_policy"
 for _ in $(seq "$REPS"); do
-	"$nr" "${nrflags[@]}" -- "$work/nettool" tcp-conns 10.0.2.2:16301 "${CONN_N:-2000}" 1 |
-		sed -E 's/conns=([0-9]+) failed=[0-9]+ seconds=([0-9.]+)/\1 \2/' | awk '$2 > 0 {print $1 / $2}' >> "$work/cps"
+	for out in cps cps_policy; do
+		extra=()
+		[ "$out" = cps_policy ] && extra=(--policy "$work/policy")
+		"$nr" "${nrflags[@]}" "${extra[@]}" -- "$work/nettool" tcp-conns 10.0.2.2:16301 "${CONN_N:-2000}" 1 |
+			sed -E 's/conns=([0-9]+) failed=[0-9]+ seconds=([0-9.]+)/\1 \2/' | awk '$2 > 0 {print $1 / $2}' >> "$work/$out"
+	done
 done
 res netns-run conn_out_per_s "$(median < "$work/cps")"
+res netns-run conn_out_10k_rules_per_s "$(median < "$work/cps_policy")"
+log "netns-run conn/s without policy $(tr '\n' ' ' < "$work/cps"); with 10,000 rules $(tr '\n' ' ' < "$work/cps_policy")"
 
 # Helper memory, netns-run and its packet engine (the child named
 # netns-engine) together: idle, and while the namespace holds 1000
@@ -225,7 +246,7 @@ echo "## Side by side — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kerne
 echo
 table "TCP throughput (Gbit/s): out = namespace → host 127.0.0.1; in = host → namespace through a published port" tcp_out_gbps tcp_in_gbps
 table "TCP 1-byte request/response out of the namespace (µs)" rr_out_p50_us rr_out_p99_us
-table "Connections per second (sequential)" conn_in_per_s conn_out_per_s
+table "Connections per second (sequential; 10k_rules: netns-run under an egress policy of 10,000 rules)" conn_in_per_s conn_out_per_s conn_out_10k_rules_per_s
 table "Parallel TCP streams guest → host (Gbit/s, nettool stream)" streams_1_gbps streams_8_gbps streams_16_gbps
 table "Helper CPU (s per GB) and peak RSS (KiB)" cpu_out_s_per_gb cpu_in_s_per_gb peak_rss_kb
 table "Helper RSS (KiB; netns-run: PSS of it and its engine): idle, and holding 1000 established connections" rss_idle_kb rss_1000_conns_kb

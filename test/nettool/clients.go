@@ -180,13 +180,24 @@ func udpEchoCheck(args []string) error {
 	return nil
 }
 
+// dnsQuery asks SERVER for NAME (type A unless TYPE is given) and prints
+// the answer's A and AAAA records and "rcode NOERROR answers=N"; another
+// rcode is an error that names it.
 func dnsQuery(args []string) error {
-	if err := needArgs(args, 3); err != nil {
-		return err
+	if len(args) != 3 && len(args) != 4 {
+		return fmt.Errorf("want SERVER NAME udp|tcp [TYPE]")
+	}
+	qtype := dns.TypeA
+	if len(args) == 4 {
+		t, ok := dns.StringToType[args[3]]
+		if !ok {
+			return fmt.Errorf("unknown type %q", args[3])
+		}
+		qtype = t
 	}
 	c := &dns.Client{Net: args[2], Timeout: 5 * time.Second}
 	m := new(dns.Msg)
-	m.SetQuestion(dns.Fqdn(args[1]), dns.TypeA)
+	m.SetQuestion(dns.Fqdn(args[1]), qtype)
 	resp, _, err := c.Exchange(m, args[0])
 	if err != nil {
 		return err
@@ -195,10 +206,14 @@ func dnsQuery(args []string) error {
 		return fmt.Errorf("rcode %s", dns.RcodeToString[resp.Rcode])
 	}
 	for _, rr := range resp.Answer {
-		if a, ok := rr.(*dns.A); ok {
+		switch a := rr.(type) {
+		case *dns.A:
 			fmt.Printf("A %s\n", a.A)
+		case *dns.AAAA:
+			fmt.Printf("AAAA %s\n", a.AAAA)
 		}
 	}
+	fmt.Printf("rcode NOERROR answers=%d\n", len(resp.Answer))
 	return nil
 }
 

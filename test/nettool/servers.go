@@ -4,10 +4,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strings"
-	"time"
-
-	"github.com/miekg/dns"
 )
 
 // serveTCP listens on addr, says so on stdout, and serves each connection
@@ -18,6 +14,12 @@ func serveTCP(addr string, handle func(net.Conn)) error {
 	if err != nil {
 		return err
 	}
+	return serveEcho(ln)
+}
+
+// serveEcho says it listens and echoes what each client sends, half-closing
+// after the client's FIN where it can.
+func serveEcho(ln net.Listener) error {
 	fmt.Printf("listening %s\n", ln.Addr())
 	for {
 		c, err := ln.Accept()
@@ -60,57 +62,4 @@ func udpEchoServer(args []string) error {
 		}
 		_, _ = pc.WriteTo(buf[:n], from)
 	}
-}
-
-// dnsServer answers A queries for the given names over UDP and TCP and
-// NXDOMAIN for everything else.
-func dnsServer(args []string) error {
-	if len(args) < 1 {
-		return fmt.Errorf("want ADDR NAME=IPV4 [NAME=IPV4]")
-	}
-	records := map[string]net.IP{}
-	for _, kv := range args[1:] {
-		name, ip, ok := strings.Cut(kv, "=")
-		if !ok || net.ParseIP(ip) == nil {
-			return fmt.Errorf("bad record %q", kv)
-		}
-		records[dns.Fqdn(strings.ToLower(name))] = net.ParseIP(ip)
-	}
-	handler := dns.HandlerFunc(func(w dns.ResponseWriter, req *dns.Msg) {
-		resp := new(dns.Msg)
-		resp.SetReply(req)
-		resp.Authoritative = true
-		for _, q := range req.Question {
-			ip, ok := records[strings.ToLower(q.Name)]
-			if !ok {
-				resp.Rcode = dns.RcodeNameError
-				continue
-			}
-			if q.Qtype == dns.TypeA {
-				resp.Answer = append(resp.Answer, &dns.A{
-					Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60},
-					A:   ip.To4(),
-				})
-			}
-		}
-		_ = w.WriteMsg(resp)
-	})
-	errs := make(chan error, 2)
-	started := make(chan struct{}, 2)
-	for _, proto := range []string{"udp", "tcp"} {
-		srv := &dns.Server{Addr: args[0], Net: proto, Handler: handler,
-			NotifyStartedFunc: func() { started <- struct{}{} }}
-		go func() { errs <- srv.ListenAndServe() }()
-	}
-	for i := 0; i < 2; i++ {
-		select {
-		case <-started:
-		case err := <-errs:
-			return err
-		case <-time.After(10 * time.Second):
-			return fmt.Errorf("dns server did not start")
-		}
-	}
-	fmt.Printf("listening %s\n", args[0])
-	return <-errs
 }
