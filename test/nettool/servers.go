@@ -6,20 +6,18 @@ import (
 	"net"
 )
 
-// serveTCP listens on addr, says so on stdout, and serves each connection
-// with handle in a goroutine of its own (handle closes nothing; the
-// connection is closed after it).
+// serveTCP listens on addr and serves it with serveConns.
 func serveTCP(addr string, handle func(net.Conn)) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
-	return serveEcho(ln)
+	return serveConns(ln, handle)
 }
 
-// serveEcho says it listens and echoes what each client sends, half-closing
-// after the client's FIN where it can.
-func serveEcho(ln net.Listener) error {
+// serveConns says it listens and serves each connection with handle in a
+// goroutine of its own; the connection is closed after it.
+func serveConns(ln net.Listener, handle func(net.Conn)) error {
 	fmt.Printf("listening %s\n", ln.Addr())
 	for {
 		c, err := ln.Accept()
@@ -33,16 +31,20 @@ func serveEcho(ln net.Listener) error {
 	}
 }
 
+// echo sends back what the client sends, half-closing after its FIN where
+// it can.
+func echo(c net.Conn) {
+	_, _ = io.Copy(c, c)
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.CloseWrite()
+	}
+}
+
 func tcpEchoServer(args []string) error {
 	if err := needArgs(args, 1); err != nil {
 		return err
 	}
-	return serveTCP(args[0], func(c net.Conn) {
-		_, _ = io.Copy(c, c)
-		if tc, ok := c.(*net.TCPConn); ok {
-			_ = tc.CloseWrite()
-		}
-	})
+	return serveTCP(args[0], echo)
 }
 
 func udpEchoServer(args []string) error {

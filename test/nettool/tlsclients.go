@@ -41,7 +41,7 @@ func tlsEchoServer(args []string) error {
 	if err != nil {
 		return err
 	}
-	return serveEcho(ln)
+	return serveConns(ln, echo)
 }
 
 // isReset reports whether err is the peer resetting the connection (or
