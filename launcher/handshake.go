@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 
@@ -114,8 +115,11 @@ func (c channel) send(m message, files ...*os.File) error {
 // recv reads one message and checks it is of the wanted kind (or a failure,
 // which is returned as an error). Any files that came with it are returned.
 func (c channel) recv(want messageKind) (message, []*os.File, error) {
-	buf := make([]byte, maxMessage)
-	n, files, err := tap.RecvFiles(c.conn, buf)
+	var m message
+	files, err := tap.RecvJSON(c.conn, maxMessage, &m)
+	if errors.Is(err, io.EOF) {
+		return message{}, nil, fmt.Errorf("waiting for %s message: %w", want, errChannelClosed)
+	}
 	if err != nil {
 		return message{}, nil, err
 	}
@@ -123,15 +127,6 @@ func (c channel) recv(want messageKind) (message, []*os.File, error) {
 		for _, f := range files {
 			f.Close()
 		}
-	}
-	if n == 0 {
-		closeAll()
-		return message{}, nil, fmt.Errorf("waiting for %s message: %w", want, errChannelClosed)
-	}
-	var m message
-	if err := json.Unmarshal(buf[:n], &m); err != nil {
-		closeAll()
-		return message{}, nil, fmt.Errorf("decode message: %w", err)
 	}
 	if m.Kind == kindFailure && m.Failure != nil {
 		closeAll()

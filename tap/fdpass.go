@@ -1,8 +1,10 @@
 package tap
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 
@@ -57,6 +59,32 @@ func RecvFiles(conn *net.UnixConn, buf []byte) (int, []*os.File, error) {
 		return 0, nil, perr
 	}
 	return n, files, nil
+}
+
+// RecvJSON reads one message of at most max bytes, decodes it into v and
+// returns the descriptors that came with it (closed if it cannot be
+// decoded). A peer that hung up gives io.EOF.
+func RecvJSON(conn *net.UnixConn, max int, v any) ([]*os.File, error) {
+	buf := make([]byte, max)
+	n, files, err := RecvFiles(conn, buf)
+	if err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		closeFiles(files)
+		return nil, io.EOF
+	}
+	if err := json.Unmarshal(buf[:n], v); err != nil {
+		closeFiles(files)
+		return nil, fmt.Errorf("decode message: %w", err)
+	}
+	return files, nil
+}
+
+func closeFiles(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
 }
 
 func parseRights(oob []byte) ([]*os.File, error) {

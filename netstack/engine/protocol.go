@@ -137,27 +137,13 @@ func recv(c *net.UnixConn) (message, *os.File, error) {
 
 // recvFiles reads one message and the descriptors that came with it.
 func recvFiles(c *net.UnixConn) (message, []*os.File, error) {
-	buf := make([]byte, maxMessage)
-	n, files, err := tap.RecvFiles(c, buf)
+	var m message
+	files, err := tap.RecvJSON(c, maxMessage, &m)
 	if errors.Is(err, io.EOF) {
 		return message{}, nil, errHangup
 	}
 	if err != nil {
-		return message{}, nil, err
-	}
-	closeAll := func() {
-		for _, f := range files {
-			f.Close()
-		}
-	}
-	if n == 0 {
-		closeAll()
-		return message{}, nil, errHangup
-	}
-	var m message
-	if err := json.Unmarshal(buf[:n], &m); err != nil {
-		closeAll()
-		return message{}, nil, fmt.Errorf("decode control message: %w", err)
+		return message{}, nil, fmt.Errorf("control message: %w", err)
 	}
 	return m, files, nil
 }
