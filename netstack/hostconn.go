@@ -40,7 +40,8 @@ type streamWriter struct {
 	niov  int
 	n     int
 	errno syscall.Errno
-	// sendOnce and sendWait are bound once (see hostReader.try).
+	// sendOnce and sendWait are bound once: closures made per call would
+	// allocate.
 	sendOnce, sendWait func(fd uintptr) bool
 }
 
@@ -85,18 +86,26 @@ func (w *streamWriter) setIov(parts ...[]byte) {
 }
 
 func (w *streamWriter) send(fd uintptr) {
-	msg := unix.Msghdr{Iov: &w.iov[0]}
-	msg.SetIovlen(w.niov)
+	w.n, w.errno = sendIovecs(fd, w.iov[:w.niov])
+}
+
+// sendIovecs sends iov on the socket fd without waiting, and never raises
+// SIGPIPE (a peer that reset the connection gives EPIPE).
+func sendIovecs(fd uintptr, iov []unix.Iovec) (int, unix.Errno) {
+	var msg unix.Msghdr
+	if len(iov) > 0 {
+		msg.Iov = &iov[0]
+		msg.SetIovlen(len(iov))
+	}
 	for {
 		n, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
 		if errno == unix.EINTR {
 			continue
 		}
-		w.n, w.errno = int(n), errno
 		if errno != 0 {
-			w.n = 0
+			return 0, errno
 		}
-		return
+		return int(n), 0
 	}
 }
 

@@ -191,17 +191,8 @@ func (f *udpFlow) fromGuest(iov []unix.Iovec, size int, ttl uint8) {
 	// The socket's own Write keeps it open until this returns: the flow
 	// may end, and its socket close, meanwhile.
 	err := f.hostRC.Write(func(fd uintptr) bool {
-		var msg unix.Msghdr
-		if len(iov) > 0 {
-			msg.Iov = &iov[0]
-			msg.SetIovlen(len(iov))
-		}
-		for {
-			_, _, errno = unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
-			if errno != unix.EINTR {
-				return true
-			}
-		}
+		_, errno = sendIovecs(fd, iov)
+		return true
 	})
 	switch {
 	case err != nil:
@@ -368,14 +359,8 @@ const udpIdleChecks = 4
 // idle for idle or ctx ends. ep is the flow's endpoint in the stack, which
 // still carries the first datagram and what the fast path leaves to the
 // stack. It owns ep and host and closes them.
-func (s *Stack) relayUDPFast(ctx context.Context, ep tcpip.Endpoint, wq *waiter.Queue, host *net.UDPConn, table *tableFlow,
-	key udpKey, first firstPacket, idle time.Duration, hostErr func()) (up, down int64) {
-	rc, err := host.SyscallConn()
-	if err != nil {
-		host.Close()
-		ep.Close()
-		return 0, 0
-	}
+func (s *Stack) relayUDPFast(ctx context.Context, ep tcpip.Endpoint, wq *waiter.Queue, host *net.UDPConn, rc syscall.RawConn,
+	table *tableFlow, key udpKey, first firstPacket, idle time.Duration, hostErr func()) (up, down int64) {
 	l := s.udpFast.link
 	f := &udpFlow{key: key, path: s.udpFast, host: host, hostRC: rc, table: table, guestMAC: first.mac,
 		queue: l.fds[flowHash(key)%uint32(len(l.fds))], drops: &s.counters.dropFastPath, hostErr: hostErr}
