@@ -146,7 +146,7 @@ func (s *Stack) serveUDP(ep tcpip.Endpoint, wq *waiter.Queue, host *net.UDPConn,
 	// own idle timeout is the longest of those.
 	var up, down int64
 	if s.udpFast != nil {
-		up, down = s.relayUDPFast(s.ctx, ep, wq, host, rc, fl, key, first, s.lim.udp.assured, hostErr)
+		up, down = s.relayUDPFast(s.ctx, ep, wq, host, rc, fl, key, first, hostErr)
 	} else {
 		guest := gonet.NewUDPConn(wq, ep)
 		up, down = relayDatagrams(s.ctx, fl.watch(guest, false), fl.watch(host, true), s.lim.udp.assured, hostErr)

@@ -4,14 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"errors"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -159,7 +156,6 @@ func (p *udpFastPath) divert(parts [][]byte, n int, scratch *frameScratch) bool 
 type udpFlow struct {
 	key    udpKey
 	path   *udpFastPath
-	host   *net.UDPConn
 	hostRC syscall.RawConn
 	// table is the flow's entry in the stack's flow table, which
 	// expires it by what it exchanged.
@@ -171,7 +167,6 @@ type udpFlow struct {
 	// ttl is the hop limit the host socket sends with; only the TAP
 	// reader that diverts the flow's frames changes it.
 	ttl      atomic.Uint32
-	activity atomic.Uint64
 	up, down atomic.Int64
 	drops    *atomic.Uint64
 	// hostErr hands an ICMP error queued on the host socket to the guest.
@@ -181,7 +176,6 @@ type udpFlow struct {
 // fromGuest sends one datagram the guest sent to the flow's host socket,
 // without blocking: a full socket drops it, as a full link would.
 func (f *udpFlow) fromGuest(iov []unix.Iovec, size int, ttl uint8) {
-	f.activity.Add(1)
 	f.table.touch(false)
 	if uint32(ttl) != f.ttl.Load() && ttl > 0 {
 		f.ttl.Store(uint32(ttl))
@@ -351,18 +345,14 @@ type fastCounters struct {
 	rxPackets, rxBytes, txPackets, txBytes atomic.Uint64
 }
 
-// udpIdleChecks is how many times per idle timeout a flow looks whether it
-// has seen traffic: it expires after that many quiet looks in a row.
-const udpIdleChecks = 4
-
-// relayUDPFast serves a guest UDP flow on the fast path until it has been
-// idle for idle or ctx ends. ep is the flow's endpoint in the stack, which
+// relayUDPFast serves a guest UDP flow on the fast path until the flow
+// table ends it (expiry or eviction closes its sockets) or ctx ends. ep is the flow's endpoint in the stack, which
 // still carries the first datagram and what the fast path leaves to the
 // stack. It owns ep and host and closes them.
 func (s *Stack) relayUDPFast(ctx context.Context, ep tcpip.Endpoint, wq *waiter.Queue, host *net.UDPConn, rc syscall.RawConn,
-	table *tableFlow, key udpKey, first firstPacket, idle time.Duration, hostErr func()) (up, down int64) {
+	table *tableFlow, key udpKey, first firstPacket, hostErr func()) (up, down int64) {
 	l := s.udpFast.link
-	f := &udpFlow{key: key, path: s.udpFast, host: host, hostRC: rc, table: table, guestMAC: first.mac,
+	f := &udpFlow{key: key, path: s.udpFast, hostRC: rc, table: table, guestMAC: first.mac,
 		queue: l.fds[flowHash(key)%uint32(len(l.fds))], drops: &s.counters.dropFastPath, hostErr: hostErr}
 	f.ttl.Store(uint32(first.ttl))
 	s.udpFast.add(f)
@@ -374,7 +364,7 @@ func (s *Stack) relayUDPFast(ctx context.Context, ep tcpip.Endpoint, wq *waiter.
 		defer close(done)
 		f.relayFromStack(ep, wq)
 	}()
-	f.relayReplies(ep, idle)
+	f.relayReplies(ep)
 	s.udpFast.remove(f)
 	host.Close()
 	ep.Close()
@@ -422,13 +412,12 @@ func (f *udpFlow) relayFromStack(ep tcpip.Endpoint, wq *waiter.Queue) {
 }
 
 // relayReplies moves the host's replies to the guest, a batch per wake-up,
-// until the flow has been idle for idle or its socket is closed.
-func (f *udpFlow) relayReplies(ep tcpip.Endpoint, idle time.Duration) {
+// until its socket is closed: the flow table closes it when the flow
+// expires or is evicted, the stack when it stops.
+func (f *udpFlow) relayReplies(ep tcpip.Endpoint) {
 	var (
 		b         *udpBatch
 		waitFirst bool
-		quiet     int
-		seen      = f.activity.Load()
 	)
 	// try is called by the netpoller; it takes a batch only once there
 	// is something to read, so a waiting flow holds no buffers.
@@ -455,25 +444,12 @@ func (f *udpFlow) relayReplies(ep tcpip.Endpoint, idle time.Duration) {
 			f.down.Add(n)
 		}
 	}
-	check := idle / udpIdleChecks
-	_ = f.host.SetReadDeadline(time.Now().Add(check))
 	for {
-		err := f.hostRC.Read(try)
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			if a := f.activity.Load(); a != seen {
-				seen, quiet = a, 0
-			} else if quiet++; quiet >= udpIdleChecks {
-				return
-			}
-			_ = f.host.SetReadDeadline(time.Now().Add(check))
-			continue
-		}
-		if err != nil {
+		if err := f.hostRC.Read(try); err != nil {
 			return
 		}
 		switch b.err {
 		case 0:
-			f.activity.Add(1)
 			f.table.touch(true)
 			f.toGuest(b, oversize)
 			waitFirst = b.n < udpBatchSize
