@@ -143,7 +143,13 @@ func setUpChild(ch channel) (*childConfig, error) {
 		return nil, err
 	}
 	ready := tapReady{Name: dev.Name(), MAC: mac.String(), Queues: len(dev.Queues())}
-	err = ch.send(message{Kind: kindTap, Tap: &ready}, dev.Queues()...)
+	files := dev.Queues()
+	if ln := tcpListener(cfg); ln != nil {
+		ready.Listener = true
+		files = append(files[:len(files):len(files)], ln)
+		defer ln.Close()
+	}
+	err = ch.send(message{Kind: kindTap, Tap: &ready}, files...)
 	// The parent has its own copies now; ours must not leak into the command.
 	dev.Close()
 	if err != nil {
@@ -168,6 +174,26 @@ func setUpChild(ch channel) (*childConfig, error) {
 		return nil, err
 	}
 	return cfg, nil
+}
+
+// tcpListener opens the listener GuestConfig.TCPListener asks for, or
+// returns nil: without it the stack serves guest TCP itself, so a failure
+// is no reason to fail the namespace.
+func tcpListener(cfg *childConfig) *os.File {
+	a := cfg.Guest.Address.Addr()
+	if !cfg.Guest.TCPListener || !cfg.Configure || !a.Is4() {
+		return nil
+	}
+	ln, err := net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(netip.AddrPortFrom(a, 0)))
+	if err != nil {
+		return nil
+	}
+	defer ln.Close()
+	f, err := ln.File()
+	if err != nil {
+		return nil
+	}
+	return f
 }
 
 // openTap creates the TAP (or attaches to an existing one of that name)

@@ -83,6 +83,9 @@ type tapReady struct {
 	Name   string `json:"name"`
 	MAC    string `json:"mac"`
 	Queues int    `json:"queues"`
+	// Listener: a TCP listener (GuestConfig.TCPListener) follows the
+	// queues.
+	Listener bool `json:"listener,omitempty"`
 }
 
 // childFailure reports why the child could not set up the namespace.

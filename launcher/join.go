@@ -111,24 +111,33 @@ func fdPath(f *os.File) string { return "/proc/self/fd/" + strconv.Itoa(int(f.Fd
 // A helper process (our own binary, re-executed) joins the namespaces
 // before its Go runtime starts (see package nsenter), opens the TAP and
 // passes it back over SCM_RIGHTS.
-func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (tap.Device, net.HardwareAddr, error) {
+func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (*GuestLink, error) {
 	if _, err := os.Stat(t.NetNS); err != nil {
-		return nil, nil, fmt.Errorf("network namespace: %w", err)
+		return nil, fmt.Errorf("network namespace: %w", err)
 	}
 	cmd, conn, err := startHelperIn(ctx, t)
 	if err != nil {
-		return nil, nil, fmt.Errorf("start tap helper: %w", err)
+		return nil, fmt.Errorf("start tap helper: %w", err)
 	}
 	defer conn.Close()
-	dev, mac, err := tapHandshake(channel{conn: conn}, childConfig{Guest: g, Configure: configure})
+	dev, mac, ln, err := tapHandshake(channel{conn: conn}, childConfig{Guest: g, Configure: configure})
 	werr := cmd.Wait()
 	if err != nil {
 		if werr != nil && !errors.Is(err, errPeerGone) {
-			return nil, nil, err
+			return nil, err
 		}
-		return nil, nil, errors.Join(err, werr)
+		return nil, errors.Join(err, werr)
 	}
-	return dev, mac, nil
+	return &GuestLink{Tap: dev, MAC: mac, TCPListener: ln}, nil
+}
+
+// GuestLink is what OpenTapIn set up in the target.
+type GuestLink struct {
+	Tap tap.Device
+	MAC net.HardwareAddr
+	// TCPListener: see GuestConfig.TCPListener; nil if not asked for or
+	// not opened. The caller owns it.
+	TCPListener *os.File
 }
 
 // startHelperIn re-executes our binary as a launcher child that joins t
@@ -197,16 +206,16 @@ func passNamespaces(cmd *exec.Cmd, nss []nsFile) (func(), error) {
 	return closeAll, nil
 }
 
-func tapHandshake(ch channel, cfg childConfig) (*tap.TapDevice, net.HardwareAddr, error) {
+func tapHandshake(ch channel, cfg childConfig) (*tap.TapDevice, net.HardwareAddr, *os.File, error) {
 	if err := ch.conn.SetDeadline(time.Now().Add(handshakeTimeout)); err != nil {
-		return nil, nil, fmt.Errorf("handshake: %w", err)
+		return nil, nil, nil, fmt.Errorf("handshake: %w", err)
 	}
 	if err := ch.send(message{Kind: kindConfig, Config: &cfg}); err != nil {
-		return nil, nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
+		return nil, nil, nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
 	}
 	m, files, err := ch.recv(kindTap)
 	if err != nil {
-		return nil, nil, handshakeError(err)
+		return nil, nil, nil, handshakeError(err)
 	}
 	return tapFromMessage(m.Tap, files)
 }

@@ -73,6 +73,11 @@ type GuestConfig struct {
 	// Routes, if set, replace the default routes via Gateway and
 	// Gateway6 (pasta copies the host interface's routes).
 	Routes []GuestRoute `json:"routes,omitempty"`
+	// TCPListener asks for a TCP listener on Address (IPv4) inside the
+	// namespace, handed back with the TAP: the end of the stack's kernel
+	// TCP path (netstack.Config.KernelTCP). Only with Configure: an
+	// address must be there to listen on.
+	TCPListener bool `json:"tcp_listener,omitempty"`
 }
 
 // Namespace is the set-up namespace as the network sees it.
@@ -83,6 +88,10 @@ type Namespace struct {
 	Tap tap.Device
 	// MAC is the guest side's Ethernet address.
 	MAC net.HardwareAddr
+	// TCPListener is the listener GuestConfig.TCPListener asked for (nil
+	// if not asked, or if it could not be opened), owned by the network
+	// from now on.
+	TCPListener *os.File
 }
 
 // Target names the namespace's user and network namespaces, for helpers
@@ -237,13 +246,16 @@ var errPeerGone = errors.New("namespace child went away")
 // setUp runs the parent's half of the handshake and starts the network.
 func setUp(ctx context.Context, ch channel, opts Options, pid int) (Network, error) {
 	cfg := childConfig{Guest: opts.Guest, Configure: true, Exec: true, Args: opts.Args, PID: opts.PID, Hostname: opts.Hostname, CopyUp: opts.CopyUp}
-	dev, mac, err := tapHandshake(ch, cfg)
+	dev, mac, ln, err := tapHandshake(ch, cfg)
 	if err != nil {
 		return nil, err
 	}
-	network, err := opts.Network(ctx, Namespace{PID: pid, Tap: dev, MAC: mac})
+	network, err := opts.Network(ctx, Namespace{PID: pid, Tap: dev, MAC: mac, TCPListener: ln})
 	if err != nil {
 		dev.Close()
+		if ln != nil {
+			ln.Close()
+		}
 		return nil, fmt.Errorf("start network: %w", err)
 	}
 	if err := ch.send(message{Kind: kindProceed}); err != nil {
@@ -263,20 +275,36 @@ func handshakeError(err error) error {
 	return fmt.Errorf("handshake: %w: %w", errPeerGone, err)
 }
 
-func tapFromMessage(t *tapReady, files []*os.File) (*tap.TapDevice, net.HardwareAddr, error) {
-	if t == nil || len(files) == 0 || len(files) != t.Queues {
+// tapFromMessage takes the TAP queues, and the TCP listener after them if
+// the child announced one.
+func tapFromMessage(t *tapReady, files []*os.File) (*tap.TapDevice, net.HardwareAddr, *os.File, error) {
+	if t == nil || t.Queues < 1 || len(files) != t.Queues+btoi(t.Listener) {
 		for _, f := range files {
 			f.Close()
 		}
-		return nil, nil, fmt.Errorf("handshake: child sent %d TAP queues, announced %v", len(files), t)
+		return nil, nil, nil, fmt.Errorf("handshake: child sent %d descriptors, announced %v", len(files), t)
+	}
+	var ln *os.File
+	if t.Listener {
+		ln, files = files[t.Queues], files[:t.Queues]
 	}
 	dev := tap.FromFiles(t.Name, files)
 	mac, err := net.ParseMAC(t.MAC)
 	if err != nil {
 		dev.Close()
-		return nil, nil, fmt.Errorf("handshake: guest MAC %q: %w", t.MAC, err)
+		if ln != nil {
+			ln.Close()
+		}
+		return nil, nil, nil, fmt.Errorf("handshake: guest MAC %q: %w", t.MAC, err)
 	}
-	return dev, mac, nil
+	return dev, mac, ln, nil
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // socketPair returns the parent's end as a connection and the child's end

@@ -32,6 +32,8 @@ var steadyStateSyscalls = []string{
 	"epoll_create1", "epoll_ctl", "epoll_pwait", "epoll_wait", "ppoll", "poll", "pipe2", "eventfd2",
 	// Sockets.
 	"socket", "connect", "bind", "listen", "accept4", "getsockname", "getpeername",
+	// The kernel TCP path moves bytes between two sockets through a pipe.
+	"splice",
 	"getsockopt", "setsockopt", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
 	// The target process.
 	"pidfd_open",

@@ -56,7 +56,7 @@ type tapLink struct {
 	acks *ackHolder
 	// divert, if set before the stack attaches, is offered every frame
 	// first; what it takes never reaches the stack (see udpfast.go).
-	divert func(parts [][]byte, n int, scratch *frameScratch) bool
+	divert func(vh []byte, parts [][]byte, n int, scratch *frameScratch) bool
 }
 
 var (
@@ -403,7 +403,7 @@ type frameReader struct {
 	n       int
 	errno   unix.Errno
 	// divert and its working space: see tapLink.divert.
-	divert  func(parts [][]byte, n int, scratch *frameScratch) bool
+	divert  func(vh []byte, parts [][]byte, n int, scratch *frameScratch) bool
 	parts   [len(readSizes)][]byte
 	scratch frameScratch
 }
@@ -452,7 +452,7 @@ func (r *frameReader) read() (*stack.PacketBuffer, tcpip.Error) {
 	if n < header.EthernetMinimumSize || !r.acceptVnetHdr() {
 		return nil, nil
 	}
-	if r.divert != nil && r.divert(r.filled(n), n, &r.scratch) {
+	if r.divert != nil && r.divert(r.vnetHdr, r.filled(n), n, &r.scratch) {
 		// The frame's buffers are kept for the next read.
 		return nil, nil
 	}

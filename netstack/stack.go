@@ -68,7 +68,9 @@ type Stack struct {
 	// udpFast carries established UDP flows past the stack; nil when
 	// capturing, since the capture sees only what passes the stack.
 	udpFast *udpFastPath
-	egress  *egress.Policy
+	// ktcp ends guest TCP in the guest's kernel; nil without a listener.
+	ktcp   *kernelTCP
+	egress *egress.Policy
 }
 
 // New starts serving the guest behind dev. The Stack owns dev from now on
@@ -81,6 +83,10 @@ func New(ctx context.Context, cfg Config, dev tap.Device) (*Stack, error) {
 // given (0: none), which lets tests put a socket in place of a TAP with
 // offloads.
 func newStack(ctx context.Context, cfg Config, dev tap.Device, vnetHdr int) (*Stack, error) {
+	if cfg.KernelTCP != nil {
+		// The kernel TCP path, if it starts, listens on a duplicate.
+		defer cfg.KernelTCP.Close()
+	}
 	if err := cfg.validate(); err != nil {
 		dev.Close()
 		return nil, fmt.Errorf("netstack config: %w", err)
@@ -134,6 +140,26 @@ func (s *Stack) start(vnetHdr int) error {
 	if s.cfg.Capture == nil {
 		s.udpFast = newUDPFastPath(tl)
 		tl.divert = s.udpFast.divert
+		if s.cfg.KernelTCP != nil {
+			k, err := newKernelTCP(s, tl, s.cfg.KernelTCP)
+			if err != nil {
+				return err
+			}
+			s.ktcp = k
+			udp := s.udpFast.divert
+			tl.divert = func(vh []byte, parts [][]byte, n int, scratch *frameScratch) bool {
+				return k.divert(vh, parts, n) || udp(vh, parts, n, scratch)
+			}
+			if !s.flows.enter() {
+				k.close()
+				return net.ErrClosed
+			}
+			context.AfterFunc(s.ctx, k.close)
+			go func() {
+				defer s.flows.leave()
+				k.serve()
+			}()
+		}
 	}
 	var link stack.LinkEndpoint = ethernet.New(tl)
 	if s.cfg.Capture != nil {

@@ -15,6 +15,7 @@ import (
 type counters struct {
 	tcpOpen, udpOpen, icmpOpen    atomic.Int64
 	tcpTotal, udpTotal, icmpTotal atomic.Uint64
+	tcpKernelTotal                atomic.Uint64
 	bytesFromGuest, bytesToGuest  atomic.Uint64
 
 	dropBlocked         atomic.Uint64
@@ -38,6 +39,9 @@ type Stats struct {
 		TCPTotal  uint64 `json:"tcp_total"`
 		UDPTotal  uint64 `json:"udp_total"`
 		ICMPTotal uint64 `json:"icmp_total"`
+		// TCPKernelTotal counts the TCP flows (of TCPTotal) that ended
+		// in the guest's own kernel (the kernel TCP path).
+		TCPKernelTotal uint64 `json:"tcp_kernel_total"`
 		// DNSPending counts queries waiting for an upstream.
 		DNSPending int64 `json:"dns_pending"`
 	} `json:"flows"`
@@ -84,6 +88,7 @@ func (s *Stack) Stats() Stats {
 	c := &s.counters
 	st.Flows.TCPOpen, st.Flows.UDPOpen, st.Flows.ICMPOpen = c.tcpOpen.Load(), c.udpOpen.Load(), c.icmpOpen.Load()
 	st.Flows.TCPTotal, st.Flows.UDPTotal, st.Flows.ICMPTotal = c.tcpTotal.Load(), c.udpTotal.Load(), c.icmpTotal.Load()
+	st.Flows.TCPKernelTotal = c.tcpKernelTotal.Load()
 	st.Bytes.FromGuest, st.Bytes.ToGuest = c.bytesFromGuest.Load(), c.bytesToGuest.Load()
 	st.Drops.BlockedLoopback = c.dropBlocked.Load()
 	st.Drops.ICMPUnavailable = c.dropICMPUnavailable.Load()

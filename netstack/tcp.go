@@ -14,6 +14,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/netns-run/netns-run/netstack/egress"
 )
 
 // tcpDialTimeout bounds the host-side connect while the guest's SYN waits;
@@ -59,7 +61,13 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		s.serveDNSTCP(r, dst)
 		return
 	}
-	d := s.decideTCP(dst)
+	h, _ := s.ktcp.takeHandoff(src, dst)
+	var d egress.Decision
+	if h.decided {
+		d = h.decision
+	} else {
+		d = s.decideTCP(dst)
+	}
 	switch {
 	case !d.Allowed:
 		s.takeFirstPacket(id)
@@ -70,7 +78,13 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	defer s.egress.Hold(d)()
-	host, err := s.dialTCP(dst)
+	var host *net.TCPConn
+	var err error
+	if h.dialed {
+		err = h.dialErr
+	} else {
+		host, err = s.dialTCP(dst)
+	}
 	// The note is taken after the dial: a SYN the guest resends while the
 	// dial is slow notes it again, and that note would stay behind.
 	first, _ := s.takeFirstPacket(id)

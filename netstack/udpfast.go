@@ -76,7 +76,7 @@ type frameScratch struct {
 // starting with the Ethernet header) if it is a whole UDP datagram of a
 // flow on the fast path, and sends its payload to the flow's host socket.
 // It reports whether it took the frame.
-func (p *udpFastPath) divert(parts [][]byte, n int, scratch *frameScratch) bool {
+func (p *udpFastPath) divert(_ []byte, parts [][]byte, n int, scratch *frameScratch) bool {
 	first := parts[0]
 	if len(first) < header.EthernetMinimumSize+header.IPv4MinimumSize+header.UDPMinimumSize {
 		return false

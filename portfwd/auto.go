@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // AutoInterval is how often the auto mode looks at the listening sockets,
@@ -27,6 +29,9 @@ type ProcNet struct {
 	// SkipFrom..SkipTo is left out for UDP: the ephemeral range, where
 	// unconnected client sockets (resolvers) live.
 	SkipFrom, SkipTo uint16
+	// Own is the port of the helper's own TCP listener in the namespace
+	// (the kernel TCP path's; 0: none): not the guest's to publish.
+	Own uint16
 }
 
 // Scan returns the listening ports.
@@ -41,7 +46,7 @@ func (p ProcNet) Scan() (map[uint16]bool, error) {
 			return nil, err
 		}
 		for _, port := range ListeningPorts(b, p.UDP) {
-			if p.UDP && port >= p.SkipFrom && port <= p.SkipTo {
+			if p.UDP && port >= p.SkipFrom && port <= p.SkipTo || !p.UDP && port == p.Own {
 				continue
 			}
 			ports[port] = true
@@ -91,6 +96,25 @@ func ListeningPorts(b []byte, udp bool) []uint16 {
 // unconnected reports whether a rem_address field is the wildcard.
 func unconnected(rem string) bool {
 	return strings.Trim(rem, "0:") == ""
+}
+
+// SocketPort returns the local port of the socket f (0 if f is nil or not
+// a bound IP socket).
+func SocketPort(f *os.File) uint16 {
+	if f == nil {
+		return 0
+	}
+	sa, err := unix.Getsockname(int(f.Fd()))
+	if err != nil {
+		return 0
+	}
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return uint16(sa.Port)
+	case *unix.SockaddrInet6:
+		return uint16(sa.Port)
+	}
+	return 0
 }
 
 // EphemeralPorts returns the kernel's range for automatic local ports.

@@ -100,8 +100,9 @@ func TestStats(t *testing.T) {
 	var st struct {
 		Return struct {
 			Flows struct {
-				TCPOpen  int64  `json:"tcp_open"`
-				TCPTotal uint64 `json:"tcp_total"`
+				TCPOpen   int64  `json:"tcp_open"`
+				TCPTotal  uint64 `json:"tcp_total"`
+				TCPKernel uint64 `json:"tcp_kernel_total"`
 			} `json:"flows"`
 			Bytes struct {
 				FromGuest uint64 `json:"from_guest"`
@@ -120,14 +121,14 @@ func TestStats(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	r := st.Return
-	if r.Flows.TCPTotal != 3 || r.Flows.TCPOpen != 0 || r.Bytes.FromGuest != 300000 || r.Bytes.ToGuest != 300000 {
+	if r.Flows.TCPTotal != 3 || r.Flows.TCPKernel != 3 || r.Flows.TCPOpen != 0 || r.Bytes.FromGuest != 300000 || r.Bytes.ToGuest != 300000 {
 		t.Errorf("stats after 3 echoes of 100000 bytes: %+v", r)
 	}
 	out, err := exec.Command(bins.netnsRun, "stats", sock).CombinedOutput()
 	if err != nil {
 		t.Fatalf("netns-run stats: %v\n%s", err, out)
 	}
-	for _, want := range []string{"flows total tcp 3,", "bytes       292.97 KiB from guest, 292.97 KiB to guest", "published   1", `"host_port":19700`} {
+	for _, want := range []string{"flows total tcp 3,", "tcp ended in the namespace's kernel 3", "bytes       292.97 KiB from guest, 292.97 KiB to guest", "published   1", `"host_port":19700`} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("netns-run stats lacks %q:\n%s", want, out)
 		}
@@ -139,5 +140,35 @@ func TestStats(t *testing.T) {
 	}
 	if err != nil || json.Unmarshal(out, &both) != nil || len(both.Info) == 0 || len(both.Stats) == 0 {
 		t.Errorf("netns-run stats --json DIR: %v\n%s", err, out)
+	}
+}
+
+// TestUserspaceTCP: with --userspace-tcp the stack itself ends the guest's
+// TCP connections (the kernel TCP path is off), and the bytes still arrive
+// whole.
+func TestUserspaceTCP(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
+	dir := userDir(t, "netns-run-utcp-")
+	sock := filepath.Join(dir, "api.sock")
+	n := bins.nettool
+	script := fmt.Sprintf("%s tcp-echo-check 10.0.2.2:8080 1000000 >/dev/null || exit 1; echo done; exec %s sleep stats", n, n)
+	stdout := wd.startGuestScript([]string{"--api-socket", sock, "--userspace-tcp"}, script)
+	if line, _ := stdout.ReadString('\n'); strings.TrimSpace(line) != "done" {
+		t.Fatalf("exchange failed: %q", line)
+	}
+	var st struct {
+		Return struct {
+			Flows struct {
+				TCPTotal  uint64 `json:"tcp_total"`
+				TCPKernel uint64 `json:"tcp_kernel_total"`
+			} `json:"flows"`
+		} `json:"return"`
+	}
+	if err := json.Unmarshal([]byte(apiCall(t, sock, `{"execute":"get_stats"}`)), &st); err != nil {
+		t.Fatal(err)
+	}
+	if f := st.Return.Flows; f.TCPTotal != 1 || f.TCPKernel != 0 {
+		t.Errorf("with --userspace-tcp: %d TCP flows, %d of them in the kernel; want 1 and 0", f.TCPTotal, f.TCPKernel)
 	}
 }

@@ -98,6 +98,7 @@ type options struct {
 	pcap                string
 	pcapMaxSize         int64
 	noSandbox           bool
+	userspaceTCP        bool
 	egress              cli.EgressFlags
 	version             bool
 	help                bool
@@ -212,6 +213,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		Address:    netip.PrefixFrom(netstack.DefaultGuestAddr, netCfg.Network.Bits()),
 		Gateway:    netCfg.Gateway,
 		Nameserver: netCfg.DNS,
+		// A capture must see every segment, so the stack keeps them.
+		TCPListener: !opts.userspaceTCP && opts.pcap == "",
 	}
 	if !opts.disableIPv6 && hostHasIPv6() {
 		netCfg.IPv6 = true
@@ -343,6 +346,7 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.StringVar(&o.egress.Policy, "policy", "", "read egress rules from FILE: one \"allow RULE\" or \"deny RULE\" per line, # comments")
 	fs.BoolVar(&o.egress.Audit, "egress-audit", false, "apply the egress rules without blocking: report what would be denied, and print a suggested allow list at exit")
 	fs.StringVar(&o.egress.Log, "egress-log", "", "write one JSON line per egress decision to FILE (- for stderr); without it, denials are summarized on stderr")
+	fs.BoolVar(&o.userspaceTCP, "userspace-tcp", false, "end the command's outbound TCP connections in the userspace stack instead of the namespace's own kernel (always so with --pcap)")
 	fs.BoolVar(&o.noSandbox, "no-sandbox", false, "run the packet engine in netns-run's own process, unconfined, instead of its sandbox (for debugging)")
 	fs.BoolVarP(&o.help, "help", "h", false, "show this help and exit")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")

@@ -60,13 +60,14 @@ func (l localEngine) Failed() <-chan error { return nil }
 // started earlier, or (nil: --no-sandbox) in this process.
 func startEngine(ctx context.Context, ns launcher.Namespace, netCfg netstack.Config, eng *engine.Client) (packetEngine, error) {
 	if eng == nil {
+		netCfg.KernelTCP = ns.TCPListener
 		s, err := netstack.New(ctx, netCfg, ns.Tap)
 		if err != nil {
 			return nil, err
 		}
 		return localEngine{s}, nil
 	}
-	if err := eng.Attach(ns.Tap); err != nil {
+	if err := eng.Attach(ns.Tap, ns.TCPListener); err != nil {
 		return nil, err
 	}
 	return eng, nil
@@ -77,6 +78,8 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 	ctx, cancel := context.WithCancel(ctx)
 	h := &hostSide{cancel: cancel}
 	var err error
+	// The kernel TCP path's listener is ours, not a port to publish.
+	ownPort := portfwd.SocketPort(ns.TCPListener)
 	if h.engine, err = startEngine(ctx, ns, netCfg, eng); err != nil {
 		cancel()
 		return nil, err
@@ -111,7 +114,7 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 		}
 	}
 	if auto {
-		if h.stopAuto, err = followListeners(ctx, h.helper, h.ports, guestAddr, log); err != nil {
+		if h.stopAuto, err = followListeners(ctx, h.helper, h.ports, guestAddr, ownPort, log); err != nil {
 			h.Close()
 			return nil, err
 		}
@@ -181,7 +184,7 @@ const publishAuto = "auto"
 // followListeners publishes every TCP and UDP port the guest listens on,
 // on all of the host's addresses, while it listens (checked every second,
 // as pasta's -t auto does). stop ends it.
-func followListeners(ctx context.Context, h *launcher.PortHelper, ports *portfwd.PortMap, guestAddr netip.Addr, log *slog.Logger) (stop func(), err error) {
+func followListeners(ctx context.Context, h *launcher.PortHelper, ports *portfwd.PortMap, guestAddr netip.Addr, ownPort uint16, log *slog.Logger) (stop func(), err error) {
 	var followers []*portfwd.Follower
 	var scans []portfwd.ProcNet
 	closeScans := func() {
@@ -195,6 +198,7 @@ func followListeners(ctx context.Context, h *launcher.PortHelper, ports *portfwd
 			closeScans()
 			return nil, err
 		}
+		scan.Own = ownPort
 		scans = append(scans, scan)
 		followers = append(followers, &portfwd.Follower{Map: ports, Proto: proto, Scan: scan.Scan, Log: log,
 			Rules: func(port uint16) []portfwd.Rule {

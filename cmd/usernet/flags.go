@@ -46,6 +46,8 @@ const helpText = "Usage: %s [OPTION]... PID|PATH [TAPNAME]\n" +
 	"--log-format=FORMAT      text (default) or json\n" +
 	"--pcap=FILE              capture the guest's frames to FILE (pcap)\n" +
 	"--pcap-max-size=BYTES    stop capturing at BYTES (default 1073741824, 0: no limit)\n" +
+	"--userspace-tcp          end the guest's TCP connections in the userspace stack, not in\n" +
+	"                         the namespace's own kernel (always so without -c or with --pcap)\n" +
 	cli.EgressHelp +
 	"\n" +
 	"usernet is a slirp4netns-compatible helper built on the gVisor userspace network\n" +
@@ -65,6 +67,7 @@ const versionText = "slirp4netns version 1.2.0\n" +
 // config is the parsed command line.
 type config struct {
 	configure           bool
+	userspaceTCP        bool
 	exitFD, readyFD     int
 	mtu                 int
 	enableIPv6          bool
@@ -138,6 +141,7 @@ func parseArgs(args []string, stdout io.Writer, hostPaths bool) (*config, error)
 	fs.BoolVar(&c.debug, "debug", false, "")
 	fs.StringVar(&c.logFormat, "log-format", "text", "")
 	fs.StringVar(&c.pcap, "pcap", "", "")
+	fs.BoolVar(&c.userspaceTCP, "userspace-tcp", false, "")
 	fs.Int64Var(&c.pcapMaxSize, "pcap-max-size", 1<<30, "")
 	fs.StringArrayVar(&c.egress.Allow, "allow", nil, "")
 	fs.StringArrayVar(&c.egress.Deny, "deny", nil, "")

@@ -110,6 +110,8 @@ type sandboxState struct {
 	Egress        egress.Config `json:"egress"`
 	EgressRulesFD int           `json:"egress_rules_fd"`
 	EgressLogFD   int           `json:"egress_log_fd"`
+	// TCPListenerFD is the kernel TCP path's listener (-1: none).
+	TCPListenerFD int `json:"tcp_listener_fd"`
 }
 
 // helper is everything the long-running part needs.
@@ -118,6 +120,9 @@ type helper struct {
 	netCfg netstack.Config
 	guest  netip.Addr
 	dev    tap.Device
+	// tcpListener is the kernel TCP path's listener in the guest's
+	// namespace (nil: the stack serves TCP); the stack takes it.
+	tcpListener *os.File
 	// ns holds the target's namespace files from setUp until the TAP is
 	// open, and the user namespace on to the re-exec into the sandbox.
 	ns   *launcher.OpenTarget
@@ -260,6 +265,8 @@ func (h *helper) openTap(ctx context.Context, target launcher.Target) error {
 		// flows over them. A TAP the runtime created without
 		// IFF_MULTI_QUEUE gets one.
 		Queues: runtime.GOMAXPROCS(0),
+		// A capture must see every segment, so the stack keeps them.
+		TCPListener: !cfg.userspaceTCP && cfg.pcap == "",
 	}
 	ns, below, same, err := portfwd.GuestUserNS(target.UserNS, target.NetNS)
 	if err != nil {
@@ -271,15 +278,19 @@ func (h *helper) openTap(ctx context.Context, target launcher.Target) error {
 		// without capabilities, we may not inspect all of its processes.
 		h.seesGuests = below && !cfg.sandbox
 	}
-	h.dev, _, err = launcher.OpenTapIn(ctx, target, guest, cfg.configure)
-	return err
+	link, err := launcher.OpenTapIn(ctx, target, guest, cfg.configure)
+	if err != nil {
+		return err
+	}
+	h.dev, h.tcpListener = link.Tap, link.TCPListener
+	return nil
 }
 
 // enterSandbox re-executes into the sandbox, carrying the TAP and the API
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
 	st := sandboxState{TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS,
-		Egress: h.netCfg.Egress, EgressRulesFD: -1, EgressLogFD: -1}
+		Egress: h.netCfg.Egress, EgressRulesFD: -1, EgressLogFD: -1, TCPListenerFD: -1}
 	keep := append([]*os.File(nil), h.dev.Queues()...)
 	for _, q := range keep {
 		st.TapFDs = append(st.TapFDs, int(q.Fd()))
@@ -291,6 +302,10 @@ func (h *helper) enterSandbox() error {
 		}
 		st.Egress.Rules, st.EgressRulesFD = nil, int(rules.Fd())
 		keep = append(keep, rules)
+	}
+	if h.tcpListener != nil {
+		st.TCPListenerFD = int(h.tcpListener.Fd())
+		keep = append(keep, h.tcpListener)
 	}
 	if h.pcap != nil {
 		st.PcapFD = int(h.pcap.Fd())
@@ -333,6 +348,9 @@ func (h *helper) adopt(st sandboxState) error {
 	if st.PcapFD >= 0 {
 		h.pcap = os.NewFile(uintptr(st.PcapFD), "pcap")
 	}
+	if st.TCPListenerFD >= 0 {
+		h.tcpListener = os.NewFile(uintptr(st.TCPListenerFD), "tcp-listener")
+	}
 	h.netCfg.Egress = st.Egress
 	if st.EgressRulesFD >= 0 {
 		rules, err := egress.ReadRulesFile(os.NewFile(uintptr(st.EgressRulesFD), "egress-rules"))
@@ -367,6 +385,7 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 	if h.egressLog != nil {
 		defer h.egressLog.Close()
 	}
+	h.netCfg.KernelTCP, h.tcpListener = h.tcpListener, nil
 	stack, err := netstack.New(ctx, h.netCfg, h.dev)
 	if err != nil {
 		if h.api != nil {

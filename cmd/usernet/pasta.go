@@ -81,12 +81,15 @@ type pastaHelper struct {
 	net    pastaNet
 	stack  *netstack.Stack
 	ports  *launcher.PortHelper
-	fwd    *portfwd.PortMap // host -> namespace (-t, -u)
-	rev    *portfwd.PortMap // namespace loopback -> host loopback (-T, -U)
-	api    *portfwd.APISocket
-	pcap   *os.File
-	logf   *os.File
-	logTo  io.Writer
+	// ownTCPPort is the kernel TCP path's listener in the namespace
+	// (0: none), which -t auto must not publish.
+	ownTCPPort uint16
+	fwd        *portfwd.PortMap // host -> namespace (-t, -u)
+	rev        *portfwd.PortMap // namespace loopback -> host loopback (-T, -U)
+	api        *portfwd.APISocket
+	pcap       *os.File
+	logf       *os.File
+	logTo      io.Writer
 	// closers run in reverse order on the way out.
 	closers []func()
 }
@@ -203,10 +206,16 @@ func (h *pastaHelper) setUp(ctx context.Context) error {
 			h.target.UserNS = t.UserNS
 		}
 	}
-	dev, _, err := launcher.OpenTapIn(ctx, h.target, h.net.guest, true)
+	guest := h.net.guest
+	// A capture must see every segment, so the stack keeps them.
+	guest.TCPListener = c.pcap == ""
+	link, err := launcher.OpenTapIn(ctx, h.target, guest, true)
 	if err != nil {
 		return err
 	}
+	dev := link.Tap
+	n.KernelTCP = link.TCPListener
+	h.ownTCPPort = portfwd.SocketPort(link.TCPListener)
 	if c.pcap != "" {
 		if h.pcap, err = safefs.CreateFile(c.pcap); err != nil {
 			dev.Close()

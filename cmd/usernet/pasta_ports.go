@@ -149,6 +149,9 @@ func (h *pastaHelper) startFollowers(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		if p.ns {
+			scan.Own = h.ownTCPPort
+		}
 		h.closers = append(h.closers, func() { scan.Close() })
 		proto := p.proto
 		f := &portfwd.Follower{Proto: proto, Scan: scan.Scan, Log: h.log}

@@ -85,6 +85,9 @@ type message struct {
 	Verdict string `json:"verdict,omitempty"`
 	Rule    string `json:"rule,omitempty"`
 	RuleID  int    `json:"rule_id,omitempty"`
+	// Listener: the last descriptor of an opTap message is the kernel
+	// TCP path's listener (netstack.Config.KernelTCP).
+	Listener bool `json:"listener,omitempty"`
 }
 
 // maxMessage bounds one control message (get_stats is the largest).

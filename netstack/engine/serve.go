@@ -67,7 +67,7 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 		}
 		spec.Net.Egress.Rules = rules
 	}
-	dev, err := awaitTap(ctrl)
+	dev, tcpListener, err := awaitTap(ctrl)
 	if errors.Is(err, errHangup) {
 		return 0 // the namespace never came up; the parent says why
 	}
@@ -76,6 +76,7 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 	}
 	cfg := spec.Net
 	cfg.Logger = log
+	cfg.KernelTCP = tcpListener
 	if pcap != nil {
 		cfg.Capture = netstack.NewCaptureWriter(pcap, spec.PcapMaxSize, log)
 	}
@@ -115,19 +116,24 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 	return 0
 }
 
-// awaitTap waits for the parent to hand over the TAP queues.
-func awaitTap(ctrl *net.UnixConn) (tap.Device, error) {
+// awaitTap waits for the parent to hand over the TAP queues, and the
+// kernel TCP path's listener after them if the message says so.
+func awaitTap(ctrl *net.UnixConn) (tap.Device, *os.File, error) {
 	m, files, err := recvFiles(ctrl)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if m.Op != opTap || len(files) == 0 {
+	if m.Op != opTap || len(files) < 1+btoi(m.Listener) {
 		for _, f := range files {
 			f.Close()
 		}
-		return nil, fmt.Errorf("network engine: got %q with %d descriptors, want the TAP", m.Op, len(files))
+		return nil, nil, fmt.Errorf("network engine: got %q with %d descriptors, want the TAP", m.Op, len(files))
 	}
-	return tap.FromFiles(m.Name, files), nil
+	var ln *os.File
+	if m.Listener {
+		ln, files = files[len(files)-1], files[:len(files)-1]
+	}
+	return tap.FromFiles(m.Name, files), ln, nil
 }
 
 func btoi(b bool) int {

@@ -1,0 +1,457 @@
+package netstack
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/netns-run/netns-run/netstack/egress"
+)
+
+// The kernel TCP path terminates the guest's outbound TCP connections in
+// the guest's own kernel instead of in gVisor, as sing-tun's "system"
+// stack does: a guest segment from G:gp to D:dp is written back into the
+// TAP as a segment from D:fp to a listener of ours inside the guest's
+// namespace (G:L), and that listener's segments to D:fp go back to the
+// guest as from D:dp to G:gp. The guest's kernel then runs TCP on both
+// ends (handshake, acknowledgements, windows, retransmission), and the
+// helper only rewrites addresses and copies bytes between the accepted
+// socket and its host socket. gVisor's TCP costs ~50 µs of each 1-byte
+// round trip on the development VM; a kernel's costs a few.
+//
+// The guest's SYN is held until the host connect succeeds, so a refused
+// or unreachable destination looks exactly as it does through the stack:
+// the SYN is then handed to the stack, whose forwarder answers it.
+
+// ktcpLinger is how long a flow's translation outlives its relay: the
+// closing handshake's last segments still cross the TAP.
+const ktcpLinger = 10 * time.Second
+
+// ktcpQuarantine keeps a fake source port from being used again while the
+// listener's side of its last connection may sit in TIME_WAIT.
+const ktcpQuarantine = 70 * time.Second
+
+// ktcpHandoffHold keeps a flow handed to the stack marked as such while
+// the guest may still resend its SYN (the stack's dial can take as long).
+const ktcpHandoffHold = tcpDialTimeout + 5*time.Second
+
+type ktcpState int32
+
+const (
+	ktcpConnecting ktcpState = iota
+	// ktcpOpen: the host side is connected and the SYN went on to the
+	// listener; ktcpAccepted: the relay runs; ktcpClosing: it ended,
+	// and the closing handshake is still translated.
+	ktcpOpen
+	ktcpAccepted
+	ktcpClosing
+	// ktcpHandedOff: the stack serves the flow.
+	ktcpHandedOff
+)
+
+// ktcpKey names a guest connection as the guest sees it.
+type ktcpKey struct {
+	guest, remote netip.AddrPort
+}
+
+// ktcpHandoff is what the kernel path already learned of a flow it hands
+// to the stack, so the stack's forwarder does not decide or dial twice.
+type ktcpHandoff struct {
+	decided  bool
+	decision egress.Decision
+	dialed   bool
+	dialErr  error
+}
+
+type ktcpFlow struct {
+	key ktcpKey
+	// fake is the source the listener sees: the remote address with a
+	// port of our choosing.
+	fake  netip.AddrPort
+	state atomic.Int32
+	// syn is the guest's first SYN (virtio-net header and frame), kept
+	// until the host connect decides its fate.
+	syn     []byte
+	host    *net.TCPConn
+	handoff ktcpHandoff
+	// release ends the egress policy's hold on the flow's pins.
+	release func()
+}
+
+// kernelTCP is the table of translated flows and the listener they end at.
+type kernelTCP struct {
+	s        *Stack
+	link     *tapLink
+	ln       *net.TCPListener
+	listener netip.AddrPort
+	vnetHdr  int
+
+	byGuest sync.Map // ktcpKey -> *ktcpFlow
+	byFake  sync.Map // netip.AddrPort -> *ktcpFlow
+	// handoffs (ktcpKey -> ktcpHandoff) wait for the stack's forwarder.
+	handoffs sync.Map
+	// connecting counts flows being dialed, bounded as the stack's
+	// forwarder bounds its own.
+	connecting atomic.Int32
+
+	mu         sync.Mutex
+	next       uint16
+	quarantine map[netip.AddrPort]time.Time
+}
+
+func newKernelTCP(s *Stack, link *tapLink, lnFile *os.File) (*kernelTCP, error) {
+	l, err := net.FileListener(lnFile)
+	if err != nil {
+		return nil, err
+	}
+	ln, ok := l.(*net.TCPListener)
+	if !ok {
+		l.Close()
+		return nil, errors.New("kernel TCP path: not a TCP listener")
+	}
+	addr := ln.Addr().(*net.TCPAddr).AddrPort()
+	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+	if !addr.Addr().Is4() || addr.Addr().IsUnspecified() {
+		ln.Close()
+		return nil, errors.New("kernel TCP path: the listener must be bound to the guest's IPv4 address")
+	}
+	return &kernelTCP{s: s, link: link, ln: ln, listener: addr, vnetHdr: link.vnetHdr,
+		next: 20000, quarantine: make(map[netip.AddrPort]time.Time)}, nil
+}
+
+// divert takes the guest's TCP segments of translated flows, and the first
+// SYN of new ones, and reports whether it took the frame.
+func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
+	first := parts[0]
+	if len(first) < header.EthernetMinimumSize+header.IPv4MinimumSize+header.TCPMinimumSize ||
+		binary.BigEndian.Uint16(first[12:]) != uint16(header.IPv4ProtocolNumber) {
+		return false
+	}
+	ip := header.IPv4(first[header.EthernetMinimumSize:])
+	ihl := int(ip.HeaderLength())
+	if ip[0]>>4 != 4 || ihl < header.IPv4MinimumSize || ip.Protocol() != uint8(header.TCPProtocolNumber) ||
+		ip.More() || ip.FragmentOffset() != 0 {
+		return false
+	}
+	t := header.TCP(ip[ihl:])
+	if len(t) < header.TCPMinimumSize || len(t) < int(t.DataOffset()) {
+		return false
+	}
+	src := netip.AddrPortFrom(netip.AddrFrom4(ip.SourceAddress().As4()), t.SourcePort())
+	dst := netip.AddrPortFrom(netip.AddrFrom4(ip.DestinationAddress().As4()), t.DestinationPort())
+	if src == k.listener {
+		v, ok := k.byFake.Load(dst)
+		if !ok {
+			return false
+		}
+		f := v.(*ktcpFlow)
+		k.rewrite(vh, first, ip, t, f.key.remote, f.key.guest)
+		k.write(vh, parts, n)
+		return true
+	}
+	key := ktcpKey{guest: src, remote: dst}
+	if v, ok := k.byGuest.Load(key); ok {
+		f := v.(*ktcpFlow)
+		switch ktcpState(f.state.Load()) {
+		case ktcpConnecting:
+			return true // a resent SYN: the first one is being served
+		case ktcpHandedOff:
+			return false
+		}
+		k.rewrite(vh, first, ip, t, f.fake, k.listener)
+		k.write(vh, parts, n)
+		return true
+	}
+	if t.Flags() != header.TCPFlagSyn || src.Addr() != k.listener.Addr() || k.s.isDNS(dst.Addr()) {
+		return false
+	}
+	if _, err := k.s.hostTarget(dst); err != nil {
+		return false
+	}
+	if k.connecting.Add(1) > maxInFlightSYNs {
+		k.connecting.Add(-1)
+		return false
+	}
+	fake, ok := k.allocate(dst.Addr())
+	if !ok {
+		k.connecting.Add(-1)
+		return false
+	}
+	f := &ktcpFlow{key: key, fake: fake}
+	f.syn = make([]byte, 0, len(vh)+n)
+	f.syn = append(f.syn, vh...)
+	for _, p := range parts {
+		f.syn = append(f.syn, p...)
+	}
+	f.syn = f.syn[:len(vh)+n]
+	if !k.s.flows.enter() {
+		k.connecting.Add(-1)
+		return false
+	}
+	k.byGuest.Store(key, f)
+	k.byFake.Store(fake, f)
+	go func() {
+		defer k.s.flows.leave()
+		defer k.connecting.Add(-1)
+		k.open(f)
+	}()
+	return true
+}
+
+// allocate picks a fake source port for a flow to remote.
+func (k *kernelTCP) allocate(remote netip.Addr) (netip.AddrPort, bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	now := time.Now()
+	for range 1 << 16 {
+		k.next++
+		if k.next < 1024 {
+			k.next = 1024
+		}
+		a := netip.AddrPortFrom(remote, k.next)
+		if _, used := k.byFake.Load(a); used {
+			continue
+		}
+		if until, ok := k.quarantine[a]; ok {
+			if now.Before(until) {
+				continue
+			}
+			delete(k.quarantine, a)
+		}
+		return a, true
+	}
+	return netip.AddrPort{}, false
+}
+
+// release forgets a flow's fake address, keeping it out of use for a while
+// if a connection ended on it.
+func (k *kernelTCP) release(fake netip.AddrPort, used bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if used {
+		k.quarantine[fake] = time.Now().Add(ktcpQuarantine)
+		if len(k.quarantine) > 4096 {
+			now := time.Now()
+			for a, until := range k.quarantine {
+				if now.After(until) {
+					delete(k.quarantine, a)
+				}
+			}
+		}
+	}
+}
+
+// open dials the host side of f and, once connected, sends the guest's SYN
+// on to the listener; a failed dial hands the SYN to the stack.
+func (k *kernelTCP) open(f *ktcpFlow) {
+	s := k.s
+	dst := f.key.remote
+	d := s.decideTCP(dst)
+	f.handoff = ktcpHandoff{decided: true, decision: d}
+	if !d.Allowed || d.Inspect || !reserve(&s.counters.tcpOpen, s.lim.tcpFlows) {
+		k.handOff(f)
+		return
+	}
+	f.release = s.egress.Hold(d)
+	host, err := s.dialTCP(dst)
+	if err != nil {
+		s.counters.tcpOpen.Add(-1)
+		f.release()
+		f.handoff.dialed, f.handoff.dialErr = true, err
+		k.handOff(f)
+		return
+	}
+	f.host = host
+	f.state.Store(int32(ktcpOpen))
+	vh, frame := f.syn[:k.vnetHdr], f.syn[k.vnetHdr:]
+	f.syn = nil
+	ip := header.IPv4(frame[header.EthernetMinimumSize:])
+	t := header.TCP(ip[ip.HeaderLength():])
+	k.rewrite(vh, frame, ip, t, f.fake, k.listener)
+	k.write(vh, [][]byte{frame}, len(frame))
+	// The relay starts when the listener accepts; a connection the guest
+	// never completes is reaped by the linger timer below.
+	time.AfterFunc(tcpDialTimeout, func() {
+		if f.state.Load() == int32(ktcpOpen) {
+			k.finish(f)
+		}
+	})
+}
+
+// handOff gives a flow's SYN to the stack, which serves it as any other.
+func (k *kernelTCP) handOff(f *ktcpFlow) {
+	f.state.Store(int32(ktcpHandedOff))
+	k.byFake.Delete(f.fake)
+	k.release(f.fake, false)
+	frame := f.syn[k.vnetHdr:]
+	f.syn = nil
+	time.AfterFunc(ktcpHandoffHold, func() { k.byGuest.CompareAndDelete(f.key, f) })
+	k.handoffs.Store(f.key, f.handoff)
+	k.link.mu.Lock()
+	d := k.link.dispatcher
+	k.link.mu.Unlock()
+	if d == nil {
+		k.handoffs.Delete(f.key)
+		return
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})
+	d.DeliverNetworkPacket(0, pkt)
+	pkt.DecRef()
+	// The forwarder took the note if the SYN reached it; a SYN it
+	// dropped (its own limits) must not leave one for a later flow.
+	time.AfterFunc(ktcpHandoffHold, func() { k.handoffs.Delete(f.key) })
+}
+
+// takeHandoff returns, once, what the kernel path learned of the flow
+// from guest to remote before handing it over.
+func (k *kernelTCP) takeHandoff(guest, remote netip.AddrPort) (ktcpHandoff, bool) {
+	if k == nil {
+		return ktcpHandoff{}, false
+	}
+	v, ok := k.handoffs.LoadAndDelete(ktcpKey{guest: guest, remote: remote})
+	if !ok {
+		return ktcpHandoff{}, false
+	}
+	return v.(ktcpHandoff), true
+}
+
+// rewrite makes the segment in frame go from src to dst, and addresses the
+// frame to the guest from the gateway's MAC.
+func (k *kernelTCP) rewrite(vh, frame []byte, ip header.IPv4, t header.TCP, src, dst netip.AddrPort) {
+	copy(frame[0:6], frame[6:12])
+	copy(frame[6:12], k.link.addr)
+	full := len(vh) == 0 || vh[0]&vnetFlagNeedsCsum == 0
+	oldSrc, oldDst := ip.SourceAddress(), ip.DestinationAddress()
+	newSrc, newDst := tcpip.AddrFrom4(src.Addr().As4()), tcpip.AddrFrom4(dst.Addr().As4())
+	ip.SetSourceAddressWithChecksumUpdate(newSrc)
+	ip.SetDestinationAddressWithChecksumUpdate(newDst)
+	t.UpdateChecksumPseudoHeaderAddress(oldSrc, newSrc, full)
+	t.UpdateChecksumPseudoHeaderAddress(oldDst, newDst, full)
+	if full {
+		t.SetSourcePortWithChecksumUpdate(src.Port())
+		t.SetDestinationPortWithChecksumUpdate(dst.Port())
+	} else {
+		// The guest's kernel sums the header itself.
+		t.SetSourcePort(src.Port())
+		t.SetDestinationPort(dst.Port())
+	}
+}
+
+func (k *kernelTCP) write(vh []byte, parts [][]byte, n int) {
+	var trimmed [len(readSizes)][]byte
+	out := trimmed[:0]
+	for _, p := range parts {
+		if n == 0 {
+			break
+		}
+		if len(p) > n {
+			p = p[:n]
+		}
+		n -= len(p)
+		out = append(out, p)
+	}
+	_ = k.link.write(k.link.fds[0], vh, out)
+}
+
+// serve accepts the listener's connections and relays each to its host
+// socket, until the listener is closed.
+func (k *kernelTCP) serve() {
+	for {
+		c, err := k.ln.AcceptTCP()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+		peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
+		v, ok := k.byFake.Load(peer)
+		if !ok {
+			c.Close()
+			continue
+		}
+		f := v.(*ktcpFlow)
+		if !f.state.CompareAndSwap(int32(ktcpOpen), int32(ktcpAccepted)) {
+			c.Close()
+			continue
+		}
+		if !k.s.flows.enter() {
+			c.Close()
+			k.finish(f)
+			return
+		}
+		go func() {
+			defer k.s.flows.leave()
+			k.relay(f, c)
+		}()
+	}
+}
+
+func (k *kernelTCP) relay(f *ktcpFlow, guest *net.TCPConn) {
+	s := k.s
+	host := f.host
+	start := time.Now()
+	s.counters.tcpTotal.Add(1)
+	s.counters.tcpKernelTotal.Add(1)
+	stop := context.AfterFunc(s.ctx, func() { guest.Close(); host.Close() })
+	up, down := relaySockets(guest, host)
+	stop()
+	s.counters.bytesFromGuest.Add(uint64(up))
+	s.counters.bytesToGuest.Add(uint64(down))
+	s.log.Debug("tcp flow closed (kernel path)", "src", f.key.guest, "dst", f.key.remote,
+		"duration", time.Since(start), "bytes_out", up, "bytes_in", down)
+	k.finish(f)
+}
+
+// finish ends f's translation after the closing handshake had its time.
+func (k *kernelTCP) finish(f *ktcpFlow) {
+	for {
+		old := ktcpState(f.state.Load())
+		if old == ktcpClosing || old == ktcpHandedOff {
+			return
+		}
+		if f.state.CompareAndSwap(int32(old), int32(ktcpClosing)) {
+			break
+		}
+	}
+	k.s.counters.tcpOpen.Add(-1)
+	if f.release != nil {
+		f.release()
+	}
+	if f.host != nil {
+		f.host.Close()
+	}
+	time.AfterFunc(ktcpLinger, func() {
+		k.byGuest.CompareAndDelete(f.key, f)
+		k.byFake.CompareAndDelete(f.fake, f)
+		k.release(f.fake, true)
+	})
+}
+
+// close stops the listener and the host sockets of flows not yet relayed.
+func (k *kernelTCP) close() {
+	k.ln.Close()
+	k.byGuest.Range(func(_, v any) bool {
+		if f := v.(*ktcpFlow); f.state.Load() == int32(ktcpOpen) {
+			k.finish(f)
+		}
+		return true
+	})
+}

@@ -1,0 +1,98 @@
+package netstack
+
+import (
+	"bytes"
+	"net/netip"
+	"testing"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+)
+
+// segmentFrame builds an Ethernet frame with a TCP segment from src to dst,
+// its checksum complete or (partial) only the pseudo-header's, as a guest's
+// kernel with checksum offload leaves it.
+func segmentFrame(src, dst netip.AddrPort, payload []byte, partial bool) (vh, frame []byte) {
+	const ipLen, tcpLen = header.IPv4MinimumSize, header.TCPMinimumSize
+	frame = make([]byte, header.EthernetMinimumSize+ipLen+tcpLen+len(payload))
+	header.Ethernet(frame).Encode(&header.EthernetFields{
+		SrcAddr: tcpip.LinkAddress("\x02\x00\x00\x00\x00\x01"), DstAddr: tcpip.LinkAddress("\x02\x00\x00\x00\x00\x02"),
+		Type: header.IPv4ProtocolNumber,
+	})
+	ip := header.IPv4(frame[header.EthernetMinimumSize:])
+	s, d := tcpip.AddrFrom4(src.Addr().As4()), tcpip.AddrFrom4(dst.Addr().As4())
+	ip.Encode(&header.IPv4Fields{TotalLength: uint16(len(ip)), TTL: 64, Protocol: uint8(header.TCPProtocolNumber), SrcAddr: s, DstAddr: d})
+	ip.SetChecksum(^ip.CalculateChecksum())
+	t := header.TCP(ip[ipLen:])
+	t.Encode(&header.TCPFields{SrcPort: src.Port(), DstPort: dst.Port(), SeqNum: 1000, AckNum: 2000,
+		DataOffset: tcpLen, Flags: header.TCPFlagAck | header.TCPFlagPsh, WindowSize: 512})
+	copy(t[tcpLen:], payload)
+	pseudo := header.PseudoHeaderChecksum(header.TCPProtocolNumber, s, d, uint16(len(t)))
+	vh = make([]byte, 10)
+	if partial {
+		vh[0] = vnetFlagNeedsCsum
+		t.SetChecksum(pseudo)
+	} else {
+		t.SetChecksum(^checksum.Checksum(t, pseudo))
+	}
+	return vh, frame
+}
+
+// checkSegment verifies frame's checksums for a segment from src to dst,
+// first completing a partial one as the receiving kernel would.
+func checkSegment(t *testing.T, vh, frame []byte, src, dst netip.AddrPort, payload []byte) {
+	t.Helper()
+	ip := header.IPv4(frame[header.EthernetMinimumSize:])
+	if !ip.IsChecksumValid() {
+		t.Error("IPv4 header checksum is wrong")
+	}
+	if got := netip.AddrFrom4(ip.SourceAddress().As4()); got != src.Addr() {
+		t.Errorf("source address %v, want %v", got, src.Addr())
+	}
+	if got := netip.AddrFrom4(ip.DestinationAddress().As4()); got != dst.Addr() {
+		t.Errorf("destination address %v, want %v", got, dst.Addr())
+	}
+	seg := header.TCP(ip[ip.HeaderLength():])
+	if seg.SourcePort() != src.Port() || seg.DestinationPort() != dst.Port() {
+		t.Errorf("ports %d -> %d, want %d -> %d", seg.SourcePort(), seg.DestinationPort(), src.Port(), dst.Port())
+	}
+	if vh[0]&vnetFlagNeedsCsum != 0 {
+		seg.SetChecksum(^checksum.Checksum(seg, 0))
+	}
+	s, d := tcpip.AddrFrom4(src.Addr().As4()), tcpip.AddrFrom4(dst.Addr().As4())
+	if !seg.IsChecksumValid(s, d, checksum.Checksum(seg.Payload(), 0), uint16(len(seg.Payload()))) {
+		t.Error("TCP checksum is wrong")
+	}
+	if !bytes.Equal(seg.Payload(), payload) {
+		t.Error("payload changed")
+	}
+}
+
+// TestKernelTCPRewrite: a guest segment rewritten for the listener, and the
+// listener's segment rewritten back, keep valid checksums whether the guest
+// left the checksum to the receiver or not.
+func TestKernelTCPRewrite(t *testing.T) {
+	gw := tcpip.LinkAddress("\x52\x55\x0a\x00\x02\x02")
+	k := &kernelTCP{link: &tapLink{addr: gw}}
+	guest := netip.MustParseAddrPort("10.0.2.100:40000")
+	remote := netip.MustParseAddrPort("203.0.113.7:443")
+	listener := netip.MustParseAddrPort("10.0.2.100:39000")
+	fake := netip.MustParseAddrPort("203.0.113.7:20001")
+	payload := []byte("odd-length payload!")
+	for _, partial := range []bool{false, true} {
+		vh, frame := segmentFrame(guest, remote, payload, partial)
+		ip := header.IPv4(frame[header.EthernetMinimumSize:])
+		k.rewrite(vh, frame, ip, header.TCP(ip[ip.HeaderLength():]), fake, listener)
+		checkSegment(t, vh, frame, fake, listener, payload)
+		eth := header.Ethernet(frame)
+		if eth.SourceAddress() != gw || eth.DestinationAddress() != tcpip.LinkAddress("\x02\x00\x00\x00\x00\x01") {
+			t.Errorf("MACs %v -> %v, want the gateway's to the guest's", eth.SourceAddress(), eth.DestinationAddress())
+		}
+
+		vh, frame = segmentFrame(listener, fake, payload, partial)
+		ip = header.IPv4(frame[header.EthernetMinimumSize:])
+		k.rewrite(vh, frame, ip, header.TCP(ip[ip.HeaderLength():]), remote, guest)
+		checkSegment(t, vh, frame, remote, guest, payload)
+	}
+}

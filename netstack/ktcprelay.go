@@ -1,0 +1,166 @@
+package netstack
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// The kernel TCP path relays between two kernel sockets: the listener's
+// accepted connection in the guest's namespace and the host socket. Bytes
+// go through a pipe with splice(2), so they are never copied into the
+// helper; the calls are raw and non-blocking, with Go's netpoller waiting
+// for readiness, because the net package's blocking-style calls tell the
+// scheduler about every system call and, when one takes a while (a loopback
+// send runs the receiver's TCP), hand the P to another thread.
+
+// spliceChunk is the most one splice moves: a default pipe's capacity.
+const spliceChunk = 64 << 10
+
+// socketPipe is one direction's pipe.
+type socketPipe struct{ r, w int }
+
+func newSocketPipe() (*socketPipe, error) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		return nil, err
+	}
+	return &socketPipe{r: p[0], w: p[1]}, nil
+}
+
+func (p *socketPipe) close() {
+	unix.Close(p.r)
+	unix.Close(p.w)
+}
+
+func rawSplice(in, out uintptr, n int) (int, unix.Errno) {
+	for {
+		m, _, errno := unix.RawSyscall6(unix.SYS_SPLICE, in, 0, out, 0, uintptr(n),
+			unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+		if errno != unix.EINTR {
+			return int(m), errno
+		}
+	}
+}
+
+// pump moves src's bytes to dst until src's end (nil) or an error, and
+// returns how many it moved.
+func (p *socketPipe) pump(src, dst syscall.RawConn) (int64, error) {
+	var total int64
+	for {
+		var n int
+		var errno unix.Errno
+		// Each read tries before it waits: RawConn.Read forgets a
+		// readiness that came before it, so waiting first could miss
+		// data that arrived since the last splice.
+		err := src.Read(func(fd uintptr) bool {
+			n, errno = rawSplice(fd, uintptr(p.w), spliceChunk)
+			return errno != unix.EAGAIN
+		})
+		switch {
+		case err != nil:
+			return total, err
+		case errno != 0:
+			return total, errno
+		case n == 0:
+			return total, nil
+		}
+		for left := n; left > 0; {
+			var m int
+			err := dst.Write(func(fd uintptr) bool {
+				m, errno = rawSplice(uintptr(p.r), fd, left)
+				return errno != unix.EAGAIN
+			})
+			switch {
+			case err != nil:
+				return total, err
+			case errno != 0:
+				return total, errno
+			}
+			left -= m
+			total += int64(m)
+		}
+	}
+}
+
+// relaySockets relays guest and host until both directions ended, and
+// closes both; up and down count the bytes each way.
+func relaySockets(guest, host *net.TCPConn) (up, down int64) {
+	defer guest.Close()
+	defer host.Close()
+	gc, err1 := guest.SyscallConn()
+	hc, err2 := host.SyscallConn()
+	upPipe, err3 := newSocketPipe()
+	if err := errors.Join(err1, err2, err3); err != nil {
+		_ = host.SetLinger(0)
+		_ = guest.SetLinger(0)
+		return 0, 0
+	}
+	defer upPipe.close()
+	downPipe, err := newSocketPipe()
+	if err != nil {
+		_ = host.SetLinger(0)
+		_ = guest.SetLinger(0)
+		return 0, 0
+	}
+	defer downPipe.close()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		down, _ = pumpHalf(downPipe, hc, gc, host, guest)
+	}()
+	up, ended := pumpHalf(upPipe, gc, hc, guest, host)
+	// A guest that closed its side may still reset the connection (and
+	// the host must then see a reset, not the clean end it saw so far)
+	// while the host keeps sending, or not.
+	var watch sync.WaitGroup
+	if ended {
+		watch.Add(1)
+		go func() {
+			defer watch.Done()
+			watchReset(gc, guest, host)
+		}()
+	}
+	wg.Wait()
+	guest.Close()
+	watch.Wait()
+	return up, down
+}
+
+// watchReset waits, after the guest's end of stream, for an error on its
+// socket (the guest's reset) and resets host then; it returns once guest is
+// closed.
+func watchReset(gc syscall.RawConn, guest, host *net.TCPConn) {
+	// The error is looked at before each wait: RawConn.Read forgets a
+	// readiness that came before it.
+	soErr := 0
+	err := gc.Read(func(fd uintptr) bool {
+		soErr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		return soErr != 0
+	})
+	if errors.Is(err, net.ErrClosed) {
+		return
+	}
+	_ = host.SetLinger(0)
+	host.Close()
+	guest.Close()
+}
+
+// pumpHalf runs one direction: at src's end it shuts dst's sending side, as
+// src's peer did, and reports true; on an error it resets dst and closes
+// both, which also ends the other direction.
+func pumpHalf(p *socketPipe, src, dst syscall.RawConn, srcConn, dstConn *net.TCPConn) (int64, bool) {
+	n, err := p.pump(src, dst)
+	if err != nil {
+		_ = dstConn.SetLinger(0)
+		dstConn.Close()
+		srcConn.Close()
+		return n, false
+	}
+	_ = dstConn.CloseWrite()
+	return n, true
+}
