@@ -105,10 +105,23 @@ type kernelTCP struct {
 	// forwarder bounds its own.
 	connecting atomic.Int32
 
-	mu         sync.Mutex
-	next       uint16
+	mu   sync.Mutex
+	next uint16
+	// quarantine holds fake addresses whose last connection ended less
+	// than ktcpQuarantine ago, until when; expiry is that order.
 	quarantine map[netip.AddrPort]time.Time
+	expiry     []quarantined
 }
+
+type quarantined struct {
+	addr  netip.AddrPort
+	until time.Time
+}
+
+// ktcpPortTries bounds the search for a free fake port: past it (the
+// guest churns connections to one address faster than ports come out of
+// quarantine) new flows go through the stack.
+const ktcpPortTries = 1024
 
 func newKernelTCP(s *Stack, link *tapLink, lnFile *os.File) (*kernelTCP, error) {
 	l, err := net.FileListener(lnFile)
@@ -161,6 +174,8 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 		return true
 	}
 	key := ktcpKey{guest: src, remote: dst}
+	// A SYN alone (ECN bits aside) opens a connection.
+	syn := t.Flags()&(header.TCPFlagSyn|header.TCPFlagAck|header.TCPFlagRst|header.TCPFlagFin) == header.TCPFlagSyn
 	if v, ok := k.byGuest.Load(key); ok {
 		f := v.(*ktcpFlow)
 		switch ktcpState(f.state.Load()) {
@@ -168,12 +183,20 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 			return true // a resent SYN: the first one is being served
 		case ktcpHandedOff:
 			return false
+		case ktcpClosing:
+			if syn {
+				// The guest reuses the addresses of a connection that
+				// just ended: a new flow, on a fresh fake port.
+				break
+			}
+			fallthrough
+		default:
+			k.rewrite(vh, first, ip, t, f.fake, k.listener)
+			k.write(vh, parts, n)
+			return true
 		}
-		k.rewrite(vh, first, ip, t, f.fake, k.listener)
-		k.write(vh, parts, n)
-		return true
 	}
-	if t.Flags() != header.TCPFlagSyn || src.Addr() != k.listener.Addr() || k.s.isDNS(dst.Addr()) {
+	if !syn || src.Addr() != k.listener.Addr() || k.s.isDNS(dst.Addr()) {
 		return false
 	}
 	if _, err := k.s.hostTarget(dst); err != nil {
@@ -213,8 +236,8 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 func (k *kernelTCP) allocate(remote netip.Addr) (netip.AddrPort, bool) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	now := time.Now()
-	for range 1 << 16 {
+	k.expireLocked(time.Now())
+	for range ktcpPortTries {
 		k.next++
 		if k.next < 1024 {
 			k.next = 1024
@@ -223,33 +246,37 @@ func (k *kernelTCP) allocate(remote netip.Addr) (netip.AddrPort, bool) {
 		if _, used := k.byFake.Load(a); used {
 			continue
 		}
-		if until, ok := k.quarantine[a]; ok {
-			if now.Before(until) {
-				continue
-			}
-			delete(k.quarantine, a)
+		if _, held := k.quarantine[a]; held {
+			continue
 		}
 		return a, true
 	}
 	return netip.AddrPort{}, false
 }
 
-// release forgets a flow's fake address, keeping it out of use for a while
-// if a connection ended on it.
-func (k *kernelTCP) release(fake netip.AddrPort, used bool) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if used {
-		k.quarantine[fake] = time.Now().Add(ktcpQuarantine)
-		if len(k.quarantine) > 4096 {
-			now := time.Now()
-			for a, until := range k.quarantine {
-				if now.After(until) {
-					delete(k.quarantine, a)
-				}
-			}
+func (k *kernelTCP) expireLocked(now time.Time) {
+	i := 0
+	for ; i < len(k.expiry) && now.After(k.expiry[i].until); i++ {
+		q := k.expiry[i]
+		if k.quarantine[q.addr] == q.until {
+			delete(k.quarantine, q.addr)
 		}
 	}
+	// Slicing, not copying: append reallocates (with only the live
+	// entries) once the front has used up the capacity.
+	k.expiry = k.expiry[i:]
+}
+
+// hold keeps a fake address out of use for a while after a
+// connection ended on it.
+func (k *kernelTCP) hold(fake netip.AddrPort) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	now := time.Now()
+	k.expireLocked(now)
+	until := now.Add(ktcpQuarantine)
+	k.quarantine[fake] = until
+	k.expiry = append(k.expiry, quarantined{fake, until})
 }
 
 // open dials the host side of f and, once connected, sends the guest's SYN
@@ -293,7 +320,6 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 func (k *kernelTCP) handOff(f *ktcpFlow) {
 	f.state.Store(int32(ktcpHandedOff))
 	k.byFake.Delete(f.fake)
-	k.release(f.fake, false)
 	frame := f.syn[k.vnetHdr:]
 	f.syn = nil
 	time.AfterFunc(ktcpHandoffHold, func() { k.byGuest.CompareAndDelete(f.key, f) })
@@ -440,8 +466,8 @@ func (k *kernelTCP) finish(f *ktcpFlow) {
 	}
 	time.AfterFunc(ktcpLinger, func() {
 		k.byGuest.CompareAndDelete(f.key, f)
+		k.hold(f.fake)
 		k.byFake.CompareAndDelete(f.fake, f)
-		k.release(f.fake, true)
 	})
 }
 
