@@ -42,6 +42,18 @@ const ktcpLinger = 10 * time.Second
 // listener's side of its last connection may sit in TIME_WAIT.
 const ktcpQuarantine = 70 * time.Second
 
+// ktcpAnswerTimeout is how long the listener has to answer a SYN before the
+// flow goes to the stack instead: a firewall inside the namespace may drop
+// what arrives for the listener. The guest's next SYN (its first resend
+// comes after 1 s) then goes the stack's way.
+const ktcpAnswerTimeout = 3 * time.Second
+
+const (
+	ktcpUnanswered = iota
+	ktcpAnswered
+	ktcpGivenUp
+)
+
 // ktcpHandoffHold keeps a flow handed to the stack marked as such while
 // the guest may still resend its SYN (the stack's dial can take as long).
 const ktcpHandoffHold = tcpDialTimeout + 5*time.Second
@@ -80,6 +92,9 @@ type ktcpFlow struct {
 	// port of our choosing.
 	fake  netip.AddrPort
 	state atomic.Int32
+	// answer says whether the listener answered the SYN in time; see
+	// ktcpAnswerTimeout.
+	answer atomic.Int32
 	// syn is the guest's first SYN (virtio-net header and frame), kept
 	// until the host connect decides its fate.
 	syn     []byte
@@ -169,6 +184,9 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 			return false
 		}
 		f := v.(*ktcpFlow)
+		if f.answer.Load() != ktcpAnswered && !f.answer.CompareAndSwap(ktcpUnanswered, ktcpAnswered) {
+			return true // too late: the flow went to the stack
+		}
 		k.rewrite(vh, first, ip, t, f.key.remote, f.key.guest)
 		k.write(vh, parts, n)
 		return true
@@ -307,13 +325,33 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 	t := header.TCP(ip[ip.HeaderLength():])
 	k.rewrite(vh, frame, ip, t, f.fake, k.listener)
 	k.write(vh, [][]byte{frame}, len(frame))
+	time.AfterFunc(ktcpAnswerTimeout, func() {
+		if f.answer.CompareAndSwap(ktcpUnanswered, ktcpGivenUp) {
+			k.giveUp(f)
+		}
+	})
 	// The relay starts when the listener accepts; a connection the guest
-	// never completes is reaped by the linger timer below.
+	// never completes is reaped here.
 	time.AfterFunc(tcpDialTimeout, func() {
 		if f.state.Load() == int32(ktcpOpen) {
 			k.finish(f)
 		}
 	})
+}
+
+// giveUp sends the rest of a flow the listener never answered to the stack.
+func (k *kernelTCP) giveUp(f *ktcpFlow) {
+	if !f.state.CompareAndSwap(int32(ktcpOpen), int32(ktcpHandedOff)) {
+		return
+	}
+	k.s.log.Debug("tcp: the kernel path's listener did not answer; the stack takes the flow", "src", f.key.guest, "dst", f.key.remote)
+	k.s.counters.tcpOpen.Add(-1)
+	f.release()
+	f.host.Close()
+	// The listener may still hold a half-open connection from it.
+	k.hold(f.fake)
+	k.byFake.CompareAndDelete(f.fake, f)
+	time.AfterFunc(ktcpHandoffHold, func() { k.byGuest.CompareAndDelete(f.key, f) })
 }
 
 // handOff gives a flow's SYN to the stack, which serves it as any other.

@@ -172,3 +172,24 @@ func TestUserspaceTCP(t *testing.T) {
 		t.Errorf("with --userspace-tcp: %d TCP flows, %d of them in the kernel; want 1 and 0", f.TCPTotal, f.TCPKernel)
 	}
 }
+
+// TestKernelTCPFirewalled: a firewall inside the namespace that drops every
+// inbound connection also drops what the kernel TCP path sends to its
+// listener; the flow then goes through the userspace stack after a few
+// seconds, and its bytes still arrive whole.
+func TestKernelTCPFirewalled(t *testing.T) {
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("needs nft (apt-get install nftables)")
+	}
+	if out, err := exec.Command("unshare", "-rn", "nft", "add", "table", "inet", "probe").CombinedOutput(); err != nil {
+		t.Skipf("nftables unusable in a user namespace here: %v: %s", err, out)
+	}
+	wd := newWorld(t)
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
+	script := "nft add table inet f && " +
+		"nft add chain inet f in '{ type filter hook input priority 0; }' && " +
+		"nft add rule inet f in 'tcp flags & (syn | ack) == syn drop' && " +
+		"exec " + bins.nettool + " tcp-echo-check 10.0.2.2:8080 100000"
+	res := wd.mustRunGuest(nil, "sh", "-c", script)
+	checkEcho(t, res, 100000)
+}
