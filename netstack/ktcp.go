@@ -35,8 +35,8 @@ import (
 // the SYN is then handed to the stack, whose forwarder answers it.
 
 // ktcpLinger is how long a flow's translation outlives its relay: the
-// closing handshake's last segments still cross the TAP.
-const ktcpLinger = 10 * time.Second
+// closing handshake's last segments (and their resends) still cross the TAP.
+const ktcpLinger = 5 * time.Second
 
 // ktcpQuarantine keeps a fake source port from being used again while the
 // listener's side of its last connection may sit in TIME_WAIT.
@@ -54,9 +54,9 @@ const (
 	ktcpGivenUp
 )
 
-// ktcpHandoffHold keeps a flow handed to the stack marked as such while
-// the guest may still resend its SYN (the stack's dial can take as long).
-const ktcpHandoffHold = tcpDialTimeout + 5*time.Second
+// ktcpHandoffHold keeps a flow handed to the stack marked as such while the
+// guest may still resend its SYN to the stack's side of it.
+const ktcpHandoffHold = 10 * time.Second
 
 type ktcpState int32
 
@@ -112,6 +112,7 @@ type kernelTCP struct {
 	listener netip.AddrPort
 	vnetHdr  int
 
+	later   flowQueues
 	byGuest sync.Map // ktcpKey -> *ktcpFlow
 	byFake  sync.Map // netip.AddrPort -> *ktcpFlow
 	// handoffs (ktcpKey -> ktcpHandoff) wait for the stack's forwarder.
@@ -325,18 +326,7 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 	t := header.TCP(ip[ip.HeaderLength():])
 	k.rewrite(vh, frame, ip, t, f.fake, k.listener)
 	k.write(vh, [][]byte{frame}, len(frame))
-	time.AfterFunc(ktcpAnswerTimeout, func() {
-		if f.answer.CompareAndSwap(ktcpUnanswered, ktcpGivenUp) {
-			k.giveUp(f)
-		}
-	})
-	// The relay starts when the listener accepts; a connection the guest
-	// never completes is reaped here.
-	time.AfterFunc(tcpDialTimeout, func() {
-		if f.state.Load() == int32(ktcpOpen) {
-			k.finish(f)
-		}
-	})
+	k.later.add(laterAnswer, f)
 }
 
 // giveUp sends the rest of a flow the listener never answered to the stack.
@@ -347,11 +337,13 @@ func (k *kernelTCP) giveUp(f *ktcpFlow) {
 	k.s.log.Debug("tcp: the kernel path's listener did not answer; the stack takes the flow", "src", f.key.guest, "dst", f.key.remote)
 	k.s.counters.tcpOpen.Add(-1)
 	f.release()
+	f.release = nil
 	f.host.Close()
+	f.host = nil
 	// The listener may still hold a half-open connection from it.
 	k.hold(f.fake)
 	k.byFake.CompareAndDelete(f.fake, f)
-	time.AfterFunc(ktcpHandoffHold, func() { k.byGuest.CompareAndDelete(f.key, f) })
+	k.later.add(laterForget, f)
 }
 
 // handOff gives a flow's SYN to the stack, which serves it as any other.
@@ -360,8 +352,10 @@ func (k *kernelTCP) handOff(f *ktcpFlow) {
 	k.byFake.Delete(f.fake)
 	frame := f.syn[k.vnetHdr:]
 	f.syn = nil
-	time.AfterFunc(ktcpHandoffHold, func() { k.byGuest.CompareAndDelete(f.key, f) })
 	k.handoffs.Store(f.key, f.handoff)
+	// The forwarder takes the note if the SYN reaches it; one it drops
+	// (its own limits) must not leave a note for a later flow.
+	k.later.add(laterForget, f)
 	k.link.mu.Lock()
 	d := k.link.dispatcher
 	k.link.mu.Unlock()
@@ -372,9 +366,6 @@ func (k *kernelTCP) handOff(f *ktcpFlow) {
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(frame)})
 	d.DeliverNetworkPacket(0, pkt)
 	pkt.DecRef()
-	// The forwarder took the note if the SYN reached it; a SYN it
-	// dropped (its own limits) must not leave one for a later flow.
-	time.AfterFunc(ktcpHandoffHold, func() { k.handoffs.Delete(f.key) })
 }
 
 // takeHandoff returns, once, what the kernel path learned of the flow
@@ -498,15 +489,118 @@ func (k *kernelTCP) finish(f *ktcpFlow) {
 	k.s.counters.tcpOpen.Add(-1)
 	if f.release != nil {
 		f.release()
+		f.release = nil
 	}
 	if f.host != nil {
 		f.host.Close()
+		f.host = nil
 	}
-	time.AfterFunc(ktcpLinger, func() {
+	f.handoff = ktcpHandoff{}
+	k.later.add(laterUnmap, f)
+}
+
+// Flows' deferred work, each kind a fixed delay after it was queued.
+const (
+	// laterAnswer: give the flow to the stack if the listener has not
+	// answered its SYN.
+	laterAnswer = iota
+	// laterReap: end a flow the listener answered but never accepted.
+	laterReap
+	// laterUnmap: forget a closed flow's translation and hold its port.
+	laterUnmap
+	// laterForget: forget a flow handed to the stack.
+	laterForget
+	laterKinds
+)
+
+var laterDelays = [laterKinds]time.Duration{
+	laterAnswer: ktcpAnswerTimeout,
+	laterReap:   tcpDialTimeout - ktcpAnswerTimeout,
+	laterUnmap:  ktcpLinger,
+	laterForget: ktcpHandoffHold,
+}
+
+// run does the deferred work of kind on f.
+func (k *kernelTCP) run(kind int, f *ktcpFlow) {
+	switch kind {
+	case laterAnswer:
+		if f.answer.CompareAndSwap(ktcpUnanswered, ktcpGivenUp) {
+			k.giveUp(f)
+		} else if f.state.Load() == int32(ktcpOpen) {
+			k.later.add(laterReap, f)
+		}
+	case laterReap:
+		if f.state.Load() == int32(ktcpOpen) {
+			k.finish(f)
+		}
+	case laterUnmap:
 		k.byGuest.CompareAndDelete(f.key, f)
 		k.hold(f.fake)
 		k.byFake.CompareAndDelete(f.fake, f)
-	})
+	case laterForget:
+		k.byGuest.CompareAndDelete(f.key, f)
+		k.handoffs.Delete(f.key)
+	}
+}
+
+// flowQueues hold the flows' deferred work in order of time, one queue per
+// kind (each kind has one delay, so each queue is in order), for one
+// goroutine to run: a timer per flow kept every flow's memory for its whole
+// delay, and connections opened by the thousand per second held tens of
+// megabytes.
+type flowQueues struct {
+	mu     sync.Mutex
+	queues [laterKinds][]queuedFlow
+}
+
+type queuedFlow struct {
+	at time.Time
+	f  *ktcpFlow
+}
+
+func (q *flowQueues) add(kind int, f *ktcpFlow) {
+	q.mu.Lock()
+	q.queues[kind] = append(q.queues[kind], queuedFlow{time.Now().Add(laterDelays[kind]), f})
+	q.mu.Unlock()
+}
+
+// due takes the work that is due by now.
+func (q *flowQueues) due(now time.Time, out []queuedFlow, kinds []int) ([]queuedFlow, []int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for kind := range q.queues {
+		i := 0
+		for ; i < len(q.queues[kind]) && !now.Before(q.queues[kind][i].at); i++ {
+			out = append(out, q.queues[kind][i])
+			kinds = append(kinds, kind)
+		}
+		clear(q.queues[kind][:i])
+		q.queues[kind] = q.queues[kind][i:]
+	}
+	return out, kinds
+}
+
+// ktcpTick is how often the deferred work is looked at.
+const ktcpTick = 250 * time.Millisecond
+
+// runLater does the flows' deferred work until ctx ends.
+func (k *kernelTCP) runLater(ctx context.Context) {
+	t := time.NewTicker(ktcpTick)
+	defer t.Stop()
+	var work []queuedFlow
+	var kinds []int
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			work, kinds = k.later.due(now, work[:0], kinds[:0])
+			for i, w := range work {
+				k.run(kinds[i], w.f)
+			}
+			clear(work)
+		}
+	}
 }
 
 // close stops the listener and the host sockets of flows not yet relayed.
