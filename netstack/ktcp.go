@@ -169,14 +169,12 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 	}
 	ip := header.IPv4(first[header.EthernetMinimumSize:])
 	ihl := int(ip.HeaderLength())
-	if ip[0]>>4 != 4 || ihl < header.IPv4MinimumSize || ip.Protocol() != uint8(header.TCPProtocolNumber) ||
-		ip.More() || ip.FragmentOffset() != 0 {
+	// The headers this rewrites must lie in the first buffer.
+	if ip[0]>>4 != 4 || ihl < header.IPv4MinimumSize || len(ip) < ihl+header.TCPMinimumSize ||
+		ip.Protocol() != uint8(header.TCPProtocolNumber) || ip.More() || ip.FragmentOffset() != 0 {
 		return false
 	}
 	t := header.TCP(ip[ihl:])
-	if len(t) < header.TCPMinimumSize || len(t) < int(t.DataOffset()) {
-		return false
-	}
 	src := netip.AddrPortFrom(netip.AddrFrom4(ip.SourceAddress().As4()), t.SourcePort())
 	dst := netip.AddrPortFrom(netip.AddrFrom4(ip.DestinationAddress().As4()), t.DestinationPort())
 	if src == k.listener {

@@ -3,7 +3,9 @@ package netstack
 import (
 	"bytes"
 	"net/netip"
+	"os"
 	"testing"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -95,4 +97,68 @@ func TestKernelTCPRewrite(t *testing.T) {
 		k.rewrite(vh, frame, ip, header.TCP(ip[ip.HeaderLength():]), remote, guest)
 		checkSegment(t, vh, frame, remote, guest, payload)
 	}
+}
+
+// FuzzKernelTCPDivert offers arbitrary guest frames to the kernel TCP path,
+// which has one open flow: it must neither panic nor take what is not its
+// own. The stack behind it refuses every destination, so no SYN is dialed.
+func FuzzKernelTCPDivert(f *testing.F) {
+	guest := netip.MustParseAddrPort("10.0.2.100:40000")
+	remote := netip.MustParseAddrPort("10.0.2.2:22")
+	listener := netip.MustParseAddrPort("10.0.2.100:39000")
+	fake := netip.MustParseAddrPort("10.0.2.2:20001")
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { devNull.Close() })
+	cfg := DefaultConfig()
+	cfg.Restrict = true
+	s := &Stack{cfg: cfg}
+	link := &tapLink{fds: []int{int(devNull.Fd())}, vnetHdr: 10, addr: tcpip.LinkAddress("\x52\x55\x0a\x00\x02\x02")}
+	k := &kernelTCP{s: s, link: link, listener: listener, vnetHdr: 10, quarantine: map[netip.AddrPort]time.Time{}}
+	fl := &ktcpFlow{key: ktcpKey{guest: guest, remote: remote}, fake: fake}
+	fl.state.Store(int32(ktcpAccepted))
+	fl.answer.Store(ktcpAnswered)
+	k.byGuest.Store(fl.key, fl)
+	k.byFake.Store(fake, fl)
+
+	for _, partial := range []bool{false, true} {
+		vh, frame := segmentFrame(guest, remote, []byte("x"), partial)
+		f.Add(vh, frame)
+		vh, frame = segmentFrame(listener, fake, nil, partial)
+		f.Add(vh, frame)
+	}
+	vh, frame := segmentFrame(guest, netip.MustParseAddrPort("198.51.100.1:80"), nil, false)
+	header.TCP(frame[header.EthernetMinimumSize+header.IPv4MinimumSize:]).SetFlags(uint8(header.TCPFlagSyn))
+	f.Add(vh, frame)
+	// An IPv4 header claiming 60 bytes in a short frame.
+	_, frame = segmentFrame(guest, remote, nil, false)
+	frame[header.EthernetMinimumSize] = 0x4f
+	f.Add(vh, frame[:header.EthernetMinimumSize+header.IPv4MinimumSize+header.TCPMinimumSize])
+	f.Fuzz(func(t *testing.T, vh, frame []byte) {
+		if len(frame) == 0 || len(frame) > 65535 {
+			return
+		}
+		vnet := make([]byte, 10)
+		copy(vnet, vh)
+		// The reader's buffers, as the frame would fill them.
+		var parts [][]byte
+		rest := append([]byte(nil), frame...)
+		for _, size := range readSizes {
+			if len(rest) == 0 {
+				break
+			}
+			n := min(size, len(rest))
+			parts = append(parts, rest[:n])
+			rest = rest[n:]
+		}
+		if len(rest) > 0 {
+			return
+		}
+		took := k.divert(vnet, parts, len(frame))
+		if took && len(frame) < header.EthernetMinimumSize+header.IPv4MinimumSize+header.TCPMinimumSize {
+			t.Fatalf("took a %d-byte frame", len(frame))
+		}
+	})
 }
