@@ -193,6 +193,7 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 	key := ktcpKey{guest: src, remote: dst}
 	// A SYN alone (ECN bits aside) opens a connection.
 	syn := t.Flags()&(header.TCPFlagSyn|header.TCPFlagAck|header.TCPFlagRst|header.TCPFlagFin) == header.TCPFlagSyn
+	var old *ktcpFlow
 	if v, ok := k.byGuest.Load(key); ok {
 		f := v.(*ktcpFlow)
 		switch ktcpState(f.state.Load()) {
@@ -204,12 +205,18 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 			if syn {
 				// The guest reuses the addresses of a connection that
 				// just ended: a new flow, on a fresh fake port.
+				old = f
 				break
 			}
 			fallthrough
 		default:
 			k.rewrite(vh, first, ip, t, f.fake, k.listener)
 			k.write(vh, parts, n)
+			if t.Flags()&header.TCPFlagRst != 0 {
+				// The guest gave up before the listener's side was
+				// accepted: free the host socket now, not at the reap.
+				k.finish(f, ktcpOpen)
+			}
 			return true
 		}
 	}
@@ -239,7 +246,20 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 		k.connecting.Add(-1)
 		return false
 	}
-	k.byGuest.Store(key, f)
+	// Another reader may have taken the same SYN (resent, on another
+	// queue) meanwhile: one flow per connection.
+	stored := false
+	if old != nil {
+		stored = k.byGuest.CompareAndSwap(key, old, f)
+	} else {
+		_, loaded := k.byGuest.LoadOrStore(key, f)
+		stored = !loaded
+	}
+	if !stored {
+		k.s.flows.leave()
+		k.connecting.Add(-1)
+		return true
+	}
 	k.byFake.Store(fake, f)
 	go func() {
 		defer k.s.flows.leave()
@@ -318,6 +338,11 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 	}
 	f.host = host
 	f.state.Store(int32(ktcpOpen))
+	if s.ctx.Err() != nil {
+		// The stack closed while this dialed: close() did not see it.
+		k.finish(f, ktcpOpen)
+		return
+	}
 	vh, frame := f.syn[:k.vnetHdr], f.syn[k.vnetHdr:]
 	f.syn = nil
 	ip := header.IPv4(frame[header.EthernetMinimumSize:])
@@ -447,7 +472,7 @@ func (k *kernelTCP) serve() {
 		}
 		if !k.s.flows.enter() {
 			c.Close()
-			k.finish(f)
+			k.finish(f, ktcpAccepted)
 			return
 		}
 		go func() {
@@ -470,19 +495,15 @@ func (k *kernelTCP) relay(f *ktcpFlow, guest *net.TCPConn) {
 	s.counters.bytesToGuest.Add(uint64(down))
 	s.log.Debug("tcp flow closed (kernel path)", "src", f.key.guest, "dst", f.key.remote,
 		"duration", time.Since(start), "bytes_out", up, "bytes_in", down)
-	k.finish(f)
+	k.finish(f, ktcpAccepted)
 }
 
 // finish ends f's translation after the closing handshake had its time.
-func (k *kernelTCP) finish(f *ktcpFlow) {
-	for {
-		old := ktcpState(f.state.Load())
-		if old == ktcpClosing || old == ktcpHandedOff {
-			return
-		}
-		if f.state.CompareAndSwap(int32(old), int32(ktcpClosing)) {
-			break
-		}
+func (k *kernelTCP) finish(f *ktcpFlow, from ktcpState) {
+	// Only from the state the caller saw: a flow the reaper found open
+	// may have been accepted since, and its relay now owns it.
+	if !f.state.CompareAndSwap(int32(from), int32(ktcpClosing)) {
+		return
 	}
 	k.s.counters.tcpOpen.Add(-1)
 	if f.release != nil {
@@ -528,9 +549,7 @@ func (k *kernelTCP) run(kind int, f *ktcpFlow) {
 			k.later.add(laterReap, f)
 		}
 	case laterReap:
-		if f.state.Load() == int32(ktcpOpen) {
-			k.finish(f)
-		}
+		k.finish(f, ktcpOpen)
 	case laterUnmap:
 		k.byGuest.CompareAndDelete(f.key, f)
 		k.hold(f.fake)
@@ -605,9 +624,7 @@ func (k *kernelTCP) runLater(ctx context.Context) {
 func (k *kernelTCP) close() {
 	k.ln.Close()
 	k.byGuest.Range(func(_, v any) bool {
-		if f := v.(*ktcpFlow); f.state.Load() == int32(ktcpOpen) {
-			k.finish(f)
-		}
+		k.finish(v.(*ktcpFlow), ktcpOpen)
 		return true
 	})
 }

@@ -156,7 +156,11 @@ func watchReset(gc syscall.RawConn, guest, host *net.TCPConn) {
 func pumpHalf(p *socketPipe, src, dst syscall.RawConn, srcConn, dstConn *net.TCPConn) (int64, bool) {
 	n, err := p.pump(src, dst)
 	if err != nil {
+		// Both sides see a reset: the error may be the write's (the
+		// destination reset), and the kernel then cleared what a
+		// later look at the source's error would find.
 		_ = dstConn.SetLinger(0)
+		_ = srcConn.SetLinger(0)
 		dstConn.Close()
 		srcConn.Close()
 		return n, false
