@@ -66,16 +66,25 @@ func (wd *world) inSandbox(sb *sandboxProc, cmdline ...string) string {
 	return string(out)
 }
 
-// startInSandbox runs a server inside the sandbox in the background,
-// output discarded, until the test ends.
+// startInSandbox runs a nettool server inside the sandbox in the
+// background until the test ends, and returns once it listens.
 func (wd *world) startInSandbox(sb *sandboxProc, cmdline ...string) {
 	wd.t.Helper()
 	cmd := wd.sandboxCommand(sb, cmdline...)
-	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		wd.t.Fatal(err)
+	}
+	var stderr syncBuffer
+	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		wd.t.Fatal(err)
 	}
 	wd.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	// A client started next must find it listening.
+	if err := awaitListening(stdout); err != nil {
+		wd.t.Fatalf("%v in the sandbox: %v\n%s", cmdline, err, stderr.String())
+	}
 }
 
 func (wd *world) sandboxCommand(sb *sandboxProc, cmdline ...string) *exec.Cmd {

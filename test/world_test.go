@@ -135,6 +135,14 @@ func (wd *world) startServer(ns string, args ...string) {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 	})
+	if err := awaitListening(stdout); err != nil {
+		wd.t.Fatalf("server %v in %s: %v\n%s", args, ns, err, stderr.String())
+	}
+}
+
+// awaitListening waits (up to 10 s) for a nettool server's "listening"
+// line on stdout, then discards the rest of its output.
+func awaitListening(stdout io.Reader) error {
 	ready := make(chan error, 1)
 	go func() {
 		line, err := bufio.NewReader(stdout).ReadString('\n')
@@ -146,11 +154,9 @@ func (wd *world) startServer(ns string, args ...string) {
 	}()
 	select {
 	case err := <-ready:
-		if err != nil {
-			wd.t.Fatalf("server %v in %s: %v\n%s", args, ns, err, stderr.String())
-		}
+		return err
 	case <-time.After(10 * time.Second):
-		wd.t.Fatalf("server %v in %s did not start\n%s", args, ns, stderr.String())
+		return errors.New("did not start")
 	}
 }
 
