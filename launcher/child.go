@@ -178,14 +178,23 @@ func setUpChild(ch channel) (*childConfig, error) {
 
 // tcpListener opens the listener GuestConfig.TCPListener asks for, or
 // returns nil: without it the stack serves guest TCP itself, so a failure
-// is no reason to fail the namespace.
+// is no reason to fail the namespace. With IPv6 it listens on all
+// addresses, both families (Go asks for a dual-stack socket explicitly, so
+// the namespace's bindv6only does not matter); else on the IPv4 address.
 func tcpListener(cfg *childConfig) *os.File {
-	a := cfg.Guest.Address.Addr()
-	if !cfg.Guest.TCPListener || !cfg.Configure || !a.Is4() {
+	g := cfg.Guest
+	if !g.TCPListener || !cfg.Configure {
 		return nil
 	}
-	ln, err := net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(netip.AddrPortFrom(a, 0)))
-	if err != nil {
+	var ln *net.TCPListener
+	var err error
+	if g.Address6.IsValid() && g.Address.Addr().Is4() {
+		ln, err = net.ListenTCP("tcp", &net.TCPAddr{})
+	}
+	if ln == nil && g.Address.Addr().Is4() {
+		ln, err = net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(netip.AddrPortFrom(g.Address.Addr(), 0)))
+	}
+	if ln == nil || err != nil {
 		return nil
 	}
 	defer ln.Close()

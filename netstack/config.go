@@ -53,9 +53,10 @@ type Config struct {
 	// Capture, if set, receives every guest frame in pcap format (wrap
 	// files in a CaptureWriter).
 	Capture io.Writer `json:"-"`
-	// KernelTCP, if set, is a TCP listener bound to the guest's IPv4
-	// address inside its namespace: guest TCP connections out then end in
-	// the guest's own kernel at it (see ktcp.go). New closes it (the stack
+	// KernelTCP, if set, is a TCP listener inside the guest's namespace,
+	// bound to the guest's IPv4 address or (dual-stack) to all: guest TCP
+	// connections out then end in the guest's own kernel at it (see
+	// ktcp.go). New closes it (the stack
 	// keeps a duplicate).
 	KernelTCP *os.File `json:"-"`
 	// Logger receives debug detail and one line per problem. Nil: quiet.

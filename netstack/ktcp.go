@@ -88,6 +88,9 @@ type ktcpHandoff struct {
 
 type ktcpFlow struct {
 	key ktcpKey
+	// listener is where the flow ends in the guest: the listener's
+	// port on the guest's address of the flow's family.
+	listener netip.AddrPort
 	// fake is the source the listener sees: the remote address with a
 	// port of our choosing.
 	fake  netip.AddrPort
@@ -106,9 +109,11 @@ type ktcpFlow struct {
 
 // kernelTCP is the table of translated flows and the listener they end at.
 type kernelTCP struct {
-	s        *Stack
-	link     *tapLink
-	ln       *net.TCPListener
+	s    *Stack
+	link *tapLink
+	ln   *net.TCPListener
+	// listener is the listener's address: the guest's IPv4 address, or
+	// the unspecified address (all of the guest's, IPv4 and IPv6).
 	listener netip.AddrPort
 	vnetHdr  int
 
@@ -151,9 +156,9 @@ func newKernelTCP(s *Stack, link *tapLink, lnFile *os.File) (*kernelTCP, error) 
 	}
 	addr := ln.Addr().(*net.TCPAddr).AddrPort()
 	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
-	if !addr.Addr().Is4() || addr.Addr().IsUnspecified() {
+	if !addr.Addr().Is4() && !addr.Addr().IsUnspecified() {
 		ln.Close()
-		return nil, errors.New("kernel TCP path: the listener must be bound to the guest's IPv4 address")
+		return nil, errors.New("kernel TCP path: the listener must be bound to the guest's IPv4 address or to all (dual-stack)")
 	}
 	return &kernelTCP{s: s, link: link, ln: ln, listener: addr, vnetHdr: link.vnetHdr,
 		next: 20000, quarantine: make(map[netip.AddrPort]time.Time)}, nil
@@ -163,21 +168,11 @@ func newKernelTCP(s *Stack, link *tapLink, lnFile *os.File) (*kernelTCP, error) 
 // SYN of new ones, and reports whether it took the frame.
 func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 	first := parts[0]
-	if len(first) < header.EthernetMinimumSize+header.IPv4MinimumSize+header.TCPMinimumSize ||
-		binary.BigEndian.Uint16(first[12:]) != uint16(header.IPv4ProtocolNumber) {
+	l3, t, src, dst, ok := parseSegment(first)
+	if !ok {
 		return false
 	}
-	ip := header.IPv4(first[header.EthernetMinimumSize:])
-	ihl := int(ip.HeaderLength())
-	// The headers this rewrites must lie in the first buffer.
-	if ip[0]>>4 != 4 || ihl < header.IPv4MinimumSize || len(ip) < ihl+header.TCPMinimumSize ||
-		ip.Protocol() != uint8(header.TCPProtocolNumber) || ip.More() || ip.FragmentOffset() != 0 {
-		return false
-	}
-	t := header.TCP(ip[ihl:])
-	src := netip.AddrPortFrom(netip.AddrFrom4(ip.SourceAddress().As4()), t.SourcePort())
-	dst := netip.AddrPortFrom(netip.AddrFrom4(ip.DestinationAddress().As4()), t.DestinationPort())
-	if src == k.listener {
+	if k.fromListener(src) {
 		v, ok := k.byFake.Load(dst)
 		if !ok {
 			return false
@@ -186,7 +181,7 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 		if f.answer.Load() != ktcpAnswered && !f.answer.CompareAndSwap(ktcpUnanswered, ktcpAnswered) {
 			return true // too late: the flow went to the stack
 		}
-		k.rewrite(vh, first, ip, t, f.key.remote, f.key.guest)
+		k.rewrite(vh, first, l3, t, f.key.remote, f.key.guest)
 		k.write(vh, parts, n)
 		return true
 	}
@@ -210,7 +205,7 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 			}
 			fallthrough
 		default:
-			k.rewrite(vh, first, ip, t, f.fake, k.listener)
+			k.rewrite(vh, first, l3, t, f.fake, f.listener)
 			k.write(vh, parts, n)
 			if t.Flags()&header.TCPFlagRst != 0 {
 				// The guest gave up before the listener's side was
@@ -220,7 +215,8 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 			return true
 		}
 	}
-	if !syn || src.Addr() != k.listener.Addr() || k.s.isDNS(dst.Addr()) {
+	lnAddr, ok := k.listenerFor(src.Addr())
+	if !syn || !ok || k.s.isDNS(dst.Addr()) {
 		return false
 	}
 	if _, err := k.s.hostTarget(dst); err != nil {
@@ -235,7 +231,7 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 		k.connecting.Add(-1)
 		return false
 	}
-	f := &ktcpFlow{key: key, fake: fake}
+	f := &ktcpFlow{key: key, fake: fake, listener: lnAddr}
 	f.syn = make([]byte, 0, len(vh)+n)
 	f.syn = append(f.syn, vh...)
 	for _, p := range parts {
@@ -345,9 +341,8 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 	}
 	vh, frame := f.syn[:k.vnetHdr], f.syn[k.vnetHdr:]
 	f.syn = nil
-	ip := header.IPv4(frame[header.EthernetMinimumSize:])
-	t := header.TCP(ip[ip.HeaderLength():])
-	k.rewrite(vh, frame, ip, t, f.fake, k.listener)
+	l3, t, _, _, _ := parseSegment(frame)
+	k.rewrite(vh, frame, l3, t, f.fake, f.listener)
 	k.write(vh, [][]byte{frame}, len(frame))
 	k.later.add(laterAnswer, f)
 }
@@ -406,14 +401,24 @@ func (k *kernelTCP) takeHandoff(guest, remote netip.AddrPort) (ktcpHandoff, bool
 
 // rewrite makes the segment in frame go from src to dst, and addresses the
 // frame to the guest from the gateway's MAC.
-func (k *kernelTCP) rewrite(vh, frame []byte, ip header.IPv4, t header.TCP, src, dst netip.AddrPort) {
+func (k *kernelTCP) rewrite(vh, frame, l3 []byte, t header.TCP, src, dst netip.AddrPort) {
 	copy(frame[0:6], frame[6:12])
 	copy(frame[6:12], k.link.addr)
 	full := len(vh) == 0 || vh[0]&vnetFlagNeedsCsum == 0
-	oldSrc, oldDst := ip.SourceAddress(), ip.DestinationAddress()
-	newSrc, newDst := tcpip.AddrFrom4(src.Addr().As4()), tcpip.AddrFrom4(dst.Addr().As4())
-	ip.SetSourceAddressWithChecksumUpdate(newSrc)
-	ip.SetDestinationAddressWithChecksumUpdate(newDst)
+	newSrc, newDst := tcpipAddr(src.Addr()), tcpipAddr(dst.Addr())
+	var oldSrc, oldDst tcpip.Address
+	if l3[0]>>4 == 4 {
+		ip := header.IPv4(l3)
+		oldSrc, oldDst = ip.SourceAddress(), ip.DestinationAddress()
+		ip.SetSourceAddressWithChecksumUpdate(newSrc)
+		ip.SetDestinationAddressWithChecksumUpdate(newDst)
+	} else {
+		// IPv6 has no header checksum.
+		ip := header.IPv6(l3)
+		oldSrc, oldDst = ip.SourceAddress(), ip.DestinationAddress()
+		ip.SetSourceAddress(newSrc)
+		ip.SetDestinationAddress(newDst)
+	}
 	t.UpdateChecksumPseudoHeaderAddress(oldSrc, newSrc, full)
 	t.UpdateChecksumPseudoHeaderAddress(oldDst, newDst, full)
 	if full {
@@ -424,6 +429,58 @@ func (k *kernelTCP) rewrite(vh, frame []byte, ip header.IPv4, t header.TCP, src,
 		t.SetSourcePort(src.Port())
 		t.SetDestinationPort(dst.Port())
 	}
+}
+
+// parseSegment finds the IP header (l3) and TCP header of an Ethernet frame
+// whose headers lie in first, and the segment's addresses. IPv4 fragments
+// and IPv6 extension headers are left to the stack.
+func parseSegment(first []byte) (l3 []byte, t header.TCP, src, dst netip.AddrPort, ok bool) {
+	if len(first) < header.EthernetMinimumSize+header.IPv4MinimumSize+header.TCPMinimumSize {
+		return nil, nil, src, dst, false
+	}
+	switch binary.BigEndian.Uint16(first[12:]) {
+	case uint16(header.IPv4ProtocolNumber):
+		ip := header.IPv4(first[header.EthernetMinimumSize:])
+		ihl := int(ip.HeaderLength())
+		if ip[0]>>4 != 4 || ihl < header.IPv4MinimumSize || len(ip) < ihl+header.TCPMinimumSize ||
+			ip.Protocol() != uint8(header.TCPProtocolNumber) || ip.More() || ip.FragmentOffset() != 0 {
+			return nil, nil, src, dst, false
+		}
+		t = header.TCP(ip[ihl:])
+		src = netip.AddrPortFrom(netip.AddrFrom4(ip.SourceAddress().As4()), t.SourcePort())
+		dst = netip.AddrPortFrom(netip.AddrFrom4(ip.DestinationAddress().As4()), t.DestinationPort())
+		return ip, t, src, dst, true
+	case uint16(header.IPv6ProtocolNumber):
+		ip := header.IPv6(first[header.EthernetMinimumSize:])
+		if len(ip) < header.IPv6MinimumSize+header.TCPMinimumSize || ip[0]>>4 != 6 ||
+			ip.NextHeader() != uint8(header.TCPProtocolNumber) {
+			return nil, nil, src, dst, false
+		}
+		t = header.TCP(ip[header.IPv6MinimumSize:])
+		src = netip.AddrPortFrom(netip.AddrFrom16(ip.SourceAddress().As16()), t.SourcePort())
+		dst = netip.AddrPortFrom(netip.AddrFrom16(ip.DestinationAddress().As16()), t.DestinationPort())
+		return ip, t, src, dst, true
+	}
+	return nil, nil, src, dst, false
+}
+
+// fromListener says whether a guest segment comes from the listener.
+func (k *kernelTCP) fromListener(src netip.AddrPort) bool {
+	if k.listener.Addr().IsUnspecified() {
+		// No socket of the guest's can share the port of a listener
+		// bound to all addresses.
+		return src.Port() == k.listener.Port()
+	}
+	return src == k.listener
+}
+
+// listenerFor returns where a flow from the guest's address a ends, and
+// whether the listener takes connections there.
+func (k *kernelTCP) listenerFor(a netip.Addr) (netip.AddrPort, bool) {
+	if k.listener.Addr().IsUnspecified() {
+		return netip.AddrPortFrom(a, k.listener.Port()), !a.IsLoopback() && !a.IsUnspecified()
+	}
+	return k.listener, a == k.listener.Addr()
 }
 
 func (k *kernelTCP) write(vh []byte, parts [][]byte, n int) {

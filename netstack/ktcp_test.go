@@ -117,7 +117,7 @@ func FuzzKernelTCPDivert(f *testing.F) {
 	s := &Stack{cfg: cfg}
 	link := &tapLink{fds: []int{int(devNull.Fd())}, vnetHdr: 10, addr: tcpip.LinkAddress("\x52\x55\x0a\x00\x02\x02")}
 	k := &kernelTCP{s: s, link: link, listener: listener, vnetHdr: 10, quarantine: map[netip.AddrPort]time.Time{}}
-	fl := &ktcpFlow{key: ktcpKey{guest: guest, remote: remote}, fake: fake}
+	fl := &ktcpFlow{key: ktcpKey{guest: guest, remote: remote}, fake: fake, listener: listener}
 	fl.state.Store(int32(ktcpAccepted))
 	fl.answer.Store(ktcpAnswered)
 	k.byGuest.Store(fl.key, fl)
@@ -161,4 +161,62 @@ func FuzzKernelTCPDivert(f *testing.F) {
 			t.Fatalf("took a %d-byte frame", len(frame))
 		}
 	})
+}
+
+// TestKernelTCPRewriteIPv6: the same for IPv6 segments, which have no
+// header checksum.
+func TestKernelTCPRewriteIPv6(t *testing.T) {
+	k := &kernelTCP{link: &tapLink{addr: tcpip.LinkAddress("\x52\x55\x0a\x00\x02\x02")}}
+	guest := netip.MustParseAddrPort("[fd00::100]:40000")
+	remote := netip.MustParseAddrPort("[2001:db8::7]:443")
+	listener := netip.MustParseAddrPort("[fd00::100]:39000")
+	fake := netip.MustParseAddrPort("[2001:db8::7]:20001")
+	payload := []byte("odd-length payload!")
+	build := func(src, dst netip.AddrPort, partial bool) (vh, frame []byte) {
+		const tcpLen = header.TCPMinimumSize
+		frame = make([]byte, header.EthernetMinimumSize+header.IPv6MinimumSize+tcpLen+len(payload))
+		header.Ethernet(frame).Encode(&header.EthernetFields{
+			SrcAddr: tcpip.LinkAddress("\x02\x00\x00\x00\x00\x01"), DstAddr: k.link.addr, Type: header.IPv6ProtocolNumber,
+		})
+		ip := header.IPv6(frame[header.EthernetMinimumSize:])
+		s, d := tcpipAddr(src.Addr()), tcpipAddr(dst.Addr())
+		ip.Encode(&header.IPv6Fields{PayloadLength: uint16(tcpLen + len(payload)), TransportProtocol: header.TCPProtocolNumber,
+			HopLimit: 64, SrcAddr: s, DstAddr: d})
+		tcp := header.TCP(ip[header.IPv6MinimumSize:])
+		tcp.Encode(&header.TCPFields{SrcPort: src.Port(), DstPort: dst.Port(), SeqNum: 1, AckNum: 2,
+			DataOffset: tcpLen, Flags: header.TCPFlagAck, WindowSize: 512})
+		copy(tcp[tcpLen:], payload)
+		pseudo := header.PseudoHeaderChecksum(header.TCPProtocolNumber, s, d, uint16(len(tcp)))
+		vh = make([]byte, 10)
+		if partial {
+			vh[0] = vnetFlagNeedsCsum
+			tcp.SetChecksum(pseudo)
+		} else {
+			tcp.SetChecksum(^checksum.Checksum(tcp, pseudo))
+		}
+		return vh, frame
+	}
+	check := func(vh, frame []byte, src, dst netip.AddrPort) {
+		t.Helper()
+		_, seg, gotSrc, gotDst, ok := parseSegment(frame)
+		if !ok || gotSrc != src || gotDst != dst {
+			t.Fatalf("rewritten to %v -> %v (ok %v), want %v -> %v", gotSrc, gotDst, ok, src, dst)
+		}
+		if vh[0]&vnetFlagNeedsCsum != 0 {
+			seg.SetChecksum(^checksum.Checksum(seg, 0))
+		}
+		if !seg.IsChecksumValid(tcpipAddr(src.Addr()), tcpipAddr(dst.Addr()), checksum.Checksum(seg.Payload(), 0), uint16(len(seg.Payload()))) {
+			t.Error("TCP checksum is wrong")
+		}
+	}
+	for _, partial := range []bool{false, true} {
+		vh, frame := build(guest, remote, partial)
+		l3, seg, _, _, _ := parseSegment(frame)
+		k.rewrite(vh, frame, l3, seg, fake, listener)
+		check(vh, frame, fake, listener)
+		vh, frame = build(listener, fake, partial)
+		l3, seg, _, _, _ = parseSegment(frame)
+		k.rewrite(vh, frame, l3, seg, remote, guest)
+		check(vh, frame, remote, guest)
+	}
 }
