@@ -178,9 +178,10 @@ func setUpChild(ch channel) (*childConfig, error) {
 
 // tcpListener opens the listener GuestConfig.TCPListener asks for, or
 // returns nil: without it the stack serves guest TCP itself, so a failure
-// is no reason to fail the namespace. With IPv6 it listens on all
-// addresses, both families (Go asks for a dual-stack socket explicitly, so
-// the namespace's bindv6only does not matter); else on the IPv4 address.
+// is no reason to fail the namespace. It listens on all addresses, both
+// families (Go asks for a dual-stack socket explicitly, so the namespace's
+// bindv6only does not matter): IPv6 addresses may come later (SLAAC, or
+// usernet -6). Without IPv6 in the namespace, on the IPv4 address.
 func tcpListener(cfg *childConfig) *os.File {
 	g := cfg.Guest
 	if !g.TCPListener || !cfg.Configure {
@@ -188,7 +189,7 @@ func tcpListener(cfg *childConfig) *os.File {
 	}
 	var ln *net.TCPListener
 	var err error
-	if g.Address6.IsValid() && g.Address.Addr().Is4() {
+	if g.Address.Addr().Is4() {
 		ln, err = net.ListenTCP("tcp", &net.TCPAddr{})
 	}
 	if ln == nil && g.Address.Addr().Is4() {

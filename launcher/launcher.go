@@ -73,9 +73,9 @@ type GuestConfig struct {
 	// Routes, if set, replace the default routes via Gateway and
 	// Gateway6 (pasta copies the host interface's routes).
 	Routes []GuestRoute `json:"routes,omitempty"`
-	// TCPListener asks for a TCP listener inside the namespace, on
-	// Address (IPv4) or, with Address6, on all addresses of both
-	// families, handed back with the TAP: the end of the stack's kernel
+	// TCPListener asks for a TCP listener inside the namespace, on all
+	// addresses of both families (on Address alone without IPv6),
+	// handed back with the TAP: the end of the stack's kernel
 	// TCP path (netstack.Config.KernelTCP). Only with Configure and an
 	// IPv4 Address.
 	TCPListener bool `json:"tcp_listener,omitempty"`
