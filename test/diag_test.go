@@ -143,33 +143,46 @@ func TestStats(t *testing.T) {
 	}
 }
 
-// TestUserspaceTCP: with --userspace-tcp the stack itself ends the guest's
-// TCP connections (the kernel TCP path is off), and the bytes still arrive
-// whole.
-func TestUserspaceTCP(t *testing.T) {
+// TestTCPPaths: which path serves a guest's TCP connection, as stats count
+// it: the namespace's kernel by default, IPv6 included; the userspace stack
+// with --userspace-tcp. The bytes arrive whole either way.
+func TestTCPPaths(t *testing.T) {
 	wd := newWorld(t)
 	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
-	dir := userDir(t, "netns-run-utcp-")
-	sock := filepath.Join(dir, "api.sock")
-	n := bins.nettool
-	script := fmt.Sprintf("%s tcp-echo-check 10.0.2.2:8080 1000000 >/dev/null || exit 1; echo done; exec %s sleep stats", n, n)
-	stdout := wd.startGuestScript([]string{"--api-socket", sock, "--userspace-tcp"}, script)
-	if line, _ := stdout.ReadString('\n'); strings.TrimSpace(line) != "done" {
-		t.Fatalf("exchange failed: %q", line)
-	}
-	var st struct {
-		Return struct {
-			Flows struct {
-				TCPTotal  uint64 `json:"tcp_total"`
-				TCPKernel uint64 `json:"tcp_kernel_total"`
-			} `json:"flows"`
-		} `json:"return"`
-	}
-	if err := json.Unmarshal([]byte(apiCall(t, sock, `{"execute":"get_stats"}`)), &st); err != nil {
-		t.Fatal(err)
-	}
-	if f := st.Return.Flows; f.TCPTotal != 1 || f.TCPKernel != 0 {
-		t.Errorf("with --userspace-tcp: %d TCP flows, %d of them in the kernel; want 1 and 0", f.TCPTotal, f.TCPKernel)
+	wd.startServer(wd.w, "tcp-echo-server", "[::1]:8080")
+	for _, c := range []struct {
+		name   string
+		flags  []string
+		target string
+		kernel uint64
+	}{
+		{"userspace", []string{"--userspace-tcp"}, "10.0.2.2:8080", 0},
+		{"kernel-ipv6", nil, "[fd00::2]:8080", 1},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := userDir(t, "netns-run-paths-")
+			sock := filepath.Join(dir, "api.sock")
+			n := bins.nettool
+			script := fmt.Sprintf("%s tcp-echo-check '%s' 1000000 >/dev/null || exit 1; echo done; exec %s sleep stats", n, c.target, n)
+			stdout := wd.startGuestScript(append([]string{"--api-socket", sock}, c.flags...), script)
+			if line, _ := stdout.ReadString('\n'); strings.TrimSpace(line) != "done" {
+				t.Fatalf("exchange failed: %q", line)
+			}
+			var st struct {
+				Return struct {
+					Flows struct {
+						TCPTotal  uint64 `json:"tcp_total"`
+						TCPKernel uint64 `json:"tcp_kernel_total"`
+					} `json:"flows"`
+				} `json:"return"`
+			}
+			if err := json.Unmarshal([]byte(apiCall(t, sock, `{"execute":"get_stats"}`)), &st); err != nil {
+				t.Fatal(err)
+			}
+			if f := st.Return.Flows; f.TCPTotal != 1 || f.TCPKernel != c.kernel {
+				t.Errorf("%d TCP flows, %d of them in the kernel; want 1 and %d", f.TCPTotal, f.TCPKernel, c.kernel)
+			}
+		})
 	}
 }
 
