@@ -12,21 +12,32 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
-// segmentFrame builds an Ethernet frame with a TCP segment from src to dst,
-// its checksum complete or (partial) only the pseudo-header's, as a guest's
-// kernel with checksum offload leaves it.
+// segmentFrame builds an Ethernet frame with a TCP segment from src to dst
+// (IPv4 or IPv6, as the addresses are), its checksum complete or (partial)
+// only the pseudo-header's, as a guest's kernel with checksum offload
+// leaves it.
 func segmentFrame(src, dst netip.AddrPort, payload []byte, partial bool) (vh, frame []byte) {
-	const ipLen, tcpLen = header.IPv4MinimumSize, header.TCPMinimumSize
+	const tcpLen = header.TCPMinimumSize
+	ipLen, proto := header.IPv4MinimumSize, header.IPv4ProtocolNumber
+	if src.Addr().Is6() {
+		ipLen, proto = header.IPv6MinimumSize, header.IPv6ProtocolNumber
+	}
 	frame = make([]byte, header.EthernetMinimumSize+ipLen+tcpLen+len(payload))
 	header.Ethernet(frame).Encode(&header.EthernetFields{
 		SrcAddr: tcpip.LinkAddress("\x02\x00\x00\x00\x00\x01"), DstAddr: tcpip.LinkAddress("\x02\x00\x00\x00\x00\x02"),
-		Type: header.IPv4ProtocolNumber,
+		Type: proto,
 	})
-	ip := header.IPv4(frame[header.EthernetMinimumSize:])
-	s, d := tcpip.AddrFrom4(src.Addr().As4()), tcpip.AddrFrom4(dst.Addr().As4())
-	ip.Encode(&header.IPv4Fields{TotalLength: uint16(len(ip)), TTL: 64, Protocol: uint8(header.TCPProtocolNumber), SrcAddr: s, DstAddr: d})
-	ip.SetChecksum(^ip.CalculateChecksum())
-	t := header.TCP(ip[ipLen:])
+	l3 := frame[header.EthernetMinimumSize:]
+	s, d := tcpipAddr(src.Addr()), tcpipAddr(dst.Addr())
+	if proto == header.IPv4ProtocolNumber {
+		ip := header.IPv4(l3)
+		ip.Encode(&header.IPv4Fields{TotalLength: uint16(len(ip)), TTL: 64, Protocol: uint8(header.TCPProtocolNumber), SrcAddr: s, DstAddr: d})
+		ip.SetChecksum(^ip.CalculateChecksum())
+	} else {
+		header.IPv6(l3).Encode(&header.IPv6Fields{PayloadLength: uint16(tcpLen + len(payload)),
+			TransportProtocol: header.TCPProtocolNumber, HopLimit: 64, SrcAddr: s, DstAddr: d})
+	}
+	t := header.TCP(l3[ipLen:])
 	t.Encode(&header.TCPFields{SrcPort: src.Port(), DstPort: dst.Port(), SeqNum: 1000, AckNum: 2000,
 		DataOffset: tcpLen, Flags: header.TCPFlagAck | header.TCPFlagPsh, WindowSize: 512})
 	copy(t[tcpLen:], payload)
@@ -172,30 +183,6 @@ func TestKernelTCPRewriteIPv6(t *testing.T) {
 	listener := netip.MustParseAddrPort("[fd00::100]:39000")
 	fake := netip.MustParseAddrPort("[2001:db8::7]:20001")
 	payload := []byte("odd-length payload!")
-	build := func(src, dst netip.AddrPort, partial bool) (vh, frame []byte) {
-		const tcpLen = header.TCPMinimumSize
-		frame = make([]byte, header.EthernetMinimumSize+header.IPv6MinimumSize+tcpLen+len(payload))
-		header.Ethernet(frame).Encode(&header.EthernetFields{
-			SrcAddr: tcpip.LinkAddress("\x02\x00\x00\x00\x00\x01"), DstAddr: k.link.addr, Type: header.IPv6ProtocolNumber,
-		})
-		ip := header.IPv6(frame[header.EthernetMinimumSize:])
-		s, d := tcpipAddr(src.Addr()), tcpipAddr(dst.Addr())
-		ip.Encode(&header.IPv6Fields{PayloadLength: uint16(tcpLen + len(payload)), TransportProtocol: header.TCPProtocolNumber,
-			HopLimit: 64, SrcAddr: s, DstAddr: d})
-		tcp := header.TCP(ip[header.IPv6MinimumSize:])
-		tcp.Encode(&header.TCPFields{SrcPort: src.Port(), DstPort: dst.Port(), SeqNum: 1, AckNum: 2,
-			DataOffset: tcpLen, Flags: header.TCPFlagAck, WindowSize: 512})
-		copy(tcp[tcpLen:], payload)
-		pseudo := header.PseudoHeaderChecksum(header.TCPProtocolNumber, s, d, uint16(len(tcp)))
-		vh = make([]byte, 10)
-		if partial {
-			vh[0] = vnetFlagNeedsCsum
-			tcp.SetChecksum(pseudo)
-		} else {
-			tcp.SetChecksum(^checksum.Checksum(tcp, pseudo))
-		}
-		return vh, frame
-	}
 	check := func(vh, frame []byte, src, dst netip.AddrPort) {
 		t.Helper()
 		_, seg, gotSrc, gotDst, ok := parseSegment(frame)
@@ -210,11 +197,11 @@ func TestKernelTCPRewriteIPv6(t *testing.T) {
 		}
 	}
 	for _, partial := range []bool{false, true} {
-		vh, frame := build(guest, remote, partial)
+		vh, frame := segmentFrame(guest, remote, payload, partial)
 		l3, seg, _, _, _ := parseSegment(frame)
 		k.rewrite(vh, frame, l3, seg, fake, listener)
 		check(vh, frame, fake, listener)
-		vh, frame = build(listener, fake, partial)
+		vh, frame = segmentFrame(listener, fake, payload, partial)
 		l3, seg, _, _, _ = parseSegment(frame)
 		k.rewrite(vh, frame, l3, seg, remote, guest)
 		check(vh, frame, remote, guest)
