@@ -184,7 +184,7 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 			return true // too late: the flow went to the stack
 		}
 		k.rewrite(vh, first, l3, t, f.key.remote, f.key.guest)
-		k.write(vh, parts, n)
+		k.write(vh, parts)
 		return true
 	}
 	key := ktcpKey{guest: src, remote: dst}
@@ -208,7 +208,7 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 			fallthrough
 		default:
 			k.rewrite(vh, first, l3, t, f.fake, f.listener)
-			k.write(vh, parts, n)
+			k.write(vh, parts)
 			if t.Flags()&header.TCPFlagRst != 0 {
 				// The guest gave up before the listener's side was
 				// accepted: free the host socket now, not at the reap.
@@ -345,7 +345,7 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 	f.syn = nil
 	l3, t, _, _, _ := parseSegment(frame)
 	k.rewrite(vh, frame, l3, t, f.fake, f.listener)
-	k.write(vh, [][]byte{frame}, len(frame))
+	k.write(vh, [][]byte{frame})
 	k.later.add(laterAnswer, f)
 }
 
@@ -485,20 +485,10 @@ func (k *kernelTCP) listenerFor(a netip.Addr) (netip.AddrPort, bool) {
 	return k.listener, a == k.listener.Addr()
 }
 
-func (k *kernelTCP) write(vh []byte, parts [][]byte, n int) {
-	var trimmed [len(readSizes)][]byte
-	out := trimmed[:0]
-	for _, p := range parts {
-		if n == 0 {
-			break
-		}
-		if len(p) > n {
-			p = p[:n]
-		}
-		n -= len(p)
-		out = append(out, p)
-	}
-	_ = k.link.write(k.link.fds[0], vh, out)
+// write puts a rewritten frame on the first queue (a TAP takes a frame on
+// any queue). parts hold exactly the frame: the reader's filled buffers.
+func (k *kernelTCP) write(vh []byte, parts [][]byte) {
+	_ = k.link.write(k.link.fds[0], vh, parts)
 }
 
 // serve accepts the listener's connections and relays each to its host
