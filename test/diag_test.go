@@ -84,6 +84,31 @@ func TestPacketCapture(t *testing.T) {
 	}
 }
 
+// guestStats is what the tests read of the API's get_stats.
+type guestStats struct {
+	Flows struct {
+		TCPOpen   int64  `json:"tcp_open"`
+		TCPTotal  uint64 `json:"tcp_total"`
+		TCPKernel uint64 `json:"tcp_kernel_total"`
+	} `json:"flows"`
+	Bytes struct {
+		FromGuest uint64 `json:"from_guest"`
+		ToGuest   uint64 `json:"to_guest"`
+	} `json:"bytes"`
+}
+
+// readStats asks the API socket sock for the stack's counters.
+func readStats(t *testing.T, sock string) guestStats {
+	t.Helper()
+	var reply struct {
+		Return guestStats `json:"return"`
+	}
+	if err := json.Unmarshal([]byte(apiCall(t, sock, `{"execute":"get_stats"}`)), &reply); err != nil {
+		t.Fatal(err)
+	}
+	return reply.Return
+}
+
 // TestStats runs a known exchange and reads the counters over the API
 // socket, raw (get_stats) and through `netns-run stats`.
 func TestStats(t *testing.T) {
@@ -97,30 +122,15 @@ func TestStats(t *testing.T) {
 	if line, _ := stdout.ReadString('\n'); strings.TrimSpace(line) != "done" {
 		t.Fatalf("exchange failed: %q", line)
 	}
-	var st struct {
-		Return struct {
-			Flows struct {
-				TCPOpen   int64  `json:"tcp_open"`
-				TCPTotal  uint64 `json:"tcp_total"`
-				TCPKernel uint64 `json:"tcp_kernel_total"`
-			} `json:"flows"`
-			Bytes struct {
-				FromGuest uint64 `json:"from_guest"`
-				ToGuest   uint64 `json:"to_guest"`
-			} `json:"bytes"`
-		} `json:"return"`
-	}
 	// The last flow's bytes are counted when it closes: poll briefly.
+	var r guestStats
 	for i := 0; ; i++ {
-		if err := json.Unmarshal([]byte(apiCall(t, sock, `{"execute":"get_stats"}`)), &st); err != nil {
-			t.Fatal(err)
-		}
-		if st.Return.Flows.TCPOpen == 0 || i == 50 {
+		r = readStats(t, sock)
+		if r.Flows.TCPOpen == 0 || i == 50 {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	r := st.Return
 	if r.Flows.TCPTotal != 3 || r.Flows.TCPKernel != 3 || r.Flows.TCPOpen != 0 || r.Bytes.FromGuest != 300000 || r.Bytes.ToGuest != 300000 {
 		t.Errorf("stats after 3 echoes of 100000 bytes: %+v", r)
 	}
@@ -168,18 +178,7 @@ func TestTCPPaths(t *testing.T) {
 			if line, _ := stdout.ReadString('\n'); strings.TrimSpace(line) != "done" {
 				t.Fatalf("exchange failed: %q", line)
 			}
-			var st struct {
-				Return struct {
-					Flows struct {
-						TCPTotal  uint64 `json:"tcp_total"`
-						TCPKernel uint64 `json:"tcp_kernel_total"`
-					} `json:"flows"`
-				} `json:"return"`
-			}
-			if err := json.Unmarshal([]byte(apiCall(t, sock, `{"execute":"get_stats"}`)), &st); err != nil {
-				t.Fatal(err)
-			}
-			if f := st.Return.Flows; f.TCPTotal != 1 || f.TCPKernel != c.kernel {
+			if f := readStats(t, sock).Flows; f.TCPTotal != 1 || f.TCPKernel != c.kernel {
 				t.Errorf("%d TCP flows, %d of them in the kernel; want 1 and %d", f.TCPTotal, f.TCPKernel, c.kernel)
 			}
 		})
