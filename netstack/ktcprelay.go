@@ -94,19 +94,17 @@ func relaySockets(guest, host *net.TCPConn) (up, down int64) {
 	gc, err1 := guest.SyscallConn()
 	hc, err2 := host.SyscallConn()
 	upPipe, err3 := newSocketPipe()
-	if err := errors.Join(err1, err2, err3); err != nil {
+	downPipe, err4 := newSocketPipe()
+	for _, p := range []*socketPipe{upPipe, downPipe} {
+		if p != nil {
+			defer p.close()
+		}
+	}
+	if err := errors.Join(err1, err2, err3, err4); err != nil {
 		_ = host.SetLinger(0)
 		_ = guest.SetLinger(0)
 		return 0, 0
 	}
-	defer upPipe.close()
-	downPipe, err := newSocketPipe()
-	if err != nil {
-		_ = host.SetLinger(0)
-		_ = guest.SetLinger(0)
-		return 0, 0
-	}
-	defer downPipe.close()
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
