@@ -128,13 +128,9 @@ func (s *Stack) startDNS() error {
 	}
 	s.dns = f
 	context.AfterFunc(s.ctx, f.close)
-	if !s.flows.enter() {
+	if !s.flows.spawn(f.expireLoop) {
 		return net.ErrClosed
 	}
-	go func() {
-		defer s.flows.leave()
-		f.expireLoop()
-	}()
 	addrs := []netip.Addr{s.cfg.DNS}
 	if s.cfg.IPv6 {
 		addrs = append(addrs, s.cfg.DNS6)
@@ -164,14 +160,10 @@ func (s *Stack) startDNS() error {
 			f.guests = append(f.guests, g)
 		}
 		f.mu.Unlock()
-		if closed || !s.flows.enter() {
+		if closed || !s.flows.spawn(func() { f.serveGuest(g, ep) }) {
 			g.Close()
 			return net.ErrClosed
 		}
-		go func() {
-			defer s.flows.leave()
-			f.serveGuest(g, ep)
-		}()
 	}
 	return nil
 }

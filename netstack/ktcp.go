@@ -491,6 +491,21 @@ func (k *kernelTCP) write(vh []byte, parts [][]byte) {
 	_ = k.link.write(k.link.fds[0], vh, parts)
 }
 
+// start serves the listener and the flows' deferred work until the stack
+// closes.
+func (k *kernelTCP) start() error {
+	ctx := k.s.ctx
+	if !k.s.flows.spawn(k.serve) {
+		k.close()
+		return net.ErrClosed
+	}
+	context.AfterFunc(ctx, k.close)
+	if !k.s.flows.spawn(func() { k.runLater(ctx) }) {
+		return net.ErrClosed
+	}
+	return nil
+}
+
 // serve accepts the listener's connections and relays each to its host
 // socket, until the listener is closed.
 func (k *kernelTCP) serve() {
@@ -519,15 +534,11 @@ func (k *kernelTCP) serve() {
 			c.Close()
 			continue
 		}
-		if !k.s.flows.enter() {
+		if !k.s.flows.spawn(func() { k.relay(f, c) }) {
 			c.Close()
 			k.finish(f, ktcpAccepted)
 			return
 		}
-		go func() {
-			defer k.s.flows.leave()
-			k.relay(f, c)
-		}()
 	}
 }
 

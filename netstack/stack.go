@@ -150,22 +150,9 @@ func (s *Stack) start(vnetHdr int) error {
 			tl.divert = func(vh []byte, parts [][]byte, n int, scratch *frameScratch) bool {
 				return k.divert(vh, parts, n) || udp(vh, parts, n, scratch)
 			}
-			if !s.flows.enter() {
-				k.close()
-				return net.ErrClosed
+			if err := k.start(); err != nil {
+				return err
 			}
-			context.AfterFunc(s.ctx, k.close)
-			go func() {
-				defer s.flows.leave()
-				k.serve()
-			}()
-			if !s.flows.enter() {
-				return net.ErrClosed
-			}
-			go func() {
-				defer s.flows.leave()
-				k.runLater(s.ctx)
-			}()
 		}
 	}
 	var link stack.LinkEndpoint = ethernet.New(tl)
@@ -240,13 +227,9 @@ func (s *Stack) start(vnetHdr int) error {
 		return fmt.Errorf("enable NIC: %s", terr)
 	}
 	if s.cfg.IPv6 {
-		if !s.flows.enter() {
+		if !s.flows.spawn(s.advertiseRouter) {
 			return net.ErrClosed
 		}
-		go func() {
-			defer s.flows.leave()
-			s.advertiseRouter()
-		}()
 	}
 	s.log.Debug("netstack up", "mtu", s.cfg.MTU, "tap_offload", vnetHdr > 0, "gateway", s.cfg.Gateway, "dns", s.cfg.DNS,
 		"host_loopback", !s.cfg.DisableHostLoopback, "dns_upstreams", s.cfg.DNSUpstreams)
@@ -336,6 +319,19 @@ func (g *flowGroup) enter() bool {
 }
 
 func (g *flowGroup) leave() { g.wg.Done() }
+
+// spawn runs f on a goroutine of the group; it reports false, and f does
+// not run, once the group is closing.
+func (g *flowGroup) spawn(f func()) bool {
+	if !g.enter() {
+		return false
+	}
+	go func() {
+		defer g.leave()
+		f()
+	}()
+	return true
+}
 
 func (g *flowGroup) closeAndWait() {
 	g.mu.Lock()
