@@ -124,8 +124,7 @@ type kernelTCP struct {
 	byFake  sync.Map // netip.AddrPort -> *ktcpFlow
 	// handoffs (ktcpKey -> ktcpHandoff) wait for the stack's forwarder.
 	handoffs sync.Map
-	// connecting counts flows being dialed, bounded as the stack's
-	// forwarder bounds its own.
+	// connecting counts flows being dialed (ktcpMaxConnecting).
 	connecting atomic.Int32
 
 	mu   sync.Mutex
@@ -140,6 +139,11 @@ type quarantined struct {
 	addr  netip.AddrPort
 	until time.Time
 }
+
+// ktcpMaxConnecting is the kernel TCP path's share of maxInFlightSYNs: the
+// flows it dials at once. Past it, SYNs go to the stack's forwarder, which
+// has the rest.
+const ktcpMaxConnecting = maxInFlightSYNs / 2
 
 // ktcpPortTries bounds the search for a free fake port: past it (the
 // guest churns connections to one address faster than ports come out of
@@ -224,7 +228,7 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 	if _, err := k.s.hostTarget(dst); err != nil {
 		return false
 	}
-	if k.connecting.Add(1) > maxInFlightSYNs {
+	if k.connecting.Add(1) > ktcpMaxConnecting {
 		k.connecting.Add(-1)
 		return false
 	}

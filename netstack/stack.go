@@ -36,9 +36,11 @@ import (
 
 const nicID tcpip.NICID = 1
 
-// maxInFlightSYNs bounds connections the TCP forwarder is still dialing;
-// SYNs beyond it are dropped (the guest retries). gvisor-tap-vsock's 10 is
-// far too low for a build that opens many connections at once.
+// maxInFlightSYNs bounds connections still being dialed; SYNs beyond it
+// are dropped (the guest retries). gvisor-tap-vsock's 10 is far too low for
+// a build that opens many connections at once. With the kernel TCP path,
+// it and the stack's forwarder share the bound (ktcpMaxConnecting): each
+// holding all of it let a SYN flood run twice as many dials.
 const maxInFlightSYNs = 4096
 
 // Stack is a running userspace network attached to one TAP device.
@@ -211,7 +213,11 @@ func (s *Stack) start(vnetHdr int) error {
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
-	tcpFwd := tcp.NewForwarder(s.stack, 0, maxInFlightSYNs, s.handleTCP)
+	fwdInFlight := maxInFlightSYNs
+	if s.ktcp != nil {
+		fwdInFlight -= ktcpMaxConnecting
+	}
+	tcpFwd := tcp.NewForwarder(s.stack, 0, fwdInFlight, s.handleTCP)
 	s.stack.SetTransportProtocolHandler(tcp.ProtocolNumber, s.guardTransport(tcpFwd.HandlePacket))
 	s.ping = newPinger(s)
 	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber4, s.ping.handle)
