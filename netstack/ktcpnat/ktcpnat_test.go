@@ -1,0 +1,266 @@
+package ktcpnat
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/netns-run/netns-run/tap"
+)
+
+// inFreshNetns runs f on a thread in a new network namespace; the thread
+// is never returned to the scheduler, so the namespace dies with it.
+func inFreshNetns(t *testing.T, f func()) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create a network namespace and a TAP")
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			t.Errorf("unshare: %v", err)
+			return
+		}
+		f()
+	}()
+	<-done
+}
+
+// A connection to a remote address ends at a listener in the namespace
+// once the map has its two rewrites, with every byte intact both ways and
+// each side seeing the addresses the helper chose. Its SYN crosses the TAP
+// (the rule leaves SYNs alone), where the test does the helper's part:
+// rewrite it and write it back; the rest never reaches the TAP.
+func TestMapRewritesToListener(t *testing.T) {
+	inFreshNetns(t, func() {
+		guest := netip.MustParseAddr("10.0.2.100")
+		dev, err := tap.Create("tap0", tap.Options{})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer dev.Close()
+		for _, name := range []string{"lo", "tap0"} {
+			l, err := netlink.LinkByName(name)
+			if err == nil {
+				err = netlink.LinkSetUp(l)
+			}
+			if err == nil && name == "tap0" {
+				err = netlink.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: guest.AsSlice(), Mask: net.CIDRMask(24, 32)}})
+			}
+			if err == nil && name == "tap0" {
+				_, dst, _ := net.ParseCIDR("203.0.113.0/24")
+				err = netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK})
+			}
+			if err == nil && name == "tap0" {
+				// No ARP: the SYN comes at once.
+				err = netlink.NeighAdd(&netlink.Neigh{LinkIndex: l.Attrs().Index, Family: netlink.FAMILY_V4,
+					State: netlink.NUD_PERMANENT, IP: net.ParseIP("203.0.113.7"), HardwareAddr: remoteMAC})
+			}
+			if err != nil {
+				t.Errorf("set up %s: %v", name, err)
+				return
+			}
+		}
+		for _, broker := range []bool{false, true} {
+			sock, err := Install()
+			if err != nil {
+				t.Skipf("nftables unusable here: %v", err)
+			}
+			var m Table = NewMap(sock)
+			if broker {
+				if sock, err = ServeInBackground(sock); err == nil {
+					m, err = Open(sock)
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+			checkRewrites(t, guest, m, dev.Queues()[0], 41000+uint16(btoi(broker)))
+			m.Close()
+		}
+	})
+}
+
+// checkRewrites puts a flow's two rewrites into m and checks a connection
+// through them, and takes them out.
+func checkRewrites(t *testing.T, guest netip.Addr, m Table, tapQueue *os.File, clientPort uint16) {
+	t.Helper()
+	{
+		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: guest.AsSlice()})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer ln.Close()
+		lnAddr := netip.AddrPortFrom(guest, uint16(ln.Addr().(*net.TCPAddr).Port))
+		client := netip.AddrPortFrom(guest, clientPort)
+		remote := netip.MustParseAddrPort("203.0.113.7:80")
+		fake := netip.MustParseAddrPort("203.0.113.7:30000")
+		rw := []Rewrite{
+			{From: Tuple{client, remote}, To: Tuple{fake, lnAddr}},
+			{From: Tuple{lnAddr, fake}, To: Tuple{remote, client}},
+		}
+		if err := m.Add(rw...); err != nil {
+			t.Errorf("add: %v", err)
+			return
+		}
+		if err := m.Add(rw...); err == nil {
+			t.Error("adding the same rewrites twice: no error")
+		}
+		go forwardSYN(tapQueue, rw[0])
+		accepted := make(chan *net.TCPConn, 1)
+		go func() {
+			c, err := ln.AcceptTCP()
+			if err == nil {
+				accepted <- c
+			}
+			close(accepted)
+		}()
+		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(client), Timeout: 3 * time.Second}
+		cc, err := d.Dial("tcp4", remote.String())
+		if err != nil {
+			t.Errorf("dial through the map: %v", err)
+			return
+		}
+		c := cc.(*net.TCPConn)
+		defer c.Close()
+		s, ok := <-accepted
+		if !ok {
+			t.Error("the listener accepted nothing")
+			return
+		}
+		defer s.Close()
+		if got := s.RemoteAddr().(*net.TCPAddr).AddrPort(); got != fake {
+			t.Errorf("listener sees peer %v, want %v", got, fake)
+		}
+		if got := c.RemoteAddr().(*net.TCPAddr).AddrPort(); got != remote {
+			t.Errorf("client sees peer %v, want %v", got, remote)
+		}
+		payload := make([]byte, 4<<20)
+		for i := range payload {
+			payload[i] = byte(rand.Uint32())
+		}
+		want := sha256.Sum256(payload)
+		go func() {
+			c.Write(payload)
+			c.CloseWrite()
+		}()
+		deadline := time.Now().Add(10 * time.Second)
+		s.SetDeadline(deadline)
+		got, err := io.ReadAll(s)
+		if err != nil || sha256.Sum256(got) != want {
+			t.Errorf("guest -> listener: %d of %d bytes, err %v, intact %v", len(got), len(payload), err, sha256.Sum256(got) == want)
+		}
+		go func() {
+			s.Write(payload[:1<<20])
+			s.CloseWrite()
+		}()
+		c.SetDeadline(deadline)
+		back, err := io.ReadAll(c)
+		if err != nil || !bytes.Equal(back, payload[:1<<20]) {
+			t.Errorf("listener -> guest: %d of %d bytes, err %v", len(back), 1<<20, err)
+		}
+		if err := m.Remove(rw...); err != nil {
+			t.Errorf("remove: %v", err)
+		}
+		if err := m.Remove(rw...); err != nil {
+			t.Errorf("removing what is gone: %v", err)
+		}
+		v6 := Rewrite{From: Tuple{netip.MustParseAddrPort("[fd00::100]:1"), netip.MustParseAddrPort("[2001:db8::1]:2")}, To: rw[0].To}
+		if err := m.Add(v6); err != ErrUnsupported {
+			t.Errorf("an IPv6 rewrite: %v, want ErrUnsupported", err)
+		}
+	}
+}
+
+// A broker takes well-formed requests only (the sandbox it serves may be
+// hostile): whatever comes, no panic, and what parses encodes back the same.
+func FuzzParseRequest(f *testing.F) {
+	r := Rewrite{From: Tuple{netip.MustParseAddrPort("10.0.2.100:41000"), netip.MustParseAddrPort("203.0.113.7:80")},
+		To: Tuple{netip.MustParseAddrPort("203.0.113.7:30000"), netip.MustParseAddrPort("10.0.2.100:5000")}}
+	add := appendTuple(appendTuple([]byte{opAdd, 1}, r.From), r.To)
+	f.Add(add)
+	f.Add(appendTuple([]byte{opRemove, 1}, r.From))
+	f.Add([]byte{opAdd, 3})
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		op, rw, err := parseRequest(b)
+		if err != nil {
+			return
+		}
+		out := []byte{op, byte(len(rw))}
+		for _, r := range rw {
+			out = appendTuple(out, r.From)
+			if op == opAdd {
+				out = appendTuple(out, r.To)
+			}
+		}
+		if !bytes.Equal(out, b) {
+			t.Errorf("parsed %x as %v, which encodes as %x", b, rw, out)
+		}
+	})
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+var remoteMAC = net.HardwareAddr{0x02, 0, 0, 0, 0, 7}
+
+// forwardSYN does the helper's part for one connection: it reads frames from
+// the TAP until the SYN of rw, and writes it back rewritten, as from rw's
+// fake peer to the listener.
+func forwardSYN(q *os.File, rw Rewrite) {
+	buf := make([]byte, 65536)
+	for {
+		n, err := q.Read(buf)
+		if err != nil {
+			return
+		}
+		f := buf[:n]
+		if len(f) < header.EthernetMinimumSize+header.IPv4MinimumSize+header.TCPMinimumSize ||
+			header.Ethernet(f).Type() != header.IPv4ProtocolNumber {
+			continue
+		}
+		ip := header.IPv4(f[header.EthernetMinimumSize:])
+		tcp := header.TCP(ip[ip.HeaderLength():])
+		if ip.Protocol() != uint8(header.TCPProtocolNumber) || tcp.Flags() != header.TCPFlagSyn ||
+			tcp.SourcePort() != rw.From.Src.Port() || tcp.DestinationPort() != rw.From.Dst.Port() {
+			continue
+		}
+		src, dst := tcpip.AddrFrom4(rw.To.Src.Addr().As4()), tcpip.AddrFrom4(rw.To.Dst.Addr().As4())
+		copy(f[0:6], f[6:12])
+		copy(f[6:12], remoteMAC)
+		ip.SetSourceAddress(src)
+		ip.SetDestinationAddress(dst)
+		ip.SetChecksum(0)
+		ip.SetChecksum(^ip.CalculateChecksum())
+		tcp.SetSourcePort(rw.To.Src.Port())
+		tcp.SetDestinationPort(rw.To.Dst.Port())
+		tcp.SetChecksum(0)
+		sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, src, dst, uint16(len(tcp)))
+		tcp.SetChecksum(^tcp.CalculateChecksum(checksum.Checksum(tcp.Payload(), sum)))
+		_, _ = q.Write(f)
+		return
+	}
+}
