@@ -17,6 +17,7 @@ import (
 
 	"github.com/netns-run/netns-run/launcher/nsenter"
 	"github.com/netns-run/netns-run/launcher/safefs"
+	"github.com/netns-run/netns-run/netstack/ktcpnat"
 	"github.com/netns-run/netns-run/tap"
 )
 
@@ -28,7 +29,7 @@ const childFD = 3
 // Binaries that use Run must check it first thing in main and call RunChild.
 func IsChild() bool {
 	v := os.Getenv(childEnv)
-	return v == "1" || v == joinEnvValue || v == initEnvValue || v == removerEnvValue
+	return v == "1" || v == joinEnvValue || v == initEnvValue || v == removerEnvValue || v == natBrokerEnvValue
 }
 
 // initEnvValue of childEnv marks the namespace child re-executed as the
@@ -46,6 +47,8 @@ func RunChild() {
 		os.Exit(runInit(os.Args[1:]))
 	case removerEnvValue:
 		os.Exit(runRemover())
+	case natBrokerEnvValue:
+		os.Exit(runNATBroker())
 	}
 	if os.Getenv(waitMapsEnv) == "1" {
 		awaitIDMaps()
@@ -148,6 +151,11 @@ func setUpChild(ch channel) (*childConfig, error) {
 		ready.Listener = true
 		files = append(files[:len(files):len(files)], ln)
 		defer ln.Close()
+		if nat := tcpNAT(cfg); nat != nil {
+			ready.NAT = true
+			files = append(files, nat)
+			defer nat.Close()
+		}
 	}
 	err = ch.send(message{Kind: kindTap, Tap: &ready}, files...)
 	// The parent has its own copies now; ours must not leak into the command.
@@ -200,6 +208,21 @@ func tcpListener(cfg *childConfig) *os.File {
 	}
 	defer ln.Close()
 	f, err := ln.File()
+	if err != nil {
+		return nil
+	}
+	return f
+}
+
+// tcpNAT sets up the in-kernel translation of the kernel TCP path (package
+// ktcpnat) and returns its netlink socket, or nil: without it the helper
+// translates each segment itself, so a failure (no nf_tables in this
+// kernel, or it refuses this namespace) is no reason to fail the namespace.
+func tcpNAT(cfg *childConfig) *os.File {
+	if !cfg.Guest.Address.Addr().Is4() {
+		return nil
+	}
+	f, err := ktcpnat.Install()
 	if err != nil {
 		return nil
 	}

@@ -84,8 +84,10 @@ type tapReady struct {
 	MAC    string `json:"mac"`
 	Queues int    `json:"queues"`
 	// Listener: a TCP listener (GuestConfig.TCPListener) follows the
-	// queues.
+	// queues; NAT: then the netlink socket of its in-kernel translation
+	// (package ktcpnat).
 	Listener bool `json:"listener,omitempty"`
+	NAT      bool `json:"nat,omitempty"`
 }
 
 // childFailure reports why the child could not set up the namespace.

@@ -120,7 +120,7 @@ func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (*G
 		return nil, fmt.Errorf("start tap helper: %w", err)
 	}
 	defer conn.Close()
-	dev, mac, ln, err := tapHandshake(channel{conn: conn}, childConfig{Guest: g, Configure: configure})
+	dev, mac, tcp, err := tapHandshake(channel{conn: conn}, childConfig{Guest: g, Configure: configure})
 	werr := cmd.Wait()
 	if err != nil {
 		if werr != nil && !errors.Is(err, errPeerGone) {
@@ -128,7 +128,7 @@ func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (*G
 		}
 		return nil, errors.Join(err, werr)
 	}
-	return &GuestLink{Tap: dev, MAC: mac, TCPListener: ln}, nil
+	return &GuestLink{Tap: dev, MAC: mac, TCPListener: tcp.listener, TCPNAT: tcp.nat}, nil
 }
 
 // GuestLink is what OpenTapIn set up in the target.
@@ -136,8 +136,9 @@ type GuestLink struct {
 	Tap tap.Device
 	MAC net.HardwareAddr
 	// TCPListener: see GuestConfig.TCPListener; nil if not asked for or
-	// not opened. The caller owns it.
+	// not opened. TCPNAT: see Namespace.TCPNAT. The caller owns them.
 	TCPListener *os.File
+	TCPNAT      *os.File
 }
 
 // startHelperIn re-executes our binary as a launcher child that joins t
@@ -206,16 +207,17 @@ func passNamespaces(cmd *exec.Cmd, nss []nsFile) (func(), error) {
 	return closeAll, nil
 }
 
-func tapHandshake(ch channel, cfg childConfig) (*tap.TapDevice, net.HardwareAddr, *os.File, error) {
+func tapHandshake(ch channel, cfg childConfig) (*tap.TapDevice, net.HardwareAddr, kernelTCPFiles, error) {
+	var none kernelTCPFiles
 	if err := ch.conn.SetDeadline(time.Now().Add(handshakeTimeout)); err != nil {
-		return nil, nil, nil, fmt.Errorf("handshake: %w", err)
+		return nil, nil, none, fmt.Errorf("handshake: %w", err)
 	}
 	if err := ch.send(message{Kind: kindConfig, Config: &cfg}); err != nil {
-		return nil, nil, nil, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
+		return nil, nil, none, fmt.Errorf("handshake: %w: %w", errPeerGone, err)
 	}
 	m, files, err := ch.recv(kindTap)
 	if err != nil {
-		return nil, nil, nil, handshakeError(err)
+		return nil, nil, none, handshakeError(err)
 	}
 	return tapFromMessage(m.Tap, files)
 }

@@ -93,6 +93,10 @@ type Namespace struct {
 	// if not asked, or if it could not be opened), owned by the network
 	// from now on.
 	TCPListener *os.File
+	// TCPNAT, with TCPListener, is the netlink socket of the listener's
+	// in-kernel address translation (netstack.Config.KernelTCPNAT; nil
+	// where nftables is unusable), owned by the network from now on.
+	TCPNAT *os.File
 }
 
 // Target names the namespace's user and network namespaces, for helpers
@@ -247,16 +251,14 @@ var errPeerGone = errors.New("namespace child went away")
 // setUp runs the parent's half of the handshake and starts the network.
 func setUp(ctx context.Context, ch channel, opts Options, pid int) (Network, error) {
 	cfg := childConfig{Guest: opts.Guest, Configure: true, Exec: true, Args: opts.Args, PID: opts.PID, Hostname: opts.Hostname, CopyUp: opts.CopyUp}
-	dev, mac, ln, err := tapHandshake(ch, cfg)
+	dev, mac, tcp, err := tapHandshake(ch, cfg)
 	if err != nil {
 		return nil, err
 	}
-	network, err := opts.Network(ctx, Namespace{PID: pid, Tap: dev, MAC: mac, TCPListener: ln})
+	network, err := opts.Network(ctx, Namespace{PID: pid, Tap: dev, MAC: mac, TCPListener: tcp.listener, TCPNAT: tcp.nat})
 	if err != nil {
 		dev.Close()
-		if ln != nil {
-			ln.Close()
-		}
+		tcp.close()
 		return nil, fmt.Errorf("start network: %w", err)
 	}
 	if err := ch.send(message{Kind: kindProceed}); err != nil {
@@ -276,29 +278,45 @@ func handshakeError(err error) error {
 	return fmt.Errorf("handshake: %w: %w", errPeerGone, err)
 }
 
-// tapFromMessage takes the TAP queues, and the TCP listener after them if
-// the child announced one.
-func tapFromMessage(t *tapReady, files []*os.File) (*tap.TapDevice, net.HardwareAddr, *os.File, error) {
-	if t == nil || t.Queues < 1 || len(files) != t.Queues+btoi(t.Listener) {
+// kernelTCPFiles are the kernel TCP path's descriptors from the child;
+// either may be nil.
+type kernelTCPFiles struct {
+	listener, nat *os.File
+}
+
+func (k kernelTCPFiles) close() {
+	for _, f := range []*os.File{k.listener, k.nat} {
+		if f != nil {
+			f.Close()
+		}
+	}
+}
+
+// tapFromMessage takes the TAP queues, and the kernel TCP path's
+// descriptors after them if the child announced them.
+func tapFromMessage(t *tapReady, files []*os.File) (*tap.TapDevice, net.HardwareAddr, kernelTCPFiles, error) {
+	var tcp kernelTCPFiles
+	if t == nil || t.Queues < 1 || (t.NAT && !t.Listener) || len(files) != t.Queues+btoi(t.Listener)+btoi(t.NAT) {
 		for _, f := range files {
 			f.Close()
 		}
-		return nil, nil, nil, fmt.Errorf("handshake: child sent %d descriptors, announced %v", len(files), t)
+		return nil, nil, tcp, fmt.Errorf("handshake: child sent %d descriptors, announced %v", len(files), t)
 	}
-	var ln *os.File
 	if t.Listener {
-		ln, files = files[t.Queues], files[:t.Queues]
+		tcp.listener = files[t.Queues]
 	}
+	if t.NAT {
+		tcp.nat = files[t.Queues+1]
+	}
+	files = files[:t.Queues]
 	dev := tap.FromFiles(t.Name, files)
 	mac, err := net.ParseMAC(t.MAC)
 	if err != nil {
 		dev.Close()
-		if ln != nil {
-			ln.Close()
-		}
-		return nil, nil, nil, fmt.Errorf("handshake: guest MAC %q: %w", t.MAC, err)
+		tcp.close()
+		return nil, nil, kernelTCPFiles{}, fmt.Errorf("handshake: guest MAC %q: %w", t.MAC, err)
 	}
-	return dev, mac, ln, nil
+	return dev, mac, tcp, nil
 }
 
 func btoi(b bool) int {

@@ -59,6 +59,11 @@ type Config struct {
 	// ktcp.go). New closes it (the stack
 	// keeps a duplicate).
 	KernelTCP *os.File `json:"-"`
+	// KernelTCPNAT, with KernelTCP, is the netlink socket
+	// ktcpnat.Install returned inside the guest's namespace: the
+	// translation of IPv4 flows then runs in the guest's kernel. New
+	// closes it (the stack keeps a duplicate).
+	KernelTCPNAT *os.File `json:"-"`
 	// Logger receives debug detail and one line per problem. Nil: quiet.
 	Logger *slog.Logger `json:"-"`
 	// Egress is the egress policy (none: everything is allowed).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -11,12 +12,14 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/netns-run/netns-run/netstack/egress"
+	"github.com/netns-run/netns-run/netstack/ktcpnat"
 )
 
 // The kernel TCP path terminates the guest's outbound TCP connections in
@@ -107,6 +110,12 @@ type ktcpFlow struct {
 	handoff ktcpHandoff
 	// release ends the egress policy's hold on the flow's pins.
 	release func()
+	// out and back: the guest's kernel translates the flow's segments
+	// from the guest, and those from the listener (k.nat).
+	out, back bool
+	// viaTAP: a segment of the guest's side of the open flow crossed the
+	// TAP (see translateInKernel).
+	viaTAP atomic.Bool
 }
 
 // kernelTCP is the table of translated flows and the listener they end at.
@@ -114,6 +123,11 @@ type kernelTCP struct {
 	s    *Stack
 	link *tapLink
 	ln   *net.TCPListener
+	// nat, if set, moves IPv4 flows' translation into the guest's
+	// kernel once their host side is connected (package ktcpnat);
+	// natOff: it failed in a way that will not pass.
+	nat    ktcpnat.Table
+	natOff atomic.Bool
 	// listener is the listener's address: the guest's IPv4 address, or
 	// the unspecified address (all of the guest's, IPv4 and IPv6).
 	listener netip.AddrPort
@@ -126,6 +140,8 @@ type kernelTCP struct {
 	handoffs sync.Map
 	// connecting counts flows being dialed (ktcpMaxConnecting).
 	connecting atomic.Int32
+	// counters: the frames the path took from the TAP and wrote to it.
+	counters linkCounters
 
 	mu   sync.Mutex
 	next uint16
@@ -150,7 +166,7 @@ const ktcpMaxConnecting = maxInFlightSYNs / 2
 // quarantine) new flows go through the stack.
 const ktcpPortTries = 1024
 
-func newKernelTCP(s *Stack, link *tapLink, lnFile *os.File) (*kernelTCP, error) {
+func newKernelTCP(s *Stack, link *tapLink, lnFile, natFile *os.File) (*kernelTCP, error) {
 	l, err := net.FileListener(lnFile)
 	if err != nil {
 		return nil, err
@@ -166,13 +182,122 @@ func newKernelTCP(s *Stack, link *tapLink, lnFile *os.File) (*kernelTCP, error) 
 		ln.Close()
 		return nil, errors.New("kernel TCP path: the listener must be bound to the guest's IPv4 address or to all (dual-stack)")
 	}
-	return &kernelTCP{s: s, link: link, ln: ln, listener: addr, vnetHdr: link.vnetHdr,
-		next: 20000, quarantine: make(map[netip.AddrPort]time.Time)}, nil
+	k := &kernelTCP{s: s, link: link, ln: ln, listener: addr, vnetHdr: link.vnetHdr,
+		next: 20000, quarantine: make(map[netip.AddrPort]time.Time)}
+	if natFile != nil {
+		// The caller closes natFile; the map keeps a duplicate.
+		fd, err := unix.FcntlInt(natFile.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("kernel TCP path: netlink socket: %w", err)
+		}
+		if k.nat, err = ktcpnat.Open(os.NewFile(uintptr(fd), "nftables")); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("kernel TCP path: %w", err)
+		}
+	}
+	return k, nil
+}
+
+// translateInKernel hands the guest's side of f's translation to the
+// guest's kernel, if it can take it, before the SYN goes on to the
+// listener. The listener's side follows at the accept (translateBack).
+//
+// The kernel's rule sees only segments its own sockets send: the guest's
+// side of a connection that the namespace forwards (a container behind it,
+// masqueraded) keeps crossing the TAP, and the listener's answers to such a
+// connection must too, so that they come back in through the TAP, where
+// the namespace's conntrack undoes the masquerade. A flow whose handshake
+// ended without a segment of the guest's on the TAP is the namespace's
+// own.
+func (k *kernelTCP) translateInKernel(f *ktcpFlow) {
+	if k.nat == nil || k.natOff.Load() || !f.key.guest.Addr().Is4() {
+		return
+	}
+	out := ktcpnat.Rewrite{From: f.outTuple(), To: ktcpnat.Tuple{Src: f.fake, Dst: f.listener}}
+	err := k.nat.Add(out)
+	if errors.Is(err, unix.EEXIST) {
+		// The guest reused the addresses of a connection whose
+		// translation lingers (translateHere): ours now.
+		if err = k.nat.Remove(out); err == nil {
+			err = k.nat.Add(out)
+		}
+	}
+	if err != nil {
+		k.natFailed(f, err)
+		return
+	}
+	f.out = true
+}
+
+// natFailed leaves f on the TAP. A full map frees up as flows end;
+// anything else (the guest deleted the table, the kernel refuses us)
+// lasts, and no flow tries again.
+func (k *kernelTCP) natFailed(f *ktcpFlow, err error) {
+	if !errors.Is(err, unix.ENFILE) && k.natOff.CompareAndSwap(false, true) {
+		k.s.log.Debug("tcp: the guest's kernel does not translate flows; the helper does", "err", err)
+		return
+	}
+	k.s.log.Debug("tcp: the guest's kernel does not translate the flow; the helper does", "src", f.key.guest, "dst", f.key.remote, "err", err)
+}
+
+// translateBack hands the listener's side of an accepted flow to the
+// guest's kernel, if its guest side is there and local (translateInKernel).
+func (k *kernelTCP) translateBack(f *ktcpFlow) {
+	if !f.out || f.viaTAP.Load() {
+		return
+	}
+	if err := k.nat.Add(ktcpnat.Rewrite{From: f.backTuple(), To: ktcpnat.Tuple{Src: f.key.remote, Dst: f.key.guest}}); err != nil {
+		k.natFailed(f, err)
+		return
+	}
+	f.back = true
+}
+
+func (f *ktcpFlow) outTuple() ktcpnat.Tuple {
+	return ktcpnat.Tuple{Src: f.key.guest, Dst: f.key.remote}
+}
+func (f *ktcpFlow) backTuple() ktcpnat.Tuple { return ktcpnat.Tuple{Src: f.listener, Dst: f.fake} }
+
+// translateHere takes f's translation back from the guest's kernel, when
+// the flow is handed to the stack or its linger ended (the last segments of
+// a close still go the kernel's way: the TAP may be congested, and an
+// orphaned socket whose ACKs are late gets reset). The guest's side stays
+// if a new flow on the same addresses took it over (translateInKernel):
+// the rule leaves SYNs alone, so a new connection always reaches divert.
+func (k *kernelTCP) translateHere(f *ktcpFlow) {
+	var rw []ktcpnat.Rewrite
+	if f.out {
+		if v, _ := k.byGuest.Load(f.key); v == f {
+			rw = append(rw, ktcpnat.Rewrite{From: f.outTuple()})
+		}
+		f.out = false
+	}
+	if f.back {
+		rw = append(rw, ktcpnat.Rewrite{From: f.backTuple()})
+		f.back = false
+	}
+	if len(rw) == 0 {
+		return
+	}
+	err := k.nat.Remove(rw...)
+	if err != nil && !errors.Is(err, os.ErrClosed) {
+		k.s.log.Debug("tcp: removing a flow's translation from the guest's kernel", "src", f.key.guest, "dst", f.key.remote, "err", err)
+	}
 }
 
 // divert takes the guest's TCP segments of translated flows, and the first
 // SYN of new ones, and reports whether it took the frame.
 func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
+	if !k.take(vh, parts, n) {
+		return false
+	}
+	k.counters.rxPackets.Add(1)
+	k.counters.rxBytes.Add(uint64(n))
+	return true
+}
+
+func (k *kernelTCP) take(vh []byte, parts [][]byte, n int) bool {
 	first := parts[0]
 	l3, t, src, dst, ok := parseSegment(first)
 	if !ok {
@@ -211,6 +336,11 @@ func (k *kernelTCP) divert(vh []byte, parts [][]byte, n int) bool {
 			}
 			fallthrough
 		default:
+			if !syn {
+				// (A resent SYN crosses the TAP anyway: see
+				// ktcpnat's rule.)
+				f.viaTAP.Store(true)
+			}
 			k.rewrite(vh, first, l3, t, f.fake, f.listener)
 			k.write(vh, parts)
 			if t.Flags()&header.TCPFlagRst != 0 {
@@ -339,6 +469,8 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 		return
 	}
 	f.host = host
+	// Before the flow is open: from then on finish may run (close).
+	k.translateInKernel(f)
 	f.state.Store(int32(ktcpOpen))
 	if s.ctx.Err() != nil {
 		// The stack closed while this dialed: close() did not see it.
@@ -359,6 +491,8 @@ func (k *kernelTCP) giveUp(f *ktcpFlow) {
 		return
 	}
 	k.s.log.Debug("tcp: the kernel path's listener did not answer; the stack takes the flow", "src", f.key.guest, "dst", f.key.remote)
+	// The guest's next SYN must reach the TAP, and the stack.
+	k.translateHere(f)
 	k.s.counters.tcpOpen.Add(-1)
 	f.release()
 	f.release = nil
@@ -492,7 +626,15 @@ func (k *kernelTCP) listenerFor(a netip.Addr) (netip.AddrPort, bool) {
 // write puts a rewritten frame on the first queue (a TAP takes a frame on
 // any queue). parts hold exactly the frame: the reader's filled buffers.
 func (k *kernelTCP) write(vh []byte, parts [][]byte) {
-	_ = k.link.write(k.link.fds[0], vh, parts)
+	if k.link.write(k.link.fds[0], vh, parts) != 0 {
+		return
+	}
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	k.counters.txPackets.Add(1)
+	k.counters.txBytes.Add(uint64(n))
 }
 
 // start serves the listener and the flows' deferred work until the stack
@@ -538,6 +680,10 @@ func (k *kernelTCP) serve() {
 			c.Close()
 			continue
 		}
+		// A flow the guest's kernel translates showed no answer on
+		// the TAP; the accept is one.
+		f.answer.CompareAndSwap(ktcpUnanswered, ktcpAnswered)
+		k.translateBack(f)
 		if !k.s.flows.spawn(func() { k.relay(f, c) }) {
 			c.Close()
 			k.finish(f, ktcpAccepted)
@@ -552,6 +698,9 @@ func (k *kernelTCP) relay(f *ktcpFlow, guest *net.TCPConn) {
 	start := time.Now()
 	s.counters.tcpTotal.Add(1)
 	s.counters.tcpKernelTotal.Add(1)
+	if f.back {
+		s.counters.tcpKernelNATTotal.Add(1)
+	}
 	stop := context.AfterFunc(s.ctx, func() { guest.Close(); host.Close() })
 	up, down := relaySockets(guest, host)
 	stop()
@@ -585,6 +734,11 @@ func (k *kernelTCP) finish(f *ktcpFlow, from ktcpState) {
 // close stops the listener and the host sockets of flows not yet relayed.
 func (k *kernelTCP) close() {
 	k.ln.Close()
+	if k.nat != nil {
+		// The flows' deferred work may still remove entries: it
+		// finds the map closed. The table ends with the namespace.
+		k.nat.Close()
+	}
 	k.byGuest.Range(func(_, v any) bool {
 		k.finish(v.(*ktcpFlow), ktcpOpen)
 		return true

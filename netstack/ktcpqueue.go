@@ -39,6 +39,7 @@ func (k *kernelTCP) run(kind int, f *ktcpFlow) {
 	case laterReap:
 		k.finish(f, ktcpOpen)
 	case laterUnmap:
+		k.translateHere(f)
 		k.byGuest.CompareAndDelete(f.key, f)
 		k.hold(f.fake)
 		k.byFake.CompareAndDelete(f.fake, f)

@@ -89,6 +89,9 @@ func newStack(ctx context.Context, cfg Config, dev tap.Device, vnetHdr int) (*St
 		// The kernel TCP path, if it starts, listens on a duplicate.
 		defer cfg.KernelTCP.Close()
 	}
+	if cfg.KernelTCPNAT != nil {
+		defer cfg.KernelTCPNAT.Close() // likewise
+	}
 	if err := cfg.validate(); err != nil {
 		dev.Close()
 		return nil, fmt.Errorf("netstack config: %w", err)
@@ -143,7 +146,7 @@ func (s *Stack) start(vnetHdr int) error {
 		s.udpFast = newUDPFastPath(tl)
 		tl.divert = s.udpFast.divert
 		if s.cfg.KernelTCP != nil {
-			k, err := newKernelTCP(s, tl, s.cfg.KernelTCP)
+			k, err := newKernelTCP(s, tl, s.cfg.KernelTCP, s.cfg.KernelTCPNAT)
 			if err != nil {
 				return err
 			}

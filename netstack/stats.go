@@ -16,6 +16,7 @@ type counters struct {
 	tcpOpen, udpOpen, icmpOpen    atomic.Int64
 	tcpTotal, udpTotal, icmpTotal atomic.Uint64
 	tcpKernelTotal                atomic.Uint64
+	tcpKernelNATTotal             atomic.Uint64
 	bytesFromGuest, bytesToGuest  atomic.Uint64
 
 	dropBlocked         atomic.Uint64
@@ -42,6 +43,10 @@ type Stats struct {
 		// TCPKernelTotal counts the TCP flows (of TCPTotal) that ended
 		// in the guest's own kernel (the kernel TCP path).
 		TCPKernelTotal uint64 `json:"tcp_kernel_total"`
+		// TCPKernelNATTotal counts those (of TCPKernelTotal) whose
+		// addresses the guest's kernel translated (package ktcpnat):
+		// their segments never crossed the TAP.
+		TCPKernelNATTotal uint64 `json:"tcp_kernel_nat_total"`
 		// DNSPending counts queries waiting for an upstream.
 		DNSPending int64 `json:"dns_pending"`
 	} `json:"flows"`
@@ -89,6 +94,7 @@ func (s *Stack) Stats() Stats {
 	st.Flows.TCPOpen, st.Flows.UDPOpen, st.Flows.ICMPOpen = c.tcpOpen.Load(), c.udpOpen.Load(), c.icmpOpen.Load()
 	st.Flows.TCPTotal, st.Flows.UDPTotal, st.Flows.ICMPTotal = c.tcpTotal.Load(), c.udpTotal.Load(), c.icmpTotal.Load()
 	st.Flows.TCPKernelTotal = c.tcpKernelTotal.Load()
+	st.Flows.TCPKernelNATTotal = c.tcpKernelNATTotal.Load()
 	st.Bytes.FromGuest, st.Bytes.ToGuest = c.bytesFromGuest.Load(), c.bytesToGuest.Load()
 	st.Drops.BlockedLoopback = c.dropBlocked.Load()
 	st.Drops.ICMPUnavailable = c.dropICMPUnavailable.Load()
@@ -115,6 +121,12 @@ func (s *Stack) Stats() Stats {
 		st.Link.RxBytes += f.counters.rxBytes.Load()
 		st.Link.TxPackets += f.counters.txPackets.Load()
 		st.Link.TxBytes += f.counters.txBytes.Load()
+	}
+	if k := s.ktcp; k != nil {
+		st.Link.RxPackets += k.counters.rxPackets.Load()
+		st.Link.RxBytes += k.counters.rxBytes.Load()
+		st.Link.TxPackets += k.counters.txPackets.Load()
+		st.Link.TxBytes += k.counters.txBytes.Load()
 	}
 	return st
 }

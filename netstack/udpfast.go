@@ -50,7 +50,7 @@ type udpFastPath struct {
 	flows sync.Map
 	// ipID numbers the IPv4 packets built here.
 	ipID     atomic.Uint32
-	counters fastCounters
+	counters linkCounters
 }
 
 func newUDPFastPath(link *tapLink) *udpFastPath {
@@ -339,9 +339,9 @@ func (f *udpFlow) buildHeader(buf, payload []byte, vh []byte) []byte {
 	return buf[:end]
 }
 
-// Frames the fast path moved, for the link statistics (the stack's own
-// NIC counters never see them).
-type fastCounters struct {
+// linkCounters count frames a fast path (UDP, the kernel TCP path) moved,
+// for the link statistics: the stack's own NIC counters never see them.
+type linkCounters struct {
 	rxPackets, rxBytes, txPackets, txBytes atomic.Uint64
 }
 

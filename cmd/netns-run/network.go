@@ -13,6 +13,7 @@ import (
 	"github.com/netns-run/netns-run/launcher"
 	"github.com/netns-run/netns-run/netstack"
 	"github.com/netns-run/netns-run/netstack/engine"
+	"github.com/netns-run/netns-run/netstack/ktcpnat"
 	"github.com/netns-run/netns-run/portfwd"
 )
 
@@ -60,14 +61,23 @@ func (l localEngine) Failed() <-chan error { return nil }
 // started earlier, or (nil: --no-sandbox) in this process.
 func startEngine(ctx context.Context, ns launcher.Namespace, netCfg netstack.Config, eng *engine.Client) (packetEngine, error) {
 	if eng == nil {
-		netCfg.KernelTCP = ns.TCPListener
+		netCfg.KernelTCP, netCfg.KernelTCPNAT = ns.TCPListener, ns.TCPNAT
 		s, err := netstack.New(ctx, netCfg, ns.Tap)
 		if err != nil {
 			return nil, err
 		}
 		return localEngine{s}, nil
 	}
-	if err := eng.Attach(ns.Tap, ns.TCPListener); err != nil {
+	// The engine's sandbox may not change the guest's nftables: this
+	// process does it for the engine.
+	nat := ns.TCPNAT
+	if nat != nil {
+		var err error
+		if nat, err = ktcpnat.ServeInBackground(nat); err != nil {
+			nat = nil
+		}
+	}
+	if err := eng.Attach(ns.Tap, ns.TCPListener, nat); err != nil {
 		return nil, err
 	}
 	return eng, nil

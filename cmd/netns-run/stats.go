@@ -126,7 +126,8 @@ func printStats(w io.Writer, in netstack.Info, st netstack.Stats, ports []json.R
 	fmt.Fprintf(w, "\nhost        loopback %s, dns forwarder %s, ping %s\n", onOff(in.HostLoopback), onOff(in.DNSForwarder), in.ICMPEcho4)
 	f := st.Flows
 	fmt.Fprintf(w, "flows open  tcp %d, udp %d, icmp %d\n", f.TCPOpen, f.UDPOpen, f.ICMPOpen)
-	fmt.Fprintf(w, "flows total tcp %d, udp %d, icmp %d; tcp ended in the namespace's kernel %d\n", f.TCPTotal, f.UDPTotal, f.ICMPTotal, f.TCPKernelTotal)
+	fmt.Fprintf(w, "flows total tcp %d, udp %d, icmp %d; tcp ended in the namespace's kernel %d (translated there %d)\n",
+		f.TCPTotal, f.UDPTotal, f.ICMPTotal, f.TCPKernelTotal, f.TCPKernelNATTotal)
 	fmt.Fprintf(w, "bytes       %s from guest, %s to guest\n", size(st.Bytes.FromGuest), size(st.Bytes.ToGuest))
 	fmt.Fprintf(w, "link        rx %d frames (%s), tx %d frames (%s)\n", st.Link.RxPackets, size(st.Link.RxBytes), st.Link.TxPackets, size(st.Link.TxBytes))
 	d := st.Drops

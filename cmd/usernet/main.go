@@ -110,8 +110,10 @@ type sandboxState struct {
 	Egress        egress.Config `json:"egress"`
 	EgressRulesFD int           `json:"egress_rules_fd"`
 	EgressLogFD   int           `json:"egress_log_fd"`
-	// TCPListenerFD is the kernel TCP path's listener (-1: none).
+	// TCPListenerFD is the kernel TCP path's listener, TCPNATFD its
+	// netlink socket (-1: none).
 	TCPListenerFD int `json:"tcp_listener_fd"`
+	TCPNATFD      int `json:"tcp_nat_fd"`
 }
 
 // helper is everything the long-running part needs.
@@ -121,8 +123,10 @@ type helper struct {
 	guest  netip.Addr
 	dev    tap.Device
 	// tcpListener is the kernel TCP path's listener in the guest's
-	// namespace (nil: the stack serves TCP); the stack takes it.
+	// namespace (nil: the stack serves TCP), tcpNAT its netlink socket
+	// (nil: no in-kernel translation); the stack takes them.
 	tcpListener *os.File
+	tcpNAT      *os.File
 	// ns holds the target's namespace files from setUp until the TAP is
 	// open, and the user namespace on to the re-exec into the sandbox.
 	ns   *launcher.OpenTarget
@@ -282,7 +286,7 @@ func (h *helper) openTap(ctx context.Context, target launcher.Target) error {
 	if err != nil {
 		return err
 	}
-	h.dev, h.tcpListener = link.Tap, link.TCPListener
+	h.dev, h.tcpListener, h.tcpNAT = link.Tap, link.TCPListener, link.TCPNAT
 	return nil
 }
 
@@ -290,7 +294,7 @@ func (h *helper) openTap(ctx context.Context, target launcher.Target) error {
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
 	st := sandboxState{TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS,
-		Egress: h.netCfg.Egress, EgressRulesFD: -1, EgressLogFD: -1, TCPListenerFD: -1}
+		Egress: h.netCfg.Egress, EgressRulesFD: -1, EgressLogFD: -1, TCPListenerFD: -1, TCPNATFD: -1}
 	keep := append([]*os.File(nil), h.dev.Queues()...)
 	for _, q := range keep {
 		st.TapFDs = append(st.TapFDs, int(q.Fd()))
@@ -306,6 +310,16 @@ func (h *helper) enterSandbox() error {
 	if h.tcpListener != nil {
 		st.TCPListenerFD = int(h.tcpListener.Fd())
 		keep = append(keep, h.tcpListener)
+	}
+	if h.tcpNAT != nil {
+		// The sandbox may not change the guest's nftables: a broker
+		// outside does it for the sandbox.
+		conn, err := launcher.StartNATBroker(h.tcpNAT)
+		h.tcpNAT = nil
+		if err == nil {
+			st.TCPNATFD = int(conn.Fd())
+			keep = append(keep, conn)
+		}
 	}
 	if h.pcap != nil {
 		st.PcapFD = int(h.pcap.Fd())
@@ -351,6 +365,9 @@ func (h *helper) adopt(st sandboxState) error {
 	if st.TCPListenerFD >= 0 {
 		h.tcpListener = os.NewFile(uintptr(st.TCPListenerFD), "tcp-listener")
 	}
+	if st.TCPNATFD >= 0 {
+		h.tcpNAT = os.NewFile(uintptr(st.TCPNATFD), "tcp-nat")
+	}
 	h.netCfg.Egress = st.Egress
 	if st.EgressRulesFD >= 0 {
 		rules, err := egress.ReadRulesFile(os.NewFile(uintptr(st.EgressRulesFD), "egress-rules"))
@@ -386,6 +403,7 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 		defer h.egressLog.Close()
 	}
 	h.netCfg.KernelTCP, h.tcpListener = h.tcpListener, nil
+	h.netCfg.KernelTCPNAT, h.tcpNAT = h.tcpNAT, nil
 	stack, err := netstack.New(ctx, h.netCfg, h.dev)
 	if err != nil {
 		if h.api != nil {

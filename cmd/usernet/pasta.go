@@ -214,7 +214,7 @@ func (h *pastaHelper) setUp(ctx context.Context) error {
 		return err
 	}
 	dev := link.Tap
-	n.KernelTCP = link.TCPListener
+	n.KernelTCP, n.KernelTCPNAT = link.TCPListener, link.TCPNAT
 	h.ownTCPPort = portfwd.SocketPort(link.TCPListener)
 	if c.pcap != "" {
 		if h.pcap, err = safefs.CreateFile(c.pcap); err != nil {

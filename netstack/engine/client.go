@@ -98,17 +98,24 @@ func Start(spec Spec, pcap, egressLog *os.File, log *slog.Logger) (*Client, erro
 
 // Attach hands dev over to the engine and returns once the engine serves
 // it. dev is closed here: only the engine holds the TAP from now on.
-func (c *Client) Attach(dev tap.Device, tcpListener *os.File) error {
+func (c *Client) Attach(dev tap.Device, tcpListener, tcpNAT *os.File) error {
 	defer dev.Close()
-	fds := make([]int, 0, len(dev.Queues())+1)
+	fds := make([]int, 0, len(dev.Queues())+2)
 	for _, q := range dev.Queues() {
 		fds = append(fds, int(q.Fd()))
 	}
 	m := message{Op: opTap, Name: dev.Name()}
+	if tcpNAT != nil {
+		defer tcpNAT.Close()
+	}
 	if tcpListener != nil {
 		defer tcpListener.Close()
 		m.Listener = true
 		fds = append(fds, int(tcpListener.Fd()))
+		if tcpNAT != nil {
+			m.NAT = true
+			fds = append(fds, int(tcpNAT.Fd()))
+		}
 	}
 	if err := send(c.conn, m, fds...); err != nil {
 		return fmt.Errorf("network engine: %w", c.exitReason(err))

@@ -85,9 +85,11 @@ type message struct {
 	Verdict string `json:"verdict,omitempty"`
 	Rule    string `json:"rule,omitempty"`
 	RuleID  int    `json:"rule_id,omitempty"`
-	// Listener: the last descriptor of an opTap message is the kernel
-	// TCP path's listener (netstack.Config.KernelTCP).
+	// Listener: the TAP queues of an opTap message are followed by the
+	// kernel TCP path's listener (netstack.Config.KernelTCP); NAT: then
+	// by its netlink socket (netstack.Config.KernelTCPNAT).
 	Listener bool `json:"listener,omitempty"`
+	NAT      bool `json:"nat,omitempty"`
 }
 
 // maxMessage bounds one control message (get_stats is the largest).

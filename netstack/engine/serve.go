@@ -67,7 +67,7 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 		}
 		spec.Net.Egress.Rules = rules
 	}
-	dev, tcpListener, err := awaitTap(ctrl)
+	dev, tcpListener, tcpNAT, err := awaitTap(ctrl)
 	if errors.Is(err, errHangup) {
 		return 0 // the namespace never came up; the parent says why
 	}
@@ -76,7 +76,7 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 	}
 	cfg := spec.Net
 	cfg.Logger = log
-	cfg.KernelTCP = tcpListener
+	cfg.KernelTCP, cfg.KernelTCPNAT = tcpListener, tcpNAT
 	if pcap != nil {
 		cfg.Capture = netstack.NewCaptureWriter(pcap, spec.PcapMaxSize, log)
 	}
@@ -117,23 +117,25 @@ func Main(files []*os.File, spec Spec, setupErr error, log *slog.Logger) int {
 }
 
 // awaitTap waits for the parent to hand over the TAP queues, and the
-// kernel TCP path's listener after them if the message says so.
-func awaitTap(ctrl *net.UnixConn) (tap.Device, *os.File, error) {
+// kernel TCP path's descriptors after them if the message says so.
+func awaitTap(ctrl *net.UnixConn) (dev tap.Device, ln, nat *os.File, err error) {
 	m, files, err := recvFiles(ctrl)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	if m.Op != opTap || len(files) < 1+btoi(m.Listener) {
+	if m.Op != opTap || (m.NAT && !m.Listener) || len(files) < 1+btoi(m.Listener)+btoi(m.NAT) {
 		for _, f := range files {
 			f.Close()
 		}
-		return nil, nil, fmt.Errorf("network engine: got %q with %d descriptors, want the TAP", m.Op, len(files))
+		return nil, nil, nil, fmt.Errorf("network engine: got %q with %d descriptors, want the TAP", m.Op, len(files))
 	}
-	var ln *os.File
+	if m.NAT {
+		nat, files = files[len(files)-1], files[:len(files)-1]
+	}
 	if m.Listener {
 		ln, files = files[len(files)-1], files[:len(files)-1]
 	}
-	return tap.FromFiles(m.Name, files), ln, nil
+	return tap.FromFiles(m.Name, files), ln, nat, nil
 }
 
 func btoi(b bool) int {
