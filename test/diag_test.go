@@ -90,11 +90,15 @@ type guestStats struct {
 		TCPOpen   int64  `json:"tcp_open"`
 		TCPTotal  uint64 `json:"tcp_total"`
 		TCPKernel uint64 `json:"tcp_kernel_total"`
+		TCPNAT    uint64 `json:"tcp_kernel_nat_total"`
 	} `json:"flows"`
 	Bytes struct {
 		FromGuest uint64 `json:"from_guest"`
 		ToGuest   uint64 `json:"to_guest"`
 	} `json:"bytes"`
+	Link struct {
+		RxBytes uint64 `json:"rx_bytes"`
+	} `json:"link"`
 }
 
 // readStats asks the API socket sock for the stack's counters.
@@ -155,7 +159,9 @@ func TestStats(t *testing.T) {
 
 // TestTCPPaths: which path serves a guest's TCP connection, as stats count
 // it: the namespace's kernel by default, IPv6 included; the userspace stack
-// with --userspace-tcp. The bytes arrive whole either way.
+// with --userspace-tcp. The bytes arrive whole either way. An IPv4 flow is
+// translated by the namespace's kernel (where nftables works in a user
+// namespace): then its megabyte each way never crosses the TAP.
 func TestTCPPaths(t *testing.T) {
 	wd := newWorld(t)
 	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
@@ -165,9 +171,11 @@ func TestTCPPaths(t *testing.T) {
 		flags  []string
 		target string
 		kernel uint64
+		nat    bool
 	}{
-		{"userspace", []string{"--userspace-tcp"}, "10.0.2.2:8080", 0},
-		{"kernel-ipv6", nil, "[fd00::2]:8080", 1},
+		{"userspace", []string{"--userspace-tcp"}, "10.0.2.2:8080", 0, false},
+		{"kernel-ipv4", nil, "10.0.2.2:8080", 1, true},
+		{"kernel-ipv6", nil, "[fd00::2]:8080", 1, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			dir := userDir(t, "netns-run-paths-")
@@ -178,8 +186,18 @@ func TestTCPPaths(t *testing.T) {
 			if line, _ := stdout.ReadString('\n'); strings.TrimSpace(line) != "done" {
 				t.Fatalf("exchange failed: %q", line)
 			}
-			if f := readStats(t, sock).Flows; f.TCPTotal != 1 || f.TCPKernel != c.kernel {
+			st := readStats(t, sock)
+			if f := st.Flows; f.TCPTotal != 1 || f.TCPKernel != c.kernel {
 				t.Errorf("%d TCP flows, %d of them in the kernel; want 1 and %d", f.TCPTotal, f.TCPKernel, c.kernel)
+			}
+			nat := c.nat && nftablesUsable()
+			if got := st.Flows.TCPNAT; got != btou(nat) {
+				t.Errorf("%d flows translated in the namespace's kernel, want %d", got, btou(nat))
+			}
+			// The echo's megabyte from the guest, in frames on the TAP
+			// or not.
+			if crossed := st.Link.RxBytes > 1000000; crossed == nat {
+				t.Errorf("the TAP carried %d bytes from the guest; translated in the kernel: %v", st.Link.RxBytes, nat)
 			}
 		})
 	}
@@ -193,8 +211,8 @@ func TestKernelTCPFirewalled(t *testing.T) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Skip("needs nft (apt-get install nftables)")
 	}
-	if out, err := exec.Command("unshare", "-rn", "nft", "add", "table", "inet", "probe").CombinedOutput(); err != nil {
-		t.Skipf("nftables unusable in a user namespace here: %v: %s", err, out)
+	if !nftablesUsable() {
+		t.Skip("nftables unusable in a user namespace here")
 	}
 	wd := newWorld(t)
 	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
@@ -204,4 +222,65 @@ func TestKernelTCPFirewalled(t *testing.T) {
 		"exec " + bins.nettool + " tcp-echo-check 10.0.2.2:8080 100000"
 	res := wd.mustRunGuest(nil, "sh", "-c", script)
 	checkEcho(t, res, 100000)
+}
+
+// TestKernelTCPForwarded: the namespace routes for a namespace behind it
+// and masquerades it, as podman's rootless network namespace does for its
+// bridge networks. The inner namespace's connections go out and back
+// through the TAP, where the namespace's conntrack undoes the masquerade:
+// the in-kernel translation, which only sees the namespace's own sockets,
+// must leave them there, and the bytes arrive whole.
+func TestKernelTCPForwarded(t *testing.T) {
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("needs nft (apt-get install nftables)")
+	}
+	if !nftablesUsable() {
+		t.Skip("nftables unusable in a user namespace here")
+	}
+	wd := newWorld(t)
+	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
+	const size = 1000000
+	script := `set -e
+unshare -n sleep 60 & inner=$!
+trap 'kill $inner' EXIT
+sleep 0.2
+ip link add v0 type veth peer name v1
+ip link set v1 netns $inner
+ip addr add 192.168.77.1/24 dev v0
+ip link set v0 up
+nsenter -t $inner -n sh -c 'ip addr add 192.168.77.2/24 dev v1 && ip link set v1 up && ip link set lo up && ip route add default via 192.168.77.1'
+echo 1 > /proc/sys/net/ipv4/ip_forward
+nft add table ip m
+nft add chain ip m post '{ type nat hook postrouting priority 100; }'
+nft add rule ip m post oifname tap0 masquerade
+nsenter -t $inner -n ` + bins.nettool + ` tcp-echo-check 10.0.2.2:8080 ` + fmt.Sprint(size) + `
+`
+	res := wd.mustRunGuest(nil, "sh", "-c", script)
+	checkEcho(t, res, size)
+}
+
+// TestKernelTCPReconnect: a guest connects again and again from one port to
+// one server that closes first, so each connection has the addresses of the
+// one before while that one's translation still lingers. Each must reach
+// its own host connection (and not the last one's listener side).
+func TestKernelTCPReconnect(t *testing.T) {
+	wd := newWorld(t)
+	wd.startServer(wd.w, "peer-server", "tcp", "127.0.0.1:8081")
+	res := wd.mustRunGuest(nil, bins.nettool, "tcp-reconnect", "10.0.2.2:8081", "40123", "20")
+	if !strings.Contains(res.stdout, "reconnects=20") {
+		t.Fatalf("reconnecting from one port:\n%s", res)
+	}
+}
+
+// nftablesUsable says whether nft works in a new user and network
+// namespace here (needs the nft command).
+func nftablesUsable() bool {
+	return exec.Command("unshare", "-rn", "nft", "add", "table", "inet", "probe").Run() == nil
+}
+
+func btou(b bool) uint64 {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -36,6 +36,7 @@ var commands = map[string]command{
 	"rr":                {"ADDR SECONDS", requestResponse},
 	"spray":             {"tcp|udp HOST FIRSTPORT COUNT", spray},
 	"peer-query":        {"tcp|udp ADDR", peerQuery},
+	"tcp-reconnect":     {"ADDR LOCALPORT COUNT", tcpReconnect},
 	"hold":              {"ADDR COUNT SECONDS", holdConns},
 	"api-call":          {"SOCKET REQUEST", apiCall},
 	"stream-sink":       {"ADDR", streamSink},

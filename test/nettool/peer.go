@@ -2,8 +2,13 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
+	"io"
 	"net"
+	"strconv"
+	"strings"
+	"syscall"
 	"time"
 )
 
@@ -73,4 +78,44 @@ func peerQuery(args []string) error {
 		}
 	}
 	return fmt.Errorf("no answer")
+}
+
+// tcpReconnect connects COUNT times in a row from one local port to a
+// peer-server, which answers and closes first: the port is free again at
+// once (no TIME_WAIT on this side), and each connection uses the same four
+// addresses as the one before.
+func tcpReconnect(args []string) error {
+	if err := needArgs(args, 3); err != nil {
+		return err
+	}
+	port, err1 := strconv.Atoi(args[1])
+	count, err2 := strconv.Atoi(args[2])
+	if err := errors.Join(err1, err2); err != nil {
+		return err
+	}
+	d := net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{Port: port},
+		Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+			})
+			return errors.Join(err, serr)
+		}}
+	for i := range count {
+		// The last close's final ACK may still be on its way, and
+		// its socket (LAST_ACK) holds the addresses until then.
+		time.Sleep(100 * time.Millisecond)
+		c, err := d.Dial("tcp", args[0])
+		if err != nil {
+			return fmt.Errorf("connection %d: %w", i+1, err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || !strings.HasPrefix(string(b), "peer=") {
+			return fmt.Errorf("connection %d: read %q: %v", i+1, b, err)
+		}
+	}
+	fmt.Printf("reconnects=%d\n", count)
+	return nil
 }
