@@ -110,12 +110,11 @@ type ktcpFlow struct {
 	handoff ktcpHandoff
 	// release ends the egress policy's hold on the flow's pins.
 	release func()
-	// out and back: the guest's kernel translates the flow's segments
-	// from the guest, and those from the listener (k.nat).
-	out, back bool
-	// viaTAP: a segment of the guest's side of the open flow crossed the
-	// TAP (see translateInKernel).
-	viaTAP atomic.Bool
+	// inKernel: the flow is in the guest kernel's maps (k.nat).
+	inKernel bool
+	// supersedes is the ended flow whose addresses the guest reused for
+	// this one, if any.
+	supersedes *ktcpFlow
 }
 
 // kernelTCP is the table of translated flows and the listener they end at.
@@ -199,35 +198,34 @@ func newKernelTCP(s *Stack, link *tapLink, lnFile, natFile *os.File) (*kernelTCP
 	return k, nil
 }
 
-// translateInKernel hands the guest's side of f's translation to the
-// guest's kernel, if it can take it, before the SYN goes on to the
-// listener. The listener's side follows at the accept (translateBack).
-//
-// The kernel's rule sees only segments its own sockets send: the guest's
-// side of a connection that the namespace forwards (a container behind it,
-// masqueraded) keeps crossing the TAP, and the listener's answers to such a
-// connection must too, so that they come back in through the TAP, where
-// the namespace's conntrack undoes the masquerade. A flow whose handshake
-// ended without a segment of the guest's on the TAP is the namespace's
-// own.
+// translateInKernel hands f's translation to the guest's kernel, if it can
+// take it, once the relay found the flow busy (relaySockets): a connection
+// that carries one request and its answer is over before the two netlink
+// transactions (in, and out at the end) would pay off.
 func (k *kernelTCP) translateInKernel(f *ktcpFlow) {
 	if k.nat == nil || k.natOff.Load() || !f.key.guest.Addr().Is4() {
 		return
 	}
-	out := ktcpnat.Rewrite{From: f.outTuple(), To: ktcpnat.Tuple{Src: f.fake, Dst: f.listener}}
-	err := k.nat.Add(out)
+	nf := f.natFlow()
+	err := k.nat.Add(nf)
 	if errors.Is(err, unix.EEXIST) {
 		// The guest reused the addresses of a connection whose
-		// translation lingers (translateHere): ours now.
-		if err = k.nat.Remove(out); err == nil {
-			err = k.nat.Add(out)
+		// translation lingers (translateHere): the guest's side is
+		// ours now.
+		if err = k.nat.Remove(nf, ktcpnat.Out); err == nil {
+			err = k.nat.Add(nf)
 		}
 	}
 	if err != nil {
 		k.natFailed(f, err)
 		return
 	}
-	f.out = true
+	f.inKernel = true
+	k.s.counters.tcpKernelNATTotal.Add(1)
+}
+
+func (f *ktcpFlow) natFlow() ktcpnat.Flow {
+	return ktcpnat.Flow{Guest: f.key.guest, Remote: f.key.remote, Fake: f.fake, Listener: f.listener}
 }
 
 // natFailed leaves f on the TAP. A full map frees up as flows end;
@@ -241,47 +239,22 @@ func (k *kernelTCP) natFailed(f *ktcpFlow, err error) {
 	k.s.log.Debug("tcp: the guest's kernel does not translate the flow; the helper does", "src", f.key.guest, "dst", f.key.remote, "err", err)
 }
 
-// translateBack hands the listener's side of an accepted flow to the
-// guest's kernel, if its guest side is there and local (translateInKernel).
-func (k *kernelTCP) translateBack(f *ktcpFlow) {
-	if !f.out || f.viaTAP.Load() {
-		return
-	}
-	if err := k.nat.Add(ktcpnat.Rewrite{From: f.backTuple(), To: ktcpnat.Tuple{Src: f.key.remote, Dst: f.key.guest}}); err != nil {
-		k.natFailed(f, err)
-		return
-	}
-	f.back = true
-}
-
-func (f *ktcpFlow) outTuple() ktcpnat.Tuple {
-	return ktcpnat.Tuple{Src: f.key.guest, Dst: f.key.remote}
-}
-func (f *ktcpFlow) backTuple() ktcpnat.Tuple { return ktcpnat.Tuple{Src: f.listener, Dst: f.fake} }
-
-// translateHere takes f's translation back from the guest's kernel, when
-// the flow is handed to the stack or its linger ended (the last segments of
-// a close still go the kernel's way: the TAP may be congested, and an
-// orphaned socket whose ACKs are late gets reset). The guest's side stays
-// if a new flow on the same addresses took it over (translateInKernel):
-// the rule leaves SYNs alone, so a new connection always reaches divert.
+// translateHere takes f's translation back from the guest's kernel once its
+// linger ended (the last segments of a close go the kernel's way too: the
+// TAP may be congested, and an orphaned listener socket whose ACKs come late
+// is reset). The guest's side stays if a new flow on the same addresses took
+// it over (translateInKernel): the rules leave SYNs alone, so a new
+// connection always reaches divert.
 func (k *kernelTCP) translateHere(f *ktcpFlow) {
-	var rw []ktcpnat.Rewrite
-	if f.out {
-		if v, _ := k.byGuest.Load(f.key); v == f {
-			rw = append(rw, ktcpnat.Rewrite{From: f.outTuple()})
-		}
-		f.out = false
-	}
-	if f.back {
-		rw = append(rw, ktcpnat.Rewrite{From: f.backTuple()})
-		f.back = false
-	}
-	if len(rw) == 0 {
+	if !f.inKernel {
 		return
 	}
-	err := k.nat.Remove(rw...)
-	if err != nil && !errors.Is(err, os.ErrClosed) {
+	f.inKernel = false
+	parts := ktcpnat.Back
+	if v, _ := k.byGuest.Load(f.key); v == f {
+		parts = ktcpnat.Both
+	}
+	if err := k.nat.Remove(f.natFlow(), parts); err != nil && !errors.Is(err, os.ErrClosed) {
 		k.s.log.Debug("tcp: removing a flow's translation from the guest's kernel", "src", f.key.guest, "dst", f.key.remote, "err", err)
 	}
 }
@@ -336,11 +309,6 @@ func (k *kernelTCP) take(vh []byte, parts [][]byte, n int) bool {
 			}
 			fallthrough
 		default:
-			if !syn {
-				// (A resent SYN crosses the TAP anyway: see
-				// ktcpnat's rule.)
-				f.viaTAP.Store(true)
-			}
 			k.rewrite(vh, first, l3, t, f.fake, f.listener)
 			k.write(vh, parts)
 			if t.Flags()&header.TCPFlagRst != 0 {
@@ -367,7 +335,7 @@ func (k *kernelTCP) take(vh []byte, parts [][]byte, n int) bool {
 		k.connecting.Add(-1)
 		return false
 	}
-	f := &ktcpFlow{key: key, fake: fake, listener: lnAddr}
+	f := &ktcpFlow{key: key, fake: fake, listener: lnAddr, supersedes: old}
 	f.syn = make([]byte, 0, len(vh)+n)
 	f.syn = append(f.syn, vh...)
 	for _, p := range parts {
@@ -452,6 +420,14 @@ func (k *kernelTCP) hold(fake netip.AddrPort) {
 // on to the listener; a failed dial hands the SYN to the stack.
 func (k *kernelTCP) open(f *ktcpFlow) {
 	s := k.s
+	if old := f.supersedes; old != nil && k.nat != nil {
+		// The old flow's translation of the guest's side may linger
+		// in the kernel, and would take this one's segments after
+		// the SYN (which the rules leave alone) to the old listener
+		// side. Its listener side stays until its own linger ends.
+		_ = k.nat.Remove(old.natFlow(), ktcpnat.Out)
+		f.supersedes = nil
+	}
 	dst := f.key.remote
 	d := s.decideTCP(dst)
 	f.handoff = ktcpHandoff{decided: true, decision: d}
@@ -469,8 +445,6 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 		return
 	}
 	f.host = host
-	// Before the flow is open: from then on finish may run (close).
-	k.translateInKernel(f)
 	f.state.Store(int32(ktcpOpen))
 	if s.ctx.Err() != nil {
 		// The stack closed while this dialed: close() did not see it.
@@ -491,8 +465,6 @@ func (k *kernelTCP) giveUp(f *ktcpFlow) {
 		return
 	}
 	k.s.log.Debug("tcp: the kernel path's listener did not answer; the stack takes the flow", "src", f.key.guest, "dst", f.key.remote)
-	// The guest's next SYN must reach the TAP, and the stack.
-	k.translateHere(f)
 	k.s.counters.tcpOpen.Add(-1)
 	f.release()
 	f.release = nil
@@ -680,10 +652,6 @@ func (k *kernelTCP) serve() {
 			c.Close()
 			continue
 		}
-		// A flow the guest's kernel translates showed no answer on
-		// the TAP; the accept is one.
-		f.answer.CompareAndSwap(ktcpUnanswered, ktcpAnswered)
-		k.translateBack(f)
 		if !k.s.flows.spawn(func() { k.relay(f, c) }) {
 			c.Close()
 			k.finish(f, ktcpAccepted)
@@ -698,11 +666,8 @@ func (k *kernelTCP) relay(f *ktcpFlow, guest *net.TCPConn) {
 	start := time.Now()
 	s.counters.tcpTotal.Add(1)
 	s.counters.tcpKernelTotal.Add(1)
-	if f.back {
-		s.counters.tcpKernelNATTotal.Add(1)
-	}
 	stop := context.AfterFunc(s.ctx, func() { guest.Close(); host.Close() })
-	up, down := relaySockets(guest, host)
+	up, down := relaySockets(guest, host, func() { k.translateInKernel(f) })
 	stop()
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))

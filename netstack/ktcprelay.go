@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -47,8 +48,8 @@ func rawSplice(in, out uintptr, n int) (int, unix.Errno) {
 }
 
 // pump moves src's bytes to dst until src's end (nil) or an error, and
-// returns how many it moved.
-func (p *socketPipe) pump(src, dst syscall.RawConn) (int64, error) {
+// returns how many it moved; it tells w of each read.
+func (p *socketPipe) pump(src, dst syscall.RawConn, w *busyWatch) (int64, error) {
 	var total int64
 	for {
 		var n int
@@ -68,6 +69,7 @@ func (p *socketPipe) pump(src, dst syscall.RawConn) (int64, error) {
 		case n == 0:
 			return total, nil
 		}
+		w.note(n)
 		for left := n; left > 0; {
 			var m int
 			err := dst.Write(func(fd uintptr) bool {
@@ -86,9 +88,29 @@ func (p *socketPipe) pump(src, dst syscall.RawConn) (int64, error) {
 	}
 }
 
+// busyWatch calls busy once when a relay's flow turns out to be more than
+// one request and its answer: a third read, or 64 KiB.
+type busyWatch struct {
+	reads, bytes atomic.Int64
+	once         sync.Once
+	busy         func()
+}
+
+const (
+	busyReads = 3
+	busyBytes = 64 << 10
+)
+
+func (w *busyWatch) note(n int) {
+	if w.reads.Add(1) >= busyReads || w.bytes.Add(int64(n)) >= busyBytes {
+		w.once.Do(w.busy)
+	}
+}
+
 // relaySockets relays guest and host until both directions ended, and
-// closes both; up and down count the bytes each way.
-func relaySockets(guest, host *net.TCPConn) (up, down int64) {
+// closes both; up and down count the bytes each way. busy runs once (in
+// the relay) when the flow turns out busy (busyWatch).
+func relaySockets(guest, host *net.TCPConn, busy func()) (up, down int64) {
 	defer guest.Close()
 	defer host.Close()
 	gc, err1 := guest.SyscallConn()
@@ -105,13 +127,14 @@ func relaySockets(guest, host *net.TCPConn) (up, down int64) {
 		_ = guest.SetLinger(0)
 		return 0, 0
 	}
+	w := &busyWatch{busy: busy}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		down, _ = pumpHalf(downPipe, hc, gc, host, guest)
+		down, _ = pumpHalf(downPipe, hc, gc, host, guest, w)
 	}()
-	up, ended := pumpHalf(upPipe, gc, hc, guest, host)
+	up, ended := pumpHalf(upPipe, gc, hc, guest, host, w)
 	// A guest that closed its side may still reset the connection (and
 	// the host must then see a reset, not the clean end it saw so far)
 	// while the host keeps sending, or not.
@@ -151,8 +174,8 @@ func watchReset(gc syscall.RawConn, guest, host *net.TCPConn) {
 // pumpHalf runs one direction: at src's end it shuts dst's sending side, as
 // src's peer did, and reports true; on an error it resets dst and closes
 // both, which also ends the other direction.
-func pumpHalf(p *socketPipe, src, dst syscall.RawConn, srcConn, dstConn *net.TCPConn) (int64, bool) {
-	n, err := p.pump(src, dst)
+func pumpHalf(p *socketPipe, src, dst syscall.RawConn, srcConn, dstConn *net.TCPConn, w *busyWatch) (int64, bool) {
+	n, err := p.pump(src, dst, w)
 	if err != nil {
 		// Both sides see a reset: the error may be the write's (the
 		// destination reset), and the kernel then cleared what a

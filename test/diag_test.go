@@ -260,13 +260,15 @@ nsenter -t $inner -n ` + bins.nettool + ` tcp-echo-check 10.0.2.2:8080 ` + fmt.S
 }
 
 // TestKernelTCPReconnect: a guest connects again and again from one port to
-// one server that closes first, so each connection has the addresses of the
-// one before while that one's translation still lingers. Each must reach
-// its own host connection (and not the last one's listener side).
+// one server that sends 200 kB (enough for the namespace's kernel to take
+// the translation over) and closes first, so each connection has the
+// addresses of the one before while that one's translation still lingers.
+// Each must reach its own host connection (and not the last one's listener
+// side).
 func TestKernelTCPReconnect(t *testing.T) {
 	wd := newWorld(t)
-	wd.startServer(wd.w, "peer-server", "tcp", "127.0.0.1:8081")
-	res := wd.mustRunGuest(nil, bins.nettool, "tcp-reconnect", "10.0.2.2:8081", "40123", "20")
+	wd.startServer(wd.w, "burst-server", "127.0.0.1:8081", "200000")
+	res := wd.mustRunGuest(nil, bins.nettool, "tcp-reconnect", "10.0.2.2:8081", "40123", "20", "200000")
 	if !strings.Contains(res.stdout, "reconnects=20") {
 		t.Fatalf("reconnecting from one port:\n%s", res)
 	}

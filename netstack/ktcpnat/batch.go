@@ -7,42 +7,44 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// batch encodes one nftables transaction that adds (withData) or removes
-// rw's map entries: a batch begin, the element message (numbered seq+1,
-// acknowledged), a batch end. google/nftables encodes the same messages but
-// only sends them over a socket it makes itself, in the caller's
-// namespace; the helper is not in the guest's.
-func batch(seq uint32, msgType, flags uint16, rw []Rewrite, withData bool) ([]byte, error) {
-	ae := netlink.NewAttributeEncoder()
-	ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, tableName)
-	ae.String(unix.NFTA_SET_ELEM_LIST_SET, mapName)
-	ae.Nested(unix.NFTA_SET_ELEM_LIST_ELEMENTS, func(ae *netlink.AttributeEncoder) error {
-		for _, r := range rw {
+// batch encodes one nftables transaction that adds (with their values) or
+// removes es: a batch begin numbered first, one acknowledged element
+// message per entry, a batch end numbered last. google/nftables encodes
+// the same messages but only sends them over a socket it makes itself, in
+// the caller's namespace; the helper is not in the guest's.
+func batch(first uint32, msgType, flags uint16, es []entry) (msg []byte, last uint32, err error) {
+	seq := first
+	msg = appendMessage(msg, unix.NFNL_MSG_BATCH_BEGIN, unix.NLM_F_REQUEST, seq, unix.AF_UNSPEC, unix.NFNL_SUBSYS_NFTABLES, nil)
+	for _, e := range es {
+		ae := netlink.NewAttributeEncoder()
+		ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, tableName)
+		ae.String(unix.NFTA_SET_ELEM_LIST_SET, e.set)
+		ae.Nested(unix.NFTA_SET_ELEM_LIST_ELEMENTS, func(ae *netlink.AttributeEncoder) error {
 			ae.Nested(unix.NFTA_LIST_ELEM, func(ae *netlink.AttributeEncoder) error {
 				ae.Nested(unix.NFTA_SET_ELEM_KEY, func(ae *netlink.AttributeEncoder) error {
-					ae.Bytes(unix.NFTA_DATA_VALUE, r.From.key())
+					ae.Bytes(unix.NFTA_DATA_VALUE, e.key[:])
 					return nil
 				})
-				if withData {
+				if msgType == unix.NFT_MSG_NEWSETELEM {
 					ae.Nested(unix.NFTA_SET_ELEM_DATA, func(ae *netlink.AttributeEncoder) error {
-						ae.Bytes(unix.NFTA_DATA_VALUE, r.To.key())
+						ae.Bytes(unix.NFTA_DATA_VALUE, e.value[:])
 						return nil
 					})
 				}
 				return nil
 			})
+			return nil
+		})
+		attrs, err := ae.Encode()
+		if err != nil {
+			return nil, 0, err
 		}
-		return nil
-	})
-	attrs, err := ae.Encode()
-	if err != nil {
-		return nil, err
+		seq++
+		msg = appendMessage(msg, unix.NFNL_SUBSYS_NFTABLES<<8|msgType, unix.NLM_F_REQUEST|unix.NLM_F_ACK|flags, seq, unix.NFPROTO_IPV4, 0, attrs)
 	}
-	var b []byte
-	b = appendMessage(b, unix.NFNL_MSG_BATCH_BEGIN, unix.NLM_F_REQUEST, seq, unix.AF_UNSPEC, unix.NFNL_SUBSYS_NFTABLES, nil)
-	b = appendMessage(b, unix.NFNL_SUBSYS_NFTABLES<<8|msgType, unix.NLM_F_REQUEST|unix.NLM_F_ACK|flags, seq+1, unix.NFPROTO_IPV4, 0, attrs)
-	b = appendMessage(b, unix.NFNL_MSG_BATCH_END, unix.NLM_F_REQUEST, seq+2, unix.AF_UNSPEC, unix.NFNL_SUBSYS_NFTABLES, nil)
-	return b, nil
+	seq++
+	msg = appendMessage(msg, unix.NFNL_MSG_BATCH_END, unix.NLM_F_REQUEST, seq, unix.AF_UNSPEC, unix.NFNL_SUBSYS_NFTABLES, nil)
+	return msg, seq, nil
 }
 
 // appendMessage appends a netlink header, an nfgenmsg and attrs.

@@ -18,17 +18,16 @@ import (
 // socket and applies the sandbox's changes, which can only be entries of
 // this one map: the requests carry nothing else.
 //
-// A request is one datagram on a SOCK_SEQPACKET pair: an op byte, a count
-// byte (1 or 2) and per rewrite two IPv4 tuples of 12 bytes (source
-// address, source port, destination address, destination port; removals
-// carry the first alone). The answer is a 4-byte errno, 0 for success.
+// A request is one datagram on a SOCK_SEQPACKET pair: an op byte, a
+// Parts byte (Both to add) and the Flow's four IPv4 addresses and ports (6
+// bytes each: Guest, Remote, Fake, Listener). The answer is a 4-byte
+// errno, 0 for success.
 
 const (
 	opAdd    = 1
 	opRemove = 2
 
-	tupleLen    = 12
-	maxRewrites = 2
+	requestLen = 2 + 4*6
 )
 
 var errBadRequest = errors.New("ktcpnat: malformed request")
@@ -37,7 +36,7 @@ var errBadRequest = errors.New("ktcpnat: malformed request")
 // or it was closed here); it closes neither.
 func Serve(conn *os.File, t Table) error {
 	fd := int(conn.Fd())
-	buf := make([]byte, 2+maxRewrites*2*tupleLen+1)
+	buf := make([]byte, requestLen+1)
 	for {
 		n, err := unix.Read(fd, buf)
 		if errors.Is(err, unix.EINTR) {
@@ -47,14 +46,14 @@ func Serve(conn *os.File, t Table) error {
 			return err
 		}
 		var errno unix.Errno
-		op, rw, err := parseRequest(buf[:n])
+		op, f, p, err := parseRequest(buf[:n])
 		switch {
 		case err != nil:
 			errno = unix.EINVAL
 		case op == opAdd:
-			err = t.Add(rw...)
+			err = t.Add(f)
 		default:
-			err = t.Remove(rw...)
+			err = t.Remove(f, p)
 		}
 		if err != nil && errno == 0 && !errors.As(err, &errno) {
 			errno = unix.EIO
@@ -65,43 +64,26 @@ func Serve(conn *os.File, t Table) error {
 	}
 }
 
-func parseRequest(b []byte) (op byte, rw []Rewrite, err error) {
-	if len(b) < 2 || (b[0] != opAdd && b[0] != opRemove) || b[1] < 1 || b[1] > maxRewrites {
-		return 0, nil, errBadRequest
+func parseRequest(b []byte) (op byte, f Flow, p Parts, err error) {
+	if len(b) != requestLen || (b[0] != opAdd && b[0] != opRemove) || b[1] == 0 || Parts(b[1])&^Both != 0 ||
+		(b[0] == opAdd && Parts(b[1]) != Both) {
+		return 0, f, 0, errBadRequest
 	}
-	op, n := b[0], int(b[1])
-	per := tupleLen
-	if op == opAdd {
-		per = 2 * tupleLen
+	addr := func(i int) netip.AddrPort {
+		o := 2 + 6*i
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[o:o+4])), binary.BigEndian.Uint16(b[o+4:]))
 	}
-	if len(b) != 2+n*per {
-		return 0, nil, errBadRequest
-	}
-	b = b[2:]
-	for range n {
-		var r Rewrite
-		r.From, b = decodeTuple(b), b[tupleLen:]
-		if op == opAdd {
-			r.To, b = decodeTuple(b), b[tupleLen:]
-		}
-		rw = append(rw, r)
-	}
-	return op, rw, nil
+	return b[0], Flow{Guest: addr(0), Remote: addr(1), Fake: addr(2), Listener: addr(3)}, Parts(b[1]), nil
 }
 
-func decodeTuple(b []byte) Tuple {
-	return Tuple{
-		Src: netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[0:4])), binary.BigEndian.Uint16(b[4:])),
-		Dst: netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[6:10])), binary.BigEndian.Uint16(b[10:])),
+func appendRequest(b []byte, op byte, f Flow, p Parts) []byte {
+	b = append(b, op, byte(p))
+	for _, a := range []netip.AddrPort{f.Guest, f.Remote, f.Fake, f.Listener} {
+		a4 := a.Addr().As4()
+		b = append(b, a4[:]...)
+		b = binary.BigEndian.AppendUint16(b, a.Port())
 	}
-}
-
-func appendTuple(b []byte, t Tuple) []byte {
-	s, d := t.Src.Addr().As4(), t.Dst.Addr().As4()
-	b = append(b, s[:]...)
-	b = binary.BigEndian.AppendUint16(b, t.Src.Port())
-	b = append(b, d[:]...)
-	return binary.BigEndian.AppendUint16(b, t.Dst.Port())
+	return b
 }
 
 // Client is a sandbox's Table: its changes go to a broker (Serve).
@@ -112,8 +94,8 @@ type Client struct {
 	fd     int
 }
 
-func (c *Client) Add(rw ...Rewrite) error    { return c.request(opAdd, rw) }
-func (c *Client) Remove(rw ...Rewrite) error { return c.request(opRemove, rw) }
+func (c *Client) Add(f Flow) error             { return c.request(opAdd, f, Both) }
+func (c *Client) Remove(f Flow, p Parts) error { return c.request(opRemove, f, p) }
 
 func (c *Client) Close() error {
 	c.mu.Lock()
@@ -125,20 +107,11 @@ func (c *Client) Close() error {
 	return c.f.Close()
 }
 
-func (c *Client) request(op byte, rw []Rewrite) error {
-	if len(rw) < 1 || len(rw) > maxRewrites {
-		return fmt.Errorf("ktcpnat: %d rewrites in one request", len(rw))
+func (c *Client) request(op byte, f Flow, p Parts) error {
+	if !f.valid() {
+		return ErrUnsupported
 	}
-	req := []byte{op, byte(len(rw))}
-	for _, r := range rw {
-		if !r.From.is4() || op == opAdd && !r.To.is4() {
-			return ErrUnsupported
-		}
-		req = appendTuple(req, r.From)
-		if op == opAdd {
-			req = appendTuple(req, r.To)
-		}
-	}
+	req := appendRequest(nil, op, f, p)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {

@@ -32,9 +32,18 @@ import (
 
 const (
 	tableName = "netns_run_tcp"
-	mapName   = "flows"
-	// mapSize bounds the map; a flow past it keeps the TAP path.
+	// outMap translates the guest's side of each flow, backMap the
+	// listener's; localSet holds the listener-side keys of flows whose
+	// guest side the rule translated (see rules).
+	outMap   = "out"
+	backMap  = "back"
+	localSet = "local"
+	// mapSize bounds each map; a flow past it keeps the TAP path.
 	mapSize = 65536
+	// localTimeout: a flow idle this long leaves localSet, until its
+	// guest side sends again; meanwhile the listener's side crosses the
+	// TAP (the helper translates it), which is slower, not wrong.
+	localTimeout = 2 * time.Minute
 )
 
 // Install creates the table in the calling thread's network namespace and
@@ -54,14 +63,23 @@ func Install() (*os.File, error) {
 	c.DelTable(table)
 	c.AddTable(table)
 	tuple := nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeIPAddr, nftables.TypeInetService)
-	flows := &nftables.Set{Table: table, Name: mapName, IsMap: true, Concatenation: true,
-		KeyType: tuple, DataType: tuple, Size: mapSize}
-	if err := c.AddSet(flows, nil); err != nil {
-		return nil, fmt.Errorf("nftables map: %w", err)
+	sets := make(map[string]*nftables.Set)
+	for _, s := range []*nftables.Set{
+		{Name: outMap, IsMap: true, DataType: tuple},
+		{Name: backMap, IsMap: true, DataType: tuple},
+		{Name: localSet, HasTimeout: true, Dynamic: true, Timeout: localTimeout},
+	} {
+		s.Table, s.Concatenation, s.KeyType, s.Size = table, true, tuple, mapSize
+		if err := c.AddSet(s, nil); err != nil {
+			return nil, fmt.Errorf("nftables set %s: %w", s.Name, err)
+		}
+		sets[s.Name] = s
 	}
 	chain := c.AddChain(&nftables.Chain{Table: table, Name: "out", Type: nftables.ChainTypeRoute,
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw})
-	c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: rewriteRule(flows)})
+	for _, exprs := range rules(sets[outMap], sets[backMap], sets[localSet]) {
+		c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
+	}
 	if err := c.Flush(); err != nil {
 		return nil, fmt.Errorf("nftables table: %w", err)
 	}
@@ -78,26 +96,37 @@ func Install() (*os.File, error) {
 	return os.NewFile(uintptr(fd), "nftables"), nil
 }
 
-// Registers: the key is loaded into the four 32-bit registers that make up
-// NFT_REG_1, and the map's value replaces it there.
+// Registers: a key is loaded into the four 32-bit registers that make up
+// NFT_REG_1, and a map's value replaces it there; the next four (NFT_REG_2)
+// take the key localSet is updated with.
 const (
 	regSaddr = unix.NFT_REG32_00 + iota
 	regSport
 	regDaddr
 	regDport
+	regLocal
 )
 
-// rewriteRule: for a TCP segment whose (saddr, sport, daddr, dport) is in
-// the map, write the map's tuple over those four fields (the IP and TCP
-// checksums updated, partial checksums of offloaded segments too), and keep
+// rules: for a TCP segment whose (saddr, sport, daddr, dport) is in a map,
+// write the map's tuple over those four fields (the IP and TCP checksums
+// updated, partial checksums of offloaded segments too), and keep
 // conntrack out: it would see each direction as a separate, invalid
 // connection. A chain of type route routes the segment again when its
 // addresses changed, here to the namespace's loopback. A SYN alone is left
 // as it is: it opens a connection, and the helper must see every one (a
 // connection may reuse the addresses of one whose entries linger).
-func rewriteRule(flows *nftables.Set) []expr.Any {
+//
+// The output hook sees only the namespace's own sockets: the guest side of
+// a connection the namespace forwards (a masqueraded container behind it,
+// as in podman's rootless network namespace) never passes the first rule,
+// and its answers must not be translated here either, but cross the TAP
+// and come back in, where conntrack undoes the masquerade. So the first
+// rule puts the listener-side key of each flow it translates in localSet,
+// and the second translates only keys found there.
+func rules(out, back, local *nftables.Set) [][]expr.Any {
 	const ipSaddr, ipDaddr, ipCsum, tcpCsum, tcpFlags = 12, 16, 10, 16, 13
 	const syn, synAck = 0x02, 0x12
+	nh, th := expr.PayloadBaseNetworkHeader, expr.PayloadBaseTransportHeader
 	load := func(reg uint32, base expr.PayloadBase, off, n uint32) expr.Any {
 		return &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg, Base: base, Offset: off, Len: n}
 	}
@@ -105,22 +134,39 @@ func rewriteRule(flows *nftables.Set) []expr.Any {
 		return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: base, Offset: off, Len: n,
 			CsumType: expr.CsumTypeInet, CsumOffset: csum, CsumFlags: flags}
 	}
-	net, tr := expr.PayloadBaseNetworkHeader, expr.PayloadBaseTransportHeader
-	return []expr.Any{
+	// loadKey: a TCP segment other than a bare SYN, its key in NFT_REG_1.
+	loadKey := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
-		load(1, tr, tcpFlags, 1),
+		load(1, th, tcpFlags, 1),
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{synAck}, Xor: []byte{0}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{syn}},
-		load(regSaddr, net, ipSaddr, 4),
-		load(regSport, tr, 0, 2),
-		load(regDaddr, net, ipDaddr, 4),
-		load(regDport, tr, 2, 2),
-		&expr.Lookup{SourceRegister: regSaddr, DestRegister: regSaddr, IsDestRegSet: true, SetName: flows.Name, SetID: flows.ID},
-		store(regSaddr, net, ipSaddr, 4, ipCsum, unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR),
-		store(regSport, tr, 0, 2, tcpCsum, 0),
-		store(regDaddr, net, ipDaddr, 4, ipCsum, unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR),
-		store(regDport, tr, 2, 2, tcpCsum, 0),
-		&expr.Notrack{},
+		load(regSaddr, nh, ipSaddr, 4),
+		load(regSport, th, 0, 2),
+		load(regDaddr, nh, ipDaddr, 4),
+		load(regDport, th, 2, 2),
 	}
+	translate := func(m *nftables.Set) []expr.Any {
+		return []expr.Any{
+			&expr.Lookup{SourceRegister: regSaddr, DestRegister: regSaddr, IsDestRegSet: true, SetName: m.Name, SetID: m.ID},
+			store(regSaddr, nh, ipSaddr, 4, ipCsum, unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR),
+			store(regSport, th, 0, 2, tcpCsum, 0),
+			store(regDaddr, nh, ipDaddr, 4, ipCsum, unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR),
+			store(regDport, th, 2, 2, tcpCsum, 0),
+			&expr.Notrack{},
+		}
+	}
+	outRule := append(append(append([]expr.Any(nil), loadKey...), translate(out)...),
+		// The listener-side key is the rewritten segment's, reversed.
+		load(regLocal, nh, ipDaddr, 4),
+		load(regLocal+1, th, 2, 2),
+		load(regLocal+2, nh, ipSaddr, 4),
+		load(regLocal+3, th, 0, 2),
+		&expr.Dynset{SrcRegKey: regLocal, SetName: local.Name, SetID: local.ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: localTimeout},
+		&expr.Verdict{Kind: expr.VerdictAccept},
+	)
+	backRule := append(append(append([]expr.Any(nil), loadKey...),
+		&expr.Lookup{SourceRegister: regSaddr, SetName: local.Name, SetID: local.ID}),
+		translate(back)...)
+	return [][]expr.Any{outRule, backRule}
 }

@@ -3,6 +3,7 @@ package ktcpnat
 import (
 	"bytes"
 	"crypto/sha256"
+	"errors"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -42,10 +43,12 @@ func inFreshNetns(t *testing.T, f func()) {
 }
 
 // A connection to a remote address ends at a listener in the namespace
-// once the map has its two rewrites, with every byte intact both ways and
-// each side seeing the addresses the helper chose. Its SYN crosses the TAP
-// (the rule leaves SYNs alone), where the test does the helper's part:
-// rewrite it and write it back; the rest never reaches the TAP.
+// once the maps have the flow, with every byte intact both ways and each
+// side seeing the addresses the helper chose. Its SYN and the listener's
+// answer cross the TAP (the rules leave SYNs alone, and the listener's side
+// is translated once the guest's side was), where the test does the
+// helper's part: rewrite them and write them back. The rest never reaches
+// the TAP.
 func TestMapRewritesToListener(t *testing.T) {
 	inFreshNetns(t, func() {
 		guest := netip.MustParseAddr("10.0.2.100")
@@ -98,8 +101,8 @@ func TestMapRewritesToListener(t *testing.T) {
 	})
 }
 
-// checkRewrites puts a flow's two rewrites into m and checks a connection
-// through them, and takes them out.
+// checkRewrites puts a flow into m and checks a connection through it, and
+// takes it out.
 func checkRewrites(t *testing.T, guest netip.Addr, m Table, tapQueue *os.File, clientPort uint16) {
 	t.Helper()
 	{
@@ -113,18 +116,22 @@ func checkRewrites(t *testing.T, guest netip.Addr, m Table, tapQueue *os.File, c
 		client := netip.AddrPortFrom(guest, clientPort)
 		remote := netip.MustParseAddrPort("203.0.113.7:80")
 		fake := netip.MustParseAddrPort("203.0.113.7:30000")
-		rw := []Rewrite{
-			{From: Tuple{client, remote}, To: Tuple{fake, lnAddr}},
-			{From: Tuple{lnAddr, fake}, To: Tuple{remote, client}},
-		}
-		if err := m.Add(rw...); err != nil {
+		f := Flow{Guest: client, Remote: remote, Fake: fake, Listener: lnAddr}
+		if err := m.Add(f); err != nil {
 			t.Errorf("add: %v", err)
 			return
 		}
-		if err := m.Add(rw...); err == nil {
-			t.Error("adding the same rewrites twice: no error")
+		if err := m.Add(f); !errors.Is(err, unix.EEXIST) {
+			t.Errorf("adding the same flow twice: %v, want EEXIST", err)
 		}
-		go forwardSYN(tapQueue, rw[0])
+		go forwardHandshake(tapQueue, f)
+		tapSent := func() uint64 {
+			l, err := netlink.LinkByName("tap0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return l.Attrs().Statistics.TxBytes
+		}
 		accepted := make(chan *net.TCPConn, 1)
 		go func() {
 			c, err := ln.AcceptTCP()
@@ -153,6 +160,7 @@ func checkRewrites(t *testing.T, guest netip.Addr, m Table, tapQueue *os.File, c
 		if got := c.RemoteAddr().(*net.TCPAddr).AddrPort(); got != remote {
 			t.Errorf("client sees peer %v, want %v", got, remote)
 		}
+		sentBefore := tapSent()
 		payload := make([]byte, 4<<20)
 		for i := range payload {
 			payload[i] = byte(rand.Uint32())
@@ -177,15 +185,19 @@ func checkRewrites(t *testing.T, guest netip.Addr, m Table, tapQueue *os.File, c
 		if err != nil || !bytes.Equal(back, payload[:1<<20]) {
 			t.Errorf("listener -> guest: %d of %d bytes, err %v", len(back), 1<<20, err)
 		}
-		if err := m.Remove(rw...); err != nil {
+		if sent := tapSent() - sentBefore; sent > 64<<10 {
+			t.Errorf("%d bytes left through the TAP during 5 MiB of transfers", sent)
+		}
+		if err := m.Remove(f, Both); err != nil {
 			t.Errorf("remove: %v", err)
 		}
-		if err := m.Remove(rw...); err != nil {
+		if err := m.Remove(f, Both); err != nil {
 			t.Errorf("removing what is gone: %v", err)
 		}
-		v6 := Rewrite{From: Tuple{netip.MustParseAddrPort("[fd00::100]:1"), netip.MustParseAddrPort("[2001:db8::1]:2")}, To: rw[0].To}
+		v6 := f
+		v6.Remote = netip.MustParseAddrPort("[2001:db8::1]:2")
 		if err := m.Add(v6); err != ErrUnsupported {
-			t.Errorf("an IPv6 rewrite: %v, want ErrUnsupported", err)
+			t.Errorf("an IPv6 flow: %v, want ErrUnsupported", err)
 		}
 	}
 }
@@ -193,27 +205,20 @@ func checkRewrites(t *testing.T, guest netip.Addr, m Table, tapQueue *os.File, c
 // A broker takes well-formed requests only (the sandbox it serves may be
 // hostile): whatever comes, no panic, and what parses encodes back the same.
 func FuzzParseRequest(f *testing.F) {
-	r := Rewrite{From: Tuple{netip.MustParseAddrPort("10.0.2.100:41000"), netip.MustParseAddrPort("203.0.113.7:80")},
-		To: Tuple{netip.MustParseAddrPort("203.0.113.7:30000"), netip.MustParseAddrPort("10.0.2.100:5000")}}
-	add := appendTuple(appendTuple([]byte{opAdd, 1}, r.From), r.To)
-	f.Add(add)
-	f.Add(appendTuple([]byte{opRemove, 1}, r.From))
+	flow := Flow{Guest: netip.MustParseAddrPort("10.0.2.100:41000"), Remote: netip.MustParseAddrPort("203.0.113.7:80"),
+		Fake: netip.MustParseAddrPort("203.0.113.7:30000"), Listener: netip.MustParseAddrPort("10.0.2.100:5000")}
+	f.Add(appendRequest(nil, opAdd, flow, Both))
+	f.Add(appendRequest(nil, opRemove, flow, Back))
+	f.Add(appendRequest(nil, opAdd, flow, Out))
 	f.Add([]byte{opAdd, 3})
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		op, rw, err := parseRequest(b)
+		op, flow, p, err := parseRequest(b)
 		if err != nil {
 			return
 		}
-		out := []byte{op, byte(len(rw))}
-		for _, r := range rw {
-			out = appendTuple(out, r.From)
-			if op == opAdd {
-				out = appendTuple(out, r.To)
-			}
-		}
-		if !bytes.Equal(out, b) {
-			t.Errorf("parsed %x as %v, which encodes as %x", b, rw, out)
+		if out := appendRequest(nil, op, flow, p); !bytes.Equal(out, b) {
+			t.Errorf("parsed %x as %v %v, which encodes as %x", b, flow, p, out)
 		}
 	})
 }
@@ -227,40 +232,50 @@ func btoi(b bool) int {
 
 var remoteMAC = net.HardwareAddr{0x02, 0, 0, 0, 0, 7}
 
-// forwardSYN does the helper's part for one connection: it reads frames from
-// the TAP until the SYN of rw, and writes it back rewritten, as from rw's
-// fake peer to the listener.
-func forwardSYN(q *os.File, rw Rewrite) {
+// forwardHandshake does the helper's part for one connection: the guest's
+// SYN goes to the listener as from the fake address, and the listener's
+// SYN-ACK back to the guest as from the remote one (both rewritten and
+// written back into the TAP); it returns once both went, or the TAP closed.
+func forwardHandshake(q *os.File, f Flow) {
 	buf := make([]byte, 65536)
-	for {
+	for done := 0; done < 2; {
 		n, err := q.Read(buf)
 		if err != nil {
 			return
 		}
-		f := buf[:n]
-		if len(f) < header.EthernetMinimumSize+header.IPv4MinimumSize+header.TCPMinimumSize ||
-			header.Ethernet(f).Type() != header.IPv4ProtocolNumber {
+		fr := buf[:n]
+		if len(fr) < header.EthernetMinimumSize+header.IPv4MinimumSize+header.TCPMinimumSize ||
+			header.Ethernet(fr).Type() != header.IPv4ProtocolNumber {
 			continue
 		}
-		ip := header.IPv4(f[header.EthernetMinimumSize:])
+		ip := header.IPv4(fr[header.EthernetMinimumSize:])
 		tcp := header.TCP(ip[ip.HeaderLength():])
-		if ip.Protocol() != uint8(header.TCPProtocolNumber) || tcp.Flags() != header.TCPFlagSyn ||
-			tcp.SourcePort() != rw.From.Src.Port() || tcp.DestinationPort() != rw.From.Dst.Port() {
+		if ip.Protocol() != uint8(header.TCPProtocolNumber) || tcp.Flags()&header.TCPFlagSyn == 0 {
 			continue
 		}
-		src, dst := tcpip.AddrFrom4(rw.To.Src.Addr().As4()), tcpip.AddrFrom4(rw.To.Dst.Addr().As4())
-		copy(f[0:6], f[6:12])
-		copy(f[6:12], remoteMAC)
-		ip.SetSourceAddress(src)
-		ip.SetDestinationAddress(dst)
+		from := netip.AddrPortFrom(netip.AddrFrom4(ip.SourceAddress().As4()), tcp.SourcePort())
+		var src, dst netip.AddrPort
+		switch from {
+		case f.Guest:
+			src, dst = f.Fake, f.Listener
+		case f.Listener:
+			src, dst = f.Remote, f.Guest
+		default:
+			continue
+		}
+		s4, d4 := tcpip.AddrFrom4(src.Addr().As4()), tcpip.AddrFrom4(dst.Addr().As4())
+		copy(fr[0:6], fr[6:12])
+		copy(fr[6:12], remoteMAC)
+		ip.SetSourceAddress(s4)
+		ip.SetDestinationAddress(d4)
 		ip.SetChecksum(0)
 		ip.SetChecksum(^ip.CalculateChecksum())
-		tcp.SetSourcePort(rw.To.Src.Port())
-		tcp.SetDestinationPort(rw.To.Dst.Port())
+		tcp.SetSourcePort(src.Port())
+		tcp.SetDestinationPort(dst.Port())
 		tcp.SetChecksum(0)
-		sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, src, dst, uint16(len(tcp)))
+		sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, s4, d4, uint16(len(tcp)))
 		tcp.SetChecksum(^tcp.CalculateChecksum(checksum.Checksum(tcp.Payload(), sum)))
-		_, _ = q.Write(f)
-		return
+		_, _ = q.Write(fr)
+		done++
 	}
 }

@@ -12,29 +12,75 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Rewrite is one direction of a flow: segments from From.src to From.dst
-// leave as from To.src to To.dst.
-type Rewrite struct {
-	From, To Tuple
+// Flow is one translated connection: the guest's socket Guest connected to
+// Remote, and the connection ends at Listener, which sees it come from
+// Fake. Its segments from Guest to Remote leave as from Fake to Listener
+// (the out map), and the listener's, from Listener to Fake, as from Remote
+// to Guest (the back map).
+type Flow struct {
+	Guest, Remote, Fake, Listener netip.AddrPort
 }
 
-// Tuple is a segment's source and destination.
-type Tuple struct {
-	Src, Dst netip.AddrPort
-}
+// Parts names a Flow's entries.
+type Parts uint8
 
-// ErrUnsupported: the map holds IPv4 flows only.
+const (
+	Out Parts = 1 << iota
+	Back
+	Both = Out | Back
+)
+
+// ErrUnsupported: the maps hold IPv4 flows only.
 var ErrUnsupported = errors.New("ktcpnat: IPv4 only")
 
-// Table is the map's entries as the helper changes them: a Map, or a
+// Table is the maps' entries as the helper changes them: a Map, or a
 // Client of a broker that holds one. Safe for concurrent use.
 type Table interface {
-	// Add puts rewrites in the map, all or none.
-	Add(rw ...Rewrite) error
-	// Remove takes rewrites out of the map; ones not there are no
+	// Add puts both of f's entries in, in one transaction: both or
+	// neither (unix.EEXIST: an entry with one of f's keys is there).
+	Add(f Flow) error
+	// Remove takes f's entries named by p out; ones not there are no
 	// error.
-	Remove(rw ...Rewrite) error
+	Remove(f Flow, p Parts) error
 	Close() error
+}
+
+func (f Flow) valid() bool {
+	for _, a := range []netip.AddrPort{f.Guest, f.Remote, f.Fake, f.Listener} {
+		if !a.Addr().Is4() {
+			return false
+		}
+	}
+	return true
+}
+
+// entry is one map's element: its key and, to add, its value.
+type entry struct {
+	set        string
+	key, value [16]byte
+}
+
+func (f Flow) entries(p Parts) []entry {
+	var es []entry
+	if p&Out != 0 {
+		es = append(es, entry{outMap, key(f.Guest, f.Remote), key(f.Fake, f.Listener)})
+	}
+	if p&Back != 0 {
+		es = append(es, entry{backMap, key(f.Listener, f.Fake), key(f.Remote, f.Guest)})
+	}
+	return es
+}
+
+// key lays out a segment's addresses as the rules load them: each field in
+// its own 32-bit register, ports zero-padded.
+func key(src, dst netip.AddrPort) [16]byte {
+	var b [16]byte
+	s, d := src.Addr().As4(), dst.Addr().As4()
+	copy(b[0:], s[:])
+	binary.BigEndian.PutUint16(b[4:], src.Port())
+	copy(b[8:], d[:])
+	binary.BigEndian.PutUint16(b[12:], dst.Port())
+	return b
 }
 
 // Open makes a Table of sock: the netlink socket Install returned (a Map),
@@ -62,8 +108,7 @@ func Open(sock *os.File) (Table, error) {
 	return nil, fmt.Errorf("ktcpnat: a socket of family %d is neither netlink nor a broker's", domain)
 }
 
-// Map adds and removes entries of the table's map, over the socket Install
-// returned.
+// Map changes the maps' entries over the socket Install returned.
 type Map struct {
 	mu     sync.Mutex
 	closed bool
@@ -89,48 +134,54 @@ func (m *Map) Close() error {
 	return m.f.Close()
 }
 
-func (m *Map) Add(rw ...Rewrite) error {
-	return m.change(unix.NFT_MSG_NEWSETELEM, unix.NLM_F_CREATE|unix.NLM_F_EXCL, rw)
-}
-
-func (m *Map) Remove(rw ...Rewrite) error {
-	err := m.change(unix.NFT_MSG_DELSETELEM, 0, rw)
-	if errors.Is(err, unix.ENOENT) {
-		return nil
+func (m *Map) Add(f Flow) error {
+	if !f.valid() {
+		return ErrUnsupported
 	}
-	return err
+	return m.transaction(unix.NFT_MSG_NEWSETELEM, unix.NLM_F_CREATE|unix.NLM_F_EXCL, f.entries(Both))
 }
 
-func (m *Map) change(msgType, flags uint16, rw []Rewrite) error {
-	add := msgType == unix.NFT_MSG_NEWSETELEM
-	for _, r := range rw {
-		if !r.From.is4() || add && !r.To.is4() {
-			return ErrUnsupported
+func (m *Map) Remove(f Flow, p Parts) error {
+	if !f.valid() {
+		return ErrUnsupported
+	}
+	// One transaction per entry: in one, an entry that is gone would
+	// keep the other from going.
+	var errs []error
+	for _, e := range f.entries(p) {
+		if err := m.transaction(unix.NFT_MSG_DELSETELEM, 0, []entry{e}); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, err)
 		}
 	}
+	return errors.Join(errs...)
+}
+
+func (m *Map) transaction(msgType, flags uint16, es []entry) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return os.ErrClosed
 	}
-	seq := m.seq + 1
-	m.seq += 3 // the batch's begin, its message, its end
-	msg, err := batch(seq, msgType, flags, rw, add)
+	first := m.seq + 1
+	msg, last, err := batch(first, msgType, flags, es)
 	if err != nil {
 		return err
 	}
-	return m.roundTrip(msg, seq+1)
+	m.seq = last
+	return m.roundTrip(msg, first, last)
 }
 
-// roundTrip sends a batch and reads the kernel's answer: an error for any
-// of its three messages (numbered from seq-1; a refused batch is answered
-// for its first), or the acknowledgement of the one in the middle. The
-// kernel runs a batch within the send, so the answer is there when it
-// returns; the socket's receive timeout (Install) covers the rest.
-func (m *Map) roundTrip(msg []byte, seq uint32) error {
+// roundTrip sends a batch numbered first to last and reads the kernel's
+// answers: an error for any message (a refused batch is answered for its
+// first), or the acknowledgements of the element messages, all those
+// between first and last. The kernel runs a batch within the send, so the
+// answers are there when it returns; the socket's receive timeout (Install)
+// covers the rest.
+func (m *Map) roundTrip(msg []byte, first, last uint32) error {
 	if err := unix.Sendto(m.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("nftables: send: %w", err)
 	}
+	acks := int(last - first - 1)
 	for range 8 {
 		n, _, err := unix.Recvfrom(m.fd, m.buf, 0)
 		if err != nil {
@@ -141,13 +192,12 @@ func (m *Map) roundTrip(msg []byte, seq uint32) error {
 			if l < unix.NLMSG_HDRLEN || l > len(b) {
 				break
 			}
-			typ, got := binary.NativeEndian.Uint16(b[4:]), binary.NativeEndian.Uint32(b[8:])
-			if typ == unix.NLMSG_ERROR && got+1 >= seq && got <= seq+1 && l >= unix.NLMSG_HDRLEN+4 {
-				errno := -int32(binary.NativeEndian.Uint32(b[unix.NLMSG_HDRLEN:]))
-				if errno != 0 {
+			typ, seq := binary.NativeEndian.Uint16(b[4:]), binary.NativeEndian.Uint32(b[8:])
+			if typ == unix.NLMSG_ERROR && seq >= first && seq <= last && l >= unix.NLMSG_HDRLEN+4 {
+				if errno := -int32(binary.NativeEndian.Uint32(b[unix.NLMSG_HDRLEN:])); errno != 0 {
 					return fmt.Errorf("nftables: %w", unix.Errno(errno))
 				}
-				if got == seq {
+				if acks--; acks == 0 {
 					return nil
 				}
 			}
@@ -155,20 +205,6 @@ func (m *Map) roundTrip(msg []byte, seq uint32) error {
 		}
 	}
 	return errors.New("nftables: no answer")
-}
-
-func (t Tuple) is4() bool { return t.Src.Addr().Is4() && t.Dst.Addr().Is4() }
-
-// key lays a tuple out as the rule loads it: each field in its own 32-bit
-// register, ports zero-padded.
-func (t Tuple) key() []byte {
-	b := make([]byte, 16)
-	s, d := t.Src.Addr().As4(), t.Dst.Addr().As4()
-	copy(b[0:], s[:])
-	binary.BigEndian.PutUint16(b[4:], t.Src.Port())
-	copy(b[8:], d[:])
-	binary.BigEndian.PutUint16(b[12:], t.Dst.Port())
-	return b
 }
 
 func nlmAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 )
@@ -80,17 +79,45 @@ func peerQuery(args []string) error {
 	return fmt.Errorf("no answer")
 }
 
+// burstServer sends BYTES to every client and closes first.
+func burstServer(args []string) error {
+	if err := needArgs(args, 2); err != nil {
+		return err
+	}
+	size, err := strconv.Atoi(args[1])
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", args[0])
+	if err != nil {
+		return err
+	}
+	fmt.Printf("listening %s\n", ln.Addr())
+	burst := make([]byte, size)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			_, _ = c.Write(burst)
+		}()
+	}
+}
+
 // tcpReconnect connects COUNT times in a row from one local port to a
-// peer-server, which answers and closes first: the port is free again at
-// once (no TIME_WAIT on this side), and each connection uses the same four
-// addresses as the one before.
+// burst-server, which sends BYTES and closes first: the port is free again
+// at once (no TIME_WAIT on this side), and each connection uses the same
+// four addresses as the one before.
 func tcpReconnect(args []string) error {
-	if err := needArgs(args, 3); err != nil {
+	if err := needArgs(args, 4); err != nil {
 		return err
 	}
 	port, err1 := strconv.Atoi(args[1])
 	count, err2 := strconv.Atoi(args[2])
-	if err := errors.Join(err1, err2); err != nil {
+	size, err3 := strconv.Atoi(args[3])
+	if err := errors.Join(err1, err2, err3); err != nil {
 		return err
 	}
 	d := net.Dialer{Timeout: 10 * time.Second, LocalAddr: &net.TCPAddr{Port: port},
@@ -110,10 +137,10 @@ func tcpReconnect(args []string) error {
 			return fmt.Errorf("connection %d: %w", i+1, err)
 		}
 		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		b, err := io.ReadAll(c)
+		n, err := io.Copy(io.Discard, c)
 		c.Close()
-		if err != nil || !strings.HasPrefix(string(b), "peer=") {
-			return fmt.Errorf("connection %d: read %q: %v", i+1, b, err)
+		if err != nil || n != int64(size) {
+			return fmt.Errorf("connection %d: read %d of %d bytes: %v", i+1, n, size, err)
 		}
 	}
 	fmt.Printf("reconnects=%d\n", count)
