@@ -4,12 +4,12 @@ import (
 	"errors"
 	"net"
 	"net/netip"
-	"os"
-	"runtime"
 	"testing"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/tap/taptest"
 )
 
 func TestRouteIsLocal(t *testing.T) {
@@ -25,19 +25,7 @@ func TestRouteIsLocal(t *testing.T) {
 // namespace, 203.0.113.0/24 routed `local` is the host's although no
 // interface has such an address.
 func TestLocalRouteIsHost(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for a network namespace of its own")
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		// The thread is left in its namespace and dies with the
-		// goroutine (no UnlockOSThread).
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			t.Errorf("unshare: %v", err)
-			return
-		}
+	taptest.InFreshNetns(t, func() {
 		lo, err := netlink.LinkByName("lo")
 		if err == nil {
 			err = netlink.LinkSetUp(lo)
@@ -59,8 +47,7 @@ func TestLocalRouteIsHost(t *testing.T) {
 		if local, err := routeIsLocal(addr); err != nil || !local {
 			t.Errorf("with `local 203.0.113.0/24 dev lo`: local %v, %v; want true", local, err)
 		}
-	}()
-	<-done
+	})
 }
 
 func TestHostLocalCache(t *testing.T) {

@@ -2,36 +2,15 @@ package tap
 
 import (
 	"os"
-	"runtime"
 	"testing"
 
-	"golang.org/x/sys/unix"
+	"github.com/netns-run/netns-run/tap/taptest"
 )
-
-// inFreshNetns runs f on a thread in a new network namespace; the thread
-// is never returned to the scheduler, so the namespace dies with it.
-func inFreshNetns(t *testing.T, f func()) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create a network namespace and a TAP")
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			t.Errorf("unshare: %v", err)
-			return
-		}
-		f()
-	}()
-	<-done
-}
 
 // A TAP opened with offloads says so to whoever holds a queue, and one
 // without says it has no header.
 func TestOffloadQueueReportsVnetHdr(t *testing.T) {
-	inFreshNetns(t, func() {
+	taptest.InFreshNetns(t, func() {
 		for _, c := range []struct {
 			offload bool
 			want    int

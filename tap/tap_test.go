@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/tap/taptest"
 )
 
 // persistentTap creates a TAP the way a runtime does before it starts the
@@ -51,7 +53,7 @@ func queueFlags(t *testing.T, dev *TapDevice) uint16 {
 // attached in its own mode, one queue when it is not multi-queue, with the
 // offloads either way.
 func TestCreateQueues(t *testing.T) {
-	inFreshNetns(t, func() {
+	taptest.InFreshNetns(t, func() {
 		for _, c := range []struct {
 			name        string
 			existing    *bool // nil: the TAP does not exist yet
@@ -92,7 +94,7 @@ func TestCreateQueues(t *testing.T) {
 // TestCreateBusy: a single-queue TAP that another process holds is not
 // shared, whatever the number of queues asked for.
 func TestCreateBusy(t *testing.T) {
-	inFreshNetns(t, func() {
+	taptest.InFreshNetns(t, func() {
 		held, err := Create("tap0", Options{Offload: true})
 		if err != nil {
 			t.Error(err)

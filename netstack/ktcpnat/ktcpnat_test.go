@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"testing"
 	"time"
 
@@ -20,27 +19,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"github.com/netns-run/netns-run/tap"
+	"github.com/netns-run/netns-run/tap/taptest"
 )
-
-// inFreshNetns runs f on a thread in a new network namespace; the thread
-// is never returned to the scheduler, so the namespace dies with it.
-func inFreshNetns(t *testing.T, f func()) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create a network namespace and a TAP")
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		runtime.LockOSThread()
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			t.Errorf("unshare: %v", err)
-			return
-		}
-		f()
-	}()
-	<-done
-}
 
 // A connection to a remote address ends at a listener in the namespace
 // once the maps have the flow, with every byte intact both ways and each
@@ -50,7 +30,7 @@ func inFreshNetns(t *testing.T, f func()) {
 // helper's part: rewrite them and write them back. The rest never reaches
 // the TAP.
 func TestMapRewritesToListener(t *testing.T) {
-	inFreshNetns(t, func() {
+	taptest.InFreshNetns(t, func() {
 		guest := netip.MustParseAddr("10.0.2.100")
 		dev, err := tap.Create("tap0", tap.Options{})
 		if err != nil {
