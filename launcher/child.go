@@ -151,7 +151,7 @@ func setUpChild(ch channel) (*childConfig, error) {
 		ready.Listener = true
 		files = append(files[:len(files):len(files)], ln)
 		defer ln.Close()
-		if nat := tcpNAT(cfg); nat != nil {
+		if nat := tcpNAT(cfg, dev.Name()); nat != nil {
 			ready.NAT = true
 			files = append(files, nat)
 			defer nat.Close()
@@ -218,11 +218,11 @@ func tcpListener(cfg *childConfig) *os.File {
 // ktcpnat) and returns its netlink socket, or nil: without it the helper
 // translates each segment itself, so a failure (no nf_tables in this
 // kernel, or it refuses this namespace) is no reason to fail the namespace.
-func tcpNAT(cfg *childConfig) *os.File {
+func tcpNAT(cfg *childConfig, tapName string) *os.File {
 	if !cfg.Guest.Address.Addr().Is4() {
 		return nil
 	}
-	f, err := ktcpnat.Install()
+	f, err := ktcpnat.Install(tapName)
 	if err != nil {
 		return nil
 	}

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 
@@ -18,11 +19,14 @@ import (
 // the netlink socket 4.
 const natBrokerEnvValue = "natbroker"
 
+// natBrokerPortEnv tells the broker the listener's port (ktcpnat.Serve).
+const natBrokerPortEnv = "_NETNS_RUN_NAT_LISTENER_PORT"
+
 // StartNATBroker starts a broker process for the netlink socket nat (which
 // it closes here) and returns the connection to it, for
 // netstack.Config.KernelTCPNAT in the sandbox. The broker exits when the
 // connection's last holder closes it.
-func StartNATBroker(nat *os.File) (*os.File, error) {
+func StartNATBroker(nat *os.File, listenerPort uint16) (*os.File, error) {
 	defer nat.Close()
 	ours, theirs, err := ktcpnat.Pair()
 	if err != nil {
@@ -31,7 +35,7 @@ func StartNATBroker(nat *os.File) (*os.File, error) {
 	defer theirs.Close()
 	cmd := exec.Command("/proc/self/exe")
 	cmd.Args = []string{os.Args[0]}
-	cmd.Env = append(os.Environ(), childEnv+"="+natBrokerEnvValue)
+	cmd.Env = append(os.Environ(), childEnv+"="+natBrokerEnvValue, natBrokerPortEnv+"="+strconv.Itoa(int(listenerPort)))
 	cmd.Stderr = os.Stderr
 	cmd.ExtraFiles = []*os.File{theirs, nat}
 	if err := cmd.Start(); err != nil {
@@ -53,7 +57,12 @@ func runNATBroker() int {
 	m := ktcpnat.NewMap(os.NewFile(4, "nftables"))
 	defer m.Close()
 	defer conn.Close()
-	if err := ktcpnat.Serve(conn, m); err != nil {
+	port, err := strconv.ParseUint(os.Getenv(natBrokerPortEnv), 10, 16)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nat broker: listener port: %v\n", err)
+		return 1
+	}
+	if err := ktcpnat.Serve(conn, m, uint16(port)); err != nil {
 		fmt.Fprintf(os.Stderr, "nat broker: %v\n", err)
 		return 1
 	}

@@ -217,6 +217,9 @@ func (k *kernelTCP) translateInKernel(f *ktcpFlow) {
 		}
 	}
 	if err != nil {
+		// Unless the kernel said no, the entries may be in (an
+		// answer lost): removing them at the end is harmless if not.
+		f.inKernel = !errors.Is(err, unix.EEXIST) && !errors.Is(err, unix.ENFILE)
 		k.natFailed(f, err)
 		return
 	}
@@ -228,11 +231,15 @@ func (f *ktcpFlow) natFlow() ktcpnat.Flow {
 	return ktcpnat.Flow{Guest: f.key.guest, Remote: f.key.remote, Fake: f.fake, Listener: f.listener}
 }
 
-// natFailed leaves f on the TAP. A full map frees up as flows end;
-// anything else (the guest deleted the table, the kernel refuses us)
-// lasts, and no flow tries again.
+// natFailed leaves f on the TAP. A full map frees up as flows end, and
+// memory may; anything else (the guest deleted the table, the kernel
+// refuses us, the broker is gone or mute) lasts, and no flow tries again.
 func (k *kernelTCP) natFailed(f *ktcpFlow, err error) {
-	if !errors.Is(err, unix.ENFILE) && k.natOff.CompareAndSwap(false, true) {
+	transient := false
+	for _, e := range []error{unix.ENFILE, unix.EEXIST, unix.ENOMEM, unix.ENOBUFS, unix.EBUSY} {
+		transient = transient || errors.Is(err, e)
+	}
+	if !transient && k.natOff.CompareAndSwap(false, true) {
 		k.s.log.Debug("tcp: the guest's kernel does not translate flows; the helper does", "err", err)
 		return
 	}
@@ -426,8 +433,8 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 		// the SYN (which the rules leave alone) to the old listener
 		// side. Its listener side stays until its own linger ends.
 		_ = k.nat.Remove(old.natFlow(), ktcpnat.Out)
-		f.supersedes = nil
 	}
+	f.supersedes = nil
 	dst := f.key.remote
 	d := s.decideTCP(dst)
 	f.handoff = ktcpHandoff{decided: true, decision: d}

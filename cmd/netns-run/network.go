@@ -73,7 +73,7 @@ func startEngine(ctx context.Context, ns launcher.Namespace, netCfg netstack.Con
 	nat := ns.TCPNAT
 	if nat != nil {
 		var err error
-		if nat, err = ktcpnat.ServeInBackground(nat); err != nil {
+		if nat, err = ktcpnat.ServeInBackground(nat, portfwd.SocketPort(ns.TCPListener)); err != nil {
 			nat = nil
 		}
 	}

@@ -314,7 +314,7 @@ func (h *helper) enterSandbox() error {
 	if h.tcpNAT != nil {
 		// The sandbox may not change the guest's nftables: a broker
 		// outside does it for the sandbox.
-		conn, err := launcher.StartNATBroker(h.tcpNAT)
+		conn, err := launcher.StartNATBroker(h.tcpNAT, portfwd.SocketPort(h.tcpListener))
 		h.tcpNAT = nil
 		if err == nil {
 			st.TCPNATFD = int(conn.Fd())

@@ -2,8 +2,10 @@ package ktcpnat
 
 import (
 	"encoding/binary"
+	"net/netip"
 
 	"github.com/mdlayher/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
@@ -45,6 +47,32 @@ func batch(first uint32, msgType, flags uint16, es []entry) (msg []byte, last ui
 	seq++
 	msg = appendMessage(msg, unix.NFNL_MSG_BATCH_END, unix.NLM_F_REQUEST, seq, unix.AF_UNSPEC, unix.NFNL_SUBSYS_NFTABLES, nil)
 	return msg, seq, nil
+}
+
+// conntrackDelete encodes a conntrack request (not batched) that deletes
+// the entry whose original direction is the TCP connection from src to dst.
+func conntrackDelete(seq uint32, src, dst netip.AddrPort) ([]byte, error) {
+	ae := netlink.NewAttributeEncoder()
+	ae.Nested(nl.CTA_TUPLE_ORIG, func(ae *netlink.AttributeEncoder) error {
+		ae.Nested(nl.CTA_TUPLE_IP, func(ae *netlink.AttributeEncoder) error {
+			s, d := src.Addr().As4(), dst.Addr().As4()
+			ae.Bytes(nl.CTA_IP_V4_SRC, s[:])
+			ae.Bytes(nl.CTA_IP_V4_DST, d[:])
+			return nil
+		})
+		ae.Nested(nl.CTA_TUPLE_PROTO, func(ae *netlink.AttributeEncoder) error {
+			ae.Uint8(nl.CTA_PROTO_NUM, unix.IPPROTO_TCP)
+			ae.Bytes(nl.CTA_PROTO_SRC_PORT, binary.BigEndian.AppendUint16(nil, src.Port()))
+			ae.Bytes(nl.CTA_PROTO_DST_PORT, binary.BigEndian.AppendUint16(nil, dst.Port()))
+			return nil
+		})
+		return nil
+	})
+	attrs, err := ae.Encode()
+	if err != nil {
+		return nil, err
+	}
+	return appendMessage(nil, unix.NFNL_SUBSYS_CTNETLINK<<8|nl.IPCTNL_MSG_CT_DELETE, unix.NLM_F_REQUEST|unix.NLM_F_ACK, seq, unix.AF_INET, 0, attrs), nil
 }
 
 // appendMessage appends a netlink header, an nfgenmsg and attrs.

@@ -33,8 +33,11 @@ const (
 var errBadRequest = errors.New("ktcpnat: malformed request")
 
 // Serve applies conn's requests to t until conn ends (its peer closed it,
-// or it was closed here); it closes neither.
-func Serve(conn *os.File, t Table) error {
+// or it was closed here); it closes neither. It refuses flows that do not
+// end at the listener's port on the guest's own address, or whose fake
+// address is not the remote one (the rules themselves only take segments
+// routed out of the TAP).
+func Serve(conn *os.File, t Table, listenerPort uint16) error {
 	fd := int(conn.Fd())
 	buf := make([]byte, requestLen+1)
 	for {
@@ -48,7 +51,7 @@ func Serve(conn *os.File, t Table) error {
 		var errno unix.Errno
 		op, f, p, err := parseRequest(buf[:n])
 		switch {
-		case err != nil:
+		case err != nil || !plausible(f, listenerPort):
 			errno = unix.EINVAL
 		case op == opAdd:
 			err = t.Add(f)
@@ -62,6 +65,13 @@ func Serve(conn *os.File, t Table) error {
 			return err
 		}
 	}
+}
+
+// plausible says whether f is a flow the kernel TCP path makes.
+func plausible(f Flow, listenerPort uint16) bool {
+	r := f.Remote.Addr()
+	return f.Listener.Port() == listenerPort && f.Listener.Addr() == f.Guest.Addr() && f.Fake.Addr() == r &&
+		!r.IsLoopback() && !r.IsUnspecified() && !r.IsMulticast() && r != f.Guest.Addr()
 }
 
 func parseRequest(b []byte) (op byte, f Flow, p Parts, err error) {
@@ -123,6 +133,9 @@ func (c *Client) request(op byte, f Flow, p Parts) error {
 	var ans [4]byte
 	n, err := unix.Read(c.fd, ans[:])
 	if err != nil || n != len(ans) {
+		// A late answer would be taken for the next request's.
+		c.closed = true
+		c.f.Close()
 		return fmt.Errorf("ktcpnat broker: no answer: %w", errors.Join(err, unix.EPIPE))
 	}
 	if errno := unix.Errno(binary.NativeEndian.Uint32(ans[:])); errno != 0 {
@@ -144,7 +157,7 @@ func Pair() (ours, theirs *os.File, err error) {
 // ServeInBackground runs a broker for the netlink socket nat in a goroutine
 // of this process and returns the connection to it. The goroutine ends, and
 // closes nat, once the connection's last holder closed it.
-func ServeInBackground(nat *os.File) (*os.File, error) {
+func ServeInBackground(nat *os.File, listenerPort uint16) (*os.File, error) {
 	ours, theirs, err := Pair()
 	if err != nil {
 		nat.Close()
@@ -152,7 +165,7 @@ func ServeInBackground(nat *os.File) (*os.File, error) {
 	}
 	go func() {
 		m := NewMap(nat)
-		_ = Serve(theirs, m)
+		_ = Serve(theirs, m, listenerPort)
 		theirs.Close()
 		m.Close()
 	}()

@@ -22,10 +22,12 @@ package ktcpnat
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 )
@@ -40,17 +42,17 @@ const (
 	localSet = "local"
 	// mapSize bounds each map; a flow past it keeps the TAP path.
 	mapSize = 65536
-	// localTimeout: a flow idle this long leaves localSet, until its
-	// guest side sends again; meanwhile the listener's side crosses the
-	// TAP (the helper translates it), which is slower, not wrong.
-	localTimeout = 2 * time.Minute
 )
 
-// Install creates the table in the calling thread's network namespace and
-// returns a netlink socket of that namespace for Map. Every thread of the
-// process must be in the namespace (the launcher's child joins it before
-// the Go runtime starts).
-func Install() (*os.File, error) {
+// Install creates the table in the calling thread's network namespace for
+// the segments routed out of the TAP tapName, and returns a netlink socket
+// of that namespace for Map. Every thread of the process must be in the
+// namespace (the launcher's child joins it before the Go runtime starts).
+func Install(tapName string) (*os.File, error) {
+	tapLink, err := net.InterfaceByName(tapName)
+	if err != nil {
+		return nil, fmt.Errorf("tap: %w", err)
+	}
 	c, err := nftables.New()
 	if err != nil {
 		return nil, fmt.Errorf("nftables: %w", err)
@@ -67,7 +69,10 @@ func Install() (*os.File, error) {
 	for _, s := range []*nftables.Set{
 		{Name: outMap, IsMap: true, DataType: tuple},
 		{Name: backMap, IsMap: true, DataType: tuple},
-		{Name: localSet, HasTimeout: true, Dynamic: true, Timeout: localTimeout},
+		// No timeout: a flow that left it would cross the TAP
+		// again, where the namespace's conntrack (notrack kept it
+		// out meanwhile) could find its segments out of window.
+		{Name: localSet, Dynamic: true},
 	} {
 		s.Table, s.Concatenation, s.KeyType, s.Size = table, true, tuple, mapSize
 		if err := c.AddSet(s, nil); err != nil {
@@ -77,7 +82,7 @@ func Install() (*os.File, error) {
 	}
 	chain := c.AddChain(&nftables.Chain{Table: table, Name: "out", Type: nftables.ChainTypeRoute,
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw})
-	for _, exprs := range rules(sets[outMap], sets[backMap], sets[localSet]) {
+	for _, exprs := range rules(uint32(tapLink.Index), sets[outMap], sets[backMap], sets[localSet]) {
 		c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
 	}
 	if err := c.Flush(); err != nil {
@@ -123,7 +128,7 @@ const (
 // and come back in, where conntrack undoes the masquerade. So the first
 // rule puts the listener-side key of each flow it translates in localSet,
 // and the second translates only keys found there.
-func rules(out, back, local *nftables.Set) [][]expr.Any {
+func rules(tapIndex uint32, out, back, local *nftables.Set) [][]expr.Any {
 	const ipSaddr, ipDaddr, ipCsum, tcpCsum, tcpFlags = 12, 16, 10, 16, 13
 	const syn, synAck = 0x02, 0x12
 	nh, th := expr.PayloadBaseNetworkHeader, expr.PayloadBaseTransportHeader
@@ -134,8 +139,12 @@ func rules(out, back, local *nftables.Set) [][]expr.Any {
 		return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: base, Offset: off, Len: n,
 			CsumType: expr.CsumTypeInet, CsumOffset: csum, CsumFlags: flags}
 	}
-	// loadKey: a TCP segment other than a bare SYN, its key in NFT_REG_1.
+	// loadKey: a TCP segment other than a bare SYN, routed out of the
+	// TAP (so the helper, and whoever holds the netlink socket, can only
+	// take connections that were theirs anyway), its key in NFT_REG_1.
 	loadKey := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyOIF, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(tapIndex)},
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		load(1, th, tcpFlags, 1),
@@ -162,7 +171,7 @@ func rules(out, back, local *nftables.Set) [][]expr.Any {
 		load(regLocal+1, th, 2, 2),
 		load(regLocal+2, nh, ipSaddr, 4),
 		load(regLocal+3, th, 0, 2),
-		&expr.Dynset{SrcRegKey: regLocal, SetName: local.Name, SetID: local.ID, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: localTimeout},
+		&expr.Dynset{SrcRegKey: regLocal, SetName: local.Name, SetID: local.ID, Operation: unix.NFT_DYNSET_OP_ADD},
 		&expr.Verdict{Kind: expr.VerdictAccept},
 	)
 	backRule := append(append(append([]expr.Any(nil), loadKey...),

@@ -4,14 +4,19 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -31,43 +36,26 @@ import (
 // the TAP.
 func TestMapRewritesToListener(t *testing.T) {
 	taptest.InFreshNetns(t, func() {
-		guest := netip.MustParseAddr("10.0.2.100")
-		dev, err := tap.Create("tap0", tap.Options{})
+		dev, guest, ok := setUpGuest(t)
+		if !ok {
+			return
+		}
+		defer dev.Close()
+		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: guest.AsSlice()})
 		if err != nil {
 			t.Error(err)
 			return
 		}
-		defer dev.Close()
-		for _, name := range []string{"lo", "tap0"} {
-			l, err := netlink.LinkByName(name)
-			if err == nil {
-				err = netlink.LinkSetUp(l)
-			}
-			if err == nil && name == "tap0" {
-				err = netlink.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: guest.AsSlice(), Mask: net.CIDRMask(24, 32)}})
-			}
-			if err == nil && name == "tap0" {
-				_, dst, _ := net.ParseCIDR("203.0.113.0/24")
-				err = netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK})
-			}
-			if err == nil && name == "tap0" {
-				// No ARP: the SYN comes at once.
-				err = netlink.NeighAdd(&netlink.Neigh{LinkIndex: l.Attrs().Index, Family: netlink.FAMILY_V4,
-					State: netlink.NUD_PERMANENT, IP: net.ParseIP("203.0.113.7"), HardwareAddr: remoteMAC})
-			}
-			if err != nil {
-				t.Errorf("set up %s: %v", name, err)
-				return
-			}
-		}
+		defer ln.Close()
+		lnPort := uint16(ln.Addr().(*net.TCPAddr).Port)
 		for _, broker := range []bool{false, true} {
-			sock, err := Install()
+			sock, err := Install("tap0")
 			if err != nil {
 				t.Skipf("nftables unusable here: %v", err)
 			}
 			var m Table = NewMap(sock)
 			if broker {
-				if sock, err = ServeInBackground(sock); err == nil {
+				if sock, err = ServeInBackground(sock, lnPort); err == nil {
 					m, err = Open(sock)
 				}
 				if err != nil {
@@ -75,7 +63,7 @@ func TestMapRewritesToListener(t *testing.T) {
 					return
 				}
 			}
-			checkRewrites(t, guest, m, dev.Queues()[0], 41000+uint16(btoi(broker)))
+			checkRewrites(t, m, dev.Queues()[0], ln, 41000+uint16(btoi(broker)))
 			m.Close()
 		}
 	})
@@ -83,16 +71,11 @@ func TestMapRewritesToListener(t *testing.T) {
 
 // checkRewrites puts a flow into m and checks a connection through it, and
 // takes it out.
-func checkRewrites(t *testing.T, guest netip.Addr, m Table, tapQueue *os.File, clientPort uint16) {
+func checkRewrites(t *testing.T, m Table, tapQueue *os.File, ln *net.TCPListener, clientPort uint16) {
 	t.Helper()
 	{
-		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: guest.AsSlice()})
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		defer ln.Close()
-		lnAddr := netip.AddrPortFrom(guest, uint16(ln.Addr().(*net.TCPAddr).Port))
+		lnAddr := ln.Addr().(*net.TCPAddr).AddrPort()
+		guest := lnAddr.Addr()
 		client := netip.AddrPortFrom(guest, clientPort)
 		remote := netip.MustParseAddrPort("203.0.113.7:80")
 		fake := netip.MustParseAddrPort("203.0.113.7:30000")
@@ -104,7 +87,17 @@ func checkRewrites(t *testing.T, guest netip.Addr, m Table, tapQueue *os.File, c
 		if err := m.Add(f); !errors.Is(err, unix.EEXIST) {
 			t.Errorf("adding the same flow twice: %v, want EEXIST", err)
 		}
-		go forwardHandshake(tapQueue, f)
+		forwarded := make(chan struct{})
+		go func() {
+			forwardTAP(tapQueue, f, true)
+			close(forwarded)
+		}()
+		defer func() {
+			// The next flow's forwarder must be the queue's only reader.
+			_ = tapQueue.SetReadDeadline(time.Now())
+			<-forwarded
+			_ = tapQueue.SetReadDeadline(time.Time{})
+		}()
 		tapSent := func() uint64 {
 			l, err := netlink.LinkByName("tap0")
 			if err != nil {
@@ -212,13 +205,49 @@ func btoi(b bool) int {
 
 var remoteMAC = net.HardwareAddr{0x02, 0, 0, 0, 0, 7}
 
-// forwardHandshake does the helper's part for one connection: the guest's
-// SYN goes to the listener as from the fake address, and the listener's
-// SYN-ACK back to the guest as from the remote one (both rewritten and
-// written back into the TAP); it returns once both went, or the TAP closed.
-func forwardHandshake(q *os.File, f Flow) {
+// setUpGuest gives the namespace the guest's TAP (nobody reads it but the
+// test), address and a route to 203.0.113.0/24 through it, with the
+// remote's MAC known (no ARP: a SYN goes out at once).
+func setUpGuest(t *testing.T) (*tap.TapDevice, netip.Addr, bool) {
+	guest := netip.MustParseAddr("10.0.2.100")
+	dev, err := tap.Create("tap0", tap.Options{})
+	if err != nil {
+		t.Error(err)
+		return nil, guest, false
+	}
+	for _, name := range []string{"lo", "tap0"} {
+		l, err := netlink.LinkByName(name)
+		if err == nil {
+			err = netlink.LinkSetUp(l)
+		}
+		if err == nil && name == "tap0" {
+			err = netlink.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: guest.AsSlice(), Mask: net.CIDRMask(24, 32)}})
+		}
+		if err == nil && name == "tap0" {
+			_, dst, _ := net.ParseCIDR("203.0.113.0/24")
+			err = netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK})
+		}
+		if err == nil && name == "tap0" {
+			err = netlink.NeighAdd(&netlink.Neigh{LinkIndex: l.Attrs().Index, Family: netlink.FAMILY_V4,
+				State: netlink.NUD_PERMANENT, IP: net.ParseIP("203.0.113.7"), HardwareAddr: remoteMAC})
+		}
+		if err != nil {
+			t.Errorf("set up %s: %v", name, err)
+			dev.Close()
+			return nil, guest, false
+		}
+	}
+	return dev, guest, true
+}
+
+// forwardTAP does the helper's part for f's segments that cross the TAP
+// (with synOnly, the handshake's alone): the guest's go to the listener as
+// from the fake address, the listener's back to the guest as from the
+// remote one, rewritten and written back into the TAP. It returns once a
+// read fails (the TAP closed, or a deadline passed).
+func forwardTAP(q *os.File, f Flow, synOnly bool) {
 	buf := make([]byte, 65536)
-	for done := 0; done < 2; {
+	for {
 		n, err := q.Read(buf)
 		if err != nil {
 			return
@@ -229,8 +258,8 @@ func forwardHandshake(q *os.File, f Flow) {
 			continue
 		}
 		ip := header.IPv4(fr[header.EthernetMinimumSize:])
-		tcp := header.TCP(ip[ip.HeaderLength():])
-		if ip.Protocol() != uint8(header.TCPProtocolNumber) || tcp.Flags()&header.TCPFlagSyn == 0 {
+		tcp := header.TCP(ip[ip.HeaderLength():ip.TotalLength()])
+		if ip.Protocol() != uint8(header.TCPProtocolNumber) || synOnly && tcp.Flags()&header.TCPFlagSyn == 0 {
 			continue
 		}
 		from := netip.AddrPortFrom(netip.AddrFrom4(ip.SourceAddress().As4()), tcp.SourcePort())
@@ -256,6 +285,152 @@ func forwardHandshake(q *os.File, f Flow) {
 		sum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, s4, d4, uint16(len(tcp)))
 		tcp.SetChecksum(^tcp.CalculateChecksum(checksum.Checksum(tcp.Payload(), sum)))
 		_, _ = q.Write(fr)
-		done++
+	}
+}
+
+// A flow's connections, tracked by the namespace's conntrack while their
+// segments crossed the TAP (an input rule that looks at conntrack state
+// turns it on), leave conntrack when the flow leaves the maps: once
+// translated, the rules kept their segments out of it, and the entries
+// would have stayed, ESTABLISHED, for days.
+func TestRemoveForgetsConntrack(t *testing.T) {
+	taptest.InFreshNetns(t, func() {
+		dev, guest, ok := setUpGuest(t)
+		if !ok {
+			return
+		}
+		defer dev.Close()
+		sock, err := Install("tap0")
+		if err != nil {
+			t.Skipf("nftables unusable here: %v", err)
+		}
+		m := NewMap(sock)
+		defer m.Close()
+		if err := trackConnections(); err != nil {
+			t.Skipf("conntrack unusable here: %v", err)
+		}
+		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: guest.AsSlice()})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer ln.Close()
+		f := Flow{Guest: netip.AddrPortFrom(guest, 41010), Remote: netip.MustParseAddrPort("203.0.113.7:80"),
+			Fake: netip.MustParseAddrPort("203.0.113.7:30010"), Listener: ln.Addr().(*net.TCPAddr).AddrPort()}
+		go forwardTAP(dev.Queues()[0], f, false)
+		accepted := make(chan *net.TCPConn, 1)
+		go func() {
+			c, _ := ln.AcceptTCP()
+			accepted <- c
+		}()
+		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(f.Guest), Timeout: 3 * time.Second}
+		cc, err := d.Dial("tcp4", f.Remote.String())
+		if err != nil {
+			t.Errorf("dial: %v", err)
+			return
+		}
+		defer cc.Close()
+		s := <-accepted
+		if s == nil {
+			t.Error("no accept")
+			return
+		}
+		defer s.Close()
+		tracked := func() (guestSide, listenerSide bool) {
+			b, _ := os.ReadFile("/proc/thread-self/net/nf_conntrack")
+			for _, l := range strings.Split(string(b), "\n") {
+				guestSide = guestSide || strings.Contains(l, fmt.Sprintf("sport=%d dport=%d", f.Guest.Port(), f.Remote.Port()))
+				listenerSide = listenerSide || strings.Contains(l, fmt.Sprintf("sport=%d dport=%d", f.Fake.Port(), f.Listener.Port()))
+			}
+			return guestSide, listenerSide
+		}
+		if g, l := tracked(); !g || !l {
+			t.Errorf("before the maps, conntrack tracks the guest's connection %v, the listener's %v; want both", g, l)
+		}
+		if err := m.Add(f); err != nil {
+			t.Errorf("add: %v", err)
+			return
+		}
+		if err := m.Remove(f, Both); err != nil {
+			t.Errorf("remove: %v", err)
+		}
+		if g, l := tracked(); g || l {
+			t.Errorf("after the flow left the maps, conntrack still tracks the guest's connection %v, the listener's %v", g, l)
+		}
+	})
+}
+
+// trackConnections turns conntrack on in the calling thread's namespace: a
+// rule that looks at connection state.
+func trackConnections() error {
+	c, err := nftables.New()
+	if err != nil {
+		return err
+	}
+	defer c.CloseLasting()
+	table := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: "fw"})
+	chain := c.AddChain(&nftables.Chain{Table: table, Name: "in", Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter})
+	c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitINVALID), Xor: binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
+		&expr.Verdict{Kind: expr.VerdictDrop},
+	}})
+	return c.Flush()
+}
+
+// recordingTable is a Table that notes what it was asked.
+type recordingTable struct{ adds, removes int }
+
+func (r *recordingTable) Add(Flow) error           { r.adds++; return nil }
+func (r *recordingTable) Remove(Flow, Parts) error { r.removes++; return nil }
+func (r *recordingTable) Close() error             { return nil }
+
+// The broker applies flows the kernel TCP path makes and refuses others: a
+// compromised sandbox could otherwise point connections inside the
+// namespace at whatever it likes.
+func TestBrokerRefusesImplausibleFlows(t *testing.T) {
+	ours, theirs, err := Pair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer theirs.Close()
+	rec := &recordingTable{}
+	served := make(chan error, 1)
+	go func() { served <- Serve(theirs, rec, 5000) }()
+	c, err := Open(ours)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := Flow{Guest: netip.MustParseAddrPort("10.0.2.100:41000"), Remote: netip.MustParseAddrPort("203.0.113.7:80"),
+		Fake: netip.MustParseAddrPort("203.0.113.7:30000"), Listener: netip.MustParseAddrPort("10.0.2.100:5000")}
+	if err := c.Add(good); err != nil {
+		t.Errorf("a plausible flow: %v", err)
+	}
+	if err := c.Remove(good, Back); err != nil {
+		t.Errorf("removing it: %v", err)
+	}
+	for name, mutate := range map[string]func(*Flow){
+		"another listener port": func(f *Flow) { f.Listener = netip.MustParseAddrPort("10.0.2.100:5001") },
+		"fake not the remote":   func(f *Flow) { f.Fake = netip.MustParseAddrPort("198.51.100.1:30000") },
+		"loopback remote": func(f *Flow) {
+			f.Remote, f.Fake = netip.MustParseAddrPort("127.0.0.1:80"), netip.MustParseAddrPort("127.0.0.1:30000")
+		},
+		"listener elsewhere": func(f *Flow) { f.Listener = netip.MustParseAddrPort("10.0.2.101:5000") },
+	} {
+		f := good
+		mutate(&f)
+		if err := c.Add(f); !errors.Is(err, unix.EINVAL) {
+			t.Errorf("%s: %v, want EINVAL", name, err)
+		}
+	}
+	c.Close()
+	if err := <-served; err != nil {
+		t.Errorf("serve after the client closed: %v", err)
+	}
+	if rec.adds != 1 || rec.removes != 1 {
+		t.Errorf("the table saw %d adds and %d removes, want 1 and 1", rec.adds, rec.removes)
 	}
 }

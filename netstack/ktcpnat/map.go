@@ -39,8 +39,9 @@ type Table interface {
 	// Add puts both of f's entries in, in one transaction: both or
 	// neither (unix.EEXIST: an entry with one of f's keys is there).
 	Add(f Flow) error
-	// Remove takes f's entries named by p out; ones not there are no
-	// error.
+	// Remove takes f's entries named by p out, and the namespace's
+	// conntrack entries of the connections they name (see Map.Remove);
+	// ones not there are no error.
 	Remove(f Flow, p Parts) error
 	Close() error
 }
@@ -54,19 +55,24 @@ func (f Flow) valid() bool {
 	return true
 }
 
-// entry is one map's element: its key and, to add, its value.
+// entry is one element of a map (with its value) or of localSet.
 type entry struct {
 	set        string
 	key, value [16]byte
 }
 
-func (f Flow) entries(p Parts) []entry {
+// entries lists f's map entries named by p, and for removal the Back
+// part's element of localSet (which the rules add).
+func (f Flow) entries(p Parts, removal bool) []entry {
 	var es []entry
 	if p&Out != 0 {
 		es = append(es, entry{outMap, key(f.Guest, f.Remote), key(f.Fake, f.Listener)})
 	}
 	if p&Back != 0 {
 		es = append(es, entry{backMap, key(f.Listener, f.Fake), key(f.Remote, f.Guest)})
+		if removal {
+			es = append(es, entry{set: localSet, key: key(f.Listener, f.Fake)})
+		}
 	}
 	return es
 }
@@ -138,22 +144,51 @@ func (m *Map) Add(f Flow) error {
 	if !f.valid() {
 		return ErrUnsupported
 	}
-	return m.transaction(unix.NFT_MSG_NEWSETELEM, unix.NLM_F_CREATE|unix.NLM_F_EXCL, f.entries(Both))
+	return m.transaction(unix.NFT_MSG_NEWSETELEM, unix.NLM_F_CREATE|unix.NLM_F_EXCL, f.entries(Both, false))
 }
 
+// Remove also drops the conntrack entries the namespace made for the
+// flow's two connections while their segments crossed the TAP (Fake's to
+// the listener, for Back; the guest's to Remote, for Both): once
+// translated, the rules kept their segments out of conntrack, which would
+// have held the entries, ESTABLISHED, for days.
 func (m *Map) Remove(f Flow, p Parts) error {
 	if !f.valid() {
 		return ErrUnsupported
 	}
 	// One transaction per entry: in one, an entry that is gone would
-	// keep the other from going.
+	// keep the others from going.
 	var errs []error
-	for _, e := range f.entries(p) {
+	for _, e := range f.entries(p, true) {
 		if err := m.transaction(unix.NFT_MSG_DELSETELEM, 0, []entry{e}); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, err)
 		}
 	}
+	if p == Both {
+		// (Out alone: a new connection on the guest's addresses took
+		// them over; the entry may be its own.)
+		m.forgetConnection(f.Guest, f.Remote)
+	}
+	if p&Back != 0 {
+		m.forgetConnection(f.Fake, f.Listener)
+	}
 	return errors.Join(errs...)
+}
+
+// forgetConnection drops the conntrack entry of the TCP connection from
+// src to dst, if the namespace tracks one (best effort: without conntrack
+// in use there is none).
+func (m *Map) forgetConnection(src, dst netip.AddrPort) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return
+	}
+	m.seq++
+	msg, err := conntrackDelete(m.seq, src, dst)
+	if err == nil {
+		_ = m.roundTrip(msg, m.seq-1, m.seq+1)
+	}
 }
 
 func (m *Map) transaction(msgType, flags uint16, es []entry) error {
