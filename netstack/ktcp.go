@@ -261,9 +261,16 @@ func (k *kernelTCP) translateHere(f *ktcpFlow) {
 	if v, _ := k.byGuest.Load(f.key); v == f {
 		parts = ktcpnat.Both
 	}
-	if err := k.nat.Remove(f.natFlow(), parts); err != nil && !errors.Is(err, os.ErrClosed) {
-		k.s.log.Debug("tcp: removing a flow's translation from the guest's kernel", "src", f.key.guest, "dst", f.key.remote, "err", err)
-	}
+	// On a goroutine of its own: with a broker, a removal may take
+	// seconds, and the deferred work of every other flow waits behind
+	// this one (the parts are decided here, before the caller forgets
+	// the flow).
+	nf := f.natFlow()
+	k.s.flows.spawn(func() {
+		if err := k.nat.Remove(nf, parts); err != nil && !errors.Is(err, os.ErrClosed) {
+			k.s.log.Debug("tcp: removing a flow's translation from the guest's kernel", "src", nf.Guest, "dst", nf.Remote, "err", err)
+		}
+	})
 }
 
 // divert takes the guest's TCP segments of translated flows, and the first
