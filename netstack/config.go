@@ -61,7 +61,7 @@ type Config struct {
 	KernelTCP *os.File `json:"-"`
 	// KernelTCPNAT, with KernelTCP, is the netlink socket
 	// ktcpnat.Install returned inside the guest's namespace: the
-	// translation of IPv4 flows then runs in the guest's kernel. New
+	// translation of busy flows then runs in the guest's kernel. New
 	// closes it (the stack keeps a duplicate).
 	KernelTCPNAT *os.File `json:"-"`
 	// Logger receives debug detail and one line per problem. Nil: quiet.

@@ -122,11 +122,12 @@ type kernelTCP struct {
 	s    *Stack
 	link *tapLink
 	ln   *net.TCPListener
-	// nat, if set, moves IPv4 flows' translation into the guest's
+	// nat, if set, moves busy flows' translation into the guest's
 	// kernel once their host side is connected (package ktcpnat);
-	// natOff: it failed in a way that will not pass.
+	// natOff: it failed, for IPv4 flows ([0]) or IPv6 ones ([1]), in a
+	// way that will not pass (the kernel may lack IPv6 tables only).
 	nat    ktcpnat.Table
-	natOff atomic.Bool
+	natOff [2]atomic.Bool
 	// listener is the listener's address: the guest's IPv4 address, or
 	// the unspecified address (all of the guest's, IPv4 and IPv6).
 	listener netip.AddrPort
@@ -203,7 +204,7 @@ func newKernelTCP(s *Stack, link *tapLink, lnFile, natFile *os.File) (*kernelTCP
 // that carries one request and its answer is over before the two netlink
 // transactions (in, and out at the end) would pay off.
 func (k *kernelTCP) translateInKernel(f *ktcpFlow) {
-	if k.nat == nil || k.natOff.Load() || !f.key.guest.Addr().Is4() {
+	if k.nat == nil || k.natOff[f.family()].Load() {
 		return
 	}
 	nf := f.natFlow()
@@ -227,6 +228,14 @@ func (k *kernelTCP) translateInKernel(f *ktcpFlow) {
 	k.s.counters.tcpKernelNATTotal.Add(1)
 }
 
+// family indexes kernelTCP.natOff.
+func (f *ktcpFlow) family() int {
+	if f.key.guest.Addr().Is4() {
+		return 0
+	}
+	return 1
+}
+
 func (f *ktcpFlow) natFlow() ktcpnat.Flow {
 	return ktcpnat.Flow{Guest: f.key.guest, Remote: f.key.remote, Fake: f.fake, Listener: f.listener}
 }
@@ -239,8 +248,8 @@ func (k *kernelTCP) natFailed(f *ktcpFlow, err error) {
 	for _, e := range []error{unix.ENFILE, unix.EEXIST, unix.ENOMEM, unix.ENOBUFS, unix.EBUSY} {
 		transient = transient || errors.Is(err, e)
 	}
-	if !transient && k.natOff.CompareAndSwap(false, true) {
-		k.s.log.Debug("tcp: the guest's kernel does not translate flows; the helper does", "err", err)
+	if !transient && k.natOff[f.family()].CompareAndSwap(false, true) {
+		k.s.log.Debug("tcp: the guest's kernel does not translate flows of this family; the helper does", "ipv6", f.family() == 1, "err", err)
 		return
 	}
 	k.s.log.Debug("tcp: the guest's kernel does not translate the flow; the helper does", "src", f.key.guest, "dst", f.key.remote, "err", err)

@@ -14,7 +14,7 @@ import (
 // message per entry, a batch end numbered last. google/nftables encodes
 // the same messages but only sends them over a socket it makes itself, in
 // the caller's namespace; the helper is not in the guest's.
-func batch(first uint32, msgType, flags uint16, es []entry) (msg []byte, last uint32, err error) {
+func batch(first uint32, nfproto uint8, msgType, flags uint16, es []entry) (msg []byte, last uint32, err error) {
 	seq := first
 	msg = appendMessage(msg, unix.NFNL_MSG_BATCH_BEGIN, unix.NLM_F_REQUEST, seq, unix.AF_UNSPEC, unix.NFNL_SUBSYS_NFTABLES, nil)
 	for _, e := range es {
@@ -24,12 +24,12 @@ func batch(first uint32, msgType, flags uint16, es []entry) (msg []byte, last ui
 		ae.Nested(unix.NFTA_SET_ELEM_LIST_ELEMENTS, func(ae *netlink.AttributeEncoder) error {
 			ae.Nested(unix.NFTA_LIST_ELEM, func(ae *netlink.AttributeEncoder) error {
 				ae.Nested(unix.NFTA_SET_ELEM_KEY, func(ae *netlink.AttributeEncoder) error {
-					ae.Bytes(unix.NFTA_DATA_VALUE, e.key[:])
+					ae.Bytes(unix.NFTA_DATA_VALUE, e.key)
 					return nil
 				})
 				if msgType == unix.NFT_MSG_NEWSETELEM {
 					ae.Nested(unix.NFTA_SET_ELEM_DATA, func(ae *netlink.AttributeEncoder) error {
-						ae.Bytes(unix.NFTA_DATA_VALUE, e.value[:])
+						ae.Bytes(unix.NFTA_DATA_VALUE, e.value)
 						return nil
 					})
 				}
@@ -42,7 +42,7 @@ func batch(first uint32, msgType, flags uint16, es []entry) (msg []byte, last ui
 			return nil, 0, err
 		}
 		seq++
-		msg = appendMessage(msg, unix.NFNL_SUBSYS_NFTABLES<<8|msgType, unix.NLM_F_REQUEST|unix.NLM_F_ACK|flags, seq, unix.NFPROTO_IPV4, 0, attrs)
+		msg = appendMessage(msg, unix.NFNL_SUBSYS_NFTABLES<<8|msgType, unix.NLM_F_REQUEST|unix.NLM_F_ACK|flags, seq, nfproto, 0, attrs)
 	}
 	seq++
 	msg = appendMessage(msg, unix.NFNL_MSG_BATCH_END, unix.NLM_F_REQUEST, seq, unix.AF_UNSPEC, unix.NFNL_SUBSYS_NFTABLES, nil)
@@ -55,9 +55,13 @@ func conntrackDelete(seq uint32, src, dst netip.AddrPort) ([]byte, error) {
 	ae := netlink.NewAttributeEncoder()
 	ae.Nested(nl.CTA_TUPLE_ORIG, func(ae *netlink.AttributeEncoder) error {
 		ae.Nested(nl.CTA_TUPLE_IP, func(ae *netlink.AttributeEncoder) error {
-			s, d := src.Addr().As4(), dst.Addr().As4()
-			ae.Bytes(nl.CTA_IP_V4_SRC, s[:])
-			ae.Bytes(nl.CTA_IP_V4_DST, d[:])
+			if src.Addr().Is4() {
+				ae.Bytes(nl.CTA_IP_V4_SRC, src.Addr().AsSlice())
+				ae.Bytes(nl.CTA_IP_V4_DST, dst.Addr().AsSlice())
+			} else {
+				ae.Bytes(nl.CTA_IP_V6_SRC, src.Addr().AsSlice())
+				ae.Bytes(nl.CTA_IP_V6_DST, dst.Addr().AsSlice())
+			}
 			return nil
 		})
 		ae.Nested(nl.CTA_TUPLE_PROTO, func(ae *netlink.AttributeEncoder) error {
@@ -72,7 +76,11 @@ func conntrackDelete(seq uint32, src, dst netip.AddrPort) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return appendMessage(nil, unix.NFNL_SUBSYS_CTNETLINK<<8|nl.IPCTNL_MSG_CT_DELETE, unix.NLM_F_REQUEST|unix.NLM_F_ACK, seq, unix.AF_INET, 0, attrs), nil
+	family := uint8(unix.AF_INET)
+	if !src.Addr().Is4() {
+		family = unix.AF_INET6
+	}
+	return appendMessage(nil, unix.NFNL_SUBSYS_CTNETLINK<<8|nl.IPCTNL_MSG_CT_DELETE, unix.NLM_F_REQUEST|unix.NLM_F_ACK, seq, family, 0, attrs), nil
 }
 
 // appendMessage appends a netlink header, an nfgenmsg and attrs.

@@ -19,15 +19,15 @@ import (
 // this one map: the requests carry nothing else.
 //
 // A request is one datagram on a SOCK_SEQPACKET pair: an op byte, a
-// Parts byte (Both to add) and the Flow's four IPv4 addresses and ports (6
-// bytes each: Guest, Remote, Fake, Listener). The answer is a 4-byte
-// errno, 0 for success.
+// Parts byte (Both to add), a family byte (4 or 6) and the Flow's four
+// addresses and ports (16 bytes, IPv4 ones mapped, and 2: Guest, Remote,
+// Fake, Listener). The answer is a 4-byte errno, 0 for success.
 
 const (
 	opAdd    = 1
 	opRemove = 2
 
-	requestLen = 2 + 4*6
+	requestLen = 3 + 4*18
 )
 
 var errBadRequest = errors.New("ktcpnat: malformed request")
@@ -76,21 +76,33 @@ func plausible(f Flow, listenerPort uint16) bool {
 
 func parseRequest(b []byte) (op byte, f Flow, p Parts, err error) {
 	if len(b) != requestLen || (b[0] != opAdd && b[0] != opRemove) || b[1] == 0 || Parts(b[1])&^Both != 0 ||
-		(b[0] == opAdd && Parts(b[1]) != Both) {
+		(b[0] == opAdd && Parts(b[1]) != Both) || (b[2] != 4 && b[2] != 6) {
 		return 0, f, 0, errBadRequest
 	}
 	addr := func(i int) netip.AddrPort {
-		o := 2 + 6*i
-		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[o:o+4])), binary.BigEndian.Uint16(b[o+4:]))
+		o := 3 + 18*i
+		a := netip.AddrFrom16([16]byte(b[o : o+16]))
+		if b[2] == 4 {
+			a = a.Unmap()
+		}
+		return netip.AddrPortFrom(a, binary.BigEndian.Uint16(b[o+16:]))
 	}
-	return b[0], Flow{Guest: addr(0), Remote: addr(1), Fake: addr(2), Listener: addr(3)}, Parts(b[1]), nil
+	f = Flow{Guest: addr(0), Remote: addr(1), Fake: addr(2), Listener: addr(3)}
+	if !f.valid() || f.Guest.Addr().Is4() != (b[2] == 4) {
+		return 0, f, 0, errBadRequest
+	}
+	return b[0], f, Parts(b[1]), nil
 }
 
 func appendRequest(b []byte, op byte, f Flow, p Parts) []byte {
-	b = append(b, op, byte(p))
+	family := byte(6)
+	if f.Guest.Addr().Is4() {
+		family = 4
+	}
+	b = append(b, op, byte(p), family)
 	for _, a := range []netip.AddrPort{f.Guest, f.Remote, f.Fake, f.Listener} {
-		a4 := a.Addr().As4()
-		b = append(b, a4[:]...)
+		a16 := a.Addr().As16()
+		b = append(b, a16[:]...)
 		b = binary.BigEndian.AppendUint16(b, a.Port())
 	}
 	return b

@@ -1,5 +1,5 @@
 // Package ktcpnat moves the kernel TCP path's address translation into the
-// guest's own kernel, for IPv4.
+// guest's own kernel.
 //
 // The kernel TCP path (netstack/ktcp.go) ends the guest's outbound TCP at a
 // listener of ours inside the guest's namespace: the helper reads every
@@ -23,6 +23,7 @@ package ktcpnat
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"time"
 
@@ -44,50 +45,21 @@ const (
 	mapSize = 65536
 )
 
-// Install creates the table in the calling thread's network namespace for
-// the segments routed out of the TAP tapName, and returns a netlink socket
-// of that namespace for Map. Every thread of the process must be in the
-// namespace (the launcher's child joins it before the Go runtime starts).
+// Install creates the tables (ip, and ip6 where the kernel has it) in the
+// calling thread's network namespace for the segments routed out of the
+// TAP tapName, and returns a netlink socket of that namespace for Map.
+// Every thread of the process must be in the namespace (the launcher's
+// child joins it before the Go runtime starts).
 func Install(tapName string) (*os.File, error) {
 	tapLink, err := net.InterfaceByName(tapName)
 	if err != nil {
 		return nil, fmt.Errorf("tap: %w", err)
 	}
-	c, err := nftables.New()
-	if err != nil {
-		return nil, fmt.Errorf("nftables: %w", err)
+	if err := installFamily(addrFamilies[0], uint32(tapLink.Index)); err != nil {
+		return nil, err
 	}
-	defer c.CloseLasting()
-	// A table left by an earlier helper in this namespace goes first
-	// (adding it before deleting it makes the delete always succeed).
-	table := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: tableName}
-	c.AddTable(table)
-	c.DelTable(table)
-	c.AddTable(table)
-	tuple := nftables.MustConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeIPAddr, nftables.TypeInetService)
-	sets := make(map[string]*nftables.Set)
-	for _, s := range []*nftables.Set{
-		{Name: outMap, IsMap: true, DataType: tuple},
-		{Name: backMap, IsMap: true, DataType: tuple},
-		// No timeout: a flow that left it would cross the TAP
-		// again, where the namespace's conntrack (notrack kept it
-		// out meanwhile) could find its segments out of window.
-		{Name: localSet, Dynamic: true},
-	} {
-		s.Table, s.Concatenation, s.KeyType, s.Size = table, true, tuple, mapSize
-		if err := c.AddSet(s, nil); err != nil {
-			return nil, fmt.Errorf("nftables set %s: %w", s.Name, err)
-		}
-		sets[s.Name] = s
-	}
-	chain := c.AddChain(&nftables.Chain{Table: table, Name: "out", Type: nftables.ChainTypeRoute,
-		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw})
-	for _, exprs := range rules(uint32(tapLink.Index), sets[outMap], sets[backMap], sets[localSet]) {
-		c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
-	}
-	if err := c.Flush(); err != nil {
-		return nil, fmt.Errorf("nftables table: %w", err)
-	}
+	// Without it, IPv6 flows keep the TAP path (Map refuses them).
+	_ = installFamily(addrFamilies[1], uint32(tapLink.Index))
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
 		return nil, fmt.Errorf("netlink socket: %w", err)
@@ -101,25 +73,87 @@ func Install(tapName string) (*os.File, error) {
 	return os.NewFile(uintptr(fd), "nftables"), nil
 }
 
-// Registers: a key is loaded into the four 32-bit registers that make up
-// NFT_REG_1, and a map's value replaces it there; the next four (NFT_REG_2)
-// take the key localSet is updated with.
-const (
-	regSaddr = unix.NFT_REG32_00 + iota
-	regSport
-	regDaddr
-	regDport
-	regLocal
-)
+// addrFamily is what the tables and rules of one address family differ in.
+type addrFamily struct {
+	table nftables.TableFamily
+	// nfproto goes in the element messages' nfgenmsg.
+	nfproto uint8
+	addr    nftables.SetDatatype
+	// Where the addresses lie in the network header, and their size.
+	saddr, daddr, addrLen uint32
+	// addrCsum: the IPv4 header's checksum (0: none, IPv6).
+	addrCsum uint32
+}
+
+var addrFamilies = [2]addrFamily{
+	{nftables.TableFamilyIPv4, unix.NFPROTO_IPV4, nftables.TypeIPAddr, 12, 16, 4, 10},
+	{nftables.TableFamilyIPv6, unix.NFPROTO_IPV6, nftables.TypeIP6Addr, 8, 24, 16, 0},
+}
+
+func familyOf(a netip.Addr) addrFamily {
+	if a.Is4() {
+		return addrFamilies[0]
+	}
+	return addrFamilies[1]
+}
+
+// keyLen is the size of a key, or a map's value: the four fields, each in
+// 32-bit registers of its own, ports zero-padded.
+func (af addrFamily) keyLen() int { return int(2*af.addrLen + 8) }
+
+func installFamily(af addrFamily, tapIndex uint32) error {
+	c, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	defer c.CloseLasting()
+	// A table left by an earlier helper in this namespace goes first
+	// (adding it before deleting it makes the delete always succeed).
+	table := &nftables.Table{Family: af.table, Name: tableName}
+	c.AddTable(table)
+	c.DelTable(table)
+	c.AddTable(table)
+	tuple := nftables.MustConcatSetType(af.addr, nftables.TypeInetService, af.addr, nftables.TypeInetService)
+	sets := make(map[string]*nftables.Set)
+	for _, s := range []*nftables.Set{
+		{Name: outMap, IsMap: true, DataType: tuple},
+		{Name: backMap, IsMap: true, DataType: tuple},
+		// No timeout: a flow that left it would cross the TAP
+		// again, where the namespace's conntrack (notrack kept it
+		// out meanwhile) could find its segments out of window.
+		{Name: localSet, Dynamic: true},
+	} {
+		s.Table, s.Concatenation, s.KeyType, s.Size = table, true, tuple, mapSize
+		if err := c.AddSet(s, nil); err != nil {
+			return fmt.Errorf("nftables set %s: %w", s.Name, err)
+		}
+		sets[s.Name] = s
+	}
+	chain := c.AddChain(&nftables.Chain{Table: table, Name: "out", Type: nftables.ChainTypeRoute,
+		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw})
+	for _, exprs := range af.rules(tapIndex, sets[outMap], sets[backMap], sets[localSet]) {
+		c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("nftables table (%v): %w", af.table, err)
+	}
+	return nil
+}
 
 // rules: for a TCP segment whose (saddr, sport, daddr, dport) is in a map,
-// write the map's tuple over those four fields (the IP and TCP checksums
-// updated, partial checksums of offloaded segments too), and keep
-// conntrack out: it would see each direction as a separate, invalid
-// connection. A chain of type route routes the segment again when its
-// addresses changed, here to the namespace's loopback. A SYN alone is left
-// as it is: it opens a connection, and the helper must see every one (a
-// connection may reuse the addresses of one whose entries linger).
+// write the map's tuple over those four fields, and keep conntrack out: it
+// would see each direction as a separate, invalid connection. A chain of
+// type route routes the segment again when its addresses changed, here to
+// the namespace's loopback. A SYN alone is left as it is: it opens a
+// connection, and the helper must see every one (a connection may reuse
+// the addresses of one whose entries linger).
+//
+// Checksums: the new addresses are the old ones swapped (the fake address
+// is the remote's, the listener's the guest's), which leaves every sum
+// alone; the IPv4 writes still update the header and pseudo-header sums,
+// which then do not change. The port writes update the TCP checksum, except
+// in an offloaded segment's partial checksum, which the kernel leaves alone
+// (it does not cover the ports).
 //
 // The output hook sees only the namespace's own sockets: the guest side of
 // a connection the namespace forwards (a masqueraded container behind it,
@@ -128,20 +162,35 @@ const (
 // and come back in, where conntrack undoes the masquerade. So the first
 // rule puts the listener-side key of each flow it translates in localSet,
 // and the second translates only keys found there.
-func rules(tapIndex uint32, out, back, local *nftables.Set) [][]expr.Any {
-	const ipSaddr, ipDaddr, ipCsum, tcpCsum, tcpFlags = 12, 16, 10, 16, 13
+func (af addrFamily) rules(tapIndex uint32, out, back, local *nftables.Set) [][]expr.Any {
+	const tcpCsum, tcpFlags = 16, 13
 	const syn, synAck = 0x02, 0x12
 	nh, th := expr.PayloadBaseNetworkHeader, expr.PayloadBaseTransportHeader
+	// The key's registers, from NFT_REG32_00: source address, source
+	// port, destination address, destination port.
+	addrRegs := af.addrLen / 4
+	rSaddr := uint32(unix.NFT_REG32_00)
+	rSport := rSaddr + addrRegs
+	rDaddr := rSport + 1
+	rDport := rDaddr + addrRegs
 	load := func(reg uint32, base expr.PayloadBase, off, n uint32) expr.Any {
 		return &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg, Base: base, Offset: off, Len: n}
 	}
-	store := func(reg uint32, base expr.PayloadBase, off, n, csum, flags uint32) expr.Any {
-		return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: base, Offset: off, Len: n,
-			CsumType: expr.CsumTypeInet, CsumOffset: csum, CsumFlags: flags}
+	storeAddr := func(reg, off uint32) expr.Any {
+		p := &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: nh, Offset: off, Len: af.addrLen}
+		if af.addrCsum != 0 {
+			p.CsumType, p.CsumOffset, p.CsumFlags = expr.CsumTypeInet, af.addrCsum, unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR
+		}
+		return p
+	}
+	storePort := func(reg, off uint32) expr.Any {
+		return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: th, Offset: off, Len: 2,
+			CsumType: expr.CsumTypeInet, CsumOffset: tcpCsum}
 	}
 	// loadKey: a TCP segment other than a bare SYN, routed out of the
 	// TAP (so the helper, and whoever holds the netlink socket, can only
-	// take connections that were theirs anyway), its key in NFT_REG_1.
+	// take connections that were theirs anyway), its key in the
+	// registers from NFT_REG32_00 on.
 	loadKey := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyOIF, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(tapIndex)},
@@ -150,32 +199,32 @@ func rules(tapIndex uint32, out, back, local *nftables.Set) [][]expr.Any {
 		load(1, th, tcpFlags, 1),
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{synAck}, Xor: []byte{0}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{syn}},
-		load(regSaddr, nh, ipSaddr, 4),
-		load(regSport, th, 0, 2),
-		load(regDaddr, nh, ipDaddr, 4),
-		load(regDport, th, 2, 2),
+		load(rSaddr, nh, af.saddr, af.addrLen),
+		load(rSport, th, 0, 2),
+		load(rDaddr, nh, af.daddr, af.addrLen),
+		load(rDport, th, 2, 2),
 	}
 	translate := func(m *nftables.Set) []expr.Any {
 		return []expr.Any{
-			&expr.Lookup{SourceRegister: regSaddr, DestRegister: regSaddr, IsDestRegSet: true, SetName: m.Name, SetID: m.ID},
-			store(regSaddr, nh, ipSaddr, 4, ipCsum, unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR),
-			store(regSport, th, 0, 2, tcpCsum, 0),
-			store(regDaddr, nh, ipDaddr, 4, ipCsum, unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR),
-			store(regDport, th, 2, 2, tcpCsum, 0),
+			&expr.Lookup{SourceRegister: rSaddr, DestRegister: rSaddr, IsDestRegSet: true, SetName: m.Name, SetID: m.ID},
+			storeAddr(rSaddr, af.saddr),
+			storePort(rSport, 0),
+			storeAddr(rDaddr, af.daddr),
+			storePort(rDport, 2),
 			&expr.Notrack{},
 		}
 	}
 	outRule := append(append(append([]expr.Any(nil), loadKey...), translate(out)...),
 		// The listener-side key is the rewritten segment's, reversed.
-		load(regLocal, nh, ipDaddr, 4),
-		load(regLocal+1, th, 2, 2),
-		load(regLocal+2, nh, ipSaddr, 4),
-		load(regLocal+3, th, 0, 2),
-		&expr.Dynset{SrcRegKey: regLocal, SetName: local.Name, SetID: local.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+		load(rSaddr, nh, af.daddr, af.addrLen),
+		load(rSport, th, 2, 2),
+		load(rDaddr, nh, af.saddr, af.addrLen),
+		load(rDport, th, 0, 2),
+		&expr.Dynset{SrcRegKey: rSaddr, SetName: local.Name, SetID: local.ID, Operation: unix.NFT_DYNSET_OP_ADD},
 		&expr.Verdict{Kind: expr.VerdictAccept},
 	)
 	backRule := append(append(append([]expr.Any(nil), loadKey...),
-		&expr.Lookup{SourceRegister: regSaddr, SetName: local.Name, SetID: local.ID}),
+		&expr.Lookup{SourceRegister: rSaddr, SetName: local.Name, SetID: local.ID}),
 		translate(back)...)
 	return [][]expr.Any{outRule, backRule}
 }

@@ -183,6 +183,8 @@ func FuzzParseRequest(f *testing.F) {
 	f.Add(appendRequest(nil, opAdd, flow, Both))
 	f.Add(appendRequest(nil, opRemove, flow, Back))
 	f.Add(appendRequest(nil, opAdd, flow, Out))
+	f.Add(appendRequest(nil, opAdd, Flow{Guest: netip.MustParseAddrPort("[fd00::100]:41000"), Remote: netip.MustParseAddrPort("[2001:db8::7]:80"),
+		Fake: netip.MustParseAddrPort("[2001:db8::7]:30000"), Listener: netip.MustParseAddrPort("[fd00::100]:5000")}, Both))
 	f.Add([]byte{opAdd, 3})
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -412,6 +414,16 @@ func TestBrokerRefusesImplausibleFlows(t *testing.T) {
 	if err := c.Remove(good, Back); err != nil {
 		t.Errorf("removing it: %v", err)
 	}
+	good6 := Flow{Guest: netip.MustParseAddrPort("[fd00::100]:41000"), Remote: netip.MustParseAddrPort("[2001:db8::7]:80"),
+		Fake: netip.MustParseAddrPort("[2001:db8::7]:30000"), Listener: netip.MustParseAddrPort("[fd00::100]:5000")}
+	if err := c.Add(good6); err != nil {
+		t.Errorf("a plausible IPv6 flow: %v", err)
+	}
+	mixed := good6
+	mixed.Remote, mixed.Fake = good.Remote, good.Fake
+	if err := c.Add(mixed); !errors.Is(err, ErrUnsupported) {
+		t.Errorf("a flow of two families: %v, want ErrUnsupported", err)
+	}
 	for name, mutate := range map[string]func(*Flow){
 		"another listener port": func(f *Flow) { f.Listener = netip.MustParseAddrPort("10.0.2.100:5001") },
 		"fake not the remote":   func(f *Flow) { f.Fake = netip.MustParseAddrPort("198.51.100.1:30000") },
@@ -430,7 +442,7 @@ func TestBrokerRefusesImplausibleFlows(t *testing.T) {
 	if err := <-served; err != nil {
 		t.Errorf("serve after the client closed: %v", err)
 	}
-	if rec.adds != 1 || rec.removes != 1 {
-		t.Errorf("the table saw %d adds and %d removes, want 1 and 1", rec.adds, rec.removes)
+	if rec.adds != 2 || rec.removes != 1 {
+		t.Errorf("the table saw %d adds and %d removes, want 2 and 1", rec.adds, rec.removes)
 	}
 }

@@ -30,8 +30,8 @@ const (
 	Both = Out | Back
 )
 
-// ErrUnsupported: the maps hold IPv4 flows only.
-var ErrUnsupported = errors.New("ktcpnat: IPv4 only")
+// ErrUnsupported: a Flow's addresses are not all of one family.
+var ErrUnsupported = errors.New("ktcpnat: a flow's addresses must all be IPv4 or all IPv6")
 
 // Table is the maps' entries as the helper changes them: a Map, or a
 // Client of a broker that holds one. Safe for concurrent use.
@@ -47,8 +47,9 @@ type Table interface {
 }
 
 func (f Flow) valid() bool {
+	is4 := f.Guest.Addr().Is4()
 	for _, a := range []netip.AddrPort{f.Guest, f.Remote, f.Fake, f.Listener} {
-		if !a.Addr().Is4() {
+		if !a.IsValid() || a.Addr().Is4() != is4 || a.Addr().Is4In6() {
 			return false
 		}
 	}
@@ -58,7 +59,7 @@ func (f Flow) valid() bool {
 // entry is one element of a map (with its value) or of localSet.
 type entry struct {
 	set        string
-	key, value [16]byte
+	key, value []byte
 }
 
 // entries lists f's map entries named by p, and for removal the Back
@@ -78,15 +79,15 @@ func (f Flow) entries(p Parts, removal bool) []entry {
 }
 
 // key lays out a segment's addresses as the rules load them: each field in
-// its own 32-bit register, ports zero-padded.
-func key(src, dst netip.AddrPort) [16]byte {
-	var b [16]byte
-	s, d := src.Addr().As4(), dst.Addr().As4()
-	copy(b[0:], s[:])
-	binary.BigEndian.PutUint16(b[4:], src.Port())
-	copy(b[8:], d[:])
-	binary.BigEndian.PutUint16(b[12:], dst.Port())
-	return b
+// 32-bit registers of its own, ports zero-padded.
+func key(src, dst netip.AddrPort) []byte {
+	b := make([]byte, 0, familyOf(src.Addr()).keyLen())
+	b = append(b, src.Addr().AsSlice()...)
+	b = binary.BigEndian.AppendUint16(b, src.Port())
+	b = append(b, 0, 0)
+	b = append(b, dst.Addr().AsSlice()...)
+	b = binary.BigEndian.AppendUint16(b, dst.Port())
+	return append(b, 0, 0)
 }
 
 // Open makes a Table of sock: the netlink socket Install returned (a Map),
@@ -144,7 +145,7 @@ func (m *Map) Add(f Flow) error {
 	if !f.valid() {
 		return ErrUnsupported
 	}
-	return m.transaction(unix.NFT_MSG_NEWSETELEM, unix.NLM_F_CREATE|unix.NLM_F_EXCL, f.entries(Both, false))
+	return m.transaction(f.nfproto(), unix.NFT_MSG_NEWSETELEM, unix.NLM_F_CREATE|unix.NLM_F_EXCL, f.entries(Both, false))
 }
 
 // Remove also drops the conntrack entries the namespace made for the
@@ -160,7 +161,7 @@ func (m *Map) Remove(f Flow, p Parts) error {
 	// keep the others from going.
 	var errs []error
 	for _, e := range f.entries(p, true) {
-		if err := m.transaction(unix.NFT_MSG_DELSETELEM, 0, []entry{e}); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := m.transaction(f.nfproto(), unix.NFT_MSG_DELSETELEM, 0, []entry{e}); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, err)
 		}
 	}
@@ -191,14 +192,16 @@ func (m *Map) forgetConnection(src, dst netip.AddrPort) {
 	}
 }
 
-func (m *Map) transaction(msgType, flags uint16, es []entry) error {
+func (f Flow) nfproto() uint8 { return familyOf(f.Guest.Addr()).nfproto }
+
+func (m *Map) transaction(nfproto uint8, msgType, flags uint16, es []entry) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return os.ErrClosed
 	}
 	first := m.seq + 1
-	msg, last, err := batch(first, msgType, flags, es)
+	msg, last, err := batch(first, nfproto, msgType, flags, es)
 	if err != nil {
 		return err
 	}
