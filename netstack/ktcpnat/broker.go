@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -109,25 +108,10 @@ func appendRequest(b []byte, op byte, f Flow, p Parts) []byte {
 }
 
 // Client is a sandbox's Table: its changes go to a broker (Serve).
-type Client struct {
-	mu     sync.Mutex
-	closed bool
-	f      *os.File
-	fd     int
-}
+type Client struct{ guardedSocket }
 
 func (c *Client) Add(f Flow) error             { return c.request(opAdd, f, Both) }
 func (c *Client) Remove(f Flow, p Parts) error { return c.request(opRemove, f, p) }
-
-func (c *Client) Close() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return nil
-	}
-	c.closed = true
-	return c.f.Close()
-}
 
 func (c *Client) request(op byte, f Flow, p Parts) error {
 	if !f.valid() {
@@ -146,8 +130,7 @@ func (c *Client) request(op byte, f Flow, p Parts) error {
 	n, err := unix.Read(c.fd, ans[:])
 	if err != nil || n != len(ans) {
 		// A late answer would be taken for the next request's.
-		c.closed = true
-		c.f.Close()
+		c.closeLocked()
 		return fmt.Errorf("ktcpnat broker: no answer: %w", errors.Join(err, unix.EPIPE))
 	}
 	if errno := unix.Errno(binary.NativeEndian.Uint32(ans[:])); errno != 0 {

@@ -109,36 +109,48 @@ func Open(sock *os.File) (Table, error) {
 			sock.Close()
 			return nil, fmt.Errorf("ktcpnat: %w", err)
 		}
-		return &Client{f: sock, fd: int(sock.Fd())}, nil
+		return &Client{newGuardedSocket(sock)}, nil
 	}
 	sock.Close()
 	return nil, fmt.Errorf("ktcpnat: a socket of family %d is neither netlink nor a broker's", domain)
 }
 
-// Map changes the maps' entries over the socket Install returned.
-type Map struct {
+// guardedSocket is a socket for one request at a time (mu), closed once.
+type guardedSocket struct {
 	mu     sync.Mutex
 	closed bool
 	f      *os.File
 	fd     int
-	seq    uint32
-	buf    []byte
+}
+
+func newGuardedSocket(f *os.File) guardedSocket { return guardedSocket{f: f, fd: int(f.Fd())} }
+
+// Close closes the socket (a Map's tables stay: they end with the
+// namespace).
+func (g *guardedSocket) Close() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.closeLocked()
+}
+
+func (g *guardedSocket) closeLocked() error {
+	if g.closed {
+		return nil
+	}
+	g.closed = true
+	return g.f.Close()
+}
+
+// Map changes the maps' entries over the socket Install returned.
+type Map struct {
+	guardedSocket
+	seq uint32
+	buf []byte
 }
 
 // NewMap takes ownership of sock.
 func NewMap(sock *os.File) *Map {
-	return &Map{f: sock, fd: int(sock.Fd()), buf: make([]byte, 4096)}
-}
-
-// Close closes the socket; the table stays (it ends with the namespace).
-func (m *Map) Close() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return nil
-	}
-	m.closed = true
-	return m.f.Close()
+	return &Map{guardedSocket: newGuardedSocket(sock), buf: make([]byte, 4096)}
 }
 
 func (m *Map) Add(f Flow) error {
