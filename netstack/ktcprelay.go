@@ -18,18 +18,37 @@ import (
 // scheduler about every system call and, when one takes a while (a loopback
 // send runs the receiver's TCP), hand the P to another thread.
 
-// spliceChunk is the most one splice moves: a default pipe's capacity.
-const spliceChunk = 64 << 10
+// A pipe starts at the default capacity, which is also the most one splice
+// moves. One direction that has carried bulkBytes grows its pipe to
+// bulkPipe: a quarter of the splices and wake-ups per byte (2-CPU VM, bulk
+// out, alternating runs: 17.5-19.8 -> 19.6-20.1 Gbit/s at 0.21-0.24 ->
+// 0.18-0.20 s of helper CPU per GB). Only bulk directions: the kernel counts every pipe's capacity
+// against the user's pipe-user-pages-soft (64 MiB by default), past which
+// new pipes get two pages, and a thousand idle connections must not use it
+// up.
+const (
+	defaultPipe = 64 << 10
+	bulkPipe    = 256 << 10
+	bulkBytes   = 1 << 20
+)
 
-// socketPipe is one direction's pipe.
-type socketPipe struct{ r, w int }
+// socketPipe is one direction's pipe; size is its capacity.
+type socketPipe struct{ r, w, size int }
 
 func newSocketPipe() (*socketPipe, error) {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
 		return nil, err
 	}
-	return &socketPipe{r: p[0], w: p[1]}, nil
+	return &socketPipe{r: p[0], w: p[1], size: defaultPipe}, nil
+}
+
+// grow asks for a bulk direction's capacity; the pipe must be empty. Past
+// the user's limits the kernel says no, and the pipe stays as it is.
+func (p *socketPipe) grow() {
+	if n, err := unix.FcntlInt(uintptr(p.w), unix.F_SETPIPE_SZ, bulkPipe); err == nil {
+		p.size = n
+	}
 }
 
 func (p *socketPipe) close() {
@@ -58,7 +77,7 @@ func (p *socketPipe) pump(src, dst syscall.RawConn, w *busyWatch) (int64, error)
 		// readiness that came before it, so waiting first could miss
 		// data that arrived since the last splice.
 		err := src.Read(func(fd uintptr) bool {
-			n, errno = rawSplice(fd, uintptr(p.w), spliceChunk)
+			n, errno = rawSplice(fd, uintptr(p.w), p.size)
 			return errno != unix.EAGAIN
 		})
 		switch {
@@ -84,6 +103,10 @@ func (p *socketPipe) pump(src, dst syscall.RawConn, w *busyWatch) (int64, error)
 			}
 			left -= m
 			total += int64(m)
+		}
+		// The pipe is empty again.
+		if p.size < bulkPipe && total >= bulkBytes && total-int64(n) < bulkBytes {
+			p.grow()
 		}
 	}
 }
