@@ -35,6 +35,9 @@ import (
 // IPv4 and IPv6 alike: with IPv6 the listener is bound to all addresses,
 // and each flow ends at its port on the guest's own address of the flow.
 //
+// Once a flow is busy, the guest's kernel does the rewriting itself
+// (ktcpinkernel.go, package ktcpnat) and its segments stop crossing the TAP.
+//
 // The guest's SYN is held until the host connect succeeds, so a refused
 // or unreachable destination looks exactly as it does through the stack:
 // the SYN is then handed to the stack, whose forwarder answers it.
@@ -197,89 +200,6 @@ func newKernelTCP(s *Stack, link *tapLink, lnFile, natFile *os.File) (*kernelTCP
 		}
 	}
 	return k, nil
-}
-
-// translateInKernel hands f's translation to the guest's kernel, if it can
-// take it, once the relay found the flow busy (relaySockets): a connection
-// that carries one request and its answer is over before the two netlink
-// transactions (in, and out at the end) would pay off.
-func (k *kernelTCP) translateInKernel(f *ktcpFlow) {
-	if k.nat == nil || k.natOff[f.family()].Load() {
-		return
-	}
-	nf := f.natFlow()
-	err := k.nat.Add(nf)
-	if errors.Is(err, unix.EEXIST) {
-		// The guest reused the addresses of a connection whose
-		// translation lingers (translateHere): the guest's side is
-		// ours now.
-		if err = k.nat.Remove(nf, ktcpnat.Out); err == nil {
-			err = k.nat.Add(nf)
-		}
-	}
-	if err != nil {
-		// Unless the kernel said no, the entries may be in (an
-		// answer lost): removing them at the end is harmless if not.
-		f.inKernel = !errors.Is(err, unix.EEXIST) && !errors.Is(err, unix.ENFILE)
-		k.natFailed(f, err)
-		return
-	}
-	f.inKernel = true
-	k.s.counters.tcpKernelNATTotal.Add(1)
-}
-
-// family indexes kernelTCP.natOff.
-func (f *ktcpFlow) family() int {
-	if f.key.guest.Addr().Is4() {
-		return 0
-	}
-	return 1
-}
-
-func (f *ktcpFlow) natFlow() ktcpnat.Flow {
-	return ktcpnat.Flow{Guest: f.key.guest, Remote: f.key.remote, Fake: f.fake, Listener: f.listener}
-}
-
-// natFailed leaves f on the TAP. A full map frees up as flows end, and
-// memory may; anything else (the guest deleted the table, the kernel
-// refuses us, the broker is gone or mute) lasts, and no flow tries again.
-func (k *kernelTCP) natFailed(f *ktcpFlow, err error) {
-	transient := false
-	for _, e := range []error{unix.ENFILE, unix.EEXIST, unix.ENOMEM, unix.ENOBUFS, unix.EBUSY} {
-		transient = transient || errors.Is(err, e)
-	}
-	if !transient && k.natOff[f.family()].CompareAndSwap(false, true) {
-		k.s.log.Debug("tcp: the guest's kernel does not translate flows of this family; the helper does", "ipv6", f.family() == 1, "err", err)
-		return
-	}
-	k.s.log.Debug("tcp: the guest's kernel does not translate the flow; the helper does", "src", f.key.guest, "dst", f.key.remote, "err", err)
-}
-
-// translateHere takes f's translation back from the guest's kernel once its
-// linger ended (the last segments of a close go the kernel's way too: the
-// TAP may be congested, and an orphaned listener socket whose ACKs come late
-// is reset). The guest's side stays if a new flow on the same addresses took
-// it over (translateInKernel): the rules leave SYNs alone, so a new
-// connection always reaches divert.
-func (k *kernelTCP) translateHere(f *ktcpFlow) {
-	if !f.inKernel {
-		return
-	}
-	f.inKernel = false
-	parts := ktcpnat.Back
-	if v, _ := k.byGuest.Load(f.key); v == f {
-		parts = ktcpnat.Both
-	}
-	// On a goroutine of its own: with a broker, a removal may take
-	// seconds, and the deferred work of every other flow waits behind
-	// this one (the parts are decided here, before the caller forgets
-	// the flow).
-	nf := f.natFlow()
-	k.s.flows.spawn(func() {
-		if err := k.nat.Remove(nf, parts); err != nil && !errors.Is(err, os.ErrClosed) {
-			k.s.log.Debug("tcp: removing a flow's translation from the guest's kernel", "src", nf.Guest, "dst", nf.Remote, "err", err)
-		}
-	})
 }
 
 // divert takes the guest's TCP segments of translated flows, and the first
