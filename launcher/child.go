@@ -141,20 +141,25 @@ func setUpChild(ch channel) (*childConfig, error) {
 			fmt.Fprintf(os.Stderr, "netns-run: warning: %v; DNS inside the namespace uses the host's resolv.conf\n", err)
 		}
 	}
+	nat := startTCPNAT(cfg)
 	dev, mac, err := openTap(cfg)
 	if err != nil {
+		nat.discard()
 		return nil, err
 	}
 	ready := tapReady{Name: dev.Name(), MAC: mac.String(), Queues: len(dev.Queues())}
 	files := dev.Queues()
+	natFile := nat.wait(dev.Name())
+	if natFile != nil {
+		defer natFile.Close()
+	}
 	if ln := tcpListener(cfg); ln != nil {
 		ready.Listener = true
 		files = append(files[:len(files):len(files)], ln)
 		defer ln.Close()
-		if nat := tcpNAT(cfg, dev.Name()); nat != nil {
+		if natFile != nil {
 			ready.NAT = true
-			files = append(files, nat)
-			defer nat.Close()
+			files = append(files, natFile)
 		}
 	}
 	err = ch.send(message{Kind: kindTap, Tap: &ready}, files...)
@@ -214,14 +219,49 @@ func tcpListener(cfg *childConfig) *os.File {
 	return f
 }
 
-// tcpNAT sets up the in-kernel translation of the kernel TCP path (package
-// ktcpnat) and returns its netlink socket, or nil: without it the helper
+// tcpNATSetup is the in-kernel translation of the kernel TCP path (package
+// ktcpnat) being set up: its tables cost a few milliseconds of commits,
+// which run while the TAP is created and configured when its name is known
+// beforehand.
+type tcpNATSetup struct {
+	want bool
+	// done delivers Install's socket (nil: failed) if it was started.
+	done chan *os.File
+}
+
+func startTCPNAT(cfg *childConfig) tcpNATSetup {
+	g := cfg.Guest
+	n := tcpNATSetup{want: g.TCPListener && cfg.Configure && g.Address.Addr().Is4()}
+	if n.want && g.TapName != "" && !strings.Contains(g.TapName, "%") {
+		n.done = make(chan *os.File, 1)
+		go func() { n.done <- installTCPNAT(g.TapName) }()
+	}
+	return n
+}
+
+// wait returns the netlink socket, or nil: without it the helper
 // translates each segment itself, so a failure (no nf_tables in this
 // kernel, or it refuses this namespace) is no reason to fail the namespace.
-func tcpNAT(cfg *childConfig, tapName string) *os.File {
-	if !cfg.Guest.Address.Addr().Is4() {
-		return nil
+func (n tcpNATSetup) wait(tapName string) *os.File {
+	switch {
+	case n.done != nil:
+		return <-n.done
+	case n.want:
+		return installTCPNAT(tapName)
 	}
+	return nil
+}
+
+// discard waits for a started set-up and closes what it made.
+func (n tcpNATSetup) discard() {
+	if n.done != nil {
+		if f := <-n.done; f != nil {
+			f.Close()
+		}
+	}
+}
+
+func installTCPNAT(tapName string) *os.File {
 	f, err := ktcpnat.Install(tapName)
 	if err != nil {
 		return nil

@@ -22,13 +22,11 @@ package ktcpnat
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"time"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 )
@@ -47,19 +45,21 @@ const (
 
 // Install creates the tables (ip, and ip6 where the kernel has it) in the
 // calling thread's network namespace for the segments routed out of the
-// TAP tapName, and returns a netlink socket of that namespace for Map.
-// Every thread of the process must be in the namespace (the launcher's
-// child joins it before the Go runtime starts).
+// interface tapName (which need not exist yet), and returns a netlink
+// socket of that namespace for Map. Every thread of the process must be in
+// the namespace (the launcher's child joins it before the Go runtime
+// starts).
 func Install(tapName string) (*os.File, error) {
-	tapLink, err := net.InterfaceByName(tapName)
-	if err != nil {
-		return nil, fmt.Errorf("tap: %w", err)
+	if len(tapName) == 0 || len(tapName) >= unix.IFNAMSIZ {
+		return nil, fmt.Errorf("tap name %q", tapName)
 	}
+	var oifname [unix.IFNAMSIZ]byte
+	copy(oifname[:], tapName)
 	// Both families in one transaction (each commit costs a few ms of
 	// the namespace's start); without IPv6 tables, IPv4 alone, and IPv6
 	// flows keep the TAP path.
-	if err := installFamilies(uint32(tapLink.Index), addrFamilies[:]...); err != nil {
-		if err := installFamilies(uint32(tapLink.Index), addrFamilies[0]); err != nil {
+	if err := installFamilies(oifname, addrFamilies[:]...); err != nil {
+		if err := installFamilies(oifname, addrFamilies[0]); err != nil {
 			return nil, err
 		}
 	}
@@ -104,14 +104,14 @@ func familyOf(a netip.Addr) addrFamily {
 // 32-bit registers of its own, ports zero-padded.
 func (af addrFamily) keyLen() int { return int(2*af.addrLen + 8) }
 
-func installFamilies(tapIndex uint32, afs ...addrFamily) error {
+func installFamilies(oifname [unix.IFNAMSIZ]byte, afs ...addrFamily) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
 	defer c.CloseLasting()
 	for _, af := range afs {
-		if err := af.install(c, tapIndex); err != nil {
+		if err := af.install(c, oifname); err != nil {
 			return err
 		}
 	}
@@ -122,7 +122,7 @@ func installFamilies(tapIndex uint32, afs ...addrFamily) error {
 }
 
 // install queues af's table, sets, chain and rules on c.
-func (af addrFamily) install(c *nftables.Conn, tapIndex uint32) error {
+func (af addrFamily) install(c *nftables.Conn, oifname [unix.IFNAMSIZ]byte) error {
 	table := &nftables.Table{Family: af.table, Name: tableName}
 	// A table left by an earlier helper in this namespace goes first.
 	// Only then: a delete in the transaction makes its commit wait for
@@ -149,7 +149,7 @@ func (af addrFamily) install(c *nftables.Conn, tapIndex uint32) error {
 	}
 	chain := c.AddChain(&nftables.Chain{Table: table, Name: "out", Type: nftables.ChainTypeRoute,
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw})
-	for _, exprs := range af.rules(tapIndex, sets[outMap], sets[backMap], sets[localSet]) {
+	for _, exprs := range af.rules(oifname, sets[outMap], sets[backMap], sets[localSet]) {
 		c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
 	}
 	return nil
@@ -177,7 +177,7 @@ func (af addrFamily) install(c *nftables.Conn, tapIndex uint32) error {
 // and come back in, where conntrack undoes the masquerade. So the first
 // rule puts the listener-side key of each flow it translates in localSet,
 // and the second translates only keys found there.
-func (af addrFamily) rules(tapIndex uint32, out, back, local *nftables.Set) [][]expr.Any {
+func (af addrFamily) rules(oifname [unix.IFNAMSIZ]byte, out, back, local *nftables.Set) [][]expr.Any {
 	const tcpCsum, tcpFlags = 16, 13
 	const syn, synAck = 0x02, 0x12
 	nh, th := expr.PayloadBaseNetworkHeader, expr.PayloadBaseTransportHeader
@@ -207,8 +207,8 @@ func (af addrFamily) rules(tapIndex uint32, out, back, local *nftables.Set) [][]
 	// take connections that were theirs anyway), its key in the
 	// registers from NFT_REG32_00 on.
 	loadKey := []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyOIF, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(tapIndex)},
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: oifname[:]},
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		load(1, th, tcpFlags, 1),
