@@ -192,46 +192,50 @@ func (m *Map) Remove(f Flow, p Parts) error {
 // src to dst, if the namespace tracks one (best effort: without conntrack
 // in use there is none).
 func (m *Map) forgetConnection(src, dst netip.AddrPort) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return
-	}
-	m.seq++
-	msg, err := conntrackDelete(m.seq, src, dst)
-	if err == nil {
-		_ = m.roundTrip(msg, m.seq-1, m.seq+1)
-	}
+	_ = m.exchange(func(seq uint32) ([]byte, uint32, int, error) {
+		msg, err := conntrackDelete(seq, src, dst)
+		return msg, seq, 1, err
+	})
 }
 
 func (f Flow) nfproto() uint8 { return familyOf(f.Guest.Addr()).nfproto }
 
+// transaction changes es in one batch: a begin, a message per entry, an
+// end, the entries' messages acknowledged.
 func (m *Map) transaction(nfproto uint8, msgType, flags uint16, es []entry) error {
+	return m.exchange(func(first uint32) ([]byte, uint32, int, error) {
+		msg, last, err := batch(first, nfproto, msgType, flags, es)
+		return msg, last, len(es), err
+	})
+}
+
+// exchange sends what build encodes, its messages numbered from first to
+// last of which acks ask for an answer, and waits for the answers: one
+// request on the socket at a time.
+func (m *Map) exchange(build func(first uint32) (msg []byte, last uint32, acks int, err error)) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return os.ErrClosed
 	}
 	first := m.seq + 1
-	msg, last, err := batch(first, nfproto, msgType, flags, es)
+	msg, last, acks, err := build(first)
 	if err != nil {
 		return err
 	}
 	m.seq = last
-	return m.roundTrip(msg, first, last)
+	return m.roundTrip(msg, first, last, acks)
 }
 
-// roundTrip sends a batch numbered first to last and reads the kernel's
-// answers: an error for any message (a refused batch is answered for its
-// first), or the acknowledgements of the element messages, all those
-// between first and last. The kernel runs a batch within the send, so the
-// answers are there when it returns; the socket's receive timeout (Install)
-// covers the rest.
-func (m *Map) roundTrip(msg []byte, first, last uint32) error {
+// roundTrip sends messages numbered first to last and reads the kernel's
+// answers: an error for any of them (a refused batch is answered for its
+// first message), or acks acknowledgements. The kernel handles netlink
+// requests within the send, so the answers are there when it returns; the
+// socket's receive timeout (Install) covers the rest.
+func (m *Map) roundTrip(msg []byte, first, last uint32, acks int) error {
 	if err := unix.Sendto(m.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("nftables: send: %w", err)
 	}
-	acks := int(last - first - 1)
 	for range 8 {
 		n, _, err := unix.Recvfrom(m.fd, m.buf, 0)
 		if err != nil {
