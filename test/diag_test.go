@@ -209,12 +209,7 @@ func TestTCPPaths(t *testing.T) {
 // listener; the flow then goes through the userspace stack after a few
 // seconds, and its bytes still arrive whole.
 func TestKernelTCPFirewalled(t *testing.T) {
-	if _, err := exec.LookPath("nft"); err != nil {
-		t.Skip("needs nft (apt-get install nftables)")
-	}
-	if !nftablesUsable() {
-		t.Skip("nftables unusable in a user namespace here")
-	}
+	skipWithoutNftables(t)
 	wd := newWorld(t)
 	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
 	script := "nft add table inet f && " +
@@ -232,12 +227,7 @@ func TestKernelTCPFirewalled(t *testing.T) {
 // the in-kernel translation, which only sees the namespace's own sockets,
 // must leave them there, and the bytes arrive whole.
 func TestKernelTCPForwarded(t *testing.T) {
-	if _, err := exec.LookPath("nft"); err != nil {
-		t.Skip("needs nft (apt-get install nftables)")
-	}
-	if !nftablesUsable() {
-		t.Skip("nftables unusable in a user namespace here")
-	}
+	skipWithoutNftables(t)
 	wd := newWorld(t)
 	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
 	const size = 1000000
@@ -272,6 +262,18 @@ func TestKernelTCPReconnect(t *testing.T) {
 	res := wd.mustRunGuest(nil, bins.nettool, "tcp-reconnect", "10.0.2.2:8081", "40123", "20", "200000")
 	if !strings.Contains(res.stdout, "reconnects=20") {
 		t.Fatalf("reconnecting from one port:\n%s", res)
+	}
+}
+
+// skipWithoutNftables skips a test that runs nft inside the guest where it
+// cannot.
+func skipWithoutNftables(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("needs nft (apt-get install nftables)")
+	}
+	if !nftablesUsable() {
+		t.Skip("nftables unusable in a user namespace here")
 	}
 }
 

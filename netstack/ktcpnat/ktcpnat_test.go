@@ -35,6 +35,13 @@ import (
 // helper's part: rewrite them and write them back. The rest never reaches
 // the TAP.
 func TestMapRewritesToListener(t *testing.T) {
+	// Skip belongs to the test's goroutine, not the namespace's.
+	var skip string
+	defer func() {
+		if skip != "" {
+			t.Skip(skip)
+		}
+	}()
 	taptest.InFreshNetns(t, func() {
 		dev, guest, ok := setUpGuest(t)
 		if !ok {
@@ -51,7 +58,8 @@ func TestMapRewritesToListener(t *testing.T) {
 		for _, broker := range []bool{false, true} {
 			sock, err := Install("tap0")
 			if err != nil {
-				t.Skipf("nftables unusable here: %v", err)
+				skip = fmt.Sprintf("nftables unusable here: %v", err)
+				return
 			}
 			var m Table = NewMap(sock)
 			if broker {
@@ -73,105 +81,104 @@ func TestMapRewritesToListener(t *testing.T) {
 // takes it out.
 func checkRewrites(t *testing.T, m Table, tapQueue *os.File, ln *net.TCPListener, clientPort uint16) {
 	t.Helper()
-	{
-		lnAddr := ln.Addr().(*net.TCPAddr).AddrPort()
-		guest := lnAddr.Addr()
-		client := netip.AddrPortFrom(guest, clientPort)
-		remote := netip.MustParseAddrPort("203.0.113.7:80")
-		fake := netip.MustParseAddrPort("203.0.113.7:30000")
-		f := Flow{Guest: client, Remote: remote, Fake: fake, Listener: lnAddr}
-		if err := m.Add(f); err != nil {
-			t.Errorf("add: %v", err)
-			return
-		}
-		if err := m.Add(f); !errors.Is(err, unix.EEXIST) {
-			t.Errorf("adding the same flow twice: %v, want EEXIST", err)
-		}
-		forwarded := make(chan struct{})
-		go func() {
-			forwardTAP(tapQueue, f, true)
-			close(forwarded)
-		}()
-		defer func() {
-			// The next flow's forwarder must be the queue's only reader.
-			_ = tapQueue.SetReadDeadline(time.Now())
-			<-forwarded
-			_ = tapQueue.SetReadDeadline(time.Time{})
-		}()
-		tapSent := func() uint64 {
-			l, err := netlink.LinkByName("tap0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			return l.Attrs().Statistics.TxBytes
-		}
-		accepted := make(chan *net.TCPConn, 1)
-		go func() {
-			c, err := ln.AcceptTCP()
-			if err == nil {
-				accepted <- c
-			}
-			close(accepted)
-		}()
-		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(client), Timeout: 3 * time.Second}
-		cc, err := d.Dial("tcp4", remote.String())
+	lnAddr := ln.Addr().(*net.TCPAddr).AddrPort()
+	guest := lnAddr.Addr()
+	client := netip.AddrPortFrom(guest, clientPort)
+	remote := netip.MustParseAddrPort("203.0.113.7:80")
+	fake := netip.MustParseAddrPort("203.0.113.7:30000")
+	f := Flow{Guest: client, Remote: remote, Fake: fake, Listener: lnAddr}
+	if err := m.Add(f); err != nil {
+		t.Errorf("add: %v", err)
+		return
+	}
+	if err := m.Add(f); !errors.Is(err, unix.EEXIST) {
+		t.Errorf("adding the same flow twice: %v, want EEXIST", err)
+	}
+	forwarded := make(chan struct{})
+	go func() {
+		forwardTAP(tapQueue, f, true)
+		close(forwarded)
+	}()
+	defer func() {
+		// The next flow's forwarder must be the queue's only reader.
+		_ = tapQueue.SetReadDeadline(time.Now())
+		<-forwarded
+		_ = tapQueue.SetReadDeadline(time.Time{})
+	}()
+	tapSent := func() uint64 {
+		l, err := netlink.LinkByName("tap0")
 		if err != nil {
-			t.Errorf("dial through the map: %v", err)
-			return
+			t.Error(err)
+			return 0
 		}
-		c := cc.(*net.TCPConn)
-		defer c.Close()
-		s, ok := <-accepted
-		if !ok {
-			t.Error("the listener accepted nothing")
-			return
+		return l.Attrs().Statistics.TxBytes
+	}
+	accepted := make(chan *net.TCPConn, 1)
+	go func() {
+		c, err := ln.AcceptTCP()
+		if err == nil {
+			accepted <- c
 		}
-		defer s.Close()
-		if got := s.RemoteAddr().(*net.TCPAddr).AddrPort(); got != fake {
-			t.Errorf("listener sees peer %v, want %v", got, fake)
-		}
-		if got := c.RemoteAddr().(*net.TCPAddr).AddrPort(); got != remote {
-			t.Errorf("client sees peer %v, want %v", got, remote)
-		}
-		sentBefore := tapSent()
-		payload := make([]byte, 4<<20)
-		for i := range payload {
-			payload[i] = byte(rand.Uint32())
-		}
-		want := sha256.Sum256(payload)
-		go func() {
-			c.Write(payload)
-			c.CloseWrite()
-		}()
-		deadline := time.Now().Add(10 * time.Second)
-		s.SetDeadline(deadline)
-		got, err := io.ReadAll(s)
-		if err != nil || sha256.Sum256(got) != want {
-			t.Errorf("guest -> listener: %d of %d bytes, err %v, intact %v", len(got), len(payload), err, sha256.Sum256(got) == want)
-		}
-		go func() {
-			s.Write(payload[:1<<20])
-			s.CloseWrite()
-		}()
-		c.SetDeadline(deadline)
-		back, err := io.ReadAll(c)
-		if err != nil || !bytes.Equal(back, payload[:1<<20]) {
-			t.Errorf("listener -> guest: %d of %d bytes, err %v", len(back), 1<<20, err)
-		}
-		if sent := tapSent() - sentBefore; sent > 64<<10 {
-			t.Errorf("%d bytes left through the TAP during 5 MiB of transfers", sent)
-		}
-		if err := m.Remove(f, Both); err != nil {
-			t.Errorf("remove: %v", err)
-		}
-		if err := m.Remove(f, Both); err != nil {
-			t.Errorf("removing what is gone: %v", err)
-		}
-		v6 := f
-		v6.Remote = netip.MustParseAddrPort("[2001:db8::1]:2")
-		if err := m.Add(v6); err != ErrUnsupported {
-			t.Errorf("an IPv6 flow: %v, want ErrUnsupported", err)
-		}
+		close(accepted)
+	}()
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(client), Timeout: 3 * time.Second}
+	cc, err := d.Dial("tcp4", remote.String())
+	if err != nil {
+		t.Errorf("dial through the map: %v", err)
+		return
+	}
+	c := cc.(*net.TCPConn)
+	defer c.Close()
+	s, ok := <-accepted
+	if !ok {
+		t.Error("the listener accepted nothing")
+		return
+	}
+	defer s.Close()
+	if got := s.RemoteAddr().(*net.TCPAddr).AddrPort(); got != fake {
+		t.Errorf("listener sees peer %v, want %v", got, fake)
+	}
+	if got := c.RemoteAddr().(*net.TCPAddr).AddrPort(); got != remote {
+		t.Errorf("client sees peer %v, want %v", got, remote)
+	}
+	sentBefore := tapSent()
+	payload := make([]byte, 4<<20)
+	for i := range payload {
+		payload[i] = byte(rand.Uint32())
+	}
+	want := sha256.Sum256(payload)
+	go func() {
+		c.Write(payload)
+		c.CloseWrite()
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	s.SetDeadline(deadline)
+	got, err := io.ReadAll(s)
+	if err != nil || sha256.Sum256(got) != want {
+		t.Errorf("guest -> listener: %d of %d bytes, err %v, intact %v", len(got), len(payload), err, sha256.Sum256(got) == want)
+	}
+	go func() {
+		s.Write(payload[:1<<20])
+		s.CloseWrite()
+	}()
+	c.SetDeadline(deadline)
+	back, err := io.ReadAll(c)
+	if err != nil || !bytes.Equal(back, payload[:1<<20]) {
+		t.Errorf("listener -> guest: %d of %d bytes, err %v", len(back), 1<<20, err)
+	}
+	if sent := tapSent() - sentBefore; sent > 64<<10 {
+		t.Errorf("%d bytes left through the TAP during 5 MiB of transfers", sent)
+	}
+	if err := m.Remove(f, Both); err != nil {
+		t.Errorf("remove: %v", err)
+	}
+	if err := m.Remove(f, Both); err != nil {
+		t.Errorf("removing what is gone: %v", err)
+	}
+	v6 := f
+	v6.Remote = netip.MustParseAddrPort("[2001:db8::1]:2")
+	if err := m.Add(v6); err != ErrUnsupported {
+		t.Errorf("an IPv6 flow: %v, want ErrUnsupported", err)
 	}
 }
 
@@ -296,6 +303,12 @@ func forwardTAP(q *os.File, f Flow, synOnly bool) {
 // translated, the rules kept their segments out of it, and the entries
 // would have stayed, ESTABLISHED, for days.
 func TestRemoveForgetsConntrack(t *testing.T) {
+	var skip string
+	defer func() {
+		if skip != "" {
+			t.Skip(skip)
+		}
+	}()
 	taptest.InFreshNetns(t, func() {
 		dev, guest, ok := setUpGuest(t)
 		if !ok {
@@ -304,12 +317,14 @@ func TestRemoveForgetsConntrack(t *testing.T) {
 		defer dev.Close()
 		sock, err := Install("tap0")
 		if err != nil {
-			t.Skipf("nftables unusable here: %v", err)
+			skip = fmt.Sprintf("nftables unusable here: %v", err)
+			return
 		}
 		m := NewMap(sock)
 		defer m.Close()
 		if err := trackConnections(); err != nil {
-			t.Skipf("conntrack unusable here: %v", err)
+			skip = fmt.Sprintf("conntrack unusable here: %v", err)
+			return
 		}
 		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: guest.AsSlice()})
 		if err != nil {

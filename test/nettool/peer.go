@@ -92,18 +92,8 @@ func burstServer(args []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("listening %s\n", ln.Addr())
 	burst := make([]byte, size)
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return err
-		}
-		go func() {
-			defer c.Close()
-			_, _ = c.Write(burst)
-		}()
-	}
+	return serveConns(ln, func(c net.Conn) { _, _ = c.Write(burst) })
 }
 
 // tcpReconnect connects COUNT times in a row from one local port to a
