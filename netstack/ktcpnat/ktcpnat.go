@@ -24,7 +24,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -39,6 +38,9 @@ const (
 	outMap   = "out"
 	backMap  = "back"
 	localSet = "local"
+	// inboundSet holds the guest-side keys of published-port connections
+	// (see inboundRules).
+	inboundSet = "inbound"
 	// mapSize bounds each map; a flow past it keeps the TAP path.
 	mapSize = 65536
 )
@@ -63,15 +65,9 @@ func Install(tapName string) (*os.File, error) {
 			return nil, err
 		}
 	}
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	fd, err := netlinkSocket()
 	if err != nil {
-		return nil, fmt.Errorf("netlink socket: %w", err)
-	}
-	// A stuck kernel must not hang a flow: see Map.roundTrip.
-	tv := unix.NsecToTimeval(time.Second.Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("netlink socket: %w", err)
+		return nil, err
 	}
 	return os.NewFile(uintptr(fd), "nftables"), nil
 }
@@ -140,6 +136,7 @@ func (af addrFamily) install(c *nftables.Conn, oifname [unix.IFNAMSIZ]byte) erro
 		// again, where the namespace's conntrack (notrack kept it
 		// out meanwhile) could find its segments out of window.
 		{Name: localSet, Dynamic: true},
+		{Name: inboundSet, Dynamic: true},
 	} {
 		s.Table, s.Concatenation, s.KeyType, s.Size = table, true, tuple, mapSize
 		if err := c.AddSet(s, nil); err != nil {
@@ -149,7 +146,8 @@ func (af addrFamily) install(c *nftables.Conn, oifname [unix.IFNAMSIZ]byte) erro
 	}
 	chain := c.AddChain(&nftables.Chain{Table: table, Name: "out", Type: nftables.ChainTypeRoute,
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw})
-	for _, exprs := range af.rules(oifname, sets[outMap], sets[backMap], sets[localSet]) {
+	rules := append(af.inboundRules(oifname, sets[inboundSet]), af.rules(oifname, sets[outMap], sets[backMap], sets[localSet])...)
+	for _, exprs := range rules {
 		c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
 	}
 	return nil

@@ -1,0 +1,166 @@
+package ktcpnat
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Published ports take the kernel path too. A connection from a host-side
+// client C to the guest's server at G:P is opened inside the namespace by a
+// socket of ours (launcher's port helper) marked InboundMark, bound to G:c
+// and connected to C:P. Its segments leave with their addresses swapped,
+// C:c to G:P, and the namespace's loopback delivers them to the server,
+// which sees the client's address (and port, when it was free) as the
+// userspace stack would show it. The server's answers, routed out of the
+// TAP to C:c, are swapped back to C:P -> G:c and reach our socket. Swapping
+// two addresses changes no checksum, and the ports stay as they are, so the
+// rules keep no per-connection entries the helper must add: the first
+// segment of each connection puts its key in inboundSet, and the helper
+// removes it when the connection is over (Map.ForgetInbound).
+
+// InboundMark is the socket mark (SO_MARK) of the sockets that open
+// published-port connections.
+const InboundMark = 0x6e72696e // "nrin"
+
+// inboundRules: the marked socket's segments are swapped whatever their
+// route (only they carry the mark); a marked segment the first rule did not
+// take (the set is full) is dropped rather than sent to C:P for real, where
+// the gateway's address would reach a host service. The server's answers
+// are swapped only when routed out of the TAP, as the userspace stack would
+// have needed them.
+func (af addrFamily) inboundRules(oifname [unix.IFNAMSIZ]byte, inbound *nftables.Set) [][]expr.Any {
+	nh, th := expr.PayloadBaseNetworkHeader, expr.PayloadBaseTransportHeader
+	addrRegs := af.addrLen / 4
+	rSaddr := uint32(unix.NFT_REG32_00)
+	rSport := rSaddr + addrRegs
+	rDaddr := rSport + 1
+	rDport := rDaddr + addrRegs
+	load := func(reg uint32, base expr.PayloadBase, off, n uint32) expr.Any {
+		return &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg, Base: base, Offset: off, Len: n}
+	}
+	mark := binary.NativeEndian.AppendUint32(nil, InboundMark)
+	isMarked := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: mark},
+	}
+	// The addresses change places: the registers hold both, and each
+	// write takes the other's.
+	swap := []expr.Any{
+		&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: rDaddr, Base: nh, Offset: af.saddr, Len: af.addrLen},
+		&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: rSaddr, Base: nh, Offset: af.daddr, Len: af.addrLen},
+		&expr.Notrack{},
+		&expr.Verdict{Kind: expr.VerdictAccept},
+	}
+	// The server-side key of our socket's segment (G:c -> C:P) is
+	// G:P -> C:c: the ports loaded the other way round.
+	ours := append(append([]expr.Any(nil), isMarked...),
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		load(rSaddr, nh, af.saddr, af.addrLen),
+		load(rSport, th, 2, 2),
+		load(rDaddr, nh, af.daddr, af.addrLen),
+		load(rDport, th, 0, 2),
+		&expr.Dynset{SrcRegKey: rSaddr, SetName: inbound.Name, SetID: inbound.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+	)
+	ours = append(ours, swap...)
+	strays := append(append([]expr.Any(nil), isMarked...), &expr.Verdict{Kind: expr.VerdictDrop})
+	answers := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: oifname[:]},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		load(rSaddr, nh, af.saddr, af.addrLen),
+		load(rSport, th, 0, 2),
+		load(rDaddr, nh, af.daddr, af.addrLen),
+		load(rDport, th, 2, 2),
+		&expr.Lookup{SourceRegister: rSaddr, SetName: inbound.Name, SetID: inbound.ID},
+	}
+	answers = append(answers, swap...)
+	return [][]expr.Any{ours, strays, answers}
+}
+
+// InboundKey names a published-port connection as the guest's server has
+// it: Server is its address (G:P), Client the one it sees (C:c).
+type InboundKey struct{ Server, Client netip.AddrPort }
+
+// ForgetInbound removes the keys of connections that are over from
+// inboundSet (ones not there are no error). Keys of both families may be
+// mixed.
+func (m *Map) ForgetInbound(keys []InboundKey) error {
+	var errs []error
+	for _, af := range addrFamilies {
+		var es []entry
+		for _, k := range keys {
+			if k.Server.Addr().Is4() == (af.nfproto == unix.NFPROTO_IPV4) && k.Client.Addr().Is4() == k.Server.Addr().Is4() {
+				es = append(es, entry{set: inboundSet, key: key(k.Server, k.Client)})
+			}
+		}
+		if len(es) == 0 {
+			continue
+		}
+		// All in one transaction; a key that is gone (the guest
+		// flushed the set) refuses the whole of it, and then each goes
+		// on its own.
+		err := m.transaction(af.nfproto, unix.NFT_MSG_DELSETELEM, 0, es)
+		if !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, err)
+			continue
+		}
+		for _, e := range es {
+			if err := m.transaction(af.nfproto, unix.NFT_MSG_DELSETELEM, 0, []entry{e}); err != nil && !errors.Is(err, unix.ENOENT) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Dial returns a Map for the tables of the calling thread's network
+// namespace (every thread of the process must be in it, as for Install):
+// for launcher's port helper, which lives there.
+func Dial() (*Map, error) {
+	fd, err := netlinkSocket()
+	if err != nil {
+		return nil, err
+	}
+	return NewMap(os.NewFile(uintptr(fd), "nftables")), nil
+}
+
+// netlinkSocket is a netfilter netlink socket of the calling thread's
+// namespace whose answers time out: a stuck kernel must not hang a flow
+// (see Map.roundTrip).
+func netlinkSocket() (int, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	if err != nil {
+		return -1, fmt.Errorf("netlink socket: %w", err)
+	}
+	tv := unix.NsecToTimeval(time.Second.Nanoseconds())
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("netlink socket: %w", err)
+	}
+	return fd, nil
+}
+
+// InboundReady says whether the calling thread's network namespace has the
+// rules for published-port connections of a's family (Install made them;
+// the guest may have deleted them since, or the kernel may lack IPv6
+// tables).
+func InboundReady(a netip.Addr) bool {
+	c, err := nftables.New()
+	if err != nil {
+		return false
+	}
+	defer c.CloseLasting()
+	table := &nftables.Table{Family: familyOf(a).table, Name: tableName}
+	_, err = c.GetSetByName(table, inboundSet)
+	return err == nil
+}

@@ -1,0 +1,187 @@
+package ktcpnat
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/tap/taptest"
+)
+
+// A marked socket bound to the guest's address and connected to a client's
+// address ends at the guest's server, which sees the client's address and
+// port; every byte arrives intact both ways and none crosses the TAP. A
+// port nobody listens on refuses at once, and ForgetInbound empties the
+// set.
+func TestInboundSwapsAddresses(t *testing.T) {
+	var skip string
+	defer func() {
+		if skip != "" {
+			t.Skip(skip)
+		}
+	}()
+	taptest.InFreshNetns(t, func() {
+		dev, guest, ok := setUpGuest(t)
+		if !ok {
+			return
+		}
+		defer dev.Close()
+		sock, err := Install("tap0")
+		if err != nil {
+			skip = fmt.Sprintf("nftables unusable here: %v", err)
+			return
+		}
+		sock.Close()
+		if !InboundReady(guest) {
+			t.Error("InboundReady says no after Install")
+			return
+		}
+		m, err := Dial()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer m.Close()
+		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: guest.AsSlice()})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer ln.Close()
+		server := ln.Addr().(*net.TCPAddr).AddrPort()
+		client := netip.MustParseAddrPort("203.0.113.7:41999")
+		l, err := netlink.LinkByName("tap0")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		tapBefore := l.Attrs().Statistics.TxBytes
+
+		accepted := make(chan *net.TCPConn, 1)
+		go func() {
+			c, err := ln.AcceptTCP()
+			if err == nil {
+				accepted <- c
+			}
+			close(accepted)
+		}()
+		c, err := dialMarked(netip.AddrPortFrom(guest, client.Port()), netip.AddrPortFrom(client.Addr(), server.Port()))
+		if err != nil {
+			t.Errorf("dial the server through the swap: %v", err)
+			return
+		}
+		defer c.Close()
+		s, ok := <-accepted
+		if !ok {
+			t.Error("the server accepted nothing")
+			return
+		}
+		defer s.Close()
+		if got := s.RemoteAddr().(*net.TCPAddr).AddrPort(); got != client {
+			t.Errorf("the server sees %v, want %v", got, client)
+		}
+		payload := make([]byte, 2<<20)
+		for i := range payload {
+			payload[i] = byte(rand.Uint32())
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		c.SetDeadline(deadline)
+		s.SetDeadline(deadline)
+		for _, dir := range []struct {
+			name     string
+			src, dst *net.TCPConn
+		}{{"ours -> server", c, s}, {"server -> ours", s, c}} {
+			go func() {
+				dir.src.Write(payload)
+				dir.src.CloseWrite()
+			}()
+			got, err := io.ReadAll(dir.dst)
+			if err != nil || sha256.Sum256(got) != sha256.Sum256(payload) {
+				t.Errorf("%s: %d of %d bytes, err %v", dir.name, len(got), len(payload), err)
+			}
+		}
+		if l, err = netlink.LinkByName("tap0"); err == nil {
+			if sent := l.Attrs().Statistics.TxBytes - tapBefore; sent > 0 {
+				t.Errorf("%d bytes crossed the TAP", sent)
+			}
+		}
+
+		closed := netip.AddrPortFrom(client.Addr(), 1)
+		start := time.Now()
+		_, err = dialMarked(netip.AddrPortFrom(guest, client.Port()+1), closed)
+		if !errors.Is(err, unix.ECONNREFUSED) {
+			t.Errorf("dial a port nobody listens on: %v, want ECONNREFUSED", err)
+		} else if d := time.Since(start); d > time.Second {
+			t.Errorf("the refusal took %v", d)
+		}
+
+		keys := []InboundKey{
+			{Server: server, Client: client},
+			{Server: netip.AddrPortFrom(guest, 1), Client: netip.AddrPortFrom(client.Addr(), client.Port()+1)},
+			// Gone already: no error, and the others still go.
+			{Server: netip.AddrPortFrom(guest, 2), Client: client},
+		}
+		if n := inboundElements(t); n != 2 {
+			t.Errorf("%d keys in the set, want 2", n)
+		}
+		if err := m.ForgetInbound(keys); err != nil {
+			t.Errorf("forget: %v", err)
+		}
+		if n := inboundElements(t); n != 0 {
+			t.Errorf("%d keys left in the set after ForgetInbound", n)
+		}
+	})
+}
+
+// dialMarked connects from a marked socket bound to from, as launcher's
+// port helper does.
+func dialMarked(from, to netip.AddrPort) (*net.TCPConn, error) {
+	d := net.Dialer{
+		LocalAddr: net.TCPAddrFromAddrPort(from),
+		Timeout:   3 * time.Second,
+		Control: func(_, _ string, rc syscall.RawConn) error {
+			var err error
+			cerr := rc.Control(func(fd uintptr) {
+				err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, InboundMark)
+			})
+			return errors.Join(cerr, err)
+		},
+	}
+	c, err := d.Dial("tcp", to.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+func inboundElements(t *testing.T) int {
+	t.Helper()
+	c, err := nftables.New()
+	if err != nil {
+		t.Error(err)
+		return -1
+	}
+	defer c.CloseLasting()
+	set, err := c.GetSetByName(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: tableName}, inboundSet)
+	if err != nil {
+		t.Error(err)
+		return -1
+	}
+	es, err := c.GetSetElements(set)
+	if err != nil {
+		t.Error(err)
+		return -1
+	}
+	return len(es)
+}
