@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 
+	"github.com/netns-run/netns-run/netstack/ktcpnat"
 	"github.com/netns-run/netns-run/tap"
 )
 
@@ -49,12 +50,19 @@ type dialRequest struct {
 	Network string `json:"network"`
 	Addr    string `json:"addr"`
 	// Op is what to do: "" dials Addr; "listen" binds Addr (a listener
-	// or datagram socket); "proc" opens /proc/self/net/Network.
-	Op string `json:"op,omitempty"`
+	// or datagram socket); "proc" opens /proc/self/net/Network;
+	// "sockets" makes Count marked sockets (PortHelper.InboundSockets);
+	// "forget" forgets Keys (PortHelper.ForgetInbound) and sends no
+	// socket.
+	Op    string               `json:"op,omitempty"`
+	Count int                  `json:"count,omitempty"`
+	Keys  []ktcpnat.InboundKey `json:"keys,omitempty"`
 }
 
 type dialResult struct {
 	Error string `json:"error,omitempty"`
+	// Errno is the error's, when it was a system call's.
+	Errno int `json:"errno,omitempty"`
 }
 
 // childConfig is everything the child needs to set up the namespace.

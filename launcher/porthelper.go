@@ -11,6 +11,8 @@ import (
 	"os/exec"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // PortHelper is a process inside a namespace that opens connections there
@@ -18,10 +20,18 @@ import (
 // builtin port driver, as in rootlesskit. The parent then copies between two
 // kernel sockets, so published ports run at kernel speed.
 type PortHelper struct {
-	mu   sync.Mutex // one request at a time on the channel
-	ch   channel
-	cmd  *exec.Cmd
-	done chan struct{}
+	mu sync.Mutex // one request at a time on the channel
+	ch channel
+	// target is where the helper runs; it starts with the first request
+	// (NewPortHelper) or at once (StartPortHelper).
+	target Target
+	// state guards started, closed and cmd against Close, which does not
+	// wait for a request in flight.
+	state   sync.Mutex
+	started bool
+	closed  bool
+	cmd     *exec.Cmd
+	done    chan struct{}
 }
 
 // dialTimeout bounds one connect inside the namespace (to its loopback or
@@ -31,22 +41,46 @@ const dialTimeout = 10 * time.Second
 // StartPortHelper starts the helper in the target's namespaces; Close
 // stops it.
 func StartPortHelper(t Target) (*PortHelper, error) {
-	// Not tied to ctx: the helper lives until Close, which the caller
-	// does after the flows that use it have ended.
-	cmd, conn, err := startHelperIn(context.Background(), t)
-	if err != nil {
-		return nil, fmt.Errorf("start port helper: %w", err)
+	h := NewPortHelper(t)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if err := h.start(); err != nil {
+		h.Close()
+		return nil, err
 	}
-	h := &PortHelper{ch: channel{conn: conn}, cmd: cmd, done: make(chan struct{})}
+	return h, nil
+}
+
+// NewPortHelper returns a helper for the target's namespaces that starts
+// with its first request: one a namespace may never need costs nothing.
+// t's paths must name the namespaces until then (an OpenTarget's do).
+func NewPortHelper(t Target) *PortHelper { return &PortHelper{target: t} }
+
+// start starts the helper unless it runs; h.mu is held.
+func (h *PortHelper) start() error {
+	h.state.Lock()
+	defer h.state.Unlock()
+	switch {
+	case h.closed:
+		return fmt.Errorf("port helper: %w", net.ErrClosed)
+	case h.started:
+		return nil
+	}
+	// Not tied to a context: the helper lives until Close, which the
+	// caller does after the flows that use it have ended.
+	cmd, conn, err := startHelperIn(context.Background(), h.target)
+	if err != nil {
+		return fmt.Errorf("start port helper: %w", err)
+	}
+	h.ch, h.cmd, h.done, h.started = channel{conn: conn}, cmd, make(chan struct{}), true
 	go func() {
 		defer close(h.done)
 		_ = cmd.Wait()
 	}()
 	if err := h.ch.send(message{Kind: kindConfig, Config: &childConfig{Ports: true}}); err != nil {
-		h.Close()
-		return nil, fmt.Errorf("start port helper: %w", err)
+		return fmt.Errorf("start port helper: %w", err)
 	}
-	return h, nil
+	return nil
 }
 
 // Dial returns a socket connected to addr ("tcp" or "udp") inside the
@@ -70,14 +104,28 @@ func (h *PortHelper) OpenProcNet(name string) (*os.File, error) {
 }
 
 const (
-	opListen = "listen"
-	opProc   = "proc"
+	opListen  = "listen"
+	opProc    = "proc"
+	opSockets = "sockets"
+	opForget  = "forget"
 )
 
 func (h *PortHelper) request(req dialRequest) (*os.File, error) {
+	files, err := h.exchange(req, 1)
+	if err != nil {
+		return nil, err
+	}
+	return files[0], nil
+}
+
+// exchange sends req and returns the nfiles sockets of its answer.
+func (h *PortHelper) exchange(req dialRequest, nfiles int) ([]*os.File, error) {
 	network, addr := req.Network, req.Addr
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if err := h.start(); err != nil {
+		return nil, err
+	}
 	if err := h.ch.conn.SetDeadline(time.Now().Add(dialTimeout + time.Second)); err != nil {
 		return nil, err
 	}
@@ -88,21 +136,31 @@ func (h *PortHelper) request(req dialRequest) (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("port helper: %w", err)
 	}
-	if m.Dialed == nil || m.Dialed.Error != "" || len(files) != 1 {
+	if m.Dialed == nil || m.Dialed.Error != "" || len(files) != nfiles {
 		for _, f := range files {
 			f.Close()
 		}
-		reason := "no socket"
+		reason := errors.New("no socket")
 		if m.Dialed != nil && m.Dialed.Error != "" {
-			reason = m.Dialed.Error
+			reason = errors.New(m.Dialed.Error)
+			if m.Dialed.Errno != 0 {
+				reason = fmt.Errorf("%w", unix.Errno(m.Dialed.Errno))
+			}
 		}
-		return nil, fmt.Errorf("%s %s %s in the namespace: %s", opName(req.Op), network, addr, reason)
+		return nil, fmt.Errorf("%s %s %s in the namespace: %w", opName(req.Op), network, addr, reason)
 	}
-	return files[0], nil
+	return files, nil
 }
 
 // Close stops the helper and waits for it.
 func (h *PortHelper) Close() error {
+	h.state.Lock()
+	started, closed := h.started, h.closed
+	h.closed = true
+	h.state.Unlock()
+	if !started || closed {
+		return nil
+	}
 	h.ch.conn.Close()
 	select {
 	case <-h.done:
@@ -116,6 +174,8 @@ func (h *PortHelper) Close() error {
 // servePorts is the helper's side: dial what is asked, send the socket,
 // until the parent hangs up.
 func servePorts(ch channel) error {
+	var in inboundServer
+	defer in.close()
 	for {
 		m, _, err := ch.recv(kindDial)
 		if errors.Is(err, io.EOF) || errors.Is(err, errChannelClosed) {
@@ -127,15 +187,22 @@ func servePorts(ch channel) error {
 		if m.Dial == nil {
 			return errors.New("dial message without body")
 		}
-		f, derr := serveRequest(*m.Dial)
+		files, derr := serveRequest(*m.Dial, &in)
 		if derr != nil {
-			if err := ch.send(message{Kind: kindDialed, Dialed: &dialResult{Error: derr.Error()}}); err != nil {
+			res := &dialResult{Error: derr.Error()}
+			var errno unix.Errno
+			if errors.As(derr, &errno) {
+				res.Errno = int(errno)
+			}
+			if err := ch.send(message{Kind: kindDialed, Dialed: res}); err != nil {
 				return err
 			}
 			continue
 		}
-		err = ch.send(message{Kind: kindDialed, Dialed: &dialResult{}}, f)
-		f.Close()
+		err = ch.send(message{Kind: kindDialed, Dialed: &dialResult{}}, files...)
+		for _, f := range files {
+			f.Close()
+		}
 		if err != nil {
 			return err
 		}
@@ -152,19 +219,30 @@ func opName(op string) string {
 // procNetFiles are the files OpenProcNet may open.
 var procNetFiles = map[string]bool{"tcp": true, "tcp6": true, "udp": true, "udp6": true}
 
-func serveRequest(r dialRequest) (*os.File, error) {
+func serveRequest(r dialRequest, in *inboundServer) ([]*os.File, error) {
+	var f *os.File
+	var err error
 	switch r.Op {
+	case opSockets:
+		return in.sockets(r)
+	case opForget:
+		return nil, in.forget(r.Keys)
 	case "":
-		return dialFile(r.Network, r.Addr)
+		f, err = dialFile(r.Network, r.Addr)
 	case opListen:
-		return listenFile(r.Network, r.Addr)
+		f, err = listenFile(r.Network, r.Addr)
 	case opProc:
 		if !procNetFiles[r.Network] {
 			return nil, fmt.Errorf("proc file %q", r.Network)
 		}
-		return os.Open("/proc/self/net/" + r.Network)
+		f, err = os.Open("/proc/self/net/" + r.Network)
+	default:
+		return nil, fmt.Errorf("operation %q", r.Op)
 	}
-	return nil, fmt.Errorf("operation %q", r.Op)
+	if err != nil {
+		return nil, err
+	}
+	return []*os.File{f}, nil
 }
 
 func listenFile(network, addr string) (*os.File, error) {

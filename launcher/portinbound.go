@@ -1,0 +1,119 @@
+package launcher
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/netstack/ktcpnat"
+)
+
+// Published ports through the guest's kernel, with the client's address
+// kept (package ktcpnat): the port helper makes marked sockets in the
+// namespace, a batch at a time, and the caller connects each (a socket's
+// system calls act in the namespace it was made in), which the guest's
+// rules turn into a connection from the client.
+
+// maxForget bounds the keys of one request (the message's size), and
+// maxSockets the descriptors of one answer (what tap.RecvFiles takes).
+const (
+	maxForget  = 256
+	maxSockets = 16
+)
+
+// InboundSockets returns n (at most 16) fresh TCP sockets of the
+// namespace, IPv4 or IPv6 ones, marked for published-port connections
+// (ktcpnat.InboundMark), for portfwd.KernelPath. ENOPROTOOPT: the guest has
+// no rules for the family.
+func (h *PortHelper) InboundSockets(ipv6 bool, n int) ([]*os.File, error) {
+	network := "tcp4"
+	if ipv6 {
+		network = "tcp6"
+	}
+	n = min(max(n, 1), maxSockets)
+	return h.exchange(dialRequest{Network: network, Op: opSockets, Count: n}, n)
+}
+
+// ForgetInbound tells the guest's rules that the connections of keys are
+// over (ktcpnat.Map.ForgetInbound).
+func (h *PortHelper) ForgetInbound(keys []ktcpnat.InboundKey) error {
+	for len(keys) > 0 {
+		n := min(len(keys), maxForget)
+		if _, err := h.exchange(dialRequest{Network: "tcp", Op: opForget, Keys: keys[:n]}, 0); err != nil {
+			return err
+		}
+		keys = keys[n:]
+	}
+	return nil
+}
+
+// inboundServer is the helper's side.
+type inboundServer struct {
+	m *ktcpnat.Map
+	// ready caches ktcpnat.InboundReady per family (IPv4, IPv6).
+	ready [2]*bool
+}
+
+func (in *inboundServer) close() {
+	if in.m != nil {
+		in.m.Close()
+	}
+}
+
+func (in *inboundServer) sockets(r dialRequest) ([]*os.File, error) {
+	if r.Count < 1 || r.Count > maxSockets {
+		return nil, fmt.Errorf("%d sockets: want 1 to %d", r.Count, maxSockets)
+	}
+	fam, domain, any := 0, unix.AF_INET, netip.IPv4Unspecified()
+	switch r.Network {
+	case "tcp4":
+	case "tcp6":
+		fam, domain, any = 1, unix.AF_INET6, netip.IPv6Unspecified()
+	default:
+		return nil, fmt.Errorf("network %q", r.Network)
+	}
+	if in.ready[fam] == nil {
+		ok := ktcpnat.InboundReady(any)
+		in.ready[fam] = &ok
+	}
+	if !*in.ready[fam] {
+		return nil, fmt.Errorf("the guest has no rules for %s: %w", r.Network, unix.ENOPROTOOPT)
+	}
+	files := make([]*os.File, 0, r.Count)
+	for range r.Count {
+		f, err := markedSocket(domain)
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			return nil, err
+		}
+		files = append(files, f)
+	}
+	return files, nil
+}
+
+func markedSocket(domain int) (*os.File, error) {
+	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, ktcpnat.InboundMark); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("mark: %w", err)
+	}
+	return os.NewFile(uintptr(fd), "inbound"), nil
+}
+
+func (in *inboundServer) forget(keys []ktcpnat.InboundKey) error {
+	if in.m == nil {
+		m, err := ktcpnat.Dial()
+		if err != nil {
+			return err
+		}
+		in.m = m
+	}
+	return in.m.ForgetInbound(keys)
+}
