@@ -22,21 +22,32 @@ import (
 const guestConnectTimeout = 20 * time.Second
 
 // sourceFor is the address the guest sees a host-side client as on a flow
-// to guest: the real client address, so servers in the guest log and filter
-// real peers, except for clients the guest could not route back to (the
-// host's loopback, addresses in the guest's own subnet, clients of the
-// other family), which appear as the gateway of guest's family, as the
-// host's loopback does in slirp4netns.
+// to guest (see Config.ClientSource).
 func (s *Stack) sourceFor(client, guest netip.AddrPort) netip.AddrPort {
+	return clientSource(client, guest, s.cfg.Gateway, s.cfg.Gateway6, s.cfg.Network6, s.sharesGuestSubnet)
+}
+
+// ClientSource is the address the guest sees a host-side client as on a
+// published port's connection to guest: the real client address, so
+// servers in the guest log and filter real peers, except for clients the
+// guest could not route back to (the host's loopback, addresses in the
+// guest's own subnet, clients of the other family), which appear as the
+// gateway of guest's family, as the host's loopback does in slirp4netns.
+// (In pasta mode the stack decides with the host's addresses as well.)
+func (c Config) ClientSource(client, guest netip.AddrPort) netip.AddrPort {
+	return clientSource(client, guest, c.Gateway, c.Gateway6, c.Network6, c.Network.Contains)
+}
+
+func clientSource(client, guest netip.AddrPort, gw, gw6 netip.Addr, network6 netip.Prefix, inSubnet func(netip.Addr) bool) netip.AddrPort {
 	a := client.Addr().Unmap()
 	if guest.Addr().Is6() {
-		if a.Is6() && a.IsGlobalUnicast() && !s.cfg.Network6.Contains(a) {
+		if a.Is6() && a.IsGlobalUnicast() && !network6.Contains(a) {
 			return netip.AddrPortFrom(a, client.Port())
 		}
-		return netip.AddrPortFrom(s.cfg.Gateway6, client.Port())
+		return netip.AddrPortFrom(gw6, client.Port())
 	}
-	if a.IsLoopback() || a.IsUnspecified() || !a.Is4() || s.sharesGuestSubnet(a) {
-		return netip.AddrPortFrom(s.cfg.Gateway, client.Port())
+	if a.IsLoopback() || a.IsUnspecified() || !a.Is4() || inSubnet(a) {
+		return netip.AddrPortFrom(gw, client.Port())
 	}
 	return netip.AddrPortFrom(a, client.Port())
 }

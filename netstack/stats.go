@@ -30,6 +30,16 @@ type counters struct {
 	dnsTimeouts     atomic.Uint64
 }
 
+// AddPublished counts published-port connections that bypassed the stack
+// (see TCPPublishedKernelTotal) into st.
+func (st *Stats) AddPublished(open int64, total, fromGuest, toGuest uint64) {
+	st.Flows.TCPOpen += open
+	st.Flows.TCPTotal += total
+	st.Flows.TCPPublishedKernelTotal += total
+	st.Bytes.FromGuest += fromGuest
+	st.Bytes.ToGuest += toGuest
+}
+
 // Stats is a snapshot of what the stack has done, for the API's get_stats.
 type Stats struct {
 	UptimeSeconds float64 `json:"uptime_seconds"`
@@ -47,6 +57,10 @@ type Stats struct {
 		// addresses the guest's kernel translated (package ktcpnat):
 		// their segments never crossed the TAP.
 		TCPKernelNATTotal uint64 `json:"tcp_kernel_nat_total"`
+		// TCPPublishedKernelTotal counts the published ports' TCP
+		// connections (of TCPTotal) that the guest's kernel took
+		// (portfwd.KernelPath), outside the stack.
+		TCPPublishedKernelTotal uint64 `json:"tcp_published_kernel_total"`
 		// DNSPending counts queries waiting for an upstream.
 		DNSPending int64 `json:"dns_pending"`
 	} `json:"flows"`

@@ -79,7 +79,8 @@ func (b *Builtin) dial(network string, guest netip.AddrPort) (net.Conn, error) {
 
 // spliceTCP copies both ways between two kernel TCP sockets until both
 // directions end or ctx does; a FIN becomes a half-close, an error a reset.
-func spliceTCP(ctx context.Context, a, b *net.TCPConn) {
+// It returns the bytes copied from a to b and from b to a.
+func spliceTCP(ctx context.Context, a, b *net.TCPConn) (ab, ba int64) {
 	var once sync.Once
 	abort := func() {
 		once.Do(func() {
@@ -91,22 +92,25 @@ func spliceTCP(ctx context.Context, a, b *net.TCPConn) {
 	}
 	stop := context.AfterFunc(ctx, abort)
 	defer stop()
-	pump := func(dst, src *net.TCPConn) {
+	pump := func(dst, src *net.TCPConn) int64 {
 		// *TCPConn.ReadFrom a *TCPConn splices in the kernel.
-		if _, err := io.Copy(dst, src); err != nil {
+		n, err := io.Copy(dst, src)
+		if err != nil {
 			abort()
-			return
+			return n
 		}
 		_ = dst.CloseWrite()
+		return n
 	}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		pump(a, b)
+		ba = pump(a, b)
 	}()
-	pump(b, a)
+	ab = pump(b, a)
 	wg.Wait()
 	a.Close()
 	b.Close()
+	return ab, ba
 }

@@ -1,0 +1,211 @@
+package portfwd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/netstack/ktcpnat"
+)
+
+// InboundSockets makes the sockets of published-port connections inside
+// the guest's namespace and forgets the connections once over (launcher's
+// PortHelper).
+type InboundSockets interface {
+	InboundSockets(ipv6 bool, n int) ([]*os.File, error)
+	ForgetInbound(keys []ktcpnat.InboundKey) error
+}
+
+// KernelPath is the Guest of published ports when the guest's kernel can
+// take their connections (package ktcpnat's inbound rules): each TCP
+// connection is a socket opened inside the namespace, as Builtin's, so its
+// data moves between two kernel sockets, but the guest's server sees the
+// client's address, as through the userspace stack. A connection the
+// guest's kernel cannot take that way, and UDP, go through Stack.
+type KernelPath struct {
+	ctx     context.Context
+	sockets InboundSockets
+	stack   Guest
+	source  func(client, guest netip.AddrPort) netip.AddrPort
+	log     *slog.Logger
+	// off, per family (IPv4, IPv6): the guest has no rules for it.
+	off [2]atomic.Bool
+	// pools hold sockets made ahead, per family: the helper's round trip
+	// costs more than the rest of a connection's start.
+	pools  [2]socketPool
+	counts struct {
+		open                      atomic.Int64
+		total, fromGuest, toGuest atomic.Uint64
+	}
+
+	mu sync.Mutex
+	// live counts the open connections per key; pending lists keys of
+	// ended ones to forget, oldest first.
+	live    map[ktcpnat.InboundKey]int
+	pending []pendingKey
+	wake    chan struct{}
+}
+
+type pendingKey struct {
+	key ktcpnat.InboundKey
+	due time.Time
+}
+
+// forgetAfter is how long a connection's key stays after the relay ended:
+// the last segments of its close (the final ACK, a retransmitted FIN) still
+// need the rules.
+const forgetAfter = 2 * time.Second
+
+// NewKernelPath returns a KernelPath whose flows end when ctx does. source
+// gives the address the guest should see a client as (the userspace
+// stack's choice: netstack.Config.ClientSource).
+func NewKernelPath(ctx context.Context, d InboundSockets, stack Guest, source func(client, guest netip.AddrPort) netip.AddrPort, log *slog.Logger) *KernelPath {
+	k := &KernelPath{ctx: ctx, sockets: d, stack: stack, source: source, log: log,
+		live: make(map[ktcpnat.InboundKey]int), wake: make(chan struct{}, 1)}
+	go k.forgetLoop()
+	return k
+}
+
+var _ Guest = (*KernelPath)(nil)
+
+// ForwardTCP implements Guest.
+func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
+	client, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
+	client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
+	guest = netip.AddrPortFrom(guest.Addr().Unmap(), guest.Port())
+	from := k.source(client, guest)
+	fam := 0
+	if guest.Addr().Is6() {
+		fam = 1
+	}
+	a := guest.Addr()
+	if k.off[fam].Load() || !from.IsValid() || from.Addr().Is4() != a.Is4() || a.IsLoopback() || a.IsUnspecified() {
+		return k.stack.ForwardTCP(conn, guest)
+	}
+	inner, bound, err := k.dialFrom(fam, from, guest)
+	if bound.IsValid() {
+		// The first segment put the connection's key in.
+		key := ktcpnat.InboundKey{Server: guest, Client: bound}
+		k.hold(key)
+		defer k.release(key)
+	}
+	switch {
+	case errors.Is(err, unix.ECONNREFUSED):
+		_ = conn.SetLinger(0)
+		conn.Close()
+		return fmt.Errorf("connect to guest %s: %w", guest, err)
+	case errors.Is(err, unix.ENOPROTOOPT):
+		if !k.off[fam].Swap(true) {
+			k.log.Debug("published ports of this family go through the userspace stack", "ipv6", fam == 1, "err", err)
+		}
+		return k.stack.ForwardTCP(conn, guest)
+	case err != nil:
+		k.log.Debug("published port: the guest's kernel did not take the connection; the userspace stack does", "client", client, "guest", guest, "err", err)
+		return k.stack.ForwardTCP(conn, guest)
+	}
+	k.counts.open.Add(1)
+	k.counts.total.Add(1)
+	toGuest, fromGuest := spliceTCP(k.ctx, conn, inner)
+	k.counts.open.Add(-1)
+	k.counts.toGuest.Add(uint64(toGuest))
+	k.counts.fromGuest.Add(uint64(fromGuest))
+	return nil
+}
+
+// KernelPathStats counts the connections the guest's kernel took.
+type KernelPathStats struct {
+	Open                      int64
+	Total, FromGuest, ToGuest uint64
+}
+
+// Stats returns the counts so far; a connection's bytes count once it is
+// over.
+func (k *KernelPath) Stats() KernelPathStats {
+	return KernelPathStats{Open: k.counts.open.Load(), Total: k.counts.total.Load(),
+		FromGuest: k.counts.fromGuest.Load(), ToGuest: k.counts.toGuest.Load()}
+}
+
+// DialGuestUDP implements Guest.
+func (k *KernelPath) DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error) {
+	return k.stack.DialGuestUDP(client, guest)
+}
+
+func (k *KernelPath) hold(key ktcpnat.InboundKey) {
+	k.mu.Lock()
+	k.live[key]++
+	k.mu.Unlock()
+}
+
+// release queues key to be forgotten once its last connection lingered.
+func (k *KernelPath) release(key ktcpnat.InboundKey) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.live[key]--; k.live[key] > 0 {
+		return
+	}
+	delete(k.live, key)
+	k.pending = append(k.pending, pendingKey{key, time.Now().Add(forgetAfter)})
+	if len(k.pending) == 1 {
+		select {
+		case k.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// forgetLoop forgets the keys that are due, in batches, until ctx ends
+// (the namespace's rules go with it, or with the next Install).
+func (k *KernelPath) forgetLoop() {
+	t := time.NewTimer(0)
+	<-t.C
+	for {
+		select {
+		case <-k.ctx.Done():
+			t.Stop()
+			for i := range k.pools {
+				k.pools[i].close()
+			}
+			return
+		case <-k.wake:
+			t.Reset(forgetAfter)
+			continue
+		case <-t.C:
+		}
+		keys, next := k.due(time.Now())
+		if len(keys) > 0 {
+			if err := k.sockets.ForgetInbound(keys); err != nil {
+				k.log.Debug("published ports: forgetting ended connections", "n", len(keys), "err", err)
+			}
+		}
+		if !next.IsZero() {
+			t.Reset(time.Until(next))
+		}
+	}
+}
+
+// due takes the pending keys due by now that no connection has taken up
+// again, and returns when the next one is due (zero: none pending).
+func (k *KernelPath) due(now time.Time) (keys []ktcpnat.InboundKey, next time.Time) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	i := 0
+	for ; i < len(k.pending) && !k.pending[i].due.After(now); i++ {
+		if key := k.pending[i].key; k.live[key] == 0 {
+			keys = append(keys, key)
+		}
+	}
+	k.pending = k.pending[i:]
+	if len(k.pending) > 0 {
+		next = k.pending[0].due
+	}
+	return keys, next
+}

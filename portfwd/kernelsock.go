@@ -1,0 +1,176 @@
+package portfwd
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// inboundDialTimeout bounds a published-port connection's connect through
+// the guest's kernel: the guest's server is local to it, so it answers at
+// once, unless the rules do not work there (a firewall, a route of the
+// guest's own), and then the userspace stack had better take it.
+const inboundDialTimeout = 3 * time.Second
+
+// poolBatch is how many sockets one request to the helper makes.
+const poolBatch = 16
+
+// socketPool holds marked sockets of one family made ahead.
+type socketPool struct {
+	mu     sync.Mutex
+	files  []*os.File
+	closed bool
+}
+
+func (p *socketPool) get(src InboundSockets, ipv6 bool) (*os.File, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil, net.ErrClosed
+	}
+	if len(p.files) == 0 {
+		files, err := src.InboundSockets(ipv6, poolBatch)
+		if err != nil {
+			return nil, err
+		}
+		p.files = files
+	}
+	f := p.files[len(p.files)-1]
+	p.files = p.files[:len(p.files)-1]
+	return f, nil
+}
+
+// close closes the sockets left; get makes no more.
+func (p *socketPool) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.closed = true
+	for _, f := range p.files {
+		f.Close()
+	}
+	p.files = nil
+}
+
+// dialFrom connects a marked socket of the guest's namespace, bound to
+// guest's address and the client's port (any port when the guest uses
+// that one), to the client's address at guest's port: the guest's rules
+// swap the two addresses, and the server sees from. bound is the client
+// side of the connection's key, once the socket has a port.
+func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (c *net.TCPConn, bound netip.AddrPort, err error) {
+	f, err := k.pools[fam].get(k.sockets, fam == 1)
+	if err != nil {
+		return nil, bound, err
+	}
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, bound, err
+	}
+	var started error
+	cerr := rc.Control(func(fd uintptr) {
+		bound, started = startConnect(int(fd), from, guest)
+	})
+	if err := errors.Join(cerr, started); err != nil {
+		return nil, bound, err
+	}
+	// The socket connects; net.FileConn gives us the poller's wait for
+	// its end.
+	nc, err := net.FileConn(f)
+	if err != nil {
+		return nil, bound, fmt.Errorf("adopt socket: %w", err)
+	}
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		nc.Close()
+		return nil, bound, fmt.Errorf("adopt socket: got %T", nc)
+	}
+	if err := awaitConnect(tc); err != nil {
+		tc.Close()
+		return nil, bound, err
+	}
+	return tc, bound, nil
+}
+
+func startConnect(fd int, from, guest netip.AddrPort) (bound netip.AddrPort, err error) {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		return bound, err
+	}
+	err = unix.Bind(fd, sockaddrOf(netip.AddrPortFrom(guest.Addr(), from.Port())))
+	if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EACCES) {
+		// Chosen at connect time: unique per peer only.
+		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
+		err = unix.Bind(fd, sockaddrOf(netip.AddrPortFrom(guest.Addr(), 0)))
+	}
+	if err != nil {
+		return bound, fmt.Errorf("bind %s: %w", guest.Addr(), err)
+	}
+	err = unix.Connect(fd, sockaddrOf(netip.AddrPortFrom(from.Addr(), guest.Port())))
+	if sa, serr := unix.Getsockname(fd); serr == nil {
+		if p := portOf(sa); p != 0 {
+			bound = netip.AddrPortFrom(from.Addr(), p)
+		}
+	}
+	if err != nil && !errors.Is(err, unix.EINPROGRESS) {
+		return bound, err
+	}
+	return bound, nil
+}
+
+// awaitConnect waits for c's non-blocking connect to end.
+func awaitConnect(c *net.TCPConn) error {
+	if err := c.SetWriteDeadline(time.Now().Add(inboundDialTimeout)); err != nil {
+		return err
+	}
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var result error
+	werr := rc.Write(func(fd uintptr) bool {
+		if _, err := unix.Getpeername(int(fd)); err == nil {
+			return true
+		}
+		soErr, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		switch {
+		case err != nil:
+			result = err
+		case soErr != 0:
+			result = syscall.Errno(soErr)
+		default:
+			// Still connecting: wait until writable.
+			return false
+		}
+		return true
+	})
+	if werr != nil {
+		return werr
+	}
+	if result != nil {
+		return result
+	}
+	return c.SetWriteDeadline(time.Time{})
+}
+
+func sockaddrOf(ap netip.AddrPort) unix.Sockaddr {
+	if ap.Addr().Is4() {
+		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
+	}
+	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
+}
+
+func portOf(sa unix.Sockaddr) uint16 {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return uint16(sa.Port)
+	case *unix.SockaddrInet6:
+		return uint16(sa.Port)
+	}
+	return 0
+}
