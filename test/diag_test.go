@@ -91,6 +91,9 @@ type guestStats struct {
 		TCPTotal  uint64 `json:"tcp_total"`
 		TCPKernel uint64 `json:"tcp_kernel_total"`
 		TCPNAT    uint64 `json:"tcp_kernel_nat_total"`
+		// TCPPublished: published ports' connections the guest's
+		// kernel took.
+		TCPPublished uint64 `json:"tcp_published_kernel_total"`
 	} `json:"flows"`
 	Bytes struct {
 		FromGuest uint64 `json:"from_guest"`

@@ -331,7 +331,7 @@ func parseFlags(args []string, stdout io.Writer) (options, []string, error) {
 	fs.StringVar(&o.hostname, "hostname", "", "hostname inside (UTS namespace)")
 	fs.StringArrayVar(&o.copyUp, "copy-up", nil, "make DIR writable inside with a tmpfs copy (repeatable; e.g. /etc), leaving the host's untouched")
 	fs.StringArrayVarP(&o.publish, "publish", "p", nil, "publish a port: [HOSTIP:]HOSTPORT[-END]:GUESTPORT[-END][/tcp|/udp] (repeatable; IPv6 HOSTIP in brackets; default: all addresses), or auto: every port the command listens on")
-	fs.StringVar(&o.portDriver, "port-driver", driverBuiltin, "how published ports reach the guest: builtin (kernel sockets, fastest; the guest sees connections from 127.0.0.1) or netstack (through the userspace stack; the guest sees the real client address)")
+	fs.StringVar(&o.portDriver, "port-driver", driverBuiltin, "how published ports reach the guest: builtin (kernel sockets, fastest; the guest sees connections from 127.0.0.1) or netstack (the guest sees the real client address; through the guest's kernel when its rules could be installed, else through the userspace stack)")
 	fs.StringVar(&o.apiSocket, "api-socket", "", "serve slirp4netns's JSON API (add_hostfwd, list_hostfwd, remove_hostfwd) on this Unix socket")
 	fs.IntVar(&o.mtu, "mtu", netstack.DefaultMTU, "MTU of the namespace's tap0 (68-65521)")
 	fs.BoolVar(&o.disableHostLoopback, "disable-host-loopback", false, "block the host's loopback: 10.0.2.2, fd00::2, 127.0.0.0/8 and ::1 answer network unreachable")

@@ -31,9 +31,12 @@ type hostSide struct {
 	// stopAuto ends --publish auto's followers.
 	stopAuto func()
 	helper   *launcher.PortHelper
-	ports    *portfwd.PortMap
-	api      *portfwd.APISocket
-	apiEnd   chan struct{}
+	// kernel takes published ports' connections through the guest's
+	// kernel (nil: not used).
+	kernel *portfwd.KernelPath
+	ports  *portfwd.PortMap
+	api    *portfwd.APISocket
+	apiEnd chan struct{}
 	// suggestTo, in egress audit mode, gets the suggested allow list
 	// when the namespace ends.
 	suggestTo io.Writer
@@ -90,6 +93,9 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 	var err error
 	// The kernel TCP path's listener is ours, not a port to publish.
 	ownPort := portfwd.SocketPort(ns.TCPListener)
+	// With the kernel TCP path's rules in the guest, published ports can
+	// take it too (portfwd.KernelPath).
+	kernelInbound := ns.TCPListener != nil && ns.TCPNAT != nil
 	if h.engine, err = startEngine(ctx, ns, netCfg, eng); err != nil {
 		cancel()
 		return nil, err
@@ -114,6 +120,13 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 		// The helper dials from inside the namespace: its loopback
 		// reaches servers bound to 127.0.0.1 as well as to any address.
 		guestAddr, guestAddr6 = netip.MustParseAddr("127.0.0.1"), netip.Addr{}
+	}
+	if opts.portDriver == driverNetstack && kernelInbound {
+		if h.helper == nil {
+			h.helper = launcher.NewPortHelper(ns.Target())
+		}
+		h.kernel = portfwd.NewKernelPath(ctx, h.helper, h.engine, netCfg.ClientSource, log)
+		guest = h.kernel
 	}
 	h.ports = portfwd.New(guest, log)
 	for _, r := range rules {
@@ -145,7 +158,7 @@ func startHostSide(ctx context.Context, ns launcher.Namespace, netCfg netstack.C
 		// one we may inspect.
 		api.RefuseGuest(guestNS, true)
 		api.AllowIPv6()
-		api.SetReporter(h.engine.Info, h.engine.Stats)
+		api.SetReporter(h.engine.Info, cli.StatsWithPublished(h.engine.Stats, h.kernel))
 		api.SetEgress(h.engine)
 		h.apiEnd = make(chan struct{})
 		go func() {

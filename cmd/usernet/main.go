@@ -167,7 +167,9 @@ func serve(cfg *config, stdout, stderr io.Writer) error {
 		return h.enterSandbox()
 	}
 	if h.ns != nil {
-		h.ns.Close()
+		// Kept open for the published ports' helper (run), which
+		// starts with their first connection.
+		defer h.ns.Close()
 	}
 	return h.run(ctx, cancel, log, stderr)
 }
@@ -411,7 +413,17 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 		}
 		return err
 	}
-	ports := portfwd.New(stack, log)
+	var guest portfwd.Guest = stack
+	var kernel *portfwd.KernelPath
+	if h.netCfg.KernelTCP != nil && h.netCfg.KernelTCPNAT != nil && h.ns != nil {
+		// The guest's kernel takes published ports' connections too
+		// (not in the sandbox, which cannot start the helper).
+		ph := launcher.NewPortHelper(h.ns.Target())
+		defer ph.Close()
+		kernel = portfwd.NewKernelPath(ctx, ph, stack, h.netCfg.ClientSource, log)
+		guest = kernel
+	}
+	ports := portfwd.New(guest, log)
 	defer func() {
 		// The stack first: closing it ends the flows the port map
 		// started, which the port map then waits for.
@@ -428,7 +440,7 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 		if h.guestNS != nil {
 			api.RefuseGuest(*h.guestNS, h.seesGuests)
 		}
-		api.SetReporter(func() any { return stack.Info() }, func() any { return stack.Stats() })
+		api.SetReporter(func() any { return stack.Info() }, cli.StatsWithPublished(func() any { return stack.Stats() }, kernel))
 		api.SetEgress(stack)
 		done := make(chan struct{})
 		go func() {
