@@ -21,9 +21,10 @@ import (
 // that does not answer SYNs is not worth waiting for longer.
 const guestConnectTimeout = 20 * time.Second
 
-// sourceFor is the address the guest sees a host-side client as on a flow
-// to guest (see Config.ClientSource).
-func (s *Stack) sourceFor(client, guest netip.AddrPort) netip.AddrPort {
+// ClientSource is the address the guest sees a host-side client as on a
+// flow to guest (see Config.ClientSource; in pasta mode the host's own
+// addresses count as the guest's subnet).
+func (s *Stack) ClientSource(client, guest netip.AddrPort) netip.AddrPort {
 	return clientSource(client, guest, s.cfg.Gateway, s.cfg.Gateway6, s.cfg.Network6, s.sharesGuestSubnet)
 }
 
@@ -64,7 +65,7 @@ func (s *Stack) guestTarget(guest netip.AddrPort) (netip.AddrPort, error) {
 }
 
 // ForwardTCP connects to guest through the stack with the client's address
-// as the source (see sourceFor) and relays conn to it until both sides are
+// as the source (see ClientSource) and relays conn to it until both sides are
 // done. It takes ownership of conn. If the guest refuses, conn is reset.
 func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	if !s.flows.enter() {
@@ -74,7 +75,7 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	defer s.flows.leave()
 	client, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
 	guest, err := s.guestTarget(guest)
-	src := s.sourceFor(client, guest)
+	src := s.ClientSource(client, guest)
 	var gc guestConn
 	if err == nil {
 		gc, err = s.dialGuestTCP(src, guest)
@@ -149,13 +150,13 @@ func (s *Stack) connectTCP(ctx context.Context, src, dst netip.AddrPort) (guestC
 }
 
 // DialGuestUDP opens a UDP flow to guest whose datagrams carry the source
-// the guest should see for client (see sourceFor).
+// the guest should see for client (see ClientSource).
 func (s *Stack) DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error) {
 	guest, err := s.guestTarget(guest)
 	if err != nil {
 		return nil, err
 	}
-	src := s.sourceFor(client, guest)
+	src := s.ClientSource(client, guest)
 	c, err := s.dialUDP(src, guest)
 	if err != nil {
 		c, err = s.dialUDP(netip.AddrPortFrom(src.Addr(), 0), guest)

@@ -29,7 +29,7 @@ func TestSourceFor(t *testing.T) {
 		{"203.0.113.10:4000", v6, "[fd00::2]:4000"},
 		{"[::ffff:203.0.113.10]:4000", v6, "[fd00::2]:4000"},
 	} {
-		if got := s.sourceFor(netip.MustParseAddrPort(c.client), c.guest); got.String() != c.want {
+		if got := s.ClientSource(netip.MustParseAddrPort(c.client), c.guest); got.String() != c.want {
 			t.Errorf("client %s to %s: source %s, want %s", c.client, c.guest, got, c.want)
 		}
 	}

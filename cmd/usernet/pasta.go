@@ -84,12 +84,15 @@ type pastaHelper struct {
 	// ownTCPPort is the kernel TCP path's listener in the namespace
 	// (0: none), which -t auto must not publish.
 	ownTCPPort uint16
-	fwd        *portfwd.PortMap // host -> namespace (-t, -u)
-	rev        *portfwd.PortMap // namespace loopback -> host loopback (-T, -U)
-	api        *portfwd.APISocket
-	pcap       *os.File
-	logf       *os.File
-	logTo      io.Writer
+	// kernelInbound: the guest's kernel can take published ports'
+	// connections (portfwd.KernelPath).
+	kernelInbound bool
+	fwd           *portfwd.PortMap // host -> namespace (-t, -u)
+	rev           *portfwd.PortMap // namespace loopback -> host loopback (-T, -U)
+	api           *portfwd.APISocket
+	pcap          *os.File
+	logf          *os.File
+	logTo         io.Writer
 	// closers run in reverse order on the way out.
 	closers []func()
 }
@@ -216,6 +219,7 @@ func (h *pastaHelper) setUp(ctx context.Context) error {
 	dev := link.Tap
 	n.KernelTCP, n.KernelTCPNAT = link.TCPListener, link.TCPNAT
 	h.ownTCPPort = portfwd.SocketPort(link.TCPListener)
+	h.kernelInbound = link.TCPListener != nil && link.TCPNAT != nil
 	if c.pcap != "" {
 		if h.pcap, err = safefs.CreateFile(c.pcap); err != nil {
 			dev.Close()

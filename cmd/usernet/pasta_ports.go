@@ -32,7 +32,16 @@ func (h *pastaHelper) startPorts(ctx context.Context) error {
 	needHelper := c.tcpNS.Mode != portfwd.PortsNone || c.udpNS.Mode != portfwd.PortsNone ||
 		c.tcp.Mode == portfwd.PortsAuto || c.udp.Mode == portfwd.PortsAuto ||
 		(!c.noSplice && (c.tcp.Mode == portfwd.PortsList || c.udp.Mode == portfwd.PortsList))
-	var guest portfwd.Guest = h.stack
+	// Clients the guest must see as they are (not the host's loopback,
+	// unless --no-splice): through the guest's kernel when it can, as
+	// from the client; else through the stack.
+	var tap portfwd.Guest = h.stack
+	if h.kernelInbound {
+		ph := launcher.NewPortHelper(h.target)
+		h.closers = append(h.closers, func() { ph.Close() })
+		tap = portfwd.NewKernelPath(ctx, ph, h.stack, h.stack.ClientSource, h.log)
+	}
+	guest := tap
 	if needHelper {
 		var err error
 		if h.ports, err = launcher.StartPortHelper(h.target); err != nil {
@@ -40,7 +49,7 @@ func (h *pastaHelper) startPorts(ctx context.Context) error {
 		}
 		h.closers = append(h.closers, func() { h.ports.Close() })
 		if !c.noSplice {
-			split := &portfwd.Split{Local: portfwd.NewBuiltin(ctx, h.ports), Tap: h.stack}
+			split := &portfwd.Split{Local: portfwd.NewBuiltin(ctx, h.ports), Tap: tap}
 			if c.hostLoToNsLo {
 				split.LocalAddr = loopback4
 			}
