@@ -52,8 +52,6 @@ func (h *PortHelper) ForgetInbound(keys []ktcpnat.InboundKey) error {
 // inboundServer is the helper's side.
 type inboundServer struct {
 	m *ktcpnat.Map
-	// ready caches ktcpnat.InboundReady per family (IPv4, IPv6).
-	ready [2]*bool
 }
 
 func (in *inboundServer) close() {
@@ -66,19 +64,18 @@ func (in *inboundServer) sockets(r dialRequest) ([]*os.File, error) {
 	if r.Count < 1 || r.Count > maxSockets {
 		return nil, fmt.Errorf("%d sockets: want 1 to %d", r.Count, maxSockets)
 	}
-	fam, domain, any := 0, unix.AF_INET, netip.IPv4Unspecified()
+	domain, any := unix.AF_INET, netip.IPv4Unspecified()
 	switch r.Network {
 	case "tcp4":
 	case "tcp6":
-		fam, domain, any = 1, unix.AF_INET6, netip.IPv6Unspecified()
+		domain, any = unix.AF_INET6, netip.IPv6Unspecified()
 	default:
 		return nil, fmt.Errorf("network %q", r.Network)
 	}
-	if in.ready[fam] == nil {
-		ok := ktcpnat.InboundReady(any)
-		in.ready[fam] = &ok
-	}
-	if !*in.ready[fam] {
+	// Checked for every batch: a guest that deletes the tables sends our
+	// next connections out of the TAP to the client's address for real
+	// (the gateway's is the host's loopback), so at most a batch of them.
+	if !ktcpnat.InboundReady(any) {
 		return nil, fmt.Errorf("the guest has no rules for %s: %w", r.Network, unix.ENOPROTOOPT)
 	}
 	files := make([]*os.File, 0, r.Count)
