@@ -78,9 +78,29 @@ func (h *PortHelper) start() error {
 		_ = cmd.Wait()
 	}()
 	if err := h.ch.send(message{Kind: kindConfig, Config: &childConfig{Ports: true}}); err != nil {
+		h.stopLocked()
 		return fmt.Errorf("start port helper: %w", err)
 	}
 	return nil
+}
+
+// stopLocked ends a started helper (its Wait reaps it), so that the next
+// request starts another; h.state is held. After a failed exchange the
+// channel is out of step, or the helper gone.
+func (h *PortHelper) stopLocked() {
+	if !h.started {
+		return
+	}
+	h.started = false
+	h.ch.conn.Close()
+	_ = h.cmd.Process.Kill()
+}
+
+// broken stops the helper after a failed exchange; h.mu is held.
+func (h *PortHelper) broken() {
+	h.state.Lock()
+	defer h.state.Unlock()
+	h.stopLocked()
 }
 
 // Dial returns a socket connected to addr ("tcp" or "udp") inside the
@@ -130,10 +150,12 @@ func (h *PortHelper) exchange(req dialRequest, nfiles int) ([]*os.File, error) {
 		return nil, err
 	}
 	if err := h.ch.send(message{Kind: kindDial, Dial: &req}); err != nil {
+		h.broken()
 		return nil, fmt.Errorf("port helper: %w", err)
 	}
 	m, files, err := h.ch.recv(kindDialed)
 	if err != nil {
+		h.broken()
 		return nil, fmt.Errorf("port helper: %w", err)
 	}
 	if m.Dialed == nil || m.Dialed.Error != "" || len(files) != nfiles {
@@ -156,17 +178,18 @@ func (h *PortHelper) exchange(req dialRequest, nfiles int) ([]*os.File, error) {
 func (h *PortHelper) Close() error {
 	h.state.Lock()
 	started, closed := h.started, h.closed
+	conn, cmd, done := h.ch.conn, h.cmd, h.done
 	h.closed = true
 	h.state.Unlock()
 	if !started || closed {
 		return nil
 	}
-	h.ch.conn.Close()
+	conn.Close()
 	select {
-	case <-h.done:
+	case <-done:
 	case <-time.After(time.Second):
-		_ = h.cmd.Process.Kill()
-		<-h.done
+		_ = cmd.Process.Kill()
+		<-done
 	}
 	return nil
 }

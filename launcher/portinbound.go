@@ -78,6 +78,9 @@ func (in *inboundServer) sockets(r dialRequest) ([]*os.File, error) {
 	if !ktcpnat.InboundReady(any) {
 		return nil, fmt.Errorf("the guest has no rules for %s: %w", r.Network, unix.ENOPROTOOPT)
 	}
+	if ktcpnat.GuestNAT() {
+		return nil, fmt.Errorf("the guest has NAT rules of its own, which its kernel's path would bypass: %w", unix.ENOPROTOOPT)
+	}
 	files := make([]*os.File, 0, r.Count)
 	for range r.Count {
 		f, err := markedSocket(domain)

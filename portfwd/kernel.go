@@ -3,7 +3,6 @@ package portfwd
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -37,8 +36,9 @@ type KernelPath struct {
 	stack   Guest
 	source  func(client, guest netip.AddrPort) netip.AddrPort
 	log     *slog.Logger
-	// off, per family (IPv4, IPv6): the guest has no rules for it.
-	off [2]atomic.Bool
+	// offUntil, per family (IPv4, IPv6), in Unix nanoseconds: the guest
+	// had no rules for it, or a NAT rule of its own.
+	offUntil [2]atomic.Int64
 	// pools hold sockets made ahead, per family: the helper's round trip
 	// costs more than the rest of a connection's start.
 	pools  [2]socketPool
@@ -49,9 +49,11 @@ type KernelPath struct {
 
 	mu sync.Mutex
 	// live counts the open connections per key; pending lists keys of
-	// ended ones to forget, oldest first.
+	// ended ones to forget, oldest first, and ended has each one's latest
+	// due time (an earlier entry of a key taken up again is stale).
 	live    map[ktcpnat.InboundKey]int
 	pending []pendingKey
+	ended   map[ktcpnat.InboundKey]time.Time
 	wake    chan struct{}
 }
 
@@ -65,12 +67,19 @@ type pendingKey struct {
 // need the rules.
 const forgetAfter = 2 * time.Second
 
+// offFor is how long a family's connections go through the stack after the
+// port helper found the guest's kernel unfit for them.
+const (
+	offFor          = 10 * time.Second
+	offAfterTimeout = time.Minute
+)
+
 // NewKernelPath returns a KernelPath whose flows end when ctx does. source
 // gives the address the guest should see a client as (the userspace
 // stack's choice: netstack.Config.ClientSource).
 func NewKernelPath(ctx context.Context, d InboundSockets, stack Guest, source func(client, guest netip.AddrPort) netip.AddrPort, log *slog.Logger) *KernelPath {
 	k := &KernelPath{ctx: ctx, sockets: d, stack: stack, source: source, log: log,
-		live: make(map[ktcpnat.InboundKey]int), wake: make(chan struct{}, 1)}
+		live: make(map[ktcpnat.InboundKey]int), ended: make(map[ktcpnat.InboundKey]time.Time), wake: make(chan struct{}, 1)}
 	go k.forgetLoop()
 	return k
 }
@@ -88,30 +97,44 @@ func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 		fam = 1
 	}
 	a := guest.Addr()
-	if k.off[fam].Load() || !from.IsValid() || from.Addr().Is4() != a.Is4() || a.IsLoopback() || a.IsUnspecified() {
+	if time.Now().UnixNano() < k.offUntil[fam].Load() || !from.IsValid() || from.Addr().Is4() != a.Is4() || a.IsLoopback() || a.IsUnspecified() {
 		return k.stack.ForwardTCP(conn, guest)
 	}
 	inner, bound, err := k.dialFrom(fam, from, guest)
-	if bound.IsValid() {
-		// The first segment put the connection's key in.
-		key := ktcpnat.InboundKey{Server: guest, Client: bound}
-		k.hold(key)
-		defer k.release(key)
-	}
-	switch {
-	case errors.Is(err, unix.ECONNREFUSED):
-		_ = conn.SetLinger(0)
-		conn.Close()
-		return fmt.Errorf("connect to guest %s: %w", guest, err)
-	case errors.Is(err, unix.ENOPROTOOPT):
-		if !k.off[fam].Swap(true) {
-			k.log.Debug("published ports of this family go through the userspace stack", "ipv6", fam == 1, "err", err)
+	if err != nil {
+		if bound.IsValid() {
+			// The first segment put the connection's key in, and the
+			// stack's connection has the same addresses: the server's
+			// answers to it must leave through the TAP.
+			if ferr := k.sockets.ForgetInbound([]ktcpnat.InboundKey{{Server: guest, Client: bound}}); ferr != nil {
+				k.log.Warn("published port: forgetting a failed connection", "guest", guest, "err", ferr)
+			}
+		}
+		var pause time.Duration
+		switch {
+		case errors.Is(err, unix.ENOPROTOOPT):
+			// No rules (or a guest NAT they would bypass): ask again
+			// in a while.
+			pause = offFor
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// Something in the guest drops what the rules deliver
+			// (a firewall on lo): no other connection should wait.
+			pause = offAfterTimeout
+		}
+		if pause > 0 {
+			if k.offUntil[fam].Swap(time.Now().Add(pause).UnixNano()) == 0 {
+				k.log.Debug("published ports of this family go through the userspace stack for now", "ipv6", fam == 1, "for", pause, "err", err)
+			}
+		} else {
+			// Refused too: a NAT rule of the guest's may send the
+			// stack's connection elsewhere.
+			k.log.Debug("published port: the guest's kernel did not take the connection; the userspace stack does", "client", client, "guest", guest, "err", err)
 		}
 		return k.stack.ForwardTCP(conn, guest)
-	case err != nil:
-		k.log.Debug("published port: the guest's kernel did not take the connection; the userspace stack does", "client", client, "guest", guest, "err", err)
-		return k.stack.ForwardTCP(conn, guest)
 	}
+	key := ktcpnat.InboundKey{Server: guest, Client: bound}
+	k.hold(key)
+	defer k.release(key)
 	k.counts.open.Add(1)
 	k.counts.total.Add(1)
 	toGuest, fromGuest := spliceTCP(k.ctx, conn, inner)
@@ -153,7 +176,9 @@ func (k *KernelPath) release(key ktcpnat.InboundKey) {
 		return
 	}
 	delete(k.live, key)
-	k.pending = append(k.pending, pendingKey{key, time.Now().Add(forgetAfter)})
+	due := time.Now().Add(forgetAfter)
+	k.ended[key] = due
+	k.pending = append(k.pending, pendingKey{key, due})
 	if len(k.pending) == 1 {
 		select {
 		case k.wake <- struct{}{}:
@@ -183,7 +208,7 @@ func (k *KernelPath) forgetLoop() {
 		keys, next := k.due(time.Now())
 		if len(keys) > 0 {
 			if err := k.sockets.ForgetInbound(keys); err != nil {
-				k.log.Debug("published ports: forgetting ended connections", "n", len(keys), "err", err)
+				k.log.Warn("published ports: forgetting ended connections", "n", len(keys), "err", err)
 			}
 		}
 		if !next.IsZero() {
@@ -199,8 +224,10 @@ func (k *KernelPath) due(now time.Time) (keys []ktcpnat.InboundKey, next time.Ti
 	defer k.mu.Unlock()
 	i := 0
 	for ; i < len(k.pending) && !k.pending[i].due.After(now); i++ {
-		if key := k.pending[i].key; k.live[key] == 0 {
-			keys = append(keys, key)
+		p := k.pending[i]
+		if k.live[p.key] == 0 && k.ended[p.key].Equal(p.due) {
+			keys = append(keys, p.key)
+			delete(k.ended, p.key)
 		}
 	}
 	k.pending = k.pending[i:]

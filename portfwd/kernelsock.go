@@ -15,17 +15,24 @@ import (
 
 // inboundDialTimeout bounds a published-port connection's connect through
 // the guest's kernel: the guest's server is local to it, so it answers at
-// once, unless the rules do not work there (a firewall, a route of the
-// guest's own), and then the userspace stack had better take it.
-const inboundDialTimeout = 3 * time.Second
+// once, unless something drops what the rules deliver (a firewall on lo),
+// and then the userspace stack had better take it. (A server whose backlog
+// overflows drops SYNs too, for a second: the stack takes that connection.)
+const inboundDialTimeout = time.Second
 
-// poolBatch is how many sockets one request to the helper makes.
-const poolBatch = 16
+// poolBatch is how many sockets one request to the helper makes, and
+// poolMaxAge how long they are used: the helper checks the guest's rules
+// and NAT with each batch.
+const (
+	poolBatch  = 16
+	poolMaxAge = time.Second
+)
 
 // socketPool holds marked sockets of one family made ahead.
 type socketPool struct {
 	mu     sync.Mutex
 	files  []*os.File
+	made   time.Time
 	closed bool
 }
 
@@ -35,12 +42,18 @@ func (p *socketPool) get(src InboundSockets, ipv6 bool) (*os.File, error) {
 	if p.closed {
 		return nil, net.ErrClosed
 	}
+	if len(p.files) > 0 && time.Since(p.made) > poolMaxAge {
+		for _, f := range p.files {
+			f.Close()
+		}
+		p.files = nil
+	}
 	if len(p.files) == 0 {
 		files, err := src.InboundSockets(ipv6, poolBatch)
 		if err != nil {
 			return nil, err
 		}
-		p.files = files
+		p.files, p.made = files, time.Now()
 	}
 	f := p.files[len(p.files)-1]
 	p.files = p.files[:len(p.files)-1]

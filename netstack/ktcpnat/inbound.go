@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/google/nftables"
@@ -152,8 +154,8 @@ func netlinkSocket() (int, error) {
 
 // InboundReady says whether the calling thread's network namespace has the
 // rules for published-port connections of a's family (Install made them;
-// the guest may have deleted them since, or the kernel may lack IPv6
-// tables).
+// the guest may have deleted or flushed them since, or the kernel may lack
+// IPv6 tables).
 func InboundReady(a netip.Addr) bool {
 	c, err := nftables.New()
 	if err != nil {
@@ -161,6 +163,41 @@ func InboundReady(a netip.Addr) bool {
 	}
 	defer c.CloseLasting()
 	table := &nftables.Table{Family: familyOf(a).table, Name: tableName}
-	_, err = c.GetSetByName(table, inboundSet)
-	return err == nil
+	if _, err := c.GetSetByName(table, inboundSet); err != nil {
+		return false
+	}
+	rules, err := c.GetRules(table, &nftables.Chain{Name: chainName, Table: table})
+	// Ours: three for published ports, two for the kernel TCP path.
+	return err == nil && len(rules) >= 5
+}
+
+// GuestNAT says whether the calling thread's network namespace
+// destination-NATs what it receives: nftables chains of type nat on the
+// prerouting hook, or iptables' (legacy) nat table. The published-port
+// connections the rules swap are untracked and arrive over lo, so they
+// would bypass such rules (podman's port forwarding into containers in its
+// rootless network namespace, a redirect of a privileged port), which the
+// userspace stack's connections, arriving on the TAP, go through.
+func GuestNAT() bool {
+	for _, name := range []string{"/proc/self/net/ip_tables_names", "/proc/self/net/ip6_tables_names"} {
+		if b, err := os.ReadFile(name); err == nil && slices.Contains(strings.Fields(string(b)), "nat") {
+			return true
+		}
+	}
+	c, err := nftables.New()
+	if err != nil {
+		return false
+	}
+	defer c.CloseLasting()
+	chains, err := c.ListChains()
+	if err != nil {
+		// Unknown: the kernel path's rules need nftables anyway.
+		return false
+	}
+	for _, ch := range chains {
+		if ch.Type == nftables.ChainTypeNAT && ch.Hooknum != nil && *ch.Hooknum == *nftables.ChainHookPrerouting {
+			return true
+		}
+	}
+	return false
 }

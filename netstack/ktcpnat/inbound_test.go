@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -32,6 +33,12 @@ func TestInboundSwapsAddresses(t *testing.T) {
 		}
 	}()
 	taptest.InFreshNetns(t, func() {
+		// No IPv6 on the TAP: its router solicitations would count as
+		// bytes that crossed it.
+		if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Error(err)
+			return
+		}
 		dev, guest, ok := setUpGuest(t)
 		if !ok {
 			return
@@ -184,4 +191,47 @@ func inboundElements(t *testing.T) int {
 		return -1
 	}
 	return len(es)
+}
+
+// InboundReady wants the rules, not only the set; GuestNAT sees a
+// destination NAT chain of the guest's own.
+func TestInboundReadyAndGuestNAT(t *testing.T) {
+	var skip string
+	defer func() {
+		if skip != "" {
+			t.Skip(skip)
+		}
+	}()
+	taptest.InFreshNetns(t, func() {
+		guest := netip.MustParseAddr("10.0.2.100")
+		if InboundReady(guest) {
+			t.Error("InboundReady before Install")
+		}
+		sock, err := Install("tap0")
+		if err != nil {
+			skip = fmt.Sprintf("nftables unusable here: %v", err)
+			return
+		}
+		sock.Close()
+		if !InboundReady(guest) || GuestNAT() {
+			t.Errorf("after Install: ready %v, guest NAT %v; want true, false", InboundReady(guest), GuestNAT())
+		}
+		c, err := nftables.New()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer c.CloseLasting()
+		c.FlushTable(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: tableName})
+		nat := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: "guest"})
+		c.AddChain(&nftables.Chain{Table: nat, Name: "pre", Type: nftables.ChainTypeNAT,
+			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest})
+		if err := c.Flush(); err != nil {
+			t.Error(err)
+			return
+		}
+		if InboundReady(guest) || !GuestNAT() {
+			t.Errorf("after a flush and a NAT chain: ready %v, guest NAT %v; want false, true", InboundReady(guest), GuestNAT())
+		}
+	})
 }

@@ -38,6 +38,8 @@ const (
 	outMap   = "out"
 	backMap  = "back"
 	localSet = "local"
+	// chainName is the route chain of the output hook with every rule.
+	chainName = "out"
 	// inboundSet holds the guest-side keys of published-port connections
 	// (see inboundRules).
 	inboundSet = "inbound"
@@ -144,7 +146,7 @@ func (af addrFamily) install(c *nftables.Conn, oifname [unix.IFNAMSIZ]byte) erro
 		}
 		sets[s.Name] = s
 	}
-	chain := c.AddChain(&nftables.Chain{Table: table, Name: "out", Type: nftables.ChainTypeRoute,
+	chain := c.AddChain(&nftables.Chain{Table: table, Name: chainName, Type: nftables.ChainTypeRoute,
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw})
 	rules := append(af.inboundRules(oifname, sets[inboundSet]), af.rules(oifname, sets[outMap], sets[backMap], sets[localSet])...)
 	for _, exprs := range rules {
