@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -20,10 +21,14 @@ import (
 // maxSockets the descriptors of one answer (what tap.RecvFiles takes).
 const (
 	maxForget  = 256
-	maxSockets = 16
+	maxSockets = 64
 )
 
-// InboundSockets returns n (at most 16) fresh TCP sockets of the
+// checkEvery is how long the port helper trusts what it found of the
+// guest's rules and NAT: checking them costs a few netlink dumps.
+const checkEvery = time.Second
+
+// InboundSockets returns n (at most 64) fresh TCP sockets of the
 // namespace, IPv4 or IPv6 ones, marked for published-port connections
 // (ktcpnat.InboundMark), for portfwd.KernelPath. ENOPROTOOPT: the guest has
 // no rules for the family.
@@ -52,6 +57,31 @@ func (h *PortHelper) ForgetInbound(keys []ktcpnat.InboundKey) error {
 // inboundServer is the helper's side.
 type inboundServer struct {
 	m *ktcpnat.Map
+	// unfit is why the guest's kernel cannot take connections of each
+	// family (nil: it can) as checked at checked.
+	unfit   [2]error
+	checked [2]time.Time
+}
+
+// fit checks, at most every checkEvery, that the guest's kernel can take
+// connections of fam (0 IPv4, 1 IPv6): the rules are there, and no
+// destination NAT of the guest's own that they would bypass.
+func (in *inboundServer) fit(fam int, network string) error {
+	if time.Since(in.checked[fam]) < checkEvery {
+		return in.unfit[fam]
+	}
+	any := netip.IPv4Unspecified()
+	if fam == 1 {
+		any = netip.IPv6Unspecified()
+	}
+	in.checked[fam], in.unfit[fam] = time.Now(), nil
+	switch {
+	case !ktcpnat.InboundReady(any):
+		in.unfit[fam] = fmt.Errorf("the guest has no rules for %s: %w", network, unix.ENOPROTOOPT)
+	case ktcpnat.GuestNAT():
+		in.unfit[fam] = fmt.Errorf("the guest has NAT rules of its own, which its kernel's path would bypass: %w", unix.ENOPROTOOPT)
+	}
+	return in.unfit[fam]
 }
 
 func (in *inboundServer) close() {
@@ -64,22 +94,19 @@ func (in *inboundServer) sockets(r dialRequest) ([]*os.File, error) {
 	if r.Count < 1 || r.Count > maxSockets {
 		return nil, fmt.Errorf("%d sockets: want 1 to %d", r.Count, maxSockets)
 	}
-	domain, any := unix.AF_INET, netip.IPv4Unspecified()
+	fam, domain := 0, unix.AF_INET
 	switch r.Network {
 	case "tcp4":
 	case "tcp6":
-		domain, any = unix.AF_INET6, netip.IPv6Unspecified()
+		fam, domain = 1, unix.AF_INET6
 	default:
 		return nil, fmt.Errorf("network %q", r.Network)
 	}
-	// Checked for every batch: a guest that deletes the tables sends our
-	// next connections out of the TAP to the client's address for real
-	// (the gateway's is the host's loopback), so at most a batch of them.
-	if !ktcpnat.InboundReady(any) {
-		return nil, fmt.Errorf("the guest has no rules for %s: %w", r.Network, unix.ENOPROTOOPT)
-	}
-	if ktcpnat.GuestNAT() {
-		return nil, fmt.Errorf("the guest has NAT rules of its own, which its kernel's path would bypass: %w", unix.ENOPROTOOPT)
+	// A guest that deletes the tables sends our next connections out of
+	// the TAP to the client's address for real (the gateway's is the
+	// host's loopback): the caller uses a batch for a second at most.
+	if err := in.fit(fam, r.Network); err != nil {
+		return nil, err
 	}
 	files := make([]*os.File, 0, r.Count)
 	for range r.Count {

@@ -20,12 +20,14 @@ import (
 // overflows drops SYNs too, for a second: the stack takes that connection.)
 const inboundDialTimeout = time.Second
 
-// poolBatch is how many sockets one request to the helper makes, and
-// poolMaxAge how long they are used: the helper checks the guest's rules
-// and NAT with each batch.
+// A batch of sockets is used for poolMaxAge at most: the helper checks the
+// guest's rules and NAT at most that often. Its size follows the rate of
+// connections, from poolMin to poolMax: doubled when a batch ran out within
+// its age, halved when one aged with sockets left.
 const (
-	poolBatch  = 16
 	poolMaxAge = time.Second
+	poolMin    = 2
+	poolMax    = 64
 )
 
 // socketPool holds marked sockets of one family made ahead.
@@ -33,6 +35,7 @@ type socketPool struct {
 	mu     sync.Mutex
 	files  []*os.File
 	made   time.Time
+	batch  int
 	closed bool
 }
 
@@ -42,14 +45,20 @@ func (p *socketPool) get(src InboundSockets, ipv6 bool) (*os.File, error) {
 	if p.closed {
 		return nil, net.ErrClosed
 	}
-	if len(p.files) > 0 && time.Since(p.made) > poolMaxAge {
+	aged := time.Since(p.made) > poolMaxAge
+	switch {
+	case len(p.files) > 0 && aged:
 		for _, f := range p.files {
 			f.Close()
 		}
 		p.files = nil
+		p.batch /= 2
+	case len(p.files) == 0 && !aged:
+		p.batch *= 2
 	}
 	if len(p.files) == 0 {
-		files, err := src.InboundSockets(ipv6, poolBatch)
+		p.batch = min(max(p.batch, poolMin), poolMax)
+		files, err := src.InboundSockets(ipv6, p.batch)
 		if err != nil {
 			return nil, err
 		}

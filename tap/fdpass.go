@@ -11,9 +11,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// maxPassedFiles bounds how many descriptors one message may carry; a TAP
-// has at most a handful of queues, so anything beyond this is a protocol error.
-const maxPassedFiles = 16
+// maxPassedFiles bounds how many descriptors one message may carry: a TAP's
+// queues (a handful), or a batch of the port helper's sockets; anything
+// beyond this is a protocol error.
+const maxPassedFiles = 64
 
 // SendFiles writes payload together with files as SCM_RIGHTS ancillary data
 // in a single message on conn. The caller keeps ownership of files.

@@ -228,18 +228,21 @@ func (m *Map) exchange(build func(first uint32) (msg []byte, last uint32, acks i
 }
 
 // roundTrip sends messages numbered first to last and reads the kernel's
-// answers: an error for any of them (a refused batch is answered for its
-// first message), or acks acknowledgements. The kernel handles netlink
-// requests within the send, so the answers are there when it returns; the
-// socket's receive timeout (Install) covers the rest.
+// answers until acks of them are in: acknowledgements or errors (a batch
+// answers every message that asks, once the whole batch was processed, a
+// refused one for its first message). It returns the first error. Answers
+// to an earlier exchange that gave up are skipped. The kernel handles
+// netlink requests within the send, so the answers are there when it
+// returns; the socket's receive timeout (Install) covers the rest.
 func (m *Map) roundTrip(msg []byte, first, last uint32, acks int) error {
 	if err := unix.Sendto(m.fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fmt.Errorf("nftables: send: %w", err)
 	}
-	for range 8 {
+	var firstErr error
+	for acks > 0 {
 		n, _, err := unix.Recvfrom(m.fd, m.buf, 0)
 		if err != nil {
-			return fmt.Errorf("nftables: receive: %w", err)
+			return errors.Join(firstErr, fmt.Errorf("nftables: receive: %w", err))
 		}
 		for b := m.buf[:n]; len(b) >= unix.NLMSG_HDRLEN; {
 			l := int(binary.NativeEndian.Uint32(b))
@@ -248,17 +251,15 @@ func (m *Map) roundTrip(msg []byte, first, last uint32, acks int) error {
 			}
 			typ, seq := binary.NativeEndian.Uint16(b[4:]), binary.NativeEndian.Uint32(b[8:])
 			if typ == unix.NLMSG_ERROR && seq >= first && seq <= last && l >= unix.NLMSG_HDRLEN+4 {
-				if errno := -int32(binary.NativeEndian.Uint32(b[unix.NLMSG_HDRLEN:])); errno != 0 {
-					return fmt.Errorf("nftables: %w", unix.Errno(errno))
+				if errno := -int32(binary.NativeEndian.Uint32(b[unix.NLMSG_HDRLEN:])); errno != 0 && firstErr == nil {
+					firstErr = fmt.Errorf("nftables: %w", unix.Errno(errno))
 				}
-				if acks--; acks == 0 {
-					return nil
-				}
+				acks--
 			}
 			b = b[nlmAlign(l):]
 		}
 	}
-	return errors.New("nftables: no answer")
+	return firstErr
 }
 
 func nlmAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
