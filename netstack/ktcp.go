@@ -20,6 +20,7 @@ import (
 
 	"github.com/netns-run/netns-run/netstack/egress"
 	"github.com/netns-run/netns-run/netstack/ktcpnat"
+	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
 // The kernel TCP path terminates the guest's outbound TCP connections in
@@ -610,7 +611,7 @@ func (k *kernelTCP) relay(f *ktcpFlow, guest *net.TCPConn) {
 	s.counters.tcpTotal.Add(1)
 	s.counters.tcpKernelTotal.Add(1)
 	stop := context.AfterFunc(s.ctx, func() { guest.Close(); host.Close() })
-	up, down := relaySockets(guest, host, func() { k.translateInKernel(f) })
+	up, down := sockrelay.Relay(guest, host, func() { k.translateInKernel(f) })
 	stop()
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))

@@ -3,11 +3,11 @@ package portfwd
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
-	"sync"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
 // SocketDialer opens sockets inside the guest's namespace (launcher's
@@ -18,7 +18,7 @@ type SocketDialer interface {
 
 // Builtin is the kernel-speed Guest: each forwarded connection is a socket
 // opened inside the namespace by a helper and passed back, so data moves
-// between two kernel sockets (splice(2), through Go's TCPConn.ReadFrom) and
+// between two kernel sockets (splice(2), package sockrelay) and
 // never through the userspace stack. The guest sees connections coming from
 // its own loopback (or own address), not from the real client.
 type Builtin struct {
@@ -41,7 +41,7 @@ func (b *Builtin) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 		conn.Close()
 		return err
 	}
-	spliceTCP(b.ctx, conn, inner)
+	spliceTCP(b.ctx, inner, conn)
 	return nil
 }
 
@@ -77,40 +77,16 @@ func (b *Builtin) dial(network string, guest netip.AddrPort) (net.Conn, error) {
 	return c, nil
 }
 
-// spliceTCP copies both ways between two kernel TCP sockets until both
-// directions end or ctx does; a FIN becomes a half-close, an error a reset.
-// It returns the bytes copied from a to b and from b to a.
-func spliceTCP(ctx context.Context, a, b *net.TCPConn) (ab, ba int64) {
-	var once sync.Once
-	abort := func() {
-		once.Do(func() {
-			_ = a.SetLinger(0)
-			_ = b.SetLinger(0)
-			a.Close()
-			b.Close()
-		})
-	}
-	stop := context.AfterFunc(ctx, abort)
+// spliceTCP relays between two kernel TCP sockets, guest's (one in the
+// guest's namespace) and host's, until both directions end or ctx does (see
+// sockrelay.Relay); up and down count the bytes each way.
+func spliceTCP(ctx context.Context, guest, host *net.TCPConn) (up, down int64) {
+	stop := context.AfterFunc(ctx, func() {
+		_ = guest.SetLinger(0)
+		_ = host.SetLinger(0)
+		guest.Close()
+		host.Close()
+	})
 	defer stop()
-	pump := func(dst, src *net.TCPConn) int64 {
-		// *TCPConn.ReadFrom a *TCPConn splices in the kernel.
-		n, err := io.Copy(dst, src)
-		if err != nil {
-			abort()
-			return n
-		}
-		_ = dst.CloseWrite()
-		return n
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		ba = pump(a, b)
-	}()
-	ab = pump(b, a)
-	wg.Wait()
-	a.Close()
-	b.Close()
-	return ab, ba
+	return sockrelay.Relay(guest, host, nil)
 }

@@ -137,7 +137,7 @@ func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	defer k.release(key)
 	k.counts.open.Add(1)
 	k.counts.total.Add(1)
-	toGuest, fromGuest := spliceTCP(k.ctx, conn, inner)
+	fromGuest, toGuest := spliceTCP(k.ctx, inner, conn)
 	k.counts.open.Add(-1)
 	k.counts.toGuest.Add(uint64(toGuest))
 	k.counts.fromGuest.Add(uint64(fromGuest))
