@@ -147,6 +147,13 @@ type GuestLink struct {
 // down as descriptors: a helper opening /proc/PID/ns/* itself races with
 // that process's exec (the kernel then answers ENOENT for a moment).
 func startHelperIn(ctx context.Context, t Target) (*exec.Cmd, *net.UnixConn, error) {
+	return startHelper(ctx, t, true)
+}
+
+// startHelper is startHelperIn; without dieWithUs the helper gets no
+// parent-death signal (the kernel sends it when the thread that started
+// it ends, which an exec of another thread does).
+func startHelper(ctx context.Context, t Target, dieWithUs bool) (*exec.Cmd, *net.UnixConn, error) {
 	conn, childEnd, err := socketPair()
 	if err != nil {
 		return nil, nil, err
@@ -163,7 +170,9 @@ func startHelperIn(ctx context.Context, t Target) (*exec.Cmd, *net.UnixConn, err
 	}
 	defer closeNS()
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
+	if dieWithUs {
+		cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
+	}
 	if err := cmd.Start(); err != nil {
 		conn.Close()
 		return nil, nil, err

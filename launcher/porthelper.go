@@ -30,6 +30,8 @@ type PortHelper struct {
 	state   sync.Mutex
 	started bool
 	closed  bool
+	// adopted: not ours to start (AdoptPortHelper); cmd and done are nil.
+	adopted bool
 	cmd     *exec.Cmd
 	done    chan struct{}
 }
@@ -56,6 +58,46 @@ func StartPortHelper(t Target) (*PortHelper, error) {
 // t's paths must name the namespaces until then (an OpenTarget's do).
 func NewPortHelper(t Target) *PortHelper { return &PortHelper{target: t} }
 
+// StartDetachedPortHelper starts a helper in the target's namespaces for a
+// process about to replace itself (usernet entering its sandbox, which
+// cannot start one) and returns the connection to it, for
+// AdoptPortHelper. The helper exits when the connection's last holder
+// closes it.
+func StartDetachedPortHelper(t Target) (*os.File, error) {
+	cmd, conn, err := startHelper(context.Background(), t, false)
+	if err != nil {
+		return nil, fmt.Errorf("start port helper: %w", err)
+	}
+	defer conn.Close()
+	// Not waited for: this image is about to be replaced.
+	_ = cmd.Process.Release()
+	if err := (channel{conn: conn}).send(message{Kind: kindConfig, Config: &childConfig{Ports: true}}); err != nil {
+		return nil, fmt.Errorf("start port helper: %w", err)
+	}
+	f, err := conn.File()
+	if err != nil {
+		return nil, fmt.Errorf("start port helper: %w", err)
+	}
+	return f, nil
+}
+
+// AdoptPortHelper returns the helper at the other end of conn
+// (StartDetachedPortHelper), which it owns; the helper is not started
+// again if it ends.
+func AdoptPortHelper(conn *os.File) (*PortHelper, error) {
+	defer conn.Close()
+	c, err := net.FileConn(conn)
+	if err != nil {
+		return nil, fmt.Errorf("adopt port helper: %w", err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("adopt port helper: %T", c)
+	}
+	return &PortHelper{ch: channel{conn: uc}, started: true, adopted: true}, nil
+}
+
 // start starts the helper unless it runs; h.mu is held.
 func (h *PortHelper) start() error {
 	h.state.Lock()
@@ -65,6 +107,8 @@ func (h *PortHelper) start() error {
 		return fmt.Errorf("port helper: %w", net.ErrClosed)
 	case h.started:
 		return nil
+	case h.adopted:
+		return errors.New("port helper: it ended")
 	}
 	// Not tied to a context: the helper lives until Close, which the
 	// caller does after the flows that use it have ended.
@@ -93,7 +137,9 @@ func (h *PortHelper) stopLocked() {
 	}
 	h.started = false
 	h.ch.conn.Close()
-	_ = h.cmd.Process.Kill()
+	if h.cmd != nil {
+		_ = h.cmd.Process.Kill()
+	}
 }
 
 // broken stops the helper after a failed exchange; h.mu is held.
@@ -185,6 +231,10 @@ func (h *PortHelper) Close() error {
 		return nil
 	}
 	conn.Close()
+	if done == nil {
+		// Adopted: it exits once it sees the connection end.
+		return nil
+	}
 	select {
 	case <-done:
 	case <-time.After(time.Second):

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -333,6 +334,25 @@ func TestUsernetSandbox(t *testing.T) {
 	// from the guest's, and serves only those in its network namespace.
 	if got := wd.userAPICall(sock, `{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
 		t.Errorf("api in sandbox: %s", got)
+	}
+	// A published port, through the guest's kernel (the port helper was
+	// started before the sandbox) where nftables works.
+	wd.startInSandbox(sb, bins.nettool, "tcp-echo-server", "0.0.0.0:9001")
+	if got := wd.userAPICall(sock, `{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":19001,"guest_port":9001}}`); got != `{"return":{"id":1}}` {
+		t.Errorf("add_hostfwd in sandbox: %s", got)
+	}
+	checkEcho(t, result{stdout: wd.client(wd.w, "tcp-echo-check", "127.0.0.1:19001", fmt.Sprint(size))}, size)
+	if os.Getenv("USERNET_UNDER_TEST") == "" {
+		var reply struct {
+			Return guestStats `json:"return"`
+		}
+		raw := wd.userAPICall(sock, `{"execute":"get_stats"}`)
+		if err := json.Unmarshal([]byte(raw), &reply); err != nil {
+			t.Errorf("get_stats: %v: %s", err, raw)
+		}
+		if got, want := reply.Return.Flows.TCPPublished, btou(nftablesUsable()); got != want {
+			t.Errorf("%d published-port connections through the guest's kernel, want %d", got, want)
+		}
 	}
 	if code := u.stop(t); code != 0 {
 		t.Errorf("exit status %d\n%s", code, &u.stderr)

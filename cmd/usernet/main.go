@@ -114,6 +114,9 @@ type sandboxState struct {
 	// netlink socket (-1: none).
 	TCPListenerFD int `json:"tcp_listener_fd"`
 	TCPNATFD      int `json:"tcp_nat_fd"`
+	// PortHelperFD connects to the published ports' helper in the
+	// guest's namespace (-1: none), which the sandbox cannot start.
+	PortHelperFD int `json:"port_helper_fd"`
 }
 
 // helper is everything the long-running part needs.
@@ -139,6 +142,9 @@ type helper struct {
 	// seesGuests whether we may inspect all of them (see RefuseGuest).
 	guestNS    *portfwd.UserNS
 	seesGuests bool
+	// portHelper serves published ports through the guest's kernel (nil:
+	// started with their first connection if h.ns is open, else none).
+	portHelper *launcher.PortHelper
 }
 
 func serve(cfg *config, stdout, stderr io.Writer) error {
@@ -296,7 +302,7 @@ func (h *helper) openTap(ctx context.Context, target launcher.Target) error {
 // socket over. It returns only on failure.
 func (h *helper) enterSandbox() error {
 	st := sandboxState{TapName: h.dev.Name(), APIFD: -1, RemoverFD: -1, PcapFD: -1, Upstreams: h.netCfg.DNSUpstreams, GuestNS: h.guestNS,
-		Egress: h.netCfg.Egress, EgressRulesFD: -1, EgressLogFD: -1, TCPListenerFD: -1, TCPNATFD: -1}
+		Egress: h.netCfg.Egress, EgressRulesFD: -1, EgressLogFD: -1, TCPListenerFD: -1, TCPNATFD: -1, PortHelperFD: -1}
 	keep := append([]*os.File(nil), h.dev.Queues()...)
 	for _, q := range keep {
 		st.TapFDs = append(st.TapFDs, int(q.Fd()))
@@ -312,6 +318,14 @@ func (h *helper) enterSandbox() error {
 	if h.tcpListener != nil {
 		st.TCPListenerFD = int(h.tcpListener.Fd())
 		keep = append(keep, h.tcpListener)
+	}
+	if h.tcpNAT != nil && h.tcpListener != nil {
+		// Published ports through the guest's kernel (run): their
+		// helper starts now, as the sandbox cannot start it later.
+		if ph, err := launcher.StartDetachedPortHelper(h.ns.Target()); err == nil {
+			st.PortHelperFD = int(ph.Fd())
+			keep = append(keep, ph)
+		}
 	}
 	if h.tcpNAT != nil {
 		// The sandbox may not change the guest's nftables: a broker
@@ -370,6 +384,13 @@ func (h *helper) adopt(st sandboxState) error {
 	if st.TCPNATFD >= 0 {
 		h.tcpNAT = os.NewFile(uintptr(st.TCPNATFD), "tcp-nat")
 	}
+	if st.PortHelperFD >= 0 {
+		ph, err := launcher.AdoptPortHelper(os.NewFile(uintptr(st.PortHelperFD), "port-helper"))
+		if err != nil {
+			return err
+		}
+		h.portHelper = ph
+	}
 	h.netCfg.Egress = st.Egress
 	if st.EgressRulesFD >= 0 {
 		rules, err := egress.ReadRulesFile(os.NewFile(uintptr(st.EgressRulesFD), "egress-rules"))
@@ -415,12 +436,15 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 	}
 	var guest portfwd.Guest = stack
 	var kernel *portfwd.KernelPath
-	if h.netCfg.KernelTCP != nil && h.netCfg.KernelTCPNAT != nil && h.ns != nil {
-		// The guest's kernel takes published ports' connections too
-		// (not in the sandbox, which cannot start the helper).
-		ph := launcher.NewPortHelper(h.ns.Target())
-		defer ph.Close()
-		kernel = portfwd.NewKernelPath(ctx, ph, stack, h.netCfg.ClientSource, log)
+	if h.portHelper == nil && h.ns != nil {
+		h.portHelper = launcher.NewPortHelper(h.ns.Target())
+	}
+	if h.portHelper != nil {
+		defer h.portHelper.Close()
+	}
+	if h.netCfg.KernelTCP != nil && h.netCfg.KernelTCPNAT != nil && h.portHelper != nil {
+		// The guest's kernel takes published ports' connections too.
+		kernel = portfwd.NewKernelPath(ctx, h.portHelper, stack, h.netCfg.ClientSource, log)
 		guest = kernel
 	}
 	ports := portfwd.New(guest, log)
