@@ -39,15 +39,7 @@ const InboundMark = 0x6e72696e // "nrin"
 // are swapped only when routed out of the TAP, as the userspace stack would
 // have needed them.
 func (af addrFamily) inboundRules(oifname [unix.IFNAMSIZ]byte, inbound *nftables.Set) [][]expr.Any {
-	nh, th := expr.PayloadBaseNetworkHeader, expr.PayloadBaseTransportHeader
-	addrRegs := af.addrLen / 4
-	rSaddr := uint32(unix.NFT_REG32_00)
-	rSport := rSaddr + addrRegs
-	rDaddr := rSport + 1
-	rDport := rDaddr + addrRegs
-	load := func(reg uint32, base expr.PayloadBase, off, n uint32) expr.Any {
-		return &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg, Base: base, Offset: off, Len: n}
-	}
+	rSaddr, rSport, rDaddr, rDport := af.keyRegs()
 	mark := binary.NativeEndian.AppendUint32(nil, InboundMark)
 	isMarked := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},

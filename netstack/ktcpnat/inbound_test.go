@@ -16,8 +16,6 @@ import (
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-
-	"github.com/netns-run/netns-run/tap/taptest"
 )
 
 // A marked socket bound to the guest's address and connected to a client's
@@ -26,13 +24,7 @@ import (
 // port nobody listens on refuses at once, and ForgetInbound empties the
 // set.
 func TestInboundSwapsAddresses(t *testing.T) {
-	var skip string
-	defer func() {
-		if skip != "" {
-			t.Skip(skip)
-		}
-	}()
-	taptest.InFreshNetns(t, func() {
+	inFreshNetns(t, func(skip func(string)) {
 		// No IPv6 on the TAP: its router solicitations would count as
 		// bytes that crossed it.
 		if err := os.WriteFile("/proc/sys/net/ipv6/conf/default/disable_ipv6", []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -46,7 +38,7 @@ func TestInboundSwapsAddresses(t *testing.T) {
 		defer dev.Close()
 		sock, err := Install("tap0")
 		if err != nil {
-			skip = fmt.Sprintf("nftables unusable here: %v", err)
+			skip(fmt.Sprintf("nftables unusable here: %v", err))
 			return
 		}
 		sock.Close()
@@ -196,20 +188,14 @@ func inboundElements(t *testing.T) int {
 // InboundReady wants the rules, not only the set; GuestNAT sees a
 // destination NAT chain of the guest's own.
 func TestInboundReadyAndGuestNAT(t *testing.T) {
-	var skip string
-	defer func() {
-		if skip != "" {
-			t.Skip(skip)
-		}
-	}()
-	taptest.InFreshNetns(t, func() {
+	inFreshNetns(t, func(skip func(string)) {
 		guest := netip.MustParseAddr("10.0.2.100")
 		if InboundReady(guest) {
 			t.Error("InboundReady before Install")
 		}
 		sock, err := Install("tap0")
 		if err != nil {
-			skip = fmt.Sprintf("nftables unusable here: %v", err)
+			skip(fmt.Sprintf("nftables unusable here: %v", err))
 			return
 		}
 		sock.Close()

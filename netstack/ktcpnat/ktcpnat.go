@@ -102,6 +102,26 @@ func familyOf(a netip.Addr) addrFamily {
 // 32-bit registers of its own, ports zero-padded.
 func (af addrFamily) keyLen() int { return int(2*af.addrLen + 8) }
 
+// keyRegs are a key's registers, from NFT_REG32_00: source address, source
+// port, destination address, destination port.
+func (af addrFamily) keyRegs() (saddr, sport, daddr, dport uint32) {
+	saddr = unix.NFT_REG32_00
+	sport = saddr + af.addrLen/4
+	daddr = sport + 1
+	return saddr, sport, daddr, daddr + af.addrLen/4
+}
+
+// The headers a rule's payload expressions address.
+const (
+	nh = expr.PayloadBaseNetworkHeader
+	th = expr.PayloadBaseTransportHeader
+)
+
+// load puts n bytes at off in base's header into reg.
+func load(reg uint32, base expr.PayloadBase, off, n uint32) expr.Any {
+	return &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg, Base: base, Offset: off, Len: n}
+}
+
 func installFamilies(oifname [unix.IFNAMSIZ]byte, afs ...addrFamily) error {
 	c, err := nftables.New()
 	if err != nil {
@@ -180,17 +200,7 @@ func (af addrFamily) install(c *nftables.Conn, oifname [unix.IFNAMSIZ]byte) erro
 func (af addrFamily) rules(oifname [unix.IFNAMSIZ]byte, out, back, local *nftables.Set) [][]expr.Any {
 	const tcpCsum, tcpFlags = 16, 13
 	const syn, synAck = 0x02, 0x12
-	nh, th := expr.PayloadBaseNetworkHeader, expr.PayloadBaseTransportHeader
-	// The key's registers, from NFT_REG32_00: source address, source
-	// port, destination address, destination port.
-	addrRegs := af.addrLen / 4
-	rSaddr := uint32(unix.NFT_REG32_00)
-	rSport := rSaddr + addrRegs
-	rDaddr := rSport + 1
-	rDport := rDaddr + addrRegs
-	load := func(reg uint32, base expr.PayloadBase, off, n uint32) expr.Any {
-		return &expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg, Base: base, Offset: off, Len: n}
-	}
+	rSaddr, rSport, rDaddr, rDport := af.keyRegs()
 	storeAddr := func(reg, off uint32) expr.Any {
 		p := &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: nh, Offset: off, Len: af.addrLen}
 		if af.addrCsum != 0 {

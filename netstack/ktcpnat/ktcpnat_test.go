@@ -35,14 +35,7 @@ import (
 // helper's part: rewrite them and write them back. The rest never reaches
 // the TAP.
 func TestMapRewritesToListener(t *testing.T) {
-	// Skip belongs to the test's goroutine, not the namespace's.
-	var skip string
-	defer func() {
-		if skip != "" {
-			t.Skip(skip)
-		}
-	}()
-	taptest.InFreshNetns(t, func() {
+	inFreshNetns(t, func(skip func(string)) {
 		dev, guest, ok := setUpGuest(t)
 		if !ok {
 			return
@@ -58,7 +51,7 @@ func TestMapRewritesToListener(t *testing.T) {
 		for _, broker := range []bool{false, true} {
 			sock, err := Install("tap0")
 			if err != nil {
-				skip = fmt.Sprintf("nftables unusable here: %v", err)
+				skip(fmt.Sprintf("nftables unusable here: %v", err))
 				return
 			}
 			var m Table = NewMap(sock)
@@ -205,6 +198,18 @@ func FuzzParseRequest(f *testing.F) {
 	})
 }
 
+// inFreshNetns runs f in a fresh network namespace (taptest.InFreshNetns);
+// the reason f gives skip skips the test once f returned, from the test's
+// own goroutine (t.Skip must not run on the namespace's).
+func inFreshNetns(t *testing.T, f func(skip func(why string))) {
+	t.Helper()
+	var reason string
+	taptest.InFreshNetns(t, func() { f(func(why string) { reason = why }) })
+	if reason != "" {
+		t.Skip(reason)
+	}
+}
+
 func btoi(b bool) int {
 	if b {
 		return 1
@@ -303,13 +308,7 @@ func forwardTAP(q *os.File, f Flow, synOnly bool) {
 // translated, the rules kept their segments out of it, and the entries
 // would have stayed, ESTABLISHED, for days.
 func TestRemoveForgetsConntrack(t *testing.T) {
-	var skip string
-	defer func() {
-		if skip != "" {
-			t.Skip(skip)
-		}
-	}()
-	taptest.InFreshNetns(t, func() {
+	inFreshNetns(t, func(skip func(string)) {
 		dev, guest, ok := setUpGuest(t)
 		if !ok {
 			return
@@ -317,13 +316,13 @@ func TestRemoveForgetsConntrack(t *testing.T) {
 		defer dev.Close()
 		sock, err := Install("tap0")
 		if err != nil {
-			skip = fmt.Sprintf("nftables unusable here: %v", err)
+			skip(fmt.Sprintf("nftables unusable here: %v", err))
 			return
 		}
 		m := NewMap(sock)
 		defer m.Close()
 		if err := trackConnections(); err != nil {
-			skip = fmt.Sprintf("conntrack unusable here: %v", err)
+			skip(fmt.Sprintf("conntrack unusable here: %v", err))
 			return
 		}
 		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: guest.AsSlice()})
