@@ -221,3 +221,81 @@ func TestInboundReadyAndGuestNAT(t *testing.T) {
 		}
 	})
 }
+
+// The IPv6 rules do the same for IPv6 connections.
+func TestInboundSwapsAddressesIPv6(t *testing.T) {
+	inFreshNetns(t, func(skip func(string)) {
+		dev, _, ok := setUpGuest(t)
+		if !ok {
+			return
+		}
+		defer dev.Close()
+		guest := netip.MustParseAddr("fd00::100")
+		client := netip.MustParseAddrPort("[2001:db8::7]:42999")
+		l, err := netlink.LinkByName("tap0")
+		if err == nil {
+			err = netlink.AddrAdd(l, &netlink.Addr{IPNet: &net.IPNet{IP: guest.AsSlice(), Mask: net.CIDRMask(64, 128)}, Flags: unix.IFA_F_NODAD})
+		}
+		if err == nil {
+			_, dst, _ := net.ParseCIDR("2001:db8::/32")
+			err = netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst})
+		}
+		if err == nil {
+			err = netlink.NeighAdd(&netlink.Neigh{LinkIndex: l.Attrs().Index, Family: netlink.FAMILY_V6,
+				State: netlink.NUD_PERMANENT, IP: client.Addr().AsSlice(), HardwareAddr: remoteMAC})
+		}
+		if err != nil {
+			t.Errorf("set up IPv6: %v", err)
+			return
+		}
+		sock, err := Install("tap0")
+		if err != nil {
+			skip(fmt.Sprintf("nftables unusable here: %v", err))
+			return
+		}
+		sock.Close()
+		if !InboundReady(guest) {
+			skip("no IPv6 tables in this kernel")
+			return
+		}
+		ln, err := net.ListenTCP("tcp6", &net.TCPAddr{IP: guest.AsSlice()})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer ln.Close()
+		server := ln.Addr().(*net.TCPAddr).AddrPort()
+		accepted := make(chan *net.TCPConn, 1)
+		go func() {
+			c, err := ln.AcceptTCP()
+			if err == nil {
+				accepted <- c
+			}
+			close(accepted)
+		}()
+		c, err := dialMarked(netip.AddrPortFrom(guest, client.Port()), netip.AddrPortFrom(client.Addr(), server.Port()))
+		if err != nil {
+			t.Errorf("dial the server through the swap: %v", err)
+			return
+		}
+		defer c.Close()
+		s, ok := <-accepted
+		if !ok {
+			t.Error("the server accepted nothing")
+			return
+		}
+		defer s.Close()
+		if got := s.RemoteAddr().(*net.TCPAddr).AddrPort(); got != client {
+			t.Errorf("the server sees %v, want %v", got, client)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		s.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := s.Write([]byte("pong")); err != nil {
+			t.Error(err)
+		}
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "pong" {
+			t.Errorf("server -> ours: %q, %v", buf, err)
+		}
+	})
+}
