@@ -98,6 +98,14 @@ func AdoptPortHelper(conn *os.File) (*PortHelper, error) {
 	return &PortHelper{ch: channel{conn: uc}, started: true, adopted: true}, nil
 }
 
+// Start starts the helper now rather than with its first request: before
+// a seccomp filter, say, which would refuse that start.
+func (h *PortHelper) Start() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.start()
+}
+
 // start starts the helper unless it runs; h.mu is held.
 func (h *PortHelper) start() error {
 	h.state.Lock()

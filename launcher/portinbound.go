@@ -17,10 +17,11 @@ import (
 // system calls act in the namespace it was made in), which the guest's
 // rules turn into a connection from the client.
 
-// maxForget bounds the keys of one request (the message's size), and
+// maxForget bounds the keys of one request (the kernel's answers, about
+// 800 bytes each, must fit the netlink socket's receive buffer), and
 // maxSockets the descriptors of one answer (what tap.RecvFiles takes).
 const (
-	maxForget  = 256
+	maxForget  = 64
 	maxSockets = 64
 )
 

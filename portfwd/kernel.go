@@ -106,15 +106,17 @@ func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 			// The first segment put the connection's key in, and the
 			// stack's connection has the same addresses: the server's
 			// answers to it must leave through the TAP.
-			if ferr := k.sockets.ForgetInbound([]ktcpnat.InboundKey{{Server: guest, Client: bound}}); ferr != nil {
-				k.log.Warn("published port: forgetting a failed connection", "guest", guest, "err", ferr)
-			}
+			k.forgetNow(ktcpnat.InboundKey{Server: guest, Client: bound})
 		}
 		var pause time.Duration
 		switch {
 		case errors.Is(err, unix.ENOPROTOOPT):
 			// No rules (or a guest NAT they would bypass): ask again
 			// in a while.
+			pause = offFor
+		case errors.Is(err, errNoSockets):
+			// The port helper is gone, or cannot start: not for
+			// every connection.
 			pause = offFor
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			// Something in the guest drops what the rules deliver
@@ -160,6 +162,20 @@ func (k *KernelPath) Stats() KernelPathStats {
 // DialGuestUDP implements Guest.
 func (k *KernelPath) DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error) {
 	return k.stack.DialGuestUDP(client, guest)
+}
+
+// forgetNow forgets a failed connection's key at once, unless a live
+// connection has it.
+func (k *KernelPath) forgetNow(key ktcpnat.InboundKey) {
+	k.mu.Lock()
+	live := k.live[key] > 0
+	k.mu.Unlock()
+	if live {
+		return
+	}
+	if err := k.sockets.ForgetInbound([]ktcpnat.InboundKey{key}); err != nil {
+		k.log.Warn("published port: forgetting a failed connection", "key", key, "err", err)
+	}
 }
 
 func (k *KernelPath) hold(key ktcpnat.InboundKey) {

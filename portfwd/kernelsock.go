@@ -16,9 +16,10 @@ import (
 // inboundDialTimeout bounds a published-port connection's connect through
 // the guest's kernel: the guest's server is local to it, so it answers at
 // once, unless something drops what the rules deliver (a firewall on lo),
-// and then the userspace stack had better take it. (A server whose backlog
-// overflows drops SYNs too, for a second: the stack takes that connection.)
-const inboundDialTimeout = time.Second
+// and then the userspace stack had better take it. A server whose backlog
+// overflows drops SYNs too: the timeout leaves room for the retransmission
+// a second later.
+const inboundDialTimeout = 2500 * time.Millisecond
 
 // A batch of sockets is used for poolMaxAge at most: the helper checks the
 // guest's rules and NAT at most that often. Its size follows the rate of
@@ -86,9 +87,23 @@ func (p *socketPool) close() {
 // swap the two addresses, and the server sees from. bound is the client
 // side of the connection's key, once the socket has a port.
 func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (c *net.TCPConn, bound netip.AddrPort, err error) {
+	c, bound, err = k.dialOnce(fam, from, guest, false)
+	if errors.Is(err, unix.EADDRNOTAVAIL) {
+		// Another client with the same port shows as the same address
+		// (the gateway, for all loopback clients): its connection has
+		// these addresses. Any port will do.
+		c, bound, err = k.dialOnce(fam, from, guest, true)
+	}
+	return c, bound, err
+}
+
+// errNoSockets wraps the port helper's failure to make sockets.
+var errNoSockets = errors.New("no sockets from the port helper")
+
+func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (c *net.TCPConn, bound netip.AddrPort, err error) {
 	f, err := k.pools[fam].get(k.sockets, fam == 1)
 	if err != nil {
-		return nil, bound, err
+		return nil, bound, fmt.Errorf("%w: %w", errNoSockets, err)
 	}
 	defer f.Close()
 	rc, err := f.SyscallConn()
@@ -97,7 +112,7 @@ func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (c *net.TCPCo
 	}
 	var started error
 	cerr := rc.Control(func(fd uintptr) {
-		bound, started = startConnect(int(fd), from, guest)
+		bound, started = startConnect(int(fd), from, guest, anyPort)
 	})
 	if err := errors.Join(cerr, started); err != nil {
 		return nil, bound, err
@@ -120,13 +135,20 @@ func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (c *net.TCPCo
 	return tc, bound, nil
 }
 
-func startConnect(fd int, from, guest netip.AddrPort) (bound netip.AddrPort, err error) {
+// startConnect binds fd to guest's address and from's port (or, with
+// anyPort or that port taken, one chosen at connect time: unique per peer
+// only) and starts connecting it to from's address at guest's port. bound,
+// once valid, is the client side of the connection's key: its first
+// segment left, and put the key in.
+func startConnect(fd int, from, guest netip.AddrPort, anyPort bool) (bound netip.AddrPort, err error) {
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
 		return bound, err
 	}
-	err = unix.Bind(fd, sockaddrOf(netip.AddrPortFrom(guest.Addr(), from.Port())))
+	err = unix.EADDRINUSE
+	if !anyPort {
+		err = unix.Bind(fd, sockaddrOf(netip.AddrPortFrom(guest.Addr(), from.Port())))
+	}
 	if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EACCES) {
-		// Chosen at connect time: unique per peer only.
 		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
 		err = unix.Bind(fd, sockaddrOf(netip.AddrPortFrom(guest.Addr(), 0)))
 	}
@@ -134,13 +156,15 @@ func startConnect(fd int, from, guest netip.AddrPort) (bound netip.AddrPort, err
 		return bound, fmt.Errorf("bind %s: %w", guest.Addr(), err)
 	}
 	err = unix.Connect(fd, sockaddrOf(netip.AddrPortFrom(from.Addr(), guest.Port())))
+	if err != nil && !errors.Is(err, unix.EINPROGRESS) {
+		// Refused before a segment left (EADDRNOTAVAIL: the addresses
+		// are another connection's): no key of ours.
+		return bound, err
+	}
 	if sa, serr := unix.Getsockname(fd); serr == nil {
 		if p := portOf(sa); p != 0 {
 			bound = netip.AddrPortFrom(from.Addr(), p)
 		}
-	}
-	if err != nil && !errors.Is(err, unix.EINPROGRESS) {
-		return bound, err
 	}
 	return bound, nil
 }

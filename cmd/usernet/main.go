@@ -385,11 +385,10 @@ func (h *helper) adopt(st sandboxState) error {
 		h.tcpNAT = os.NewFile(uintptr(st.TCPNATFD), "tcp-nat")
 	}
 	if st.PortHelperFD >= 0 {
-		ph, err := launcher.AdoptPortHelper(os.NewFile(uintptr(st.PortHelperFD), "port-helper"))
-		if err != nil {
-			return err
+		// Without it, published ports go through the stack.
+		if ph, err := launcher.AdoptPortHelper(os.NewFile(uintptr(st.PortHelperFD), "port-helper")); err == nil {
+			h.portHelper = ph
 		}
-		h.portHelper = ph
 	}
 	h.netCfg.Egress = st.Egress
 	if st.EgressRulesFD >= 0 {
@@ -446,6 +445,12 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 		// The guest's kernel takes published ports' connections too.
 		kernel = portfwd.NewKernelPath(ctx, h.portHelper, stack, h.netCfg.ClientSource, log)
 		guest = kernel
+		if h.cfg.seccomp && h.ns != nil {
+			// The filter (below) refuses what starting it takes.
+			if err := h.portHelper.Start(); err != nil {
+				log.Debug("published ports go through the stack", "err", err)
+			}
+		}
 	}
 	ports := portfwd.New(guest, log)
 	defer func() {

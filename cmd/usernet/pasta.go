@@ -85,8 +85,10 @@ type pastaHelper struct {
 	// (0: none), which -t auto must not publish.
 	ownTCPPort uint16
 	// kernelInbound: the guest's kernel can take published ports'
-	// connections (portfwd.KernelPath).
+	// connections (portfwd.KernelPath), with a port helper started in
+	// inboundTarget, whose files stay open.
 	kernelInbound bool
+	inboundTarget launcher.Target
 	fwd           *portfwd.PortMap // host -> namespace (-t, -u)
 	rev           *portfwd.PortMap // namespace loopback -> host loopback (-T, -U)
 	api           *portfwd.APISocket
@@ -219,7 +221,15 @@ func (h *pastaHelper) setUp(ctx context.Context) error {
 	dev := link.Tap
 	n.KernelTCP, n.KernelTCPNAT = link.TCPListener, link.TCPNAT
 	h.ownTCPPort = portfwd.SocketPort(link.TCPListener)
-	h.kernelInbound = link.TCPListener != nil && link.TCPNAT != nil
+	if link.TCPListener != nil && link.TCPNAT != nil {
+		// The published ports' helper starts with their first
+		// connection: from the namespaces as they are now, not from
+		// paths that may name others by then.
+		if open, err := h.target.Open(); err == nil {
+			h.closers = append(h.closers, open.Close)
+			h.inboundTarget, h.kernelInbound = open.Target(), true
+		}
+	}
 	if c.pcap != "" {
 		if h.pcap, err = safefs.CreateFile(c.pcap); err != nil {
 			dev.Close()

@@ -37,7 +37,7 @@ func (h *pastaHelper) startPorts(ctx context.Context) error {
 	// from the client; else through the stack.
 	var tap portfwd.Guest = h.stack
 	if h.kernelInbound {
-		ph := launcher.NewPortHelper(h.target)
+		ph := launcher.NewPortHelper(h.inboundTarget)
 		h.closers = append(h.closers, func() { ph.Close() })
 		tap = portfwd.NewKernelPath(ctx, ph, h.stack, h.stack.ClientSource, h.log)
 	}

@@ -85,6 +85,15 @@ func (af addrFamily) inboundRules(oifname [unix.IFNAMSIZ]byte, inbound *nftables
 // it: Server is its address (G:P), Client the one it sees (C:c).
 type InboundKey struct{ Server, Client netip.AddrPort }
 
+// nftMsgDestroySetElem is NFT_MSG_DESTROYSETELEM (Linux 6.3; not in x/sys
+// yet): a delete for which a missing element is no error.
+const nftMsgDestroySetElem = 30
+
+// maxPerKey bounds the keys that a kernel without NFT_MSG_DESTROYSETELEM
+// deletes one transaction each once a batch of them was refused for one
+// that is gone: each refused transaction costs milliseconds.
+const maxPerKey = 16
+
 // ForgetInbound removes the keys of connections that are over from
 // inboundSet (ones not there are no error). Keys of both families may be
 // mixed.
@@ -97,21 +106,36 @@ func (m *Map) ForgetInbound(keys []InboundKey) error {
 				es = append(es, entry{set: inboundSet, key: key(k.Server, k.Client)})
 			}
 		}
-		if len(es) == 0 {
-			continue
+		if len(es) > 0 {
+			errs = append(errs, m.forget(af.nfproto, es))
 		}
-		// All in one transaction; a key that is gone (the guest
-		// flushed the set) refuses the whole of it, and then each goes
-		// on its own.
-		err := m.transaction(af.nfproto, unix.NFT_MSG_DELSETELEM, 0, es)
-		if !errors.Is(err, unix.ENOENT) {
+	}
+	return errors.Join(errs...)
+}
+
+func (m *Map) forget(nfproto uint8, es []entry) error {
+	err := m.transaction(nfproto, nftMsgDestroySetElem, 0, es)
+	switch {
+	case err == nil, errors.Is(err, unix.ENOENT):
+		// ENOENT: the set itself is gone (the guest deleted the
+		// table), and its keys with it.
+		return nil
+	case !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.EOPNOTSUPP):
+		return err
+	}
+	// An older kernel: all in one transaction, which a key that is gone
+	// (the guest flushed the set) refuses as a whole.
+	err = m.transaction(nfproto, unix.NFT_MSG_DELSETELEM, 0, es)
+	if !errors.Is(err, unix.ENOENT) {
+		return err
+	}
+	if len(es) > maxPerKey {
+		return fmt.Errorf("%d keys left in the set: %w", len(es), err)
+	}
+	var errs []error
+	for _, e := range es {
+		if err := m.transaction(nfproto, unix.NFT_MSG_DELSETELEM, 0, []entry{e}); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, err)
-			continue
-		}
-		for _, e := range es {
-			if err := m.transaction(af.nfproto, unix.NFT_MSG_DELSETELEM, 0, []entry{e}); err != nil && !errors.Is(err, unix.ENOENT) {
-				errs = append(errs, err)
-			}
 		}
 	}
 	return errors.Join(errs...)

@@ -140,6 +140,9 @@ func TestInboundSwapsAddresses(t *testing.T) {
 		if n := inboundElements(t); n != 0 {
 			t.Errorf("%d keys left in the set after ForgetInbound", n)
 		}
+		if !InboundReady(guest) {
+			t.Error("the rules are gone after ForgetInbound")
+		}
 	})
 }
 
