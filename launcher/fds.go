@@ -44,9 +44,15 @@ func WaitHangup(fd int) error {
 
 // WatchExit returns a channel closed when process pid exits, and a stop
 // function that releases the watch. It uses a pidfd, so a reused PID cannot
-// fool it.
+// fool it. A process that is gone already (ESRCH: exited and reaped) gives
+// a closed channel.
 func WatchExit(pid int) (<-chan struct{}, func(), error) {
 	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+	if errors.Is(err, unix.ESRCH) {
+		gone := make(chan struct{})
+		close(gone)
+		return gone, func() {}, nil
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("watch PID %d: %w", pid, err)
 	}
@@ -58,15 +64,14 @@ func WatchExit(pid int) (<-chan struct{}, func(), error) {
 	}
 	exited := make(chan struct{})
 	go func() {
-		// A pidfd polls readable once the process has exited; the
-		// callback's first call only arms the poller.
-		first := true
-		err := rc.Read(func(uintptr) bool {
-			if first {
-				first = false
-				return false
-			}
-			return true
+		// A pidfd polls readable once the process has exited. Each
+		// call looks before the poller waits: RawConn.Read forgets a
+		// readiness that came before it (the process may have exited
+		// since the pidfd was opened, and no edge would follow).
+		err := rc.Read(func(fd uintptr) bool {
+			p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+			n, err := unix.Poll(p, 0)
+			return err == nil && n > 0
 		})
 		if err == nil {
 			close(exited)

@@ -482,6 +482,20 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 			h.api.Close()
 		}()
 	}
+	// In PID mode the helper ends with its target, as slirp4netns users
+	// expect even without an exit fd (the TAP alone keeps the namespace
+	// alive, so its link never goes down by itself). Watched before ready
+	// is signalled: a runtime may kill the target at once.
+	var targetGone <-chan struct{}
+	if h.cfg.pid > 0 {
+		gone, stop, err := launcher.WatchExit(h.cfg.pid)
+		if err != nil {
+			log.Warn("cannot watch the target process; relying on the exit fd and signals", "err", err)
+		} else {
+			defer stop()
+			targetGone = gone
+		}
+	}
 	if h.cfg.seccomp {
 		// Setup is over: from here on only the steady state's system
 		// calls are allowed (ready is signalled after this, as in
@@ -505,19 +519,6 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 			fmt.Fprintln(stderr, "exitfd event")
 			cancel()
 		}()
-	}
-	// In PID mode the helper ends with its target, as slirp4netns users
-	// expect even without an exit fd (the TAP alone keeps the namespace
-	// alive, so its link never goes down by itself).
-	var targetGone <-chan struct{}
-	if h.cfg.pid > 0 {
-		gone, stop, err := launcher.WatchExit(h.cfg.pid)
-		if err != nil {
-			log.Warn("cannot watch the target process; relying on the exit fd and signals", "err", err)
-		} else {
-			defer stop()
-			targetGone = gone
-		}
 	}
 	select {
 	case <-ctx.Done():
