@@ -67,29 +67,12 @@ func TestInboundSwapsAddresses(t *testing.T) {
 		}
 		tapBefore := l.Attrs().Statistics.TxBytes
 
-		accepted := make(chan *net.TCPConn, 1)
-		go func() {
-			c, err := ln.AcceptTCP()
-			if err == nil {
-				accepted <- c
-			}
-			close(accepted)
-		}()
-		c, err := dialMarked(netip.AddrPortFrom(guest, client.Port()), netip.AddrPortFrom(client.Addr(), server.Port()))
-		if err != nil {
-			t.Errorf("dial the server through the swap: %v", err)
+		c, s, ok := connectThroughSwap(t, ln, client)
+		if !ok {
 			return
 		}
 		defer c.Close()
-		s, ok := <-accepted
-		if !ok {
-			t.Error("the server accepted nothing")
-			return
-		}
 		defer s.Close()
-		if got := s.RemoteAddr().(*net.TCPAddr).AddrPort(); got != client {
-			t.Errorf("the server sees %v, want %v", got, client)
-		}
 		payload := make([]byte, 2<<20)
 		for i := range payload {
 			payload[i] = byte(rand.Uint32())
@@ -144,6 +127,37 @@ func TestInboundSwapsAddresses(t *testing.T) {
 			t.Error("the rules are gone after ForgetInbound")
 		}
 	})
+}
+
+// connectThroughSwap connects a marked socket, bound to ln's address and
+// client's port, to client's address at ln's port, and returns it with the
+// connection ln accepted, which must come from client.
+func connectThroughSwap(t *testing.T, ln *net.TCPListener, client netip.AddrPort) (c, s *net.TCPConn, ok bool) {
+	t.Helper()
+	server := ln.Addr().(*net.TCPAddr).AddrPort()
+	accepted := make(chan *net.TCPConn, 1)
+	go func() {
+		c, err := ln.AcceptTCP()
+		if err == nil {
+			accepted <- c
+		}
+		close(accepted)
+	}()
+	c, err := dialMarked(netip.AddrPortFrom(server.Addr(), client.Port()), netip.AddrPortFrom(client.Addr(), server.Port()))
+	if err != nil {
+		t.Errorf("dial the server through the swap: %v", err)
+		return nil, nil, false
+	}
+	s, ok = <-accepted
+	if !ok {
+		c.Close()
+		t.Error("the server accepted nothing")
+		return nil, nil, false
+	}
+	if got := s.RemoteAddr().(*net.TCPAddr).AddrPort(); got != client {
+		t.Errorf("the server sees %v, want %v", got, client)
+	}
+	return c, s, true
 }
 
 // dialMarked connects from a marked socket bound to from, as launcher's
@@ -267,30 +281,12 @@ func TestInboundSwapsAddressesIPv6(t *testing.T) {
 			return
 		}
 		defer ln.Close()
-		server := ln.Addr().(*net.TCPAddr).AddrPort()
-		accepted := make(chan *net.TCPConn, 1)
-		go func() {
-			c, err := ln.AcceptTCP()
-			if err == nil {
-				accepted <- c
-			}
-			close(accepted)
-		}()
-		c, err := dialMarked(netip.AddrPortFrom(guest, client.Port()), netip.AddrPortFrom(client.Addr(), server.Port()))
-		if err != nil {
-			t.Errorf("dial the server through the swap: %v", err)
+		c, s, ok := connectThroughSwap(t, ln, client)
+		if !ok {
 			return
 		}
 		defer c.Close()
-		s, ok := <-accepted
-		if !ok {
-			t.Error("the server accepted nothing")
-			return
-		}
 		defer s.Close()
-		if got := s.RemoteAddr().(*net.TCPAddr).AddrPort(); got != client {
-			t.Errorf("the server sees %v, want %v", got, client)
-		}
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		s.SetDeadline(time.Now().Add(5 * time.Second))
 		if _, err := s.Write([]byte("pong")); err != nil {
