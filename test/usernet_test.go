@@ -353,6 +353,14 @@ func (wd *world) checkPublishedThroughKernel(sb *sandboxProc, api func(req strin
 	t := wd.t
 	t.Helper()
 	wd.startInSandbox(sb, bins.nettool, "tcp-echo-server", "0.0.0.0:9001")
+	// Listening before the first connection: one refused would be retried
+	// through the stack (a redirect of the guest's might take it there).
+	for i := 0; !strings.Contains(wd.inSandbox(sb, bins.nettool, "tcp-connect", "127.0.0.1:9001"), "connected"); i++ {
+		if i == 200 {
+			t.Fatal("the guest's echo server does not listen")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if got := api(`{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":19001,"guest_port":9001}}`); got != `{"return":{"id":1}}` {
 		t.Errorf("add_hostfwd: %s", got)
 	}
