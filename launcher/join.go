@@ -115,7 +115,7 @@ func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (*G
 	if _, err := os.Stat(t.NetNS); err != nil {
 		return nil, fmt.Errorf("network namespace: %w", err)
 	}
-	cmd, conn, err := startHelperIn(ctx, t)
+	cmd, conn, err := startHelperIn(ctx, t, true)
 	if err != nil {
 		return nil, fmt.Errorf("start tap helper: %w", err)
 	}
@@ -146,14 +146,10 @@ type GuestLink struct {
 // socket. The namespace files are opened here, before returning, and handed
 // down as descriptors: a helper opening /proc/PID/ns/* itself races with
 // that process's exec (the kernel then answers ENOENT for a moment).
-func startHelperIn(ctx context.Context, t Target) (*exec.Cmd, *net.UnixConn, error) {
-	return startHelper(ctx, t, true)
-}
-
-// startHelper is startHelperIn; without dieWithUs the helper gets no
-// parent-death signal (the kernel sends it when the thread that started
-// it ends, which an exec of another thread does).
-func startHelper(ctx context.Context, t Target, dieWithUs bool) (*exec.Cmd, *net.UnixConn, error) {
+// Without dieWithUs the helper gets no parent-death signal (the kernel
+// sends it when the thread that started it ends, which an exec of another
+// thread does).
+func startHelperIn(ctx context.Context, t Target, dieWithUs bool) (*exec.Cmd, *net.UnixConn, error) {
 	conn, childEnd, err := socketPair()
 	if err != nil {
 		return nil, nil, err

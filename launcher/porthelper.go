@@ -64,16 +64,13 @@ func NewPortHelper(t Target) *PortHelper { return &PortHelper{target: t} }
 // AdoptPortHelper. The helper exits when the connection's last holder
 // closes it.
 func StartDetachedPortHelper(t Target) (*os.File, error) {
-	cmd, conn, err := startHelper(context.Background(), t, false)
+	cmd, conn, err := startPortServer(t, false)
 	if err != nil {
-		return nil, fmt.Errorf("start port helper: %w", err)
+		return nil, err
 	}
 	defer conn.Close()
 	// Not waited for: this image is about to be replaced.
 	_ = cmd.Process.Release()
-	if err := (channel{conn: conn}).send(message{Kind: kindConfig, Config: &childConfig{Ports: true}}); err != nil {
-		return nil, fmt.Errorf("start port helper: %w", err)
-	}
 	f, err := conn.File()
 	if err != nil {
 		return nil, fmt.Errorf("start port helper: %w", err)
@@ -118,22 +115,35 @@ func (h *PortHelper) start() error {
 	case h.adopted:
 		return errors.New("port helper: it ended")
 	}
-	// Not tied to a context: the helper lives until Close, which the
-	// caller does after the flows that use it have ended.
-	cmd, conn, err := startHelperIn(context.Background(), h.target)
+	cmd, conn, err := startPortServer(h.target, true)
 	if err != nil {
-		return fmt.Errorf("start port helper: %w", err)
+		return err
 	}
 	h.ch, h.cmd, h.done, h.started = channel{conn: conn}, cmd, make(chan struct{}), true
 	go func() {
 		defer close(h.done)
 		_ = cmd.Wait()
 	}()
-	if err := h.ch.send(message{Kind: kindConfig, Config: &childConfig{Ports: true}}); err != nil {
-		h.stopLocked()
-		return fmt.Errorf("start port helper: %w", err)
-	}
 	return nil
+}
+
+// startPortServer starts a launcher child in t that serves port requests
+// (servePorts), with or without a parent-death signal (see startHelperIn).
+// On failure the child is killed and reaped.
+func startPortServer(t Target, dieWithUs bool) (*exec.Cmd, *net.UnixConn, error) {
+	// Not tied to a context: the helper lives until its connection
+	// closes, which its owner does after the flows that use it ended.
+	cmd, conn, err := startHelperIn(context.Background(), t, dieWithUs)
+	if err != nil {
+		return nil, nil, fmt.Errorf("start port helper: %w", err)
+	}
+	if err := (channel{conn: conn}).send(message{Kind: kindConfig, Config: &childConfig{Ports: true}}); err != nil {
+		conn.Close()
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return nil, nil, fmt.Errorf("start port helper: %w", err)
+	}
+	return cmd, conn, nil
 }
 
 // stopLocked ends a started helper (its Wait reaps it), so that the next
@@ -218,14 +228,27 @@ func (h *PortHelper) exchange(req dialRequest, nfiles int) ([]*os.File, error) {
 		}
 		reason := errors.New("no socket")
 		if m.Dialed != nil && m.Dialed.Error != "" {
-			reason = errors.New(m.Dialed.Error)
-			if m.Dialed.Errno != 0 {
-				reason = fmt.Errorf("%w", unix.Errno(m.Dialed.Errno))
-			}
+			reason = helperError{m.Dialed.Error, unix.Errno(m.Dialed.Errno)}
 		}
 		return nil, fmt.Errorf("%s %s %s in the namespace: %w", opName(req.Op), network, addr, reason)
 	}
 	return files, nil
+}
+
+// helperError is the helper's error as it said it, with its system call's
+// errno (0: none) for errors.Is.
+type helperError struct {
+	msg   string
+	errno unix.Errno
+}
+
+func (e helperError) Error() string { return e.msg }
+
+func (e helperError) Unwrap() error {
+	if e.errno == 0 {
+		return nil
+	}
+	return e.errno
 }
 
 // Close stops the helper and waits for it.

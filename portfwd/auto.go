@@ -108,13 +108,7 @@ func SocketPort(f *os.File) uint16 {
 	if err != nil {
 		return 0
 	}
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return uint16(sa.Port)
-	case *unix.SockaddrInet6:
-		return uint16(sa.Port)
-	}
-	return 0
+	return portOf(sa)
 }
 
 // EphemeralPorts returns the kernel's range for automatic local ports.

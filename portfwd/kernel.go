@@ -67,8 +67,9 @@ type pendingKey struct {
 // need the rules.
 const forgetAfter = 2 * time.Second
 
-// offFor is how long a family's connections go through the stack after the
-// port helper found the guest's kernel unfit for them.
+// How long a family's connections go through the stack after the port
+// helper found the guest's kernel unfit for them (offFor), or after one
+// that the guest's kernel did not answer (offAfterTimeout).
 const (
 	offFor          = 10 * time.Second
 	offAfterTimeout = time.Minute

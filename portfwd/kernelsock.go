@@ -211,6 +211,7 @@ func sockaddrOf(ap netip.AddrPort) unix.Sockaddr {
 	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
 }
 
+// portOf is an IP socket address's port (0: not an IP one).
 func portOf(sa unix.Sockaddr) uint16 {
 	switch sa := sa.(type) {
 	case *unix.SockaddrInet4:

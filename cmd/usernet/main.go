@@ -435,21 +435,25 @@ func (h *helper) run(ctx context.Context, cancel context.CancelFunc, log *slog.L
 	}
 	var guest portfwd.Guest = stack
 	var kernel *portfwd.KernelPath
-	if h.portHelper == nil && h.ns != nil {
-		h.portHelper = launcher.NewPortHelper(h.ns.Target())
-	}
 	if h.portHelper != nil {
+		// Adopted from before the sandbox.
 		defer h.portHelper.Close()
 	}
-	if h.netCfg.KernelTCP != nil && h.netCfg.KernelTCPNAT != nil && h.portHelper != nil {
-		// The guest's kernel takes published ports' connections too.
-		kernel = portfwd.NewKernelPath(ctx, h.portHelper, stack, h.netCfg.ClientSource, log)
-		guest = kernel
-		if h.cfg.seccomp && h.ns != nil {
-			// The filter (below) refuses what starting it takes.
-			if err := h.portHelper.Start(); err != nil {
-				log.Debug("published ports go through the stack", "err", err)
+	if h.netCfg.KernelTCP != nil && h.netCfg.KernelTCPNAT != nil {
+		if h.portHelper == nil && h.ns != nil {
+			h.portHelper = launcher.NewPortHelper(h.ns.Target())
+			defer h.portHelper.Close()
+			if h.cfg.seccomp {
+				// The filter (below) refuses what starting it takes.
+				if err := h.portHelper.Start(); err != nil {
+					log.Debug("published ports go through the stack", "err", err)
+				}
 			}
+		}
+		if h.portHelper != nil {
+			// The guest's kernel takes published ports' connections too.
+			kernel = portfwd.NewKernelPath(ctx, h.portHelper, stack, h.netCfg.ClientSource, log)
+			guest = kernel
 		}
 	}
 	ports := portfwd.New(guest, log)
