@@ -128,9 +128,18 @@ func markedSocket(domain int) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, ktcpnat.InboundMark); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("mark: %w", err)
+	// Set here, in batches, rather than per connection by the host
+	// side: the address may have a TIME_WAIT socket of an earlier
+	// connection, and a relay's small writes must leave at once.
+	for _, o := range []struct{ level, name, value int }{
+		{unix.SOL_SOCKET, unix.SO_MARK, ktcpnat.InboundMark},
+		{unix.SOL_SOCKET, unix.SO_REUSEADDR, 1},
+		{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+	} {
+		if err := unix.SetsockoptInt(fd, o.level, o.name, o.value); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("socket option %d/%d: %w", o.level, o.name, err)
+		}
 	}
 	return os.NewFile(uintptr(fd), "inbound"), nil
 }

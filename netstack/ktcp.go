@@ -146,6 +146,7 @@ type kernelTCP struct {
 	connecting atomic.Int32
 	// counters: the frames the path took from the TAP and wrote to it.
 	counters linkCounters
+	pipes    sockrelay.Pipes
 
 	mu   sync.Mutex
 	next uint16
@@ -611,7 +612,7 @@ func (k *kernelTCP) relay(f *ktcpFlow, guest *net.TCPConn) {
 	s.counters.tcpTotal.Add(1)
 	s.counters.tcpKernelTotal.Add(1)
 	stop := context.AfterFunc(s.ctx, func() { guest.Close(); host.Close() })
-	up, down := sockrelay.Relay(guest, host, func() { k.translateInKernel(f) })
+	up, down := sockrelay.Relay(guest, host, &k.pipes, func() { k.translateInKernel(f) })
 	stop()
 	s.counters.bytesFromGuest.Add(uint64(up))
 	s.counters.bytesToGuest.Add(uint64(down))
@@ -643,6 +644,7 @@ func (k *kernelTCP) finish(f *ktcpFlow, from ktcpState) {
 // close stops the listener and the host sockets of flows not yet relayed.
 func (k *kernelTCP) close() {
 	k.ln.Close()
+	k.pipes.Close()
 	if k.nat != nil {
 		// The flows' deferred work may still remove entries: it
 		// finds the map closed. The table ends with the namespace.

@@ -24,11 +24,12 @@ type SocketDialer interface {
 type Builtin struct {
 	ctx    context.Context
 	dialer SocketDialer
+	pipes  *sockrelay.Pipes
 }
 
 // NewBuiltin returns a Builtin whose flows end when ctx does.
 func NewBuiltin(ctx context.Context, d SocketDialer) *Builtin {
-	return &Builtin{ctx: ctx, dialer: d}
+	return &Builtin{ctx: ctx, dialer: d, pipes: newPipes(ctx)}
 }
 
 var _ Guest = (*Builtin)(nil)
@@ -41,7 +42,7 @@ func (b *Builtin) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 		conn.Close()
 		return err
 	}
-	spliceTCP(b.ctx, inner, conn)
+	spliceTCP(b.ctx, b.pipes, inner, conn)
 	return nil
 }
 
@@ -80,13 +81,18 @@ func (b *Builtin) dial(network string, guest netip.AddrPort) (net.Conn, error) {
 // spliceTCP relays between two kernel TCP sockets, guest's (one in the
 // guest's namespace) and host's, until both directions end or ctx does (see
 // sockrelay.Relay); up and down count the bytes each way.
-func spliceTCP(ctx context.Context, guest, host *net.TCPConn) (up, down int64) {
+func spliceTCP(ctx context.Context, pipes *sockrelay.Pipes, guest, host sockrelay.Socket) (up, down int64) {
 	stop := context.AfterFunc(ctx, func() {
-		_ = guest.SetLinger(0)
-		_ = host.SetLinger(0)
-		guest.Close()
-		host.Close()
+		sockrelay.Abort(guest)
+		sockrelay.Abort(host)
 	})
 	defer stop()
-	return sockrelay.Relay(guest, host, nil)
+	return sockrelay.Relay(guest, host, pipes, nil)
+}
+
+// newPipes returns relays' pipes, closed when ctx ends.
+func newPipes(ctx context.Context) *sockrelay.Pipes {
+	p := new(sockrelay.Pipes)
+	context.AfterFunc(ctx, p.Close)
+	return p
 }

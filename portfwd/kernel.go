@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netns-run/netns-run/netstack/ktcpnat"
+	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
 // InboundSockets makes the sockets of published-port connections inside
@@ -42,6 +43,7 @@ type KernelPath struct {
 	// pools hold sockets made ahead, per family: the helper's round trip
 	// costs more than the rest of a connection's start.
 	pools  [2]socketPool
+	pipes  *sockrelay.Pipes
 	counts struct {
 		open                      atomic.Int64
 		total, fromGuest, toGuest atomic.Uint64
@@ -80,7 +82,8 @@ const (
 // stack's choice: netstack.Config.ClientSource).
 func NewKernelPath(ctx context.Context, d InboundSockets, stack Guest, source func(client, guest netip.AddrPort) netip.AddrPort, log *slog.Logger) *KernelPath {
 	k := &KernelPath{ctx: ctx, sockets: d, stack: stack, source: source, log: log,
-		live: make(map[ktcpnat.InboundKey]int), ended: make(map[ktcpnat.InboundKey]time.Time), wake: make(chan struct{}, 1)}
+		live: make(map[ktcpnat.InboundKey]int), ended: make(map[ktcpnat.InboundKey]time.Time), wake: make(chan struct{}, 1),
+		pipes: newPipes(ctx)}
 	go k.forgetLoop()
 	return k
 }
@@ -140,7 +143,7 @@ func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	defer k.release(key)
 	k.counts.open.Add(1)
 	k.counts.total.Add(1)
-	fromGuest, toGuest := spliceTCP(k.ctx, inner, conn)
+	fromGuest, toGuest := spliceTCP(k.ctx, k.pipes, inner, conn)
 	k.counts.open.Add(-1)
 	k.counts.toGuest.Add(uint64(toGuest))
 	k.counts.fromGuest.Add(uint64(fromGuest))

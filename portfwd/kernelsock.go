@@ -1,6 +1,7 @@
 package portfwd
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -9,6 +10,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -85,54 +87,44 @@ func (p *socketPool) close() {
 // guest's address and the client's port (any port when the guest uses
 // that one), to the client's address at guest's port: the guest's rules
 // swap the two addresses, and the server sees from. bound is the client
-// side of the connection's key, once the socket has a port.
-func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (c *net.TCPConn, bound netip.AddrPort, err error) {
-	c, bound, err = k.dialOnce(fam, from, guest, false)
+// side of the connection's key, once the socket has a port. The socket
+// stays an *os.File (the poller's already): the relay needs no net.Conn.
+func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (f *os.File, bound netip.AddrPort, err error) {
+	f, bound, err = k.dialOnce(fam, from, guest, false)
 	if errors.Is(err, unix.EADDRNOTAVAIL) {
 		// Another client with the same port shows as the same address
 		// (the gateway, for all loopback clients): its connection has
 		// these addresses. Any port will do.
-		c, bound, err = k.dialOnce(fam, from, guest, true)
+		f, bound, err = k.dialOnce(fam, from, guest, true)
 	}
-	return c, bound, err
+	return f, bound, err
 }
 
 // errNoSockets wraps the port helper's failure to make sockets.
 var errNoSockets = errors.New("no sockets from the port helper")
 
-func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (c *net.TCPConn, bound netip.AddrPort, err error) {
+func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (*os.File, netip.AddrPort, error) {
+	var bound netip.AddrPort
 	f, err := k.pools[fam].get(k.sockets, fam == 1)
 	if err != nil {
 		return nil, bound, fmt.Errorf("%w: %w", errNoSockets, err)
 	}
-	defer f.Close()
 	rc, err := f.SyscallConn()
+	if err == nil {
+		var started error
+		err = rc.Control(func(fd uintptr) {
+			bound, started = startConnect(int(fd), from, guest, anyPort)
+		})
+		err = errors.Join(err, started)
+	}
+	if err == nil {
+		err = awaitConnect(f, rc)
+	}
 	if err != nil {
+		f.Close()
 		return nil, bound, err
 	}
-	var started error
-	cerr := rc.Control(func(fd uintptr) {
-		bound, started = startConnect(int(fd), from, guest, anyPort)
-	})
-	if err := errors.Join(cerr, started); err != nil {
-		return nil, bound, err
-	}
-	// The socket connects; net.FileConn gives us the poller's wait for
-	// its end.
-	nc, err := net.FileConn(f)
-	if err != nil {
-		return nil, bound, fmt.Errorf("adopt socket: %w", err)
-	}
-	tc, ok := nc.(*net.TCPConn)
-	if !ok {
-		nc.Close()
-		return nil, bound, fmt.Errorf("adopt socket: got %T", nc)
-	}
-	if err := awaitConnect(tc); err != nil {
-		tc.Close()
-		return nil, bound, err
-	}
-	return tc, bound, nil
+	return f, bound, nil
 }
 
 // startConnect binds fd to guest's address and from's port (or, with
@@ -141,45 +133,68 @@ func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool)
 // once valid, is the client side of the connection's key: its first
 // segment left, and put the key in.
 func startConnect(fd int, from, guest netip.AddrPort, anyPort bool) (bound netip.AddrPort, err error) {
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-		return bound, err
-	}
 	err = unix.EADDRINUSE
 	if !anyPort {
 		err = unix.Bind(fd, sockaddrOf(netip.AddrPortFrom(guest.Addr(), from.Port())))
+	}
+	if err == nil {
+		bound = from
 	}
 	if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EACCES) {
 		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
 		err = unix.Bind(fd, sockaddrOf(netip.AddrPortFrom(guest.Addr(), 0)))
 	}
 	if err != nil {
-		return bound, fmt.Errorf("bind %s: %w", guest.Addr(), err)
+		return netip.AddrPort{}, fmt.Errorf("bind %s: %w", guest.Addr(), err)
 	}
-	err = unix.Connect(fd, sockaddrOf(netip.AddrPortFrom(from.Addr(), guest.Port())))
+	err = rawConnect(fd, netip.AddrPortFrom(from.Addr(), guest.Port()))
 	if err != nil && !errors.Is(err, unix.EINPROGRESS) {
 		// Refused before a segment left (EADDRNOTAVAIL: the addresses
 		// are another connection's): no key of ours.
-		return bound, err
+		return netip.AddrPort{}, err
 	}
-	if sa, serr := unix.Getsockname(fd); serr == nil {
-		if p := portOf(sa); p != 0 {
-			bound = netip.AddrPortFrom(from.Addr(), p)
+	if !bound.IsValid() {
+		if sa, serr := unix.Getsockname(fd); serr == nil {
+			if p := portOf(sa); p != 0 {
+				bound = netip.AddrPortFrom(from.Addr(), p)
+			}
 		}
 	}
 	return bound, nil
 }
 
-// awaitConnect waits for c's non-blocking connect to end.
-func awaitConnect(c *net.TCPConn) error {
-	if err := c.SetWriteDeadline(time.Now().Add(inboundDialTimeout)); err != nil {
-		return err
+// rawConnect starts a non-blocking connect without telling the scheduler:
+// on loopback the whole handshake runs within the call, long enough for
+// the runtime's monitor to hand the P to another thread (and then keep
+// waking every 20 µs) when the call goes through syscall.Syscall.
+func rawConnect(fd int, to netip.AddrPort) error {
+	var sa unsafe.Pointer
+	var n uintptr
+	if to.Addr().Is4() {
+		raw := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: to.Addr().As4()}
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&raw.Port))[:], to.Port())
+		sa, n = unsafe.Pointer(&raw), unsafe.Sizeof(raw)
+	} else {
+		raw := unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: to.Addr().As16()}
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&raw.Port))[:], to.Port())
+		sa, n = unsafe.Pointer(&raw), unsafe.Sizeof(raw)
 	}
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return err
+	for {
+		_, _, errno := unix.RawSyscall(unix.SYS_CONNECT, uintptr(fd), uintptr(sa), n)
+		switch errno {
+		case 0:
+			return nil
+		case unix.EINTR:
+			continue
+		}
+		return errno
 	}
+}
+
+// awaitConnect waits for f's non-blocking connect to end.
+func awaitConnect(f *os.File, rc syscall.RawConn) error {
 	var result error
-	werr := rc.Write(func(fd uintptr) bool {
+	done := func(fd uintptr) bool {
 		if _, err := unix.Getpeername(int(fd)); err == nil {
 			return true
 		}
@@ -190,18 +205,28 @@ func awaitConnect(c *net.TCPConn) error {
 		case soErr != 0:
 			result = syscall.Errno(soErr)
 		default:
-			// Still connecting: wait until writable.
 			return false
 		}
 		return true
-	})
-	if werr != nil {
-		return werr
 	}
-	if result != nil {
-		return result
+	// On loopback the handshake usually ended within connect: no
+	// deadline to set and clear.
+	var ended bool
+	if err := rc.Control(func(fd uintptr) { ended = done(fd) }); err != nil {
+		return err
 	}
-	return c.SetWriteDeadline(time.Time{})
+	if !ended {
+		if err := f.SetWriteDeadline(time.Now().Add(inboundDialTimeout)); err != nil {
+			return err
+		}
+		if err := rc.Write(done); err != nil {
+			return err
+		}
+		if err := f.SetWriteDeadline(time.Time{}); err != nil {
+			return err
+		}
+	}
+	return result
 }
 
 func sockaddrOf(ap netip.AddrPort) unix.Sockaddr {

@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
 // Split is the Guest of pasta's -t and -u: a client on the host's loopback
@@ -47,10 +49,15 @@ func (s *Split) DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error) {
 
 // HostLoopback is the Guest of pasta's -T and -U: what a namespace
 // listener accepts goes to the host's own loopback.
-type HostLoopback struct{ ctx context.Context }
+type HostLoopback struct {
+	ctx   context.Context
+	pipes *sockrelay.Pipes
+}
 
 // NewHostLoopback returns a HostLoopback whose flows end when ctx does.
-func NewHostLoopback(ctx context.Context) *HostLoopback { return &HostLoopback{ctx: ctx} }
+func NewHostLoopback(ctx context.Context) *HostLoopback {
+	return &HostLoopback{ctx: ctx, pipes: newPipes(ctx)}
+}
 
 var _ Guest = (*HostLoopback)(nil)
 
@@ -67,7 +74,7 @@ func (h *HostLoopback) ForwardTCP(conn *net.TCPConn, target netip.AddrPort) erro
 		conn.Close()
 		return err
 	}
-	spliceTCP(h.ctx, conn, c.(*net.TCPConn))
+	spliceTCP(h.ctx, h.pipes, conn, c.(*net.TCPConn))
 	return nil
 }
 

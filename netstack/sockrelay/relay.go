@@ -6,7 +6,6 @@ package sockrelay
 
 import (
 	"errors"
-	"net"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -139,27 +138,33 @@ func (w *busyWatch) note(n int) {
 	}
 }
 
+// Socket is a connected TCP socket a relay takes over: a *net.TCPConn, or
+// the *os.File of a non-blocking socket (os.NewFile hands those to the
+// poller). A socket that need not be a net.Conn saves the net package's
+// adoption: a dup and a dozen system calls of a short connection's sixty.
+type Socket interface {
+	SyscallConn() (syscall.RawConn, error)
+	Close() error
+}
+
 // Relay relays guest and host until both directions ended, and closes
 // both; up and down count the bytes each way. An end of stream becomes a
 // half-close, an error a reset of both, and a reset of guest after its end
-// of stream a reset of host. busy, if not nil, runs once (in the relay)
-// when the flow turns out to be more than one request and its answer: a
-// third read, or 64 KiB.
-func Relay(guest, host *net.TCPConn, busy func()) (up, down int64) {
+// of stream a reset of host. pipes, if not nil, lends the relay its pipes.
+// busy, if not nil, runs once (in the relay) when the flow turns out to be
+// more than one request and its answer: a third read, or 64 KiB.
+func Relay(guest, host Socket, pipes *Pipes, busy func()) (up, down int64) {
 	defer guest.Close()
 	defer host.Close()
 	gc, err1 := guest.SyscallConn()
 	hc, err2 := host.SyscallConn()
-	upPipe, err3 := newSocketPipe()
-	downPipe, err4 := newSocketPipe()
-	for _, p := range []*socketPipe{upPipe, downPipe} {
-		if p != nil {
-			defer p.close()
-		}
-	}
+	upPipe, err3 := pipes.get()
+	downPipe, err4 := pipes.get()
 	if err := errors.Join(err1, err2, err3, err4); err != nil {
-		_ = host.SetLinger(0)
-		_ = guest.SetLinger(0)
+		pipes.put(upPipe, true)
+		pipes.put(downPipe, true)
+		Abort(guest)
+		Abort(host)
 		return 0, 0
 	}
 	w := &busyWatch{busy: busy}
@@ -167,9 +172,12 @@ func Relay(guest, host *net.TCPConn, busy func()) (up, down int64) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		down, _ = pumpHalf(downPipe, hc, gc, host, guest, w)
+		var ended bool
+		down, ended = pumpHalf(downPipe, hc, gc, host, guest, w)
+		pipes.put(downPipe, !ended)
 	}()
 	up, ended := pumpHalf(upPipe, gc, hc, guest, host, w)
+	pipes.put(upPipe, !ended)
 	// A guest that closed its side may still reset the connection (and
 	// the host must then see a reset, not the clean end it saw so far)
 	// while the host keeps sending, or not.
@@ -187,10 +195,20 @@ func Relay(guest, host *net.TCPConn, busy func()) (up, down int64) {
 	return up, down
 }
 
+// Abort closes s with a reset.
+func Abort(s Socket) {
+	if rc, err := s.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) {
+			_ = unix.SetsockoptLinger(int(fd), unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1})
+		})
+	}
+	s.Close()
+}
+
 // watchReset waits, after the guest's end of stream, for an error on its
 // socket (the guest's reset) and resets host then; it returns once guest is
 // closed.
-func watchReset(gc syscall.RawConn, guest, host *net.TCPConn) {
+func watchReset(gc syscall.RawConn, guest, host Socket) {
 	// The error is looked at before each wait: RawConn.Read forgets a
 	// readiness that came before it.
 	soErr := 0
@@ -198,29 +216,32 @@ func watchReset(gc syscall.RawConn, guest, host *net.TCPConn) {
 		soErr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
 		return soErr != 0
 	})
-	if errors.Is(err, net.ErrClosed) {
+	if err != nil || soErr == 0 {
+		// Closed: the relay ended.
 		return
 	}
-	_ = host.SetLinger(0)
-	host.Close()
+	Abort(host)
 	guest.Close()
 }
 
 // pumpHalf runs one direction: at src's end it shuts dst's sending side, as
 // src's peer did, and reports true; on an error it resets dst and closes
 // both, which also ends the other direction.
-func pumpHalf(p *socketPipe, src, dst syscall.RawConn, srcConn, dstConn *net.TCPConn, w *busyWatch) (int64, bool) {
+func pumpHalf(p *socketPipe, src, dst syscall.RawConn, srcConn, dstConn Socket, w *busyWatch) (int64, bool) {
 	n, err := p.pump(src, dst, w)
 	if err != nil {
 		// Both sides see a reset: the error may be the write's (the
 		// destination reset), and the kernel then cleared what a
 		// later look at the source's error would find.
-		_ = dstConn.SetLinger(0)
-		_ = srcConn.SetLinger(0)
-		dstConn.Close()
-		srcConn.Close()
+		Abort(dstConn)
+		Abort(srcConn)
 		return n, false
 	}
-	_ = dstConn.CloseWrite()
+	// Raw: on loopback the FIN runs the peer's receive path within the
+	// call, long enough for the runtime's monitor to take notice and
+	// hand the P around when it goes through the scheduler.
+	_ = dst.Control(func(fd uintptr) {
+		unix.RawSyscall(unix.SYS_SHUTDOWN, fd, unix.SHUT_WR, 0)
+	})
 	return n, true
 }

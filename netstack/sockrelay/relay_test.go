@@ -6,9 +6,12 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // pair returns both ends of a loopback TCP connection.
@@ -39,7 +42,7 @@ func TestRelayCopiesAndHalfCloses(t *testing.T) {
 	type counts struct{ up, down int64 }
 	done := make(chan counts, 1)
 	go func() {
-		up, down := Relay(guest, host, nil)
+		up, down := Relay(guest, host, nil, nil)
 		done <- counts{up, down}
 	}()
 	up := make([]byte, 3<<20)
@@ -80,7 +83,7 @@ func TestRelayCopiesAndHalfCloses(t *testing.T) {
 func TestRelayPassesReset(t *testing.T) {
 	guestApp, guest := pair(t)
 	host, hostApp := pair(t)
-	go Relay(guest, host, nil)
+	go Relay(guest, host, nil, nil)
 	guestApp.CloseWrite()
 	hostApp.SetDeadline(time.Now().Add(5 * time.Second))
 	if n, err := hostApp.Read(make([]byte, 1)); n != 0 || err != io.EOF {
@@ -98,5 +101,73 @@ func TestRelayPassesReset(t *testing.T) {
 	}
 	if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
 		t.Errorf("host side after the guest's reset: %v, want a reset", err)
+	}
+}
+
+// fileOf returns c's socket as the *os.File of a non-blocking descriptor,
+// as a port helper's sockets arrive, and closes c.
+func fileOf(t *testing.T, c *net.TCPConn) *os.File {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd := -1
+	if err := rc.Control(func(s uintptr) { fd, err = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil || fd < 0 {
+		t.Fatalf("dup: %v", err)
+	}
+	c.Close()
+	if err := unix.SetNonblock(fd, true); err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "socket")
+	t.Cleanup(func() { f.Close() })
+	if err := f.SetDeadline(time.Time{}); err != nil {
+		t.Fatalf("the poller did not take the socket: %v", err)
+	}
+	return f
+}
+
+// Sockets given as files relay as conns do, and relays that end cleanly
+// leave their pipes to the next one.
+func TestRelayFilesAndPipeReuse(t *testing.T) {
+	var pipes Pipes
+	defer pipes.Close()
+	for round := range 3 {
+		guestApp, guestConn := pair(t)
+		host, hostApp := pair(t)
+		guest := fileOf(t, guestConn)
+		done := make(chan struct{})
+		go func() {
+			Relay(guest, host, &pipes, nil)
+			close(done)
+		}()
+		msg := []byte("request")
+		deadline := time.Now().Add(5 * time.Second)
+		guestApp.SetDeadline(deadline)
+		hostApp.SetDeadline(deadline)
+		if _, err := guestApp.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(hostApp, got); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("round %d: host got %q, %v", round, got, err)
+		}
+		guestApp.CloseWrite()
+		hostApp.CloseWrite()
+		if _, err := io.ReadAll(guestApp); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the relay did not end")
+		}
+		pipes.mu.Lock()
+		kept := len(pipes.free)
+		pipes.mu.Unlock()
+		if kept != 2 {
+			t.Fatalf("round %d: %d pipes kept after a clean end, want 2", round, kept)
+		}
 	}
 }
