@@ -110,7 +110,7 @@ type ktcpFlow struct {
 	// syn is the guest's first SYN (virtio-net header and frame), kept
 	// until the host connect decides its fate.
 	syn     []byte
-	host    *net.TCPConn
+	host    sockrelay.Socket
 	handoff ktcpHandoff
 	// release ends the egress policy's hold on the flow's pins.
 	release func()
@@ -381,7 +381,7 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 		return
 	}
 	f.release = s.egress.Hold(d)
-	host, err := s.dialTCP(dst)
+	host, err := s.dialHostSocket(dst)
 	if err != nil {
 		s.counters.tcpOpen.Add(-1)
 		f.release()

@@ -16,6 +16,7 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/netns-run/netns-run/netstack/egress"
+	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
 // tcpDialTimeout bounds the host-side connect while the guest's SYN waits;
@@ -202,6 +203,21 @@ func (s *Stack) dialTCP(dst netip.AddrPort) (*net.TCPConn, error) {
 		return nil, err
 	}
 	return c.(*net.TCPConn), nil
+}
+
+// dialHostSocket opens the host side of a kernel-path connection, as
+// dialTCP does for other destinations than the DNS forwarder, without the
+// net package (sockrelay.Dial).
+func (s *Stack) dialHostSocket(dst netip.AddrPort) (sockrelay.Socket, error) {
+	target, err := s.hostTarget(dst)
+	if err != nil {
+		return nil, err
+	}
+	f, err := sockrelay.Dial(s.ctx, s.outboundIP(target.Addr()), target, tcpDialTimeout)
+	if err != nil {
+		return nil, err
+	}
+	return f, nil
 }
 
 // outboundAddr is the local address for a host socket to dst: the

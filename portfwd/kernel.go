@@ -128,7 +128,7 @@ func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 			// The port helper is gone, or cannot start: not for
 			// every connection.
 			pause = offFor
-		case errors.Is(err, os.ErrDeadlineExceeded):
+		case errors.Is(err, unix.ETIMEDOUT):
 			// Something in the guest drops what the rules deliver
 			// (a firewall on lo): no other connection should wait.
 			pause = offAfterTimeout

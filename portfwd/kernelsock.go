@@ -1,18 +1,17 @@
 package portfwd
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"sync"
-	"syscall"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
 // inboundDialTimeout bounds a published-port connection's connect through
@@ -118,7 +117,7 @@ func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool)
 		err = errors.Join(err, started)
 	}
 	if err == nil {
-		err = awaitConnect(f, rc)
+		err = sockrelay.AwaitConnect(k.ctx, f, inboundDialTimeout)
 	}
 	if err != nil {
 		f.Close()
@@ -147,7 +146,7 @@ func startConnect(fd int, from, guest netip.AddrPort, anyPort bool) (bound netip
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("bind %s: %w", guest.Addr(), err)
 	}
-	err = rawConnect(fd, netip.AddrPortFrom(from.Addr(), guest.Port()))
+	err = sockrelay.Connect(fd, netip.AddrPortFrom(from.Addr(), guest.Port()))
 	if err != nil && !errors.Is(err, unix.EINPROGRESS) {
 		// Refused before a segment left (EADDRNOTAVAIL: the addresses
 		// are another connection's): no key of ours.
@@ -161,72 +160,6 @@ func startConnect(fd int, from, guest netip.AddrPort, anyPort bool) (bound netip
 		}
 	}
 	return bound, nil
-}
-
-// rawConnect starts a non-blocking connect without telling the scheduler:
-// on loopback the whole handshake runs within the call, long enough for
-// the runtime's monitor to hand the P to another thread (and then keep
-// waking every 20 µs) when the call goes through syscall.Syscall.
-func rawConnect(fd int, to netip.AddrPort) error {
-	var sa unsafe.Pointer
-	var n uintptr
-	if to.Addr().Is4() {
-		raw := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: to.Addr().As4()}
-		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&raw.Port))[:], to.Port())
-		sa, n = unsafe.Pointer(&raw), unsafe.Sizeof(raw)
-	} else {
-		raw := unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: to.Addr().As16()}
-		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&raw.Port))[:], to.Port())
-		sa, n = unsafe.Pointer(&raw), unsafe.Sizeof(raw)
-	}
-	for {
-		_, _, errno := unix.RawSyscall(unix.SYS_CONNECT, uintptr(fd), uintptr(sa), n)
-		switch errno {
-		case 0:
-			return nil
-		case unix.EINTR:
-			continue
-		}
-		return errno
-	}
-}
-
-// awaitConnect waits for f's non-blocking connect to end.
-func awaitConnect(f *os.File, rc syscall.RawConn) error {
-	var result error
-	done := func(fd uintptr) bool {
-		if _, err := unix.Getpeername(int(fd)); err == nil {
-			return true
-		}
-		soErr, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
-		switch {
-		case err != nil:
-			result = err
-		case soErr != 0:
-			result = syscall.Errno(soErr)
-		default:
-			return false
-		}
-		return true
-	}
-	// On loopback the handshake usually ended within connect: no
-	// deadline to set and clear.
-	var ended bool
-	if err := rc.Control(func(fd uintptr) { ended = done(fd) }); err != nil {
-		return err
-	}
-	if !ended {
-		if err := f.SetWriteDeadline(time.Now().Add(inboundDialTimeout)); err != nil {
-			return err
-		}
-		if err := rc.Write(done); err != nil {
-			return err
-		}
-		if err := f.SetWriteDeadline(time.Time{}); err != nil {
-			return err
-		}
-	}
-	return result
 }
 
 func sockaddrOf(ap netip.AddrPort) unix.Sockaddr {

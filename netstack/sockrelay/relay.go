@@ -169,20 +169,24 @@ func Relay(guest, host Socket, pipes *Pipes, busy func()) (up, down int64) {
 	}
 	w := &busyWatch{busy: busy}
 	var wg sync.WaitGroup
+	var downDone atomic.Bool
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		var ended bool
 		down, ended = pumpHalf(downPipe, hc, gc, host, guest, w)
 		pipes.put(downPipe, !ended)
+		downDone.Store(true)
 	}()
 	up, ended := pumpHalf(upPipe, gc, hc, guest, host, w)
 	pipes.put(upPipe, !ended)
 	// A guest that closed its side may still reset the connection (and
 	// the host must then see a reset, not the clean end it saw so far)
-	// while the host keeps sending, or not.
+	// while the host keeps sending, or not. Once the host's side ended
+	// too there is nothing left to reset: no goroutine to watch (the
+	// common close of a short connection).
 	var watch sync.WaitGroup
-	if ended {
+	if ended && !downDone.Load() {
 		watch.Add(1)
 		go func() {
 			defer watch.Done()

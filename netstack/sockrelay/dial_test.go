@@ -1,0 +1,89 @@
+package sockrelay
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Dial's socket is a Socket the relay takes; a refused connect says so.
+func TestDialConnectsAndRefuses(t *testing.T) {
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	to := ln.Addr().(*net.TCPAddr).AddrPort()
+	ctx := context.Background()
+	f, err := Dial(ctx, netip.MustParseAddr("127.0.0.1"), to, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := f.Write([]byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(c); err != nil || string(got) != "hi" {
+		t.Fatalf("read %q, %v", got, err)
+	}
+	ln.Close()
+	if _, err := Dial(ctx, netip.Addr{}, to, 5*time.Second); !errors.Is(err, unix.ECONNREFUSED) {
+		t.Fatalf("dial to a closed port: %v, want ECONNREFUSED", err)
+	}
+}
+
+// A connect that gets no answer ends at the timeout as ETIMEDOUT, and at
+// once when its context ends.
+func TestDialTimesOut(t *testing.T) {
+	// A listener with a full accept queue drops SYNs.
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(sa.(*unix.SockaddrInet4).Port))
+	full := false
+	for range 8 {
+		f, err := Dial(context.Background(), netip.Addr{}, to, 300*time.Millisecond)
+		if errors.Is(err, unix.ETIMEDOUT) {
+			full = true
+			break
+		}
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		defer f.Close()
+	}
+	if !full {
+		t.Skip("the kernel answered every connect to a listener with a full queue")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(100*time.Millisecond, cancel)
+	// Without the context's end it would wait out the minute and say
+	// ETIMEDOUT.
+	if _, err := Dial(ctx, netip.Addr{}, to, time.Minute); !errors.Is(err, context.Canceled) {
+		t.Fatalf("dial whose context ended: %v, want context.Canceled", err)
+	}
+}
