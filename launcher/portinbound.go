@@ -124,7 +124,9 @@ func (in *inboundServer) sockets(r dialRequest) ([]*os.File, error) {
 }
 
 func markedSocket(domain int) (*os.File, error) {
-	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	// Blocking: the receiving side's os.File then stays out of its Go
+	// poller, and it sets the flag on its own descriptor.
+	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, err
 	}

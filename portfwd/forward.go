@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -29,6 +30,7 @@ type forward struct {
 	rule Rule
 	// closeListener unblocks the accept or read loop.
 	closeListener func() error
+	stopping      atomic.Bool
 	wg            sync.WaitGroup
 }
 
@@ -39,6 +41,19 @@ func startForward(r Rule, guest Guest, bind Binder, log *slog.Logger) (*forward,
 		ln, err := bind.ListenTCP(r)
 		if err != nil {
 			return nil, explainListenError(r, err)
+		}
+		if rg, ok := guest.(rawGuest); ok {
+			lf, err := listenerFile(ln)
+			if err != nil {
+				return nil, err
+			}
+			f.closeListener = lf.Close
+			f.wg.Add(1)
+			go func() {
+				defer f.wg.Done()
+				f.acceptRaw(lf, rg, log)
+			}()
+			break
 		}
 		f.closeListener = ln.Close
 		f.wg.Add(1)
@@ -140,6 +155,7 @@ func bindToDevice(iface string) func(network, address string, c syscall.RawConn)
 }
 
 func (f *forward) stop() {
+	f.stopping.Store(true)
 	_ = f.closeListener()
 	f.wg.Wait()
 }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,6 +22,8 @@ import (
 // the guest's namespace and forgets the connections once over (launcher's
 // PortHelper).
 type InboundSockets interface {
+	// InboundSockets returns n fresh TCP sockets of the namespace;
+	// they may be blocking (the caller sets them non-blocking).
 	InboundSockets(ipv6 bool, n int) ([]*os.File, error)
 	ForgetInbound(keys []ktcpnat.InboundKey) error
 }
@@ -42,8 +45,10 @@ type KernelPath struct {
 	offUntil [2]atomic.Int64
 	// pools hold sockets made ahead, per family: the helper's round trip
 	// costs more than the rest of a connection's start.
-	pools  [2]socketPool
-	pipes  *sockrelay.Pipes
+	pools [2]socketPool
+	// loops relay the connections; nil: they could not start, and the
+	// stack takes every connection.
+	loops  *sockrelay.Loops
 	counts struct {
 		open                      atomic.Int64
 		total, fromGuest, toGuest atomic.Uint64
@@ -88,8 +93,14 @@ const (
 // stack's choice: netstack.Config.ClientSource).
 func NewKernelPath(ctx context.Context, d InboundSockets, stack Guest, source func(client, guest netip.AddrPort) netip.AddrPort, log *slog.Logger) *KernelPath {
 	k := &KernelPath{ctx: ctx, sockets: d, stack: stack, source: source, log: log,
-		live: make(map[ktcpnat.InboundKey]int), ended: make(map[ktcpnat.InboundKey]time.Time), wake: make(chan struct{}, 1),
-		pipes: newPipes(ctx)}
+		live: make(map[ktcpnat.InboundKey]int), ended: make(map[ktcpnat.InboundKey]time.Time), wake: make(chan struct{}, 1)}
+	loops, err := sockrelay.NewLoops(runtime.GOMAXPROCS(0), newPipes(ctx))
+	if err != nil {
+		log.Warn("published ports go through the userspace stack: no relay loop", "err", err)
+	} else {
+		k.loops = loops
+		context.AfterFunc(ctx, loops.Close)
+	}
 	go k.forgetLoop()
 	return k
 }
@@ -99,6 +110,16 @@ var _ Guest = (*KernelPath)(nil)
 // ForwardTCP implements Guest.
 func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	client, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
+	fd, err := takeSocket(conn)
+	if err != nil {
+		return err
+	}
+	return k.forwardRawTCP(fd, client, guest)
+}
+
+// forwardRawTCP implements rawGuest: the forward's listener accepted fd
+// without the net package.
+func (k *KernelPath) forwardRawTCP(fd int, client, guest netip.AddrPort) error {
 	client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 	guest = netip.AddrPortFrom(guest.Addr().Unmap(), guest.Port())
 	from := k.source(client, guest)
@@ -107,8 +128,8 @@ func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 		fam = 1
 	}
 	a := guest.Addr()
-	if time.Now().UnixNano() < k.offUntil[fam].Load() || !from.IsValid() || from.Addr().Is4() != a.Is4() || a.IsLoopback() || a.IsUnspecified() {
-		return k.stack.ForwardTCP(conn, guest)
+	if k.loops == nil || time.Now().UnixNano() < k.offUntil[fam].Load() || !from.IsValid() || from.Addr().Is4() != a.Is4() || a.IsLoopback() || a.IsUnspecified() {
+		return k.toStack(fd, guest)
 	}
 	inner, bound, err := k.dialFrom(fam, from, guest)
 	if err != nil {
@@ -142,18 +163,33 @@ func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 			// stack's connection elsewhere.
 			k.log.Debug("published port: the guest's kernel did not take the connection; the userspace stack does", "client", client, "guest", guest, "err", err)
 		}
-		return k.stack.ForwardTCP(conn, guest)
+		return k.toStack(fd, guest)
 	}
 	key := ktcpnat.InboundKey{Server: guest, Client: bound}
 	k.hold(key)
-	defer k.release(key)
 	k.counts.open.Add(1)
 	k.counts.total.Add(1)
-	fromGuest, toGuest := spliceTCP(k.ctx, k.pipes, inner, conn)
-	k.counts.open.Add(-1)
-	k.counts.toGuest.Add(uint64(toGuest))
-	k.counts.fromGuest.Add(uint64(fromGuest))
-	return nil
+	// The loop owns both sockets from here, also when it fails.
+	err = k.loops.Add(inner, fd, nil, func(fromGuest, toGuest int64) {
+		k.counts.open.Add(-1)
+		k.counts.toGuest.Add(uint64(toGuest))
+		k.counts.fromGuest.Add(uint64(fromGuest))
+		k.release(key)
+	})
+	if err != nil {
+		k.counts.open.Add(-1)
+		k.release(key)
+	}
+	return err
+}
+
+// toStack hands the client's socket fd to the userspace stack.
+func (k *KernelPath) toStack(fd int, guest netip.AddrPort) error {
+	conn, err := connOf(fd)
+	if err != nil {
+		return err
+	}
+	return k.stack.ForwardTCP(conn, guest)
 }
 
 // KernelPathStats counts the connections the guest's kernel took.

@@ -32,43 +32,50 @@ const (
 	poolMax    = 64
 )
 
-// socketPool holds marked sockets of one family made ahead.
+// socketPool holds marked sockets of one family made ahead, as raw
+// descriptors: the relay loop takes them so.
 type socketPool struct {
 	mu     sync.Mutex
-	files  []*os.File
+	fds    []int
 	made   time.Time
 	batch  int
 	closed bool
 }
 
-func (p *socketPool) get(src InboundSockets, ipv6 bool) (*os.File, error) {
+func (p *socketPool) get(src InboundSockets, ipv6 bool) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return nil, net.ErrClosed
+		return -1, net.ErrClosed
 	}
 	aged := time.Since(p.made) > poolMaxAge
 	switch {
-	case len(p.files) > 0 && aged:
-		for _, f := range p.files {
-			f.Close()
-		}
-		p.files = nil
+	case len(p.fds) > 0 && aged:
+		closeAll(p.fds)
+		p.fds = p.fds[:0]
 		p.batch /= 2
-	case len(p.files) == 0 && !aged:
+	case len(p.fds) == 0 && !aged:
 		p.batch *= 2
 	}
-	if len(p.files) == 0 {
+	if len(p.fds) == 0 {
 		p.batch = min(max(p.batch, poolMin), poolMax)
 		files, err := src.InboundSockets(ipv6, p.batch)
 		if err != nil {
-			return nil, err
+			return -1, err
 		}
-		p.files, p.made = files, time.Now()
+		for _, f := range files {
+			if fd, err := rawSocket(f); err == nil {
+				p.fds = append(p.fds, fd)
+			}
+		}
+		if len(p.fds) == 0 {
+			return -1, errors.New("no sockets")
+		}
+		p.made = time.Now()
 	}
-	f := p.files[len(p.files)-1]
-	p.files = p.files[:len(p.files)-1]
-	return f, nil
+	fd := p.fds[len(p.fds)-1]
+	p.fds = p.fds[:len(p.fds)-1]
+	return fd, nil
 }
 
 // close closes the sockets left; get makes no more.
@@ -76,54 +83,132 @@ func (p *socketPool) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.closed = true
-	for _, f := range p.files {
-		f.Close()
+	closeAll(p.fds)
+	p.fds = nil
+}
+
+func closeAll(fds []int) {
+	for _, fd := range fds {
+		unix.Close(fd)
 	}
-	p.files = nil
+}
+
+// rawSocket takes f's socket as a non-blocking descriptor of the caller's
+// and closes f.
+func rawSocket(f *os.File) (int, error) {
+	defer f.Close()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var derr error
+	err = rc.Control(func(s uintptr) {
+		if fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0); derr == nil {
+			// The flag is the open file's, which the duplicate
+			// shares.
+			if derr = unix.SetNonblock(fd, true); derr != nil {
+				unix.Close(fd)
+				fd = -1
+			}
+		}
+	})
+	if err = errors.Join(err, derr); err != nil {
+		return -1, fmt.Errorf("take socket: %w", err)
+	}
+	return fd, nil
+}
+
+// takeSocket takes conn's socket as a non-blocking descriptor of the
+// caller's and closes conn; a failure resets conn.
+func takeSocket(conn *net.TCPConn) (int, error) {
+	rc, err := conn.SyscallConn()
+	fd := -1
+	var derr error
+	if err == nil {
+		err = rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) })
+	}
+	if err = errors.Join(err, derr); err != nil {
+		sockrelay.Abort(conn)
+		return -1, fmt.Errorf("take socket: %w", err)
+	}
+	conn.Close()
+	return fd, nil
+}
+
+// connOf makes a net.Conn of the socket fd, which it takes (and closes on
+// failure).
+func connOf(fd int) (*net.TCPConn, error) {
+	f := os.NewFile(uintptr(fd), "tcp")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("adopt socket: %w", err)
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("adopt socket: got %T", c)
+	}
+	return tc, nil
 }
 
 // dialFrom connects a marked socket of the guest's namespace, bound to
 // guest's address and the client's port (any port when the guest uses
 // that one), to the client's address at guest's port: the guest's rules
 // swap the two addresses, and the server sees from. bound is the client
-// side of the connection's key, once the socket has a port. The socket
-// stays an *os.File (the poller's already): the relay needs no net.Conn.
-func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (f *os.File, bound netip.AddrPort, err error) {
-	f, bound, err = k.dialOnce(fam, from, guest, false)
+// side of the connection's key, once the socket has a port. The socket is
+// a raw non-blocking descriptor, for the relay loop.
+func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (fd int, bound netip.AddrPort, err error) {
+	fd, bound, err = k.dialOnce(fam, from, guest, false)
 	if errors.Is(err, unix.EADDRNOTAVAIL) {
 		// Another client with the same port shows as the same address
 		// (the gateway, for all loopback clients): its connection has
 		// these addresses. Any port will do.
-		f, bound, err = k.dialOnce(fam, from, guest, true)
+		fd, bound, err = k.dialOnce(fam, from, guest, true)
 	}
-	return f, bound, err
+	return fd, bound, err
 }
 
 // errNoSockets wraps the port helper's failure to make sockets.
 var errNoSockets = errors.New("no sockets from the port helper")
 
-func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (*os.File, netip.AddrPort, error) {
-	var bound netip.AddrPort
-	f, err := k.pools[fam].get(k.sockets, fam == 1)
+func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (int, netip.AddrPort, error) {
+	fd, err := k.pools[fam].get(k.sockets, fam == 1)
 	if err != nil {
-		return nil, bound, fmt.Errorf("%w: %w", errNoSockets, err)
+		return -1, netip.AddrPort{}, fmt.Errorf("%w: %w", errNoSockets, err)
 	}
-	rc, err := f.SyscallConn()
+	bound, err := startConnect(fd, from, guest, anyPort)
 	if err == nil {
-		var started error
-		err = rc.Control(func(fd uintptr) {
-			bound, started = startConnect(int(fd), from, guest, anyPort)
-		})
-		err = errors.Join(err, started)
-	}
-	if err == nil {
-		err = sockrelay.AwaitConnect(k.ctx, f, inboundDialTimeout)
+		err = awaitConnect(fd)
 	}
 	if err != nil {
-		f.Close()
-		return nil, bound, err
+		unix.Close(fd)
+		return -1, bound, err
 	}
-	return f, bound, nil
+	return fd, bound, nil
+}
+
+// awaitConnect waits for fd's non-blocking connect to the guest's server to
+// end. On loopback it usually ended within connect; else (the server's
+// backlog is full, or something drops what the rules deliver) this
+// connection's goroutine waits in poll(2), for inboundDialTimeout at most
+// (then ETIMEDOUT).
+func awaitConnect(fd int) error {
+	deadline := time.Now().Add(inboundDialTimeout)
+	for {
+		if ended, err := sockrelay.Connected(fd); ended {
+			return err
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return unix.ETIMEDOUT
+		}
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		if _, err := unix.Poll(pfd, int(left/time.Millisecond)+1); err != nil && !errors.Is(err, unix.EINTR) {
+			return err
+		}
+	}
 }
 
 // startConnect binds fd to guest's address and from's port (or, with
@@ -134,14 +219,14 @@ func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool)
 func startConnect(fd int, from, guest netip.AddrPort, anyPort bool) (bound netip.AddrPort, err error) {
 	err = unix.EADDRINUSE
 	if !anyPort {
-		err = unix.Bind(fd, sockaddrOf(netip.AddrPortFrom(guest.Addr(), from.Port())))
+		err = sockrelay.Bind(fd, netip.AddrPortFrom(guest.Addr(), from.Port()))
 	}
 	if err == nil {
 		bound = from
 	}
 	if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EACCES) {
 		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
-		err = unix.Bind(fd, sockaddrOf(netip.AddrPortFrom(guest.Addr(), 0)))
+		err = sockrelay.Bind(fd, netip.AddrPortFrom(guest.Addr(), 0))
 	}
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("bind %s: %w", guest.Addr(), err)
@@ -160,13 +245,6 @@ func startConnect(fd int, from, guest netip.AddrPort, anyPort bool) (bound netip
 		}
 	}
 	return bound, nil
-}
-
-func sockaddrOf(ap netip.AddrPort) unix.Sockaddr {
-	if ap.Addr().Is4() {
-		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
-	}
-	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
 }
 
 // portOf is an IP socket address's port (0: not an IP one).

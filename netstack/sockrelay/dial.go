@@ -60,19 +60,30 @@ func Dial(ctx context.Context, local netip.Addr, remote netip.AddrPort, timeout 
 // enough for the runtime's monitor to hand the P to another thread (and
 // then keep waking every 20 µs) when it goes through syscall.Syscall.
 func Connect(fd int, remote netip.AddrPort) error {
+	return sockaddrCall(unix.SYS_CONNECT, fd, remote)
+}
+
+// Bind binds fd to local, without the scheduler either: any call through
+// it wakes the runtime's monitor from its idle sleep, for a millisecond of
+// waking every 20 µs.
+func Bind(fd int, local netip.AddrPort) error {
+	return sockaddrCall(unix.SYS_BIND, fd, local)
+}
+
+func sockaddrCall(trap uintptr, fd int, ap netip.AddrPort) error {
 	var sa unsafe.Pointer
 	var n uintptr
-	if remote.Addr().Is4() {
-		raw := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: remote.Addr().As4()}
-		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&raw.Port))[:], remote.Port())
+	if ap.Addr().Is4() {
+		raw := unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: ap.Addr().As4()}
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&raw.Port))[:], ap.Port())
 		sa, n = unsafe.Pointer(&raw), unsafe.Sizeof(raw)
 	} else {
-		raw := unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: remote.Addr().As16()}
-		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&raw.Port))[:], remote.Port())
+		raw := unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: ap.Addr().As16()}
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&raw.Port))[:], ap.Port())
 		sa, n = unsafe.Pointer(&raw), unsafe.Sizeof(raw)
 	}
 	for {
-		_, _, errno := unix.RawSyscall(unix.SYS_CONNECT, uintptr(fd), uintptr(sa), n)
+		_, _, errno := unix.RawSyscall(trap, uintptr(fd), uintptr(sa), n)
 		switch errno {
 		case 0:
 			return nil
@@ -81,6 +92,29 @@ func Connect(fd int, remote netip.AddrPort) error {
 		}
 		return errno
 	}
+}
+
+// Connected says whether fd's non-blocking connect ended, and with what
+// error. Raw, as Bind: x/sys/unix's Getpeername asks for the protocol
+// through the scheduler.
+func Connected(fd int) (bool, error) {
+	var sa unix.RawSockaddrAny
+	n := uint32(unsafe.Sizeof(sa))
+	_, _, errno := unix.RawSyscall(unix.SYS_GETPEERNAME, uintptr(fd), uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&n)))
+	if errno == 0 {
+		return true, nil
+	}
+	var soErr int32
+	n = 4
+	_, _, errno = unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_ERROR,
+		uintptr(unsafe.Pointer(&soErr)), uintptr(unsafe.Pointer(&n)), 0)
+	switch {
+	case errno != 0:
+		return true, errno
+	case soErr != 0:
+		return true, syscall.Errno(soErr)
+	}
+	return false, nil
 }
 
 // AwaitConnect waits for the non-blocking connect of f (a socket the poller
@@ -93,19 +127,9 @@ func AwaitConnect(ctx context.Context, f *os.File, timeout time.Duration) error 
 	}
 	var result error
 	done := func(fd uintptr) bool {
-		if _, err := unix.Getpeername(int(fd)); err == nil {
-			return true
-		}
-		soErr, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
-		switch {
-		case err != nil:
-			result = err
-		case soErr != 0:
-			result = syscall.Errno(soErr)
-		default:
-			return false
-		}
-		return true
+		var ended bool
+		ended, result = Connected(int(fd))
+		return ended
 	}
 	// On loopback the handshake usually ended within connect: no
 	// deadline to set and clear.
