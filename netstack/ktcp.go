@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -110,7 +111,7 @@ type ktcpFlow struct {
 	// syn is the guest's first SYN (virtio-net header and frame), kept
 	// until the host connect decides its fate.
 	syn     []byte
-	host    sockrelay.Socket
+	host    hostFD
 	handoff ktcpHandoff
 	// release ends the egress policy's hold on the flow's pins.
 	release func()
@@ -125,7 +126,9 @@ type ktcpFlow struct {
 type kernelTCP struct {
 	s    *Stack
 	link *tapLink
-	ln   *net.TCPListener
+	// ln is the listener, a pollable file (sockrelay.ListenerFile).
+	ln    *os.File
+	loops *sockrelay.Loops
 	// nat, if set, moves busy flows' translation into the guest's
 	// kernel once their host side is connected (package ktcpnat);
 	// natOff: it failed, for IPv4 flows ([0]) or IPv6 ones ([1]), in a
@@ -187,19 +190,30 @@ func newKernelTCP(s *Stack, link *tapLink, lnFile, natFile *os.File) (*kernelTCP
 		ln.Close()
 		return nil, errors.New("kernel TCP path: the listener must be bound to the guest's IPv4 address or to all (dual-stack)")
 	}
-	k := &kernelTCP{s: s, link: link, ln: ln, listener: addr, vnetHdr: link.vnetHdr,
+	lf, err := sockrelay.ListenerFile(ln)
+	if err != nil {
+		return nil, fmt.Errorf("kernel TCP path: %w", err)
+	}
+	k := &kernelTCP{s: s, link: link, ln: lf, listener: addr, vnetHdr: link.vnetHdr,
 		next: 20000, quarantine: make(map[netip.AddrPort]time.Time)}
 	if natFile != nil {
 		// The caller closes natFile; the map keeps a duplicate.
 		fd, err := unix.FcntlInt(natFile.Fd(), unix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
-			ln.Close()
+			lf.Close()
 			return nil, fmt.Errorf("kernel TCP path: netlink socket: %w", err)
 		}
 		if k.nat, err = ktcpnat.Open(os.NewFile(uintptr(fd), "nftables")); err != nil {
-			ln.Close()
+			lf.Close()
 			return nil, fmt.Errorf("kernel TCP path: %w", err)
 		}
+	}
+	if k.loops, err = sockrelay.NewLoops(runtime.GOMAXPROCS(0), &k.pipes); err != nil {
+		lf.Close()
+		if k.nat != nil {
+			k.nat.Close()
+		}
+		return nil, fmt.Errorf("kernel TCP path: %w", err)
 	}
 	return k, nil
 }
@@ -389,7 +403,7 @@ func (k *kernelTCP) open(f *ktcpFlow) {
 		k.handOff(f)
 		return
 	}
-	f.host = host
+	f.host = hostFD{fd: host, set: true}
 	f.state.Store(int32(ktcpOpen))
 	if s.ctx.Err() != nil {
 		// The stack closed while this dialed: close() did not see it.
@@ -413,8 +427,7 @@ func (k *kernelTCP) giveUp(f *ktcpFlow) {
 	k.s.counters.tcpOpen.Add(-1)
 	f.release()
 	f.release = nil
-	f.host.Close()
-	f.host = nil
+	f.host.close()
 	// The listener may still hold a half-open connection from it.
 	k.hold(f.fake)
 	k.byFake.CompareAndDelete(f.fake, f)
@@ -569,56 +582,77 @@ func (k *kernelTCP) start() error {
 	return nil
 }
 
-// serve accepts the listener's connections and relays each to its host
-// socket, until the listener is closed.
+// serve accepts the listener's connections and hands each, with its host
+// socket, to the relay loops, until the listener is closed.
 func (k *kernelTCP) serve() {
+	rc, err := k.ln.SyscallConn()
+	if err != nil {
+		return
+	}
 	for {
-		c, err := k.ln.AcceptTCP()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
+		fd, peer, errno := -1, netip.AddrPort{}, unix.Errno(0)
+		if err := rc.Read(func(lfd uintptr) bool {
+			fd, peer, errno = sockrelay.Accept(lfd)
+			return errno != unix.EAGAIN
+		}); err != nil {
+			return
+		}
+		if errno != 0 {
+			// ECONNABORTED, or out of descriptors for a moment.
+			if errno != unix.ECONNABORTED {
+				time.Sleep(10 * time.Millisecond)
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-		peer = netip.AddrPortFrom(peer.Addr().Unmap(), peer.Port())
 		v, ok := k.byFake.Load(peer)
 		if !ok {
-			c.Close()
+			unix.Close(fd)
 			continue
 		}
 		f := v.(*ktcpFlow)
 		if !f.state.CompareAndSwap(int32(ktcpOpen), int32(ktcpAccepted)) {
-			c.Close()
+			unix.Close(fd)
 			continue
 		}
-		if !k.s.flows.spawn(func() { k.relay(f, c) }) {
-			c.Close()
-			k.finish(f, ktcpAccepted)
-			return
-		}
+		k.relay(f, fd)
 	}
 }
 
-func (k *kernelTCP) relay(f *ktcpFlow, guest *net.TCPConn) {
+// relay hands the listener's connection from f's guest, guest, and f's
+// host socket to the relay loops, which finish f once both ended.
+func (k *kernelTCP) relay(f *ktcpFlow, guest int) {
 	s := k.s
-	host := f.host
 	start := time.Now()
 	s.counters.tcpTotal.Add(1)
 	s.counters.tcpKernelTotal.Add(1)
-	stop := context.AfterFunc(s.ctx, func() { guest.Close(); host.Close() })
-	up, down := sockrelay.Relay(guest, host, &k.pipes, func() { k.translateInKernel(f) })
-	stop()
-	s.counters.bytesFromGuest.Add(uint64(up))
-	s.counters.bytesToGuest.Add(uint64(down))
-	s.log.Debug("tcp flow closed (kernel path)", "src", f.key.guest, "dst", f.key.remote,
-		"duration", time.Since(start), "bytes_out", up, "bytes_in", down)
-	k.finish(f, ktcpAccepted)
+	err := k.loops.Add(guest, f.host.take(), func() { k.translateInKernel(f) }, func(up, down int64) {
+		s.counters.bytesFromGuest.Add(uint64(up))
+		s.counters.bytesToGuest.Add(uint64(down))
+		s.log.Debug("tcp flow closed (kernel path)", "src", f.key.guest, "dst", f.key.remote,
+			"duration", time.Since(start), "bytes_out", up, "bytes_in", down)
+		k.finish(f, ktcpAccepted)
+	})
+	if err != nil {
+		k.finish(f, ktcpAccepted)
+	}
+}
+
+// hostFD is a flow's host socket until the relay loops take it.
+type hostFD struct {
+	fd  int
+	set bool
+}
+
+func (h *hostFD) close() {
+	if h.set {
+		unix.Close(h.fd)
+		h.set = false
+	}
+}
+
+func (h *hostFD) take() int {
+	h.set = false
+	return h.fd
 }
 
 // finish ends f's translation after the closing handshake had its time.
@@ -633,10 +667,7 @@ func (k *kernelTCP) finish(f *ktcpFlow, from ktcpState) {
 		f.release()
 		f.release = nil
 	}
-	if f.host != nil {
-		f.host.Close()
-		f.host = nil
-	}
+	f.host.close()
 	f.handoff = ktcpHandoff{}
 	k.later.add(laterUnmap, f)
 }
@@ -644,6 +675,7 @@ func (k *kernelTCP) finish(f *ktcpFlow, from ktcpState) {
 // close stops the listener and the host sockets of flows not yet relayed.
 func (k *kernelTCP) close() {
 	k.ln.Close()
+	k.loops.Close()
 	k.pipes.Close()
 	if k.nat != nil {
 		// The flows' deferred work may still remove entries: it

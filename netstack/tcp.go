@@ -206,18 +206,14 @@ func (s *Stack) dialTCP(dst netip.AddrPort) (*net.TCPConn, error) {
 }
 
 // dialHostSocket opens the host side of a kernel-path connection, as
-// dialTCP does for other destinations than the DNS forwarder, without the
-// net package (sockrelay.Dial).
-func (s *Stack) dialHostSocket(dst netip.AddrPort) (sockrelay.Socket, error) {
+// dialTCP does for other destinations than the DNS forwarder, as a raw
+// descriptor for the relay loops (sockrelay.Dial).
+func (s *Stack) dialHostSocket(dst netip.AddrPort) (int, error) {
 	target, err := s.hostTarget(dst)
 	if err != nil {
-		return nil, err
+		return -1, err
 	}
-	f, err := sockrelay.Dial(s.ctx, s.outboundIP(target.Addr()), target, tcpDialTimeout)
-	if err != nil {
-		return nil, err
-	}
-	return f, nil
+	return sockrelay.Dial(s.ctx, s.outboundIP(target.Addr()), target, tcpDialTimeout)
 }
 
 // outboundAddr is the local address for a host socket to dst: the

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
 const (
@@ -43,7 +45,7 @@ func startForward(r Rule, guest Guest, bind Binder, log *slog.Logger) (*forward,
 			return nil, explainListenError(r, err)
 		}
 		if rg, ok := guest.(rawGuest); ok {
-			lf, err := listenerFile(ln)
+			lf, err := sockrelay.ListenerFile(ln)
 			if err != nil {
 				return nil, err
 			}

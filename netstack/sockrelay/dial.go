@@ -15,44 +15,70 @@ import (
 )
 
 // Dial connects a new TCP socket to remote, from local's address if it is
-// valid, and returns it as a Socket: the *os.File of a non-blocking socket
-// with TCP_NODELAY. It gives up after timeout (an error that is
-// unix.ETIMEDOUT) or when ctx ends. The net package's dialer costs a short
-// connection a dozen more system calls and a stack deep enough to grow a
-// new goroutine's twice.
-func Dial(ctx context.Context, local netip.Addr, remote netip.AddrPort, timeout time.Duration) (*os.File, error) {
+// valid, and returns it as a raw non-blocking descriptor with TCP_NODELAY,
+// for a Loop. It gives up after timeout (an error that is unix.ETIMEDOUT)
+// or when ctx ends. A connect that does not end within its call (any but
+// a loopback one) waits in Go's poller. The net package's dialer costs a
+// short connection a dozen more system calls, some through the scheduler,
+// and a stack that grows twice.
+func Dial(ctx context.Context, local netip.Addr, remote netip.AddrPort, timeout time.Duration) (int, error) {
 	domain := unix.AF_INET
 	if remote.Addr().Is6() {
 		domain = unix.AF_INET6
 	}
 	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("socket: %w", err)
+		return -1, fmt.Errorf("socket: %w", err)
 	}
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("socket option: %w", err)
-	}
+	SetOption(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	if local.IsValid() {
-		var sa unix.Sockaddr = &unix.SockaddrInet4{Addr: local.As4()}
-		if local.Is6() {
-			sa = &unix.SockaddrInet6{Addr: local.As16()}
-		}
-		if err := unix.Bind(fd, sa); err != nil {
-			unix.Close(fd)
-			return nil, fmt.Errorf("bind %s: %w", local, err)
+		if err := Bind(fd, netip.AddrPortFrom(local, 0)); err != nil {
+			rawClose(fd)
+			return -1, fmt.Errorf("bind %s: %w", local, err)
 		}
 	}
 	if err := Connect(fd, remote); err != nil && !errors.Is(err, unix.EINPROGRESS) {
-		unix.Close(fd)
-		return nil, fmt.Errorf("connect %s: %w", remote, err)
+		rawClose(fd)
+		return -1, fmt.Errorf("connect %s: %w", remote, err)
 	}
+	ended, err := Connected(fd)
+	if !ended {
+		fd, err = awaitInPoller(ctx, fd, timeout)
+	}
+	if err != nil {
+		if fd >= 0 {
+			rawClose(fd)
+		}
+		return -1, fmt.Errorf("connect %s: %w", remote, err)
+	}
+	return fd, nil
+}
+
+// awaitInPoller waits for fd's connect in Go's poller, and returns a
+// duplicate of fd that is out of it (the poller's is closed).
+func awaitInPoller(ctx context.Context, fd int, timeout time.Duration) (int, error) {
 	f := os.NewFile(uintptr(fd), "tcp")
+	defer f.Close()
 	if err := AwaitConnect(ctx, f, timeout); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("connect %s: %w", remote, err)
+		return -1, err
 	}
-	return f, nil
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	dup := -1
+	var derr error
+	if err := rc.Control(func(s uintptr) { dup, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	return dup, derr
+}
+
+// SetOption sets an integer socket option with a raw system call (see
+// Bind); what fails is left as it was.
+func SetOption(fd, level, name, value int) {
+	v := int32(value)
+	unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(name), uintptr(unsafe.Pointer(&v)), 4, 0)
 }
 
 // Connect starts a non-blocking connect of fd to remote without telling the

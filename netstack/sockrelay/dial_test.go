@@ -6,13 +6,14 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
 
-// Dial's socket is a Socket the relay takes; a refused connect says so.
+// Dial's socket is connected; a refused connect says so.
 func TestDialConnectsAndRefuses(t *testing.T) {
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -21,10 +22,11 @@ func TestDialConnectsAndRefuses(t *testing.T) {
 	defer ln.Close()
 	to := ln.Addr().(*net.TCPAddr).AddrPort()
 	ctx := context.Background()
-	f, err := Dial(ctx, netip.MustParseAddr("127.0.0.1"), to, 5*time.Second)
+	fd, err := Dial(ctx, netip.MustParseAddr("127.0.0.1"), to, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
+	f := os.NewFile(uintptr(fd), "tcp")
 	c, err := ln.AcceptTCP()
 	if err != nil {
 		t.Fatal(err)
@@ -66,7 +68,7 @@ func TestDialTimesOut(t *testing.T) {
 	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(sa.(*unix.SockaddrInet4).Port))
 	full := false
 	for range 8 {
-		f, err := Dial(context.Background(), netip.Addr{}, to, 300*time.Millisecond)
+		fd, err := Dial(context.Background(), netip.Addr{}, to, 300*time.Millisecond)
 		if errors.Is(err, unix.ETIMEDOUT) {
 			full = true
 			break
@@ -74,11 +76,27 @@ func TestDialTimesOut(t *testing.T) {
 		if err != nil {
 			t.Fatalf("dial: %v", err)
 		}
-		defer f.Close()
+		defer unix.Close(fd)
 	}
 	if !full {
 		t.Skip("the kernel answered every connect to a listener with a full queue")
 	}
+	// A connect that ends after a wait gives a socket that works: the
+	// queue makes room, and the SYN's resend (after a second) gets in.
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		if nfd, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC); err == nil {
+			unix.Close(nfd)
+		}
+	}()
+	late, err := Dial(context.Background(), netip.Addr{}, to, 10*time.Second)
+	if err != nil {
+		t.Fatalf("dial once the queue had room: %v", err)
+	}
+	if ended, err := Connected(late); !ended || err != nil {
+		t.Fatalf("the late connection: connected %v, %v", ended, err)
+	}
+	unix.Close(late)
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(100*time.Millisecond, cancel)
 	// Without the context's end it would wait out the minute and say

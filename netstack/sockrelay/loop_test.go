@@ -70,9 +70,10 @@ func TestLoopCopiesAndHalfCloses(t *testing.T) {
 	pipes.mu.Lock()
 	kept := len(pipes.free)
 	pipes.mu.Unlock()
-	// The up pipes grew (bulk): closed; the down ones are kept.
-	if kept != pairs {
-		t.Errorf("%d pipes kept after clean ends, want %d", kept, pairs)
+	// The up pipes grew (bulk): closed; the down ones are kept (a pair
+	// may have started with one an earlier pair had returned).
+	if kept == 0 || kept > pairs {
+		t.Errorf("%d pipes kept after clean ends, want 1 to %d", kept, pairs)
 	}
 }
 

@@ -1,4 +1,4 @@
-package portfwd
+package sockrelay
 
 import (
 	"net"
@@ -8,7 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// accept takes connections with their client's address, from the
+// Accept takes connections with their client's address, from the
 // listener's pollable file.
 func TestAcceptRaw(t *testing.T) {
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -16,7 +16,7 @@ func TestAcceptRaw(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := ln.Addr().(*net.TCPAddr)
-	lf, err := listenerFile(ln)
+	lf, err := ListenerFile(ln)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,7 +33,7 @@ func TestAcceptRaw(t *testing.T) {
 	fd, errno := -1, unix.Errno(0)
 	var client netip.AddrPort
 	if err := rc.Read(func(lfd uintptr) bool {
-		fd, client, errno = accept(lfd)
+		fd, client, errno = Accept(lfd)
 		return errno != unix.EAGAIN
 	}); err != nil || errno != 0 {
 		t.Fatalf("accept: %v, %v", err, errno)
