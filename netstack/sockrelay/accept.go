@@ -55,4 +55,3 @@ func addrPortOf(sa *unix.RawSockaddrAny) netip.AddrPort {
 	}
 	return netip.AddrPort{}
 }
-
