@@ -230,15 +230,22 @@ func (l *Loop) event(ev *unix.EpollEvent) {
 	}
 }
 
-// handOver moves p, busy and with nothing pending, to the fast loop.
-func (l *Loop) handOver(p *loopPair) {
+// remove takes p out of the Loop's pairs, and says whether it was there.
+func (l *Loop) remove(p *loopPair) bool {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	if l.pairs == nil || l.pairs[p.id] != p {
-		l.mu.Unlock()
-		return
+		return false
 	}
 	delete(l.pairs, p.id)
-	l.mu.Unlock()
+	return true
+}
+
+// handOver moves p, busy and with nothing pending, to the fast loop.
+func (l *Loop) handOver(p *loopPair) {
+	if !l.remove(p) {
+		return
+	}
 	for _, fd := range []int{p.a, p.b} {
 		unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(l.epfd), unix.EPOLL_CTL_DEL, uintptr(fd), 0, 0, 0)
 	}
@@ -327,13 +334,9 @@ func (l *Loop) wantOutput(p *loopPair, side int, want bool) error {
 // finish ends p: closed (reset after an error), its pipes returned, its end
 // called.
 func (l *Loop) finish(p *loopPair, failed bool) {
-	l.mu.Lock()
-	if l.pairs == nil || l.pairs[p.id] != p {
-		l.mu.Unlock()
+	if !l.remove(p) {
 		return
 	}
-	delete(l.pairs, p.id)
-	l.mu.Unlock()
 	if failed {
 		resetClose(p.a)
 		resetClose(p.b)

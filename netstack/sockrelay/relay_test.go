@@ -2,7 +2,6 @@ package sockrelay
 
 import (
 	"bytes"
-	"crypto/rand"
 	"errors"
 	"io"
 	"net"
@@ -39,42 +38,13 @@ func pair(t *testing.T) (a, b *net.TCPConn) {
 func TestRelayCopiesAndHalfCloses(t *testing.T) {
 	guestApp, guest := pair(t)
 	host, hostApp := pair(t)
-	type counts struct{ up, down int64 }
-	done := make(chan counts, 1)
+	done := make(chan ended, 1)
 	go func() {
 		up, down := Relay(guest, host, nil, nil)
-		done <- counts{up, down}
+		done <- ended{up, down}
 	}()
-	up := make([]byte, 3<<20)
-	down := make([]byte, 1<<20)
-	rand.Read(up)
-	rand.Read(down)
-	deadline := time.Now().Add(10 * time.Second)
-	guestApp.SetDeadline(deadline)
-	hostApp.SetDeadline(deadline)
-	go func() {
-		guestApp.Write(up)
-		guestApp.CloseWrite()
-	}()
-	got, err := io.ReadAll(hostApp)
-	if err != nil || !bytes.Equal(got, up) {
-		t.Fatalf("guest -> host: %d of %d bytes, err %v", len(got), len(up), err)
-	}
-	go func() {
-		hostApp.Write(down)
-		hostApp.CloseWrite()
-	}()
-	got, err = io.ReadAll(guestApp)
-	if err != nil || !bytes.Equal(got, down) {
-		t.Fatalf("host -> guest after the guest's end: %d of %d bytes, err %v", len(got), len(down), err)
-	}
-	select {
-	case c := <-done:
-		if c.up != int64(len(up)) || c.down != int64(len(down)) {
-			t.Errorf("counted %d up, %d down; want %d, %d", c.up, c.down, len(up), len(down))
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the relay did not end after both ends of stream")
+	if err := exchange(guestApp, hostApp, done); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -84,10 +54,17 @@ func TestRelayPassesReset(t *testing.T) {
 	guestApp, guest := pair(t)
 	host, hostApp := pair(t)
 	go Relay(guest, host, nil, nil)
+	checkResetPasses(t, guestApp, hostApp, "")
+}
+
+// checkResetPasses ends the guest's side, then resets it, and checks that
+// the host's side sees the end, then the reset.
+func checkResetPasses(t *testing.T, guestApp, hostApp *net.TCPConn, what string) {
+	t.Helper()
 	guestApp.CloseWrite()
 	hostApp.SetDeadline(time.Now().Add(5 * time.Second))
 	if n, err := hostApp.Read(make([]byte, 1)); n != 0 || err != io.EOF {
-		t.Fatalf("after the guest's end: %d bytes, %v; want EOF", n, err)
+		t.Fatalf("%safter the guest's end: %d bytes, %v; want EOF", what, n, err)
 	}
 	guestApp.SetLinger(0)
 	guestApp.Close()
@@ -100,7 +77,7 @@ func TestRelayPassesReset(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
-		t.Errorf("host side after the guest's reset: %v, want a reset", err)
+		t.Errorf("%shost side after the guest's reset: %v, want a reset", what, err)
 	}
 }
 
