@@ -614,6 +614,9 @@ func (k *kernelTCP) serve() {
 			unix.Close(fd)
 			continue
 		}
+		// As the net package's listener did: the guest's small
+		// answers leave at once. (Keepalive is the guest's own.)
+		sockrelay.SetOption(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 		k.relay(f, fd)
 	}
 }

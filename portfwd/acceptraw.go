@@ -48,7 +48,7 @@ func (f *forward) acceptRaw(lf *os.File, guest rawGuest, log *slog.Logger) {
 			log.Warn("published port stopped accepting", "rule", f.rule.String(), "err", errno)
 			return
 		}
-		setAcceptedOptions(fd)
+		sockrelay.SetConnOptions(fd)
 		target := f.rule.guestFor(client.Addr())
 		// As acceptTCP's: the Guest owns the connection.
 		go func() {
@@ -57,15 +57,4 @@ func (f *forward) acceptRaw(lf *os.File, guest rawGuest, log *slog.Logger) {
 			}
 		}()
 	}
-}
-
-// setAcceptedOptions gives an accepted socket what the net package's
-// listener gives its connections: no Nagle delay (a relay's small writes
-// leave at once) and keepalive probes after 15 s idle (a vanished client's
-// connection ends).
-func setAcceptedOptions(fd int) {
-	sockrelay.SetOption(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
-	sockrelay.SetOption(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
-	sockrelay.SetOption(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15)
-	sockrelay.SetOption(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15)
 }

@@ -15,8 +15,8 @@ import (
 )
 
 // Dial connects a new TCP socket to remote, from local's address if it is
-// valid, and returns it as a raw non-blocking descriptor with TCP_NODELAY,
-// for a Loop. It gives up after timeout (an error that is unix.ETIMEDOUT)
+// valid, and returns it as a raw non-blocking descriptor with
+// SetConnOptions' options, for a Loop. It gives up after timeout (an error that is unix.ETIMEDOUT)
 // or when ctx ends. A connect that does not end within its call (any but
 // a loopback one) waits in Go's poller. The net package's dialer costs a
 // short connection a dozen more system calls, some through the scheduler,
@@ -30,7 +30,7 @@ func Dial(ctx context.Context, local netip.Addr, remote netip.AddrPort, timeout 
 	if err != nil {
 		return -1, fmt.Errorf("socket: %w", err)
 	}
-	SetOption(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	SetConnOptions(fd)
 	if local.IsValid() {
 		if err := Bind(fd, netip.AddrPortFrom(local, 0)); err != nil {
 			rawClose(fd)
@@ -72,6 +72,17 @@ func awaitInPoller(ctx context.Context, fd int, timeout time.Duration) (int, err
 		return -1, err
 	}
 	return dup, derr
+}
+
+// SetConnOptions gives a relayed socket what the net package gives its
+// connections: no Nagle delay (a relay's small writes leave at once) and
+// keepalive probes after 15 s idle (a peer that vanished ends the
+// connection, and the relay resets the other side).
+func SetConnOptions(fd int) {
+	SetOption(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	SetOption(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+	SetOption(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15)
+	SetOption(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15)
 }
 
 // SetOption sets an integer socket option with a raw system call (see

@@ -26,6 +26,14 @@ func TestDialConnectsAndRefuses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, o := range []struct {
+		level, name int
+		what        string
+	}{{unix.IPPROTO_TCP, unix.TCP_NODELAY, "TCP_NODELAY"}, {unix.SOL_SOCKET, unix.SO_KEEPALIVE, "SO_KEEPALIVE"}} {
+		if v, err := unix.GetsockoptInt(fd, o.level, o.name); err != nil || v == 0 {
+			t.Errorf("%s: %d, %v; want it set", o.what, v, err)
+		}
+	}
 	f := os.NewFile(uintptr(fd), "tcp")
 	c, err := ln.AcceptTCP()
 	if err != nil {
