@@ -59,7 +59,8 @@ type Entry struct {
 
 // Guest is the way into the namespace that forwarded flows take.
 type Guest interface {
-	// ForwardTCP connects to guest and relays conn until done; it owns conn.
+	// ForwardTCP connects to guest and relays conn until done, or hands
+	// both to a relay loop that does; it owns conn.
 	ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error
 	// DialGuestUDP opens a datagram flow to guest on behalf of client.
 	DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error)
