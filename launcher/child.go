@@ -54,7 +54,10 @@ func RunChild() {
 		awaitIDMaps()
 	}
 	os.Unsetenv(childEnv)
-	dieWithParent()
+	if os.Getenv(detachedEnv) == "" {
+		dieWithParent()
+	}
+	os.Unsetenv(detachedEnv)
 	f := os.NewFile(childFD, "launcher-child")
 	c, err := net.FileConn(f)
 	f.Close()
@@ -87,6 +90,11 @@ func RunChild() {
 // waitMapsEnv tells the child its id maps are written by the parent (with
 // newuidmap) after it started.
 const waitMapsEnv = "_NETNS_RUN_WAIT_MAPS"
+
+// detachedEnv marks a child that outlives its starter's threads (a port
+// helper started before the exec into usernet's sandbox): it ends when its
+// channel closes, not with the thread that started it.
+const detachedEnv = "_NETNS_RUN_DETACHED"
 
 // awaitIDMaps waits for the parent's word that the id maps are written,
 // then executes the binary again. The first exec happened while our uid was

@@ -168,6 +168,11 @@ func startHelperIn(ctx context.Context, t Target, dieWithUs bool) (*exec.Cmd, *n
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if dieWithUs {
 		cmd.SysProcAttr = &unix.SysProcAttr{Pdeathsig: unix.SIGKILL}
+	} else {
+		// RunChild would tie it to the thread that started it, which
+		// the exec into the sandbox ends when it is not the one that
+		// execs: the helper died in about one start of twenty.
+		cmd.Env = append(cmd.Env, detachedEnv+"=1")
 	}
 	if err := cmd.Start(); err != nil {
 		conn.Close()
