@@ -110,8 +110,9 @@ var _ Guest = (*KernelPath)(nil)
 // ForwardTCP implements Guest.
 func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	client, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
-	fd, err := takeSocket(conn)
+	fd, err := sockrelay.Detach(conn)
 	if err != nil {
+		sockrelay.Abort(conn)
 		return err
 	}
 	return k.forwardRawTCP(fd, client, guest)

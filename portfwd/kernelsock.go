@@ -64,9 +64,12 @@ func (p *socketPool) get(src InboundSockets, ipv6 bool) (int, error) {
 			return -1, err
 		}
 		for _, f := range files {
-			if fd, err := rawSocket(f); err == nil {
-				p.fds = append(p.fds, fd)
+			fd, err := sockrelay.Detach(f)
+			if err != nil {
+				f.Close()
+				continue
 			}
+			p.fds = append(p.fds, fd)
 		}
 		if len(p.fds) == 0 {
 			return -1, errors.New("no sockets")
@@ -91,49 +94,6 @@ func closeAll(fds []int) {
 	for _, fd := range fds {
 		unix.Close(fd)
 	}
-}
-
-// rawSocket takes f's socket as a non-blocking descriptor of the caller's
-// and closes f.
-func rawSocket(f *os.File) (int, error) {
-	defer f.Close()
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	var derr error
-	err = rc.Control(func(s uintptr) {
-		if fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0); derr == nil {
-			// The flag is the open file's, which the duplicate
-			// shares.
-			if derr = unix.SetNonblock(fd, true); derr != nil {
-				unix.Close(fd)
-				fd = -1
-			}
-		}
-	})
-	if err = errors.Join(err, derr); err != nil {
-		return -1, fmt.Errorf("take socket: %w", err)
-	}
-	return fd, nil
-}
-
-// takeSocket takes conn's socket as a non-blocking descriptor of the
-// caller's and closes conn; a failure resets conn.
-func takeSocket(conn *net.TCPConn) (int, error) {
-	rc, err := conn.SyscallConn()
-	fd := -1
-	var derr error
-	if err == nil {
-		err = rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) })
-	}
-	if err = errors.Join(err, derr); err != nil {
-		sockrelay.Abort(conn)
-		return -1, fmt.Errorf("take socket: %w", err)
-	}
-	conn.Close()
-	return fd, nil
 }
 
 // connOf makes a net.Conn of the socket fd, which it takes (and closes on
@@ -179,36 +139,17 @@ func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool)
 		return -1, netip.AddrPort{}, fmt.Errorf("%w: %w", errNoSockets, err)
 	}
 	bound, err := startConnect(fd, from, guest, anyPort)
-	if err == nil {
-		err = awaitConnect(fd)
-	}
 	if err != nil {
 		unix.Close(fd)
 		return -1, bound, err
 	}
-	return fd, bound, nil
-}
-
-// awaitConnect waits for fd's non-blocking connect to the guest's server to
-// end. On loopback it usually ended within connect; else (the server's
-// backlog is full, or something drops what the rules deliver) this
-// connection's goroutine waits in poll(2), for inboundDialTimeout at most
-// (then ETIMEDOUT).
-func awaitConnect(fd int) error {
-	deadline := time.Now().Add(inboundDialTimeout)
-	for {
-		if ended, err := sockrelay.Connected(fd); ended {
-			return err
-		}
-		left := time.Until(deadline)
-		if left <= 0 {
-			return unix.ETIMEDOUT
-		}
-		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-		if _, err := unix.Poll(pfd, int(left/time.Millisecond)+1); err != nil && !errors.Is(err, unix.EINTR) {
-			return err
-		}
+	// On loopback the connect usually ended within the call; else (the
+	// server's backlog is full, or something drops what the rules
+	// deliver) the wait is inboundDialTimeout at most (then ETIMEDOUT).
+	if fd, err = sockrelay.AwaitConnected(k.ctx, fd, inboundDialTimeout); err != nil {
+		return -1, bound, err
 	}
+	return fd, bound, nil
 }
 
 // startConnect binds fd to guest's address and from's port (or, with

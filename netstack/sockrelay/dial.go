@@ -41,37 +41,70 @@ func Dial(ctx context.Context, local netip.Addr, remote netip.AddrPort, timeout 
 		rawClose(fd)
 		return -1, fmt.Errorf("connect %s: %w", remote, err)
 	}
-	ended, err := Connected(fd)
-	if !ended {
-		fd, err = awaitInPoller(ctx, fd, timeout)
-	}
-	if err != nil {
-		if fd >= 0 {
-			rawClose(fd)
-		}
+	if fd, err = AwaitConnected(ctx, fd, timeout); err != nil {
 		return -1, fmt.Errorf("connect %s: %w", remote, err)
 	}
 	return fd, nil
 }
 
+// AwaitConnected waits for the non-blocking connect of fd, which it takes,
+// to end, for timeout at most (then unix.ETIMEDOUT) or until ctx ends
+// (ctx's error), and returns the connected socket (fd, or its duplicate
+// when it had to wait in Go's poller) or the connect's error (fd closed).
+// On loopback the handshake usually ended within connect: no wait.
+func AwaitConnected(ctx context.Context, fd int, timeout time.Duration) (int, error) {
+	ended, err := Connected(fd)
+	if !ended {
+		return awaitInPoller(ctx, fd, timeout)
+	}
+	if err != nil {
+		rawClose(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
 // awaitInPoller waits for fd's connect in Go's poller, and returns a
-// duplicate of fd that is out of it (the poller's is closed).
+// descriptor of it that is out of the poller (fd is closed).
 func awaitInPoller(ctx context.Context, fd int, timeout time.Duration) (int, error) {
 	f := os.NewFile(uintptr(fd), "tcp")
-	defer f.Close()
-	if err := AwaitConnect(ctx, f, timeout); err != nil {
+	if err := awaitConnect(ctx, f, timeout); err != nil {
+		f.Close()
 		return -1, err
 	}
-	rc, err := f.SyscallConn()
+	dup, err := Detach(f)
 	if err != nil {
-		return -1, err
+		f.Close()
 	}
-	dup := -1
+	return dup, err
+}
+
+// Detach returns a non-blocking duplicate of s's descriptor, which the
+// caller owns, and closes s; on an error s stays open. It takes sockets
+// out of the os.File or net.Conn they came in (a port helper's, a
+// listener's connection) for a Loop.
+func Detach(s Socket) (int, error) {
+	rc, err := s.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("take socket: %w", err)
+	}
+	fd := -1
 	var derr error
-	if err := rc.Control(func(s uintptr) { dup, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
-		return -1, err
+	err = rc.Control(func(s uintptr) {
+		if fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0); derr == nil {
+			// The flag is the open file's, which the duplicate
+			// shares.
+			if derr = unix.SetNonblock(fd, true); derr != nil {
+				unix.Close(fd)
+				fd = -1
+			}
+		}
+	})
+	if err = errors.Join(err, derr); err != nil {
+		return -1, fmt.Errorf("take socket: %w", err)
 	}
-	return dup, derr
+	s.Close()
+	return fd, nil
 }
 
 // SetConnOptions gives a relayed socket what the net package gives its
@@ -154,10 +187,9 @@ func Connected(fd int) (bool, error) {
 	return false, nil
 }
 
-// AwaitConnect waits for the non-blocking connect of f (a socket the poller
-// has) to end, for timeout at most (then unix.ETIMEDOUT) or until ctx ends
-// (ctx's error), and returns the connect's error.
-func AwaitConnect(ctx context.Context, f *os.File, timeout time.Duration) error {
+// awaitConnect waits for the non-blocking connect of f (a socket the
+// poller has) to end, as AwaitConnected does.
+func awaitConnect(ctx context.Context, f *os.File, timeout time.Duration) error {
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return err
@@ -167,15 +199,6 @@ func AwaitConnect(ctx context.Context, f *os.File, timeout time.Duration) error 
 		var ended bool
 		ended, result = Connected(int(fd))
 		return ended
-	}
-	// On loopback the handshake usually ended within connect: no
-	// deadline to set and clear.
-	var ended bool
-	if err := rc.Control(func(fd uintptr) { ended = done(fd) }); err != nil {
-		return err
-	}
-	if ended {
-		return result
 	}
 	if err := f.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
 		return err
@@ -190,9 +213,6 @@ func AwaitConnect(ctx context.Context, f *os.File, timeout time.Duration) error 
 	}
 	if werr != nil {
 		return werr
-	}
-	if err := f.SetWriteDeadline(time.Time{}); err != nil {
-		return err
 	}
 	return result
 }

@@ -10,24 +10,14 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // rawOf returns a non-blocking duplicate of c's socket, which the caller
 // owns, and closes c.
 func rawOf(t *testing.T, c *net.TCPConn) int {
 	t.Helper()
-	rc, err := c.SyscallConn()
+	fd, err := Detach(c)
 	if err != nil {
-		t.Fatal(err)
-	}
-	fd := -1
-	if err := rc.Control(func(s uintptr) { fd, err = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil || fd < 0 {
-		t.Fatalf("dup: %v", err)
-	}
-	c.Close()
-	if err := unix.SetNonblock(fd, true); err != nil {
 		t.Fatal(err)
 	}
 	return fd

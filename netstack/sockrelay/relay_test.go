@@ -9,8 +9,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // pair returns both ends of a loopback TCP connection.
@@ -85,19 +83,7 @@ func checkResetPasses(t *testing.T, guestApp, hostApp *net.TCPConn, what string)
 // as a port helper's sockets arrive, and closes c.
 func fileOf(t *testing.T, c *net.TCPConn) *os.File {
 	t.Helper()
-	rc, err := c.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	fd := -1
-	if err := rc.Control(func(s uintptr) { fd, err = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil || fd < 0 {
-		t.Fatalf("dup: %v", err)
-	}
-	c.Close()
-	if err := unix.SetNonblock(fd, true); err != nil {
-		t.Fatal(err)
-	}
-	f := os.NewFile(uintptr(fd), "socket")
+	f := os.NewFile(uintptr(rawOf(t, c)), "socket")
 	t.Cleanup(func() { f.Close() })
 	if err := f.SetDeadline(time.Time{}); err != nil {
 		t.Fatalf("the poller did not take the socket: %v", err)
