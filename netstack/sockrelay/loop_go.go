@@ -33,10 +33,10 @@ type loopPair struct {
 	dir   [2]direction
 	busy  func()
 	reads int
-	// counted: the pair was found busy; move: it is to go to the fast
-	// loop once nothing is pending.
-	counted, move bool
-	end           func(up, down int64)
+	// counted: the pair was found busy; with a fast loop it goes there
+	// once nothing is pending.
+	counted bool
+	end     func(up, down int64)
 	// outA, outB: the socket is in the set for output too.
 	outA, outB bool
 }
@@ -225,7 +225,7 @@ func (l *Loop) event(ev *unix.EpollEvent) {
 		l.finish(p, true)
 	case p.dir[0].eof && p.dir[1].eof && p.dir[0].pending == 0 && p.dir[1].pending == 0:
 		l.finish(p, false)
-	case p.move && !p.dir[0].eof && !p.dir[1].eof && p.dir[0].pending == 0 && p.dir[1].pending == 0:
+	case p.counted && l.fast != nil && !p.dir[0].eof && !p.dir[1].eof && p.dir[0].pending == 0 && p.dir[1].pending == 0:
 		l.handOver(p)
 	}
 }
@@ -312,7 +312,6 @@ func (l *Loop) pump(p *loopPair, d int) error {
 				if p.busy != nil {
 					go p.busy()
 				}
-				p.move = l.fast != nil
 			}
 		}
 	}
