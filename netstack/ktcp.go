@@ -590,18 +590,14 @@ func (k *kernelTCP) serve() {
 		return
 	}
 	for {
-		fd, peer, errno := -1, netip.AddrPort{}, unix.Errno(0)
-		if err := rc.Read(func(lfd uintptr) bool {
-			fd, peer, errno = sockrelay.Accept(lfd)
-			return errno != unix.EAGAIN
-		}); err != nil {
-			return
-		}
-		if errno != 0 {
-			// ECONNABORTED, or out of descriptors for a moment.
-			if errno != unix.ECONNABORTED {
-				time.Sleep(10 * time.Millisecond)
+		fd, peer, err := sockrelay.Accept(rc)
+		if err != nil {
+			var errno unix.Errno
+			if !errors.As(err, &errno) {
+				return
 			}
+			// Out of descriptors for a moment.
+			time.Sleep(10 * time.Millisecond)
 			continue
 		}
 		v, ok := k.byFake.Load(peer)

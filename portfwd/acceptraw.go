@@ -5,8 +5,6 @@ import (
 	"net/netip"
 	"os"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
@@ -31,21 +29,11 @@ func (f *forward) acceptRaw(lf *os.File, guest rawGuest, log *slog.Logger) {
 		return
 	}
 	for {
-		fd, client, errno := -1, netip.AddrPort{}, unix.Errno(0)
-		err := rc.Read(func(lfd uintptr) bool {
-			fd, client, errno = sockrelay.Accept(lfd)
-			return errno != unix.EAGAIN
-		})
-		switch {
-		case err != nil:
+		fd, client, err := sockrelay.Accept(rc)
+		if err != nil {
 			if !f.stopping.Load() {
 				log.Warn("published port stopped accepting", "rule", f.rule.String(), "err", err)
 			}
-			return
-		case errno == unix.ECONNABORTED:
-			continue
-		case errno != 0:
-			log.Warn("published port stopped accepting", "rule", f.rule.String(), "err", errno)
 			return
 		}
 		sockrelay.SetConnOptions(fd)

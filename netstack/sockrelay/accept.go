@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -24,22 +25,36 @@ func ListenerFile(ln *net.TCPListener) (*os.File, error) {
 	return f, nil
 }
 
-// Accept takes a connection from the listener lfd with raw system calls:
-// a non-blocking descriptor and its peer's address.
-func Accept(lfd uintptr) (int, netip.AddrPort, unix.Errno) {
+// Accept waits for a connection on the listener of rc (ListenerFile's) and
+// takes it with raw system calls: a non-blocking descriptor and its peer's
+// address. The error is the wait's (the listener closed) or accept's (a
+// unix.Errno: out of descriptors, say); a connection aborted before it was
+// taken is skipped.
+func Accept(rc syscall.RawConn) (int, netip.AddrPort, error) {
 	var sa unix.RawSockaddrAny
-	n := uint32(unsafe.Sizeof(sa))
-	for {
-		r, _, errno := unix.RawSyscall6(unix.SYS_ACCEPT4, lfd, uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&n)),
-			unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
-		if errno == unix.EINTR {
-			continue
+	fd, errno := -1, unix.Errno(0)
+	err := rc.Read(func(lfd uintptr) bool {
+		for {
+			n := uint32(unsafe.Sizeof(sa))
+			r, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, lfd, uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&n)),
+				unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+			switch e {
+			case unix.EINTR, unix.ECONNABORTED:
+				continue
+			case unix.EAGAIN:
+				return false
+			}
+			fd, errno = int(r), e
+			return true
 		}
-		if errno != 0 {
-			return -1, netip.AddrPort{}, errno
-		}
-		return int(r), addrPortOf(&sa), 0
+	})
+	switch {
+	case err != nil:
+		return -1, netip.AddrPort{}, err
+	case errno != 0:
+		return -1, netip.AddrPort{}, errno
 	}
+	return fd, addrPortOf(&sa), nil
 }
 
 func addrPortOf(sa *unix.RawSockaddrAny) netip.AddrPort {
