@@ -87,7 +87,7 @@ func spliceTCP(ctx context.Context, pipes *sockrelay.Pipes, guest, host sockrela
 		sockrelay.Abort(host)
 	})
 	defer stop()
-	return sockrelay.Relay(guest, host, pipes, nil)
+	return sockrelay.Relay(guest, host, pipes)
 }
 
 // newPipes returns relays' pipes, closed when ctx ends.

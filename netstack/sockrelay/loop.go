@@ -28,6 +28,13 @@ import (
 
 var errLoopClosed = errors.New("relay loop closed")
 
+// A pair is busy, more than one request and its answer, at its third read
+// or its 64th KiB in one direction.
+const (
+	busyReads = 3
+	busyBytes = 64 << 10
+)
+
 var lingerReset = unix.Linger{Onoff: 1}
 
 // resetClose closes a socket so that its peer sees a reset.

@@ -72,8 +72,8 @@ func rawSplice(in, out uintptr, n int) (int, unix.Errno) {
 }
 
 // pump moves src's bytes to dst until src's end (nil) or an error, and
-// returns how many it moved; it tells w of each read.
-func (p *socketPipe) pump(src, dst syscall.RawConn, w *busyWatch) (int64, error) {
+// returns how many it moved.
+func (p *socketPipe) pump(src, dst syscall.RawConn) (int64, error) {
 	var total int64
 	for {
 		var n int
@@ -93,7 +93,6 @@ func (p *socketPipe) pump(src, dst syscall.RawConn, w *busyWatch) (int64, error)
 		case n == 0:
 			return total, nil
 		}
-		w.note(n)
 		for left := n; left > 0; {
 			var m int
 			err := dst.Write(func(fd uintptr) bool {
@@ -116,28 +115,6 @@ func (p *socketPipe) pump(src, dst syscall.RawConn, w *busyWatch) (int64, error)
 	}
 }
 
-// busyWatch calls busy once when a relay's flow turns out to be more than
-// one request and its answer: a third read, or 64 KiB.
-type busyWatch struct {
-	reads, bytes atomic.Int64
-	once         sync.Once
-	busy         func()
-}
-
-const (
-	busyReads = 3
-	busyBytes = 64 << 10
-)
-
-func (w *busyWatch) note(n int) {
-	if w.busy == nil {
-		return
-	}
-	if w.reads.Add(1) >= busyReads || w.bytes.Add(int64(n)) >= busyBytes {
-		w.once.Do(w.busy)
-	}
-}
-
 // Socket is a connected TCP socket a relay takes over: a *net.TCPConn, or
 // the *os.File of a non-blocking socket (os.NewFile hands those to the
 // poller). A socket that need not be a net.Conn saves the net package's
@@ -151,9 +128,7 @@ type Socket interface {
 // both; up and down count the bytes each way. An end of stream becomes a
 // half-close, an error a reset of both, and a reset of guest after its end
 // of stream a reset of host. pipes, if not nil, lends the relay its pipes.
-// busy, if not nil, runs once (in the relay) when the flow turns out to be
-// more than one request and its answer: a third read, or 64 KiB.
-func Relay(guest, host Socket, pipes *Pipes, busy func()) (up, down int64) {
+func Relay(guest, host Socket, pipes *Pipes) (up, down int64) {
 	defer guest.Close()
 	defer host.Close()
 	gc, err1 := guest.SyscallConn()
@@ -167,18 +142,17 @@ func Relay(guest, host Socket, pipes *Pipes, busy func()) (up, down int64) {
 		Abort(host)
 		return 0, 0
 	}
-	w := &busyWatch{busy: busy}
 	var wg sync.WaitGroup
 	var downDone atomic.Bool
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		var ended bool
-		down, ended = pumpHalf(downPipe, hc, gc, host, guest, w)
+		down, ended = pumpHalf(downPipe, hc, gc, host, guest)
 		pipes.put(downPipe, !ended)
 		downDone.Store(true)
 	}()
-	up, ended := pumpHalf(upPipe, gc, hc, guest, host, w)
+	up, ended := pumpHalf(upPipe, gc, hc, guest, host)
 	pipes.put(upPipe, !ended)
 	// A guest that closed its side may still reset the connection (and
 	// the host must then see a reset, not the clean end it saw so far)
@@ -231,8 +205,8 @@ func watchReset(gc syscall.RawConn, guest, host Socket) {
 // pumpHalf runs one direction: at src's end it shuts dst's sending side, as
 // src's peer did, and reports true; on an error it resets dst and closes
 // both, which also ends the other direction.
-func pumpHalf(p *socketPipe, src, dst syscall.RawConn, srcConn, dstConn Socket, w *busyWatch) (int64, bool) {
-	n, err := p.pump(src, dst, w)
+func pumpHalf(p *socketPipe, src, dst syscall.RawConn, srcConn, dstConn Socket) (int64, bool) {
+	n, err := p.pump(src, dst)
 	if err != nil {
 		// Both sides see a reset: the error may be the write's (the
 		// destination reset), and the kernel then cleared what a

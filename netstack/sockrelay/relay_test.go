@@ -38,7 +38,7 @@ func TestRelayCopiesAndHalfCloses(t *testing.T) {
 	host, hostApp := pair(t)
 	done := make(chan ended, 1)
 	go func() {
-		up, down := Relay(guest, host, nil, nil)
+		up, down := Relay(guest, host, nil)
 		done <- ended{up, down}
 	}()
 	if err := exchange(guestApp, hostApp, done); err != nil {
@@ -51,7 +51,7 @@ func TestRelayCopiesAndHalfCloses(t *testing.T) {
 func TestRelayPassesReset(t *testing.T) {
 	guestApp, guest := pair(t)
 	host, hostApp := pair(t)
-	go Relay(guest, host, nil, nil)
+	go Relay(guest, host, nil)
 	checkResetPasses(t, guestApp, hostApp, "")
 }
 
@@ -102,7 +102,7 @@ func TestRelayFilesAndPipeReuse(t *testing.T) {
 		guest := fileOf(t, guestConn)
 		done := make(chan struct{})
 		go func() {
-			Relay(guest, host, &pipes, nil)
+			Relay(guest, host, &pipes)
 			close(done)
 		}()
 		msg := []byte("request")
