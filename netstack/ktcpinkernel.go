@@ -13,7 +13,7 @@ import (
 // (package ktcpnat) once they are busy, and out of it after their linger.
 
 // translateInKernel hands f's translation to the guest's kernel, if it can
-// take it, once the relay found the flow busy (sockrelay.Relay): a connection
+// take it, once the relay found the flow busy (sockrelay.Loop): a connection
 // that carries one request and its answer is over before the two netlink
 // transactions (in, and out at the end) would pay off.
 func (k *kernelTCP) translateInKernel(f *ktcpFlow) {
