@@ -32,8 +32,9 @@ import (
 // guest as from D:dp to G:gp. The guest's kernel then runs TCP on both
 // ends (handshake, acknowledgements, windows, retransmission), and the
 // helper only rewrites addresses and moves bytes between the accepted
-// socket and its host socket (a relay loop, package sockrelay). gVisor's TCP costs ~50 µs of
-// each 1-byte round trip on the development VM; a kernel's costs a few.
+// socket and its host socket (a relay loop, package sockrelay). gVisor's
+// TCP costs ~50 µs of each 1-byte round trip on the development VM; a
+// kernel's costs a few.
 // IPv4 and IPv6 alike: with IPv6 the listener is bound to all addresses,
 // and each flow ends at its port on the guest's own address of the flow.
 //
