@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 
-	"github.com/netns-run/netns-run/netstack/ktcpnat"
 	"github.com/netns-run/netns-run/tap"
 )
 
@@ -51,12 +50,9 @@ type dialRequest struct {
 	Addr    string `json:"addr"`
 	// Op is what to do: "" dials Addr; "listen" binds Addr (a listener
 	// or datagram socket); "proc" opens /proc/self/net/Network;
-	// "sockets" makes Count marked sockets (PortHelper.InboundSockets);
-	// "forget" forgets Keys (PortHelper.ForgetInbound) and sends no
-	// socket.
-	Op    string               `json:"op,omitempty"`
-	Count int                  `json:"count,omitempty"`
-	Keys  []ktcpnat.InboundKey `json:"keys,omitempty"`
+	// "sockets" makes Count marked sockets (PortHelper.InboundSockets).
+	Op    string `json:"op,omitempty"`
+	Count int    `json:"count,omitempty"`
 }
 
 type dialResult struct {

@@ -191,7 +191,6 @@ const (
 	opListen  = "listen"
 	opProc    = "proc"
 	opSockets = "sockets"
-	opForget  = "forget"
 )
 
 func (h *PortHelper) request(req dialRequest) (*os.File, error) {
@@ -279,7 +278,6 @@ func (h *PortHelper) Close() error {
 // until the parent hangs up.
 func servePorts(ch channel) error {
 	var in inboundServer
-	defer in.close()
 	for {
 		m, _, err := ch.recv(kindDial)
 		if errors.Is(err, io.EOF) || errors.Is(err, errChannelClosed) {
@@ -329,8 +327,6 @@ func serveRequest(r dialRequest, in *inboundServer) ([]*os.File, error) {
 	switch r.Op {
 	case opSockets:
 		return in.sockets(r)
-	case opForget:
-		return nil, in.forget(r.Keys)
 	case "":
 		f, err = dialFile(r.Network, r.Addr)
 	case opListen:

@@ -12,18 +12,15 @@ import (
 )
 
 // Published ports through the guest's kernel, with the client's address
-// kept (package ktcpnat): the port helper makes marked sockets in the
-// namespace, a batch at a time, and the caller connects each (a socket's
-// system calls act in the namespace it was made in), which the guest's
-// rules turn into a connection from the client.
+// kept (package ktcpnat): the port helper makes marked, transparent sockets
+// in the namespace, a batch at a time, and the caller binds each to the
+// client's address and connects it to the guest's server (a socket's
+// system calls act in the namespace it was made in); the guest's routes
+// bring the server's answers back to it.
 
-// maxForget bounds the keys of one request (the kernel's answers, about
-// 800 bytes each, must fit the netlink socket's receive buffer), and
-// maxSockets the descriptors of one answer (what tap.RecvFiles takes).
-const (
-	maxForget  = 64
-	maxSockets = 64
-)
+// maxSockets bounds the descriptors of one answer (what tap.RecvFiles
+// takes).
+const maxSockets = 64
 
 // checkEvery is how long the port helper trusts what it found of the
 // guest's rules and NAT: checking them costs a few netlink dumps.
@@ -31,8 +28,8 @@ const checkEvery = time.Second
 
 // InboundSockets returns n (at most 64) fresh TCP sockets of the
 // namespace, IPv4 or IPv6 ones, marked for published-port connections
-// (ktcpnat.InboundMark), for portfwd.KernelPath. ENOPROTOOPT: the guest has
-// no rules for the family.
+// (ktcpnat.InboundMark) and transparent, for portfwd.KernelPath.
+// ENOPROTOOPT: the guest has no routes for the family's connections.
 func (h *PortHelper) InboundSockets(ipv6 bool, n int) ([]*os.File, error) {
 	network := "tcp4"
 	if ipv6 {
@@ -42,22 +39,8 @@ func (h *PortHelper) InboundSockets(ipv6 bool, n int) ([]*os.File, error) {
 	return h.exchange(dialRequest{Network: network, Op: opSockets, Count: n}, n)
 }
 
-// ForgetInbound tells the guest's rules that the connections of keys are
-// over (ktcpnat.Map.ForgetInbound).
-func (h *PortHelper) ForgetInbound(keys []ktcpnat.InboundKey) error {
-	for len(keys) > 0 {
-		n := min(len(keys), maxForget)
-		if _, err := h.exchange(dialRequest{Network: "tcp", Op: opForget, Keys: keys[:n]}, 0); err != nil {
-			return err
-		}
-		keys = keys[n:]
-	}
-	return nil
-}
-
 // inboundServer is the helper's side.
 type inboundServer struct {
-	m *ktcpnat.Map
 	// unfit is why the guest's kernel cannot take connections of each
 	// family (nil: it can) as checked at checked.
 	unfit   [2]error
@@ -65,8 +48,8 @@ type inboundServer struct {
 }
 
 // fit checks, at most every checkEvery, that the guest's kernel can take
-// connections of fam (0 IPv4, 1 IPv6): the rules are there, and no
-// destination NAT of the guest's own that they would bypass.
+// connections of fam (0 IPv4, 1 IPv6): its routes are there, and no
+// destination NAT of the guest's own that the connections would bypass.
 func (in *inboundServer) fit(fam int, network string) error {
 	if time.Since(in.checked[fam]) < checkEvery {
 		return in.unfit[fam]
@@ -78,17 +61,11 @@ func (in *inboundServer) fit(fam int, network string) error {
 	in.checked[fam], in.unfit[fam] = time.Now(), nil
 	switch {
 	case !ktcpnat.InboundReady(any):
-		in.unfit[fam] = fmt.Errorf("the guest has no rules for %s: %w", network, unix.ENOPROTOOPT)
+		in.unfit[fam] = fmt.Errorf("the guest has no routes for %s: %w", network, unix.ENOPROTOOPT)
 	case ktcpnat.GuestNAT():
 		in.unfit[fam] = fmt.Errorf("the guest has NAT rules of its own, which its kernel's path would bypass: %w", unix.ENOPROTOOPT)
 	}
 	return in.unfit[fam]
-}
-
-func (in *inboundServer) close() {
-	if in.m != nil {
-		in.m.Close()
-	}
 }
 
 func (in *inboundServer) sockets(r dialRequest) ([]*os.File, error) {
@@ -103,9 +80,9 @@ func (in *inboundServer) sockets(r dialRequest) ([]*os.File, error) {
 	default:
 		return nil, fmt.Errorf("network %q", r.Network)
 	}
-	// A guest that deletes the tables sends our next connections out of
-	// the TAP to the client's address for real (the gateway's is the
-	// host's loopback): the caller uses a batch for a second at most.
+	// A guest that deletes the routes sends the server's answers out of
+	// the TAP, where the userspace stack resets them: the caller uses a
+	// batch for a second at most.
 	if err := in.fit(fam, r.Network); err != nil {
 		return nil, err
 	}
@@ -124,6 +101,10 @@ func (in *inboundServer) sockets(r dialRequest) ([]*os.File, error) {
 }
 
 func markedSocket(domain int) (*os.File, error) {
+	transparent := []int{unix.SOL_IP, unix.IP_TRANSPARENT}
+	if domain == unix.AF_INET6 {
+		transparent = []int{unix.SOL_IPV6, unix.IPV6_TRANSPARENT}
+	}
 	// Blocking: the receiving side's os.File then stays out of its Go
 	// poller, and it sets the flag on its own descriptor.
 	fd, err := unix.Socket(domain, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
@@ -135,6 +116,9 @@ func markedSocket(domain int) (*os.File, error) {
 	// connection, and a relay's small writes must leave at once.
 	for _, o := range []struct{ level, name, value int }{
 		{unix.SOL_SOCKET, unix.SO_MARK, ktcpnat.InboundMark},
+		// The socket binds the client's address, which the
+		// namespace does not have.
+		{transparent[0], transparent[1], 1},
 		{unix.SOL_SOCKET, unix.SO_REUSEADDR, 1},
 		{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
 	} {
@@ -144,15 +128,4 @@ func markedSocket(domain int) (*os.File, error) {
 		}
 	}
 	return os.NewFile(uintptr(fd), "inbound"), nil
-}
-
-func (in *inboundServer) forget(keys []ktcpnat.InboundKey) error {
-	if in.m == nil {
-		m, err := ktcpnat.Dial()
-		if err != nil {
-			return err
-		}
-		in.m = m
-	}
-	return in.m.ForgetInbound(keys)
 }

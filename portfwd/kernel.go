@@ -8,28 +8,25 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/netns-run/netns-run/netstack/ktcpnat"
 	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
 // InboundSockets makes the sockets of published-port connections inside
-// the guest's namespace and forgets the connections once over (launcher's
-// PortHelper).
+// the guest's namespace (launcher's PortHelper).
 type InboundSockets interface {
-	// InboundSockets returns n fresh TCP sockets of the namespace;
-	// they may be blocking (the caller sets them non-blocking).
+	// InboundSockets returns n fresh TCP sockets of the namespace,
+	// marked and transparent (package ktcpnat); they may be blocking
+	// (the caller sets them non-blocking).
 	InboundSockets(ipv6 bool, n int) ([]*os.File, error)
-	ForgetInbound(keys []ktcpnat.InboundKey) error
 }
 
 // KernelPath is the Guest of published ports when the guest's kernel can
-// take their connections (package ktcpnat's inbound rules): each TCP
+// take their connections (package ktcpnat's inbound routes): each TCP
 // connection is a socket opened inside the namespace, as Builtin's, so its
 // data moves between two kernel sockets, but the guest's server sees the
 // client's address, as through the userspace stack. A connection the
@@ -53,32 +50,7 @@ type KernelPath struct {
 		open                      atomic.Int64
 		total, fromGuest, toGuest atomic.Uint64
 	}
-
-	mu sync.Mutex
-	// live counts the open connections per key; pending lists keys of
-	// ended ones to forget, oldest first, and ended has each one's latest
-	// due time (an earlier entry of a key taken up again is stale).
-	live    map[ktcpnat.InboundKey]int
-	pending []pendingKey
-	ended   map[ktcpnat.InboundKey]time.Time
-	wake    chan struct{}
 }
-
-type pendingKey struct {
-	key ktcpnat.InboundKey
-	due time.Time
-}
-
-// forgetAfter is how long a connection's key stays after the relay ended:
-// the last segments of its close (the final ACK, a retransmitted FIN) still
-// need the rules.
-const forgetAfter = 2 * time.Second
-
-// forgetEvery spaces the batches of keys to forget: a key due is forgotten
-// up to that much later, with the others due by then. Each batch is a round
-// trip to the port helper and a netlink exchange of its own; at a thousand
-// connections a second, one per key had taken a tenth of the helper's CPU.
-const forgetEvery = 250 * time.Millisecond
 
 // How long a family's connections go through the stack after the port
 // helper found the guest's kernel unfit for them (offFor), or after one
@@ -92,8 +64,7 @@ const (
 // gives the address the guest should see a client as (the userspace
 // stack's choice: netstack.Config.ClientSource).
 func NewKernelPath(ctx context.Context, d InboundSockets, stack Guest, source func(client, guest netip.AddrPort) netip.AddrPort, log *slog.Logger) *KernelPath {
-	k := &KernelPath{ctx: ctx, sockets: d, stack: stack, source: source, log: log,
-		live: make(map[ktcpnat.InboundKey]int), ended: make(map[ktcpnat.InboundKey]time.Time), wake: make(chan struct{}, 1)}
+	k := &KernelPath{ctx: ctx, sockets: d, stack: stack, source: source, log: log}
 	loops, err := sockrelay.NewLoops(runtime.GOMAXPROCS(0), newPipes(ctx))
 	if err != nil {
 		log.Warn("published ports go through the userspace stack: no relay loop", "err", err)
@@ -101,7 +72,11 @@ func NewKernelPath(ctx context.Context, d InboundSockets, stack Guest, source fu
 		k.loops = loops
 		context.AfterFunc(ctx, loops.Close)
 	}
-	go k.forgetLoop()
+	context.AfterFunc(ctx, func() {
+		for i := range k.pools {
+			k.pools[i].close()
+		}
+	})
 	return k
 }
 
@@ -132,19 +107,13 @@ func (k *KernelPath) forwardRawTCP(fd int, client, guest netip.AddrPort) error {
 	if k.loops == nil || time.Now().UnixNano() < k.offUntil[fam].Load() || !from.IsValid() || from.Addr().Is4() != a.Is4() || a.IsLoopback() || a.IsUnspecified() {
 		return k.toStack(fd, guest)
 	}
-	inner, bound, err := k.dialFrom(fam, from, guest)
+	inner, err := k.dialFrom(fam, from, guest)
 	if err != nil {
-		if bound.IsValid() {
-			// The first segment put the connection's key in, and the
-			// stack's connection has the same addresses: the server's
-			// answers to it must leave through the TAP.
-			k.forgetNow(ktcpnat.InboundKey{Server: guest, Client: bound})
-		}
 		var pause time.Duration
 		switch {
 		case errors.Is(err, unix.ENOPROTOOPT):
-			// No rules (or a guest NAT they would bypass): ask again
-			// in a while.
+			// No routes (or a guest NAT the connections would
+			// bypass): ask again in a while.
 			pause = offFor
 		case errors.Is(err, errNoSockets):
 			// The port helper is gone, or cannot start: not for
@@ -166,8 +135,6 @@ func (k *KernelPath) forwardRawTCP(fd int, client, guest netip.AddrPort) error {
 		}
 		return k.toStack(fd, guest)
 	}
-	key := ktcpnat.InboundKey{Server: guest, Client: bound}
-	k.hold(key)
 	k.counts.open.Add(1)
 	k.counts.total.Add(1)
 	// The loop owns both sockets from here, also when it fails.
@@ -175,11 +142,9 @@ func (k *KernelPath) forwardRawTCP(fd int, client, guest netip.AddrPort) error {
 		k.counts.open.Add(-1)
 		k.counts.toGuest.Add(uint64(toGuest))
 		k.counts.fromGuest.Add(uint64(fromGuest))
-		k.release(key)
 	})
 	if err != nil {
 		k.counts.open.Add(-1)
-		k.release(key)
 	}
 	return err
 }
@@ -209,93 +174,4 @@ func (k *KernelPath) Stats() KernelPathStats {
 // DialGuestUDP implements Guest.
 func (k *KernelPath) DialGuestUDP(client, guest netip.AddrPort) (net.Conn, error) {
 	return k.stack.DialGuestUDP(client, guest)
-}
-
-// forgetNow forgets a failed connection's key at once, unless a live
-// connection has it.
-func (k *KernelPath) forgetNow(key ktcpnat.InboundKey) {
-	k.mu.Lock()
-	live := k.live[key] > 0
-	k.mu.Unlock()
-	if live {
-		return
-	}
-	if err := k.sockets.ForgetInbound([]ktcpnat.InboundKey{key}); err != nil {
-		k.log.Warn("published port: forgetting a failed connection", "key", key, "err", err)
-	}
-}
-
-func (k *KernelPath) hold(key ktcpnat.InboundKey) {
-	k.mu.Lock()
-	k.live[key]++
-	k.mu.Unlock()
-}
-
-// release queues key to be forgotten once its last connection lingered.
-func (k *KernelPath) release(key ktcpnat.InboundKey) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.live[key]--; k.live[key] > 0 {
-		return
-	}
-	delete(k.live, key)
-	due := time.Now().Add(forgetAfter)
-	k.ended[key] = due
-	k.pending = append(k.pending, pendingKey{key, due})
-	if len(k.pending) == 1 {
-		select {
-		case k.wake <- struct{}{}:
-		default:
-		}
-	}
-}
-
-// forgetLoop forgets the keys that are due, in batches, until ctx ends
-// (the namespace's rules go with it, or with the next Install).
-func (k *KernelPath) forgetLoop() {
-	t := time.NewTimer(0)
-	<-t.C
-	for {
-		select {
-		case <-k.ctx.Done():
-			t.Stop()
-			for i := range k.pools {
-				k.pools[i].close()
-			}
-			return
-		case <-k.wake:
-			t.Reset(forgetAfter)
-			continue
-		case <-t.C:
-		}
-		keys, next := k.due(time.Now())
-		if len(keys) > 0 {
-			if err := k.sockets.ForgetInbound(keys); err != nil {
-				k.log.Warn("published ports: forgetting ended connections", "n", len(keys), "err", err)
-			}
-		}
-		if !next.IsZero() {
-			t.Reset(max(time.Until(next), forgetEvery))
-		}
-	}
-}
-
-// due takes the pending keys due by now that no connection has taken up
-// again, and returns when the next one is due (zero: none pending).
-func (k *KernelPath) due(now time.Time) (keys []ktcpnat.InboundKey, next time.Time) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	i := 0
-	for ; i < len(k.pending) && !k.pending[i].due.After(now); i++ {
-		p := k.pending[i]
-		if k.live[p.key] == 0 && k.ended[p.key].Equal(p.due) {
-			keys = append(keys, p.key)
-			delete(k.ended, p.key)
-		}
-	}
-	k.pending = k.pending[i:]
-	if len(k.pending) > 0 {
-		next = k.pending[0].due
-	}
-	return keys, next
 }

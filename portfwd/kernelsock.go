@@ -113,79 +113,59 @@ func connOf(fd int) (*net.TCPConn, error) {
 	return tc, nil
 }
 
-// dialFrom connects a marked socket of the guest's namespace, bound to
-// guest's address and the client's port (any port when the guest uses
-// that one), to the client's address at guest's port: the guest's rules
-// swap the two addresses, and the server sees from. bound is the client
-// side of the connection's key, once the socket has a port. The socket is
-// a raw non-blocking descriptor, for the relay loop.
-func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (fd int, bound netip.AddrPort, err error) {
-	fd, bound, err = k.dialOnce(fam, from, guest, false)
+// dialFrom connects a marked, transparent socket of the guest's namespace,
+// bound to from (any port of its address when another connection has that
+// one), to guest: the server sees from. The socket is a raw non-blocking
+// descriptor, for the relay loop.
+func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (int, error) {
+	fd, err := k.dialOnce(fam, from, guest, false)
 	if errors.Is(err, unix.EADDRNOTAVAIL) {
 		// Another client with the same port shows as the same address
 		// (the gateway, for all loopback clients): its connection has
 		// these addresses. Any port will do.
-		fd, bound, err = k.dialOnce(fam, from, guest, true)
+		fd, err = k.dialOnce(fam, from, guest, true)
 	}
-	return fd, bound, err
+	return fd, err
 }
 
 // errNoSockets wraps the port helper's failure to make sockets.
 var errNoSockets = errors.New("no sockets from the port helper")
 
-func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (int, netip.AddrPort, error) {
+func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (int, error) {
 	fd, err := k.pools[fam].get(k.sockets, fam == 1)
 	if err != nil {
-		return -1, netip.AddrPort{}, fmt.Errorf("%w: %w", errNoSockets, err)
+		return -1, fmt.Errorf("%w: %w", errNoSockets, err)
 	}
-	bound, err := startConnect(fd, from, guest, anyPort)
-	if err != nil {
+	if err := startConnect(fd, from, guest, anyPort); err != nil {
 		unix.Close(fd)
-		return -1, bound, err
+		return -1, err
 	}
 	// On loopback the connect usually ended within the call; else (the
-	// server's backlog is full, or something drops what the rules
+	// server's backlog is full, or something drops what the routes
 	// deliver) the wait is inboundDialTimeout at most (then ETIMEDOUT).
-	if fd, err = sockrelay.AwaitConnected(k.ctx, fd, inboundDialTimeout); err != nil {
-		return -1, bound, err
-	}
-	return fd, bound, nil
+	return sockrelay.AwaitConnected(k.ctx, fd, inboundDialTimeout)
 }
 
-// startConnect binds fd to guest's address and from's port (or, with
-// anyPort or that port taken, one chosen at connect time: unique per peer
-// only) and starts connecting it to from's address at guest's port. bound,
-// once valid, is the client side of the connection's key: its first
-// segment left, and put the key in.
-func startConnect(fd int, from, guest netip.AddrPort, anyPort bool) (bound netip.AddrPort, err error) {
-	err = unix.EADDRINUSE
+// startConnect binds fd to from (or, with anyPort or that port taken, to
+// its address and a port chosen at connect time: unique per peer only) and
+// starts connecting it to guest.
+func startConnect(fd int, from, guest netip.AddrPort, anyPort bool) error {
+	var err error = unix.EADDRINUSE
 	if !anyPort {
-		err = sockrelay.Bind(fd, netip.AddrPortFrom(guest.Addr(), from.Port()))
-	}
-	if err == nil {
-		bound = from
+		err = sockrelay.Bind(fd, from)
 	}
 	if errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EACCES) {
 		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
-		err = sockrelay.Bind(fd, netip.AddrPortFrom(guest.Addr(), 0))
+		err = sockrelay.Bind(fd, netip.AddrPortFrom(from.Addr(), 0))
 	}
 	if err != nil {
-		return netip.AddrPort{}, fmt.Errorf("bind %s: %w", guest.Addr(), err)
+		return fmt.Errorf("bind %s: %w", from.Addr(), err)
 	}
-	err = sockrelay.Connect(fd, netip.AddrPortFrom(from.Addr(), guest.Port()))
+	err = sockrelay.Connect(fd, guest)
 	if err != nil && !errors.Is(err, unix.EINPROGRESS) {
-		// Refused before a segment left (EADDRNOTAVAIL: the addresses
-		// are another connection's): no key of ours.
-		return netip.AddrPort{}, err
+		return err
 	}
-	if !bound.IsValid() {
-		if sa, serr := unix.Getsockname(fd); serr == nil {
-			if p := portOf(sa); p != 0 {
-				bound = netip.AddrPortFrom(from.Addr(), p)
-			}
-		}
-	}
-	return bound, nil
+	return nil
 }
 
 // portOf is an IP socket address's port (0: not an IP one).

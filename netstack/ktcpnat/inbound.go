@@ -1,9 +1,9 @@
 package ktcpnat
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -11,145 +11,156 @@ import (
 	"time"
 
 	"github.com/google/nftables"
-	"github.com/google/nftables/expr"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
 // Published ports take the kernel path too. A connection from a host-side
 // client C to the guest's server at G:P is opened inside the namespace by a
-// socket of ours (launcher's port helper) marked InboundMark, bound to G:c
-// and connected to C:P. Its segments leave with their addresses swapped,
-// C:c to G:P, and the namespace's loopback delivers them to the server,
-// which sees the client's address (and port, when it was free) as the
-// userspace stack would show it. The server's answers, routed out of the
-// TAP to C:c, are swapped back to C:P -> G:c and reach our socket. Swapping
-// two addresses changes no checksum, and the ports stay as they are, so the
-// rules keep no per-connection entries the helper must add: the first
-// segment of each connection puts its key in inboundSet, and the helper
-// removes it when the connection is over (Map.ForgetInbound).
+// socket of ours (launcher's port helper) marked InboundMark, made
+// transparent (IP_TRANSPARENT: it may bind an address the namespace does
+// not have), bound to C:c and connected to G:P. Its segments go to the
+// namespace's loopback as to any local address, and the server sees the
+// client's address (and port, when it was free) as the userspace stack
+// would show it. The server's answers to C:c would be routed out of the
+// TAP; they are not, because the namespace's kernel marks them too:
+//   - net.ipv4.tcp_fwmark_accept: the server's socket of an accepted
+//     connection takes the mark of the SYN that opened it, ours;
+//   - net.ipv{4,6}.fwmark_reflect: so do the resets and ICMP errors that
+//     answer a marked segment without a socket (a port nobody listens on
+//     refuses at once);
+//   - a rule routes marked packets by a table of their own (InboundTable),
+//     whose only route makes every address local, over lo.
+// Nothing rewrites a segment and nothing keeps an entry per connection: the
+// segments take the routes the sockets keep, as any local connection's. An
+// earlier design swapped the two addresses in the output hook, which made
+// the kernel route every segment of both sides again; that was a seventh
+// of a short connection's cost in the helper alone.
+//
+// The settings are the namespace's: the guest sees them (a socket it
+// accepts takes the mark of the SYN, which only ours carry unless its own
+// rules mark packets), and the guest may undo them, which InboundReady
+// tells.
 
 // InboundMark is the socket mark (SO_MARK) of the sockets that open
-// published-port connections.
+// published-port connections, and of the server's sockets that accept them.
 const InboundMark = 0x6e72696e // "nrin"
 
-// inboundRules: the marked socket's segments are swapped whatever their
-// route (only they carry the mark); a marked segment the first rule did not
-// take (the set is full) is dropped rather than sent to C:P for real, where
-// the gateway's address would reach a host service. The server's answers
-// are swapped only when routed out of the TAP, as the userspace stack would
-// have needed them.
-func (af addrFamily) inboundRules(oifname [unix.IFNAMSIZ]byte, inbound *nftables.Set) [][]expr.Any {
-	rSaddr, rSport, rDaddr, rDport := af.keyRegs()
-	mark := binary.NativeEndian.AppendUint32(nil, InboundMark)
-	isMarked := []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: mark},
-	}
-	// The addresses change places: the registers hold both, and each
-	// write takes the other's.
-	swap := []expr.Any{
-		&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: rDaddr, Base: nh, Offset: af.saddr, Len: af.addrLen},
-		&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: rSaddr, Base: nh, Offset: af.daddr, Len: af.addrLen},
-		&expr.Notrack{},
-		&expr.Verdict{Kind: expr.VerdictAccept},
-	}
-	// The server-side key of our socket's segment (G:c -> C:P) is
-	// G:P -> C:c: the ports loaded the other way round.
-	ours := append(append([]expr.Any(nil), isMarked...),
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
-		load(rSaddr, nh, af.saddr, af.addrLen),
-		load(rSport, th, 2, 2),
-		load(rDaddr, nh, af.daddr, af.addrLen),
-		load(rDport, th, 0, 2),
-		&expr.Dynset{SrcRegKey: rSaddr, SetName: inbound.Name, SetID: inbound.ID, Operation: unix.NFT_DYNSET_OP_ADD},
-	)
-	ours = append(ours, swap...)
-	strays := append(append([]expr.Any(nil), isMarked...), &expr.Verdict{Kind: expr.VerdictDrop})
-	answers := []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: oifname[:]},
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
-		load(rSaddr, nh, af.saddr, af.addrLen),
-		load(rSport, th, 0, 2),
-		load(rDaddr, nh, af.daddr, af.addrLen),
-		load(rDport, th, 2, 2),
-		&expr.Lookup{SourceRegister: rSaddr, SetName: inbound.Name, SetID: inbound.ID},
-	}
-	answers = append(answers, swap...)
-	return [][]expr.Any{ours, strays, answers}
+// InboundTable is the routing table of marked packets, and inboundPref its
+// rule's priority: before the main table's (32766), after the local one's
+// (0), which still takes the namespace's own addresses.
+const (
+	InboundTable = 0x6e72696e
+	inboundPref  = 100
+)
+
+// inboundSysctls must read 1 in the namespace (see above).
+var inboundSysctls = [2][]string{
+	{"/proc/sys/net/ipv4/tcp_fwmark_accept", "/proc/sys/net/ipv4/fwmark_reflect"},
+	{"/proc/sys/net/ipv4/tcp_fwmark_accept", "/proc/sys/net/ipv6/fwmark_reflect"},
 }
 
-// InboundKey names a published-port connection as the guest's server has
-// it: Server is its address (G:P), Client the one it sees (C:c).
-type InboundKey struct{ Server, Client netip.AddrPort }
-
-// nftMsgDestroySetElem is NFT_MSG_DESTROYSETELEM (Linux 6.3; not in x/sys
-// yet): a delete for which a missing element is no error.
-const nftMsgDestroySetElem = 30
-
-// maxPerKey bounds the keys that a kernel without NFT_MSG_DESTROYSETELEM
-// deletes one transaction each once a batch of them was refused for one
-// that is gone: each refused transaction costs milliseconds.
-const maxPerKey = 16
-
-// ForgetInbound removes the keys of connections that are over from
-// inboundSet (ones not there are no error). Keys of both families may be
-// mixed.
-func (m *Map) ForgetInbound(keys []InboundKey) error {
-	var errs []error
-	for _, af := range addrFamilies {
-		var es []entry
-		for _, k := range keys {
-			if k.Server.Addr().Is4() == (af.nfproto == unix.NFPROTO_IPV4) && k.Client.Addr().Is4() == k.Server.Addr().Is4() {
-				es = append(es, entry{set: inboundSet, key: key(k.Server, k.Client)})
-			}
-		}
-		if len(es) > 0 {
-			errs = append(errs, m.forget(af.nfproto, es))
-		}
+// familyIndex is 0 for IPv4 and 1 for IPv6, as in inboundSysctls.
+func familyIndex(a netip.Addr) int {
+	if a.Is4() || a.Is4In6() {
+		return 0
 	}
-	return errors.Join(errs...)
+	return 1
 }
 
-func (m *Map) forget(nfproto uint8, es []entry) error {
-	err := m.transaction(nfproto, nftMsgDestroySetElem, 0, es)
-	switch {
-	case err == nil, errors.Is(err, unix.ENOENT):
-		// ENOENT: the set itself is gone (the guest deleted the
-		// table), and its keys with it.
-		return nil
-	case !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.EOPNOTSUPP):
-		return err
-	}
-	// An older kernel: all in one transaction, which a key that is gone
-	// (the guest flushed the set) refuses as a whole.
-	err = m.transaction(nfproto, unix.NFT_MSG_DELSETELEM, 0, es)
-	if !errors.Is(err, unix.ENOENT) {
-		return err
-	}
-	if len(es) > maxPerKey {
-		return fmt.Errorf("%d keys left in the set: %w", len(es), err)
-	}
-	var errs []error
-	for _, e := range es {
-		if err := m.transaction(nfproto, unix.NFT_MSG_DELSETELEM, 0, []entry{e}); err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
+func inboundRule(family int) *netlink.Rule {
+	r := netlink.NewRule()
+	r.Family = family
+	r.Mark = InboundMark
+	r.Table = InboundTable
+	r.Priority = inboundPref
+	return r
 }
 
-// Dial returns a Map for the tables of the calling thread's network
-// namespace (every thread of the process must be in it, as for Install):
-// for launcher's port helper, which lives there.
-func Dial() (*Map, error) {
-	fd, err := netlinkSocket()
+func inboundRoute(family int, lo int) *netlink.Route {
+	dst := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+	if family == netlink.FAMILY_V6 {
+		dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+	}
+	return &netlink.Route{Family: family, Dst: dst, LinkIndex: lo, Table: InboundTable,
+		Type: unix.RTN_LOCAL, Scope: netlink.SCOPE_HOST}
+}
+
+// installInbound makes the calling thread's network namespace route
+// marked connections back to itself (see above): IPv4 ones, or an error,
+// and IPv6 ones where the kernel has IPv6 (else InboundReady says no for
+// them).
+func installInbound() error {
+	lo, err := netlink.LinkByName("lo")
 	if err != nil {
-		return nil, err
+		return fmt.Errorf("published ports: %w", err)
 	}
-	return NewMap(os.NewFile(uintptr(fd), "nftables")), nil
+	// The IPv6 route wants lo up, which the launcher's child brings up
+	// meanwhile anyway.
+	if err := netlink.LinkSetUp(lo); err != nil {
+		return fmt.Errorf("published ports: bring up lo: %w", err)
+	}
+	for i, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		err := routeMarked(family, lo.Attrs().Index, inboundSysctls[i])
+		if i == 0 && err != nil {
+			return fmt.Errorf("published ports: %w", err)
+		}
+	}
+	return nil
+}
+
+func routeMarked(family, lo int, sysctls []string) error {
+	for _, name := range sysctls {
+		if err := os.WriteFile(name, []byte("1"), 0); err != nil {
+			return err
+		}
+	}
+	// A rule left by an earlier helper in this namespace stays; one of
+	// ours is enough.
+	if err := netlink.RuleAdd(inboundRule(family)); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("routing rule: %w", err)
+	}
+	if err := netlink.RouteReplace(inboundRoute(family, lo)); err != nil {
+		return fmt.Errorf("route: %w", err)
+	}
+	return nil
+}
+
+// InboundReady says whether the calling thread's network namespace routes
+// the published-port connections of a's family back to itself (Install
+// set it up; the guest may have undone it since, or the kernel may lack
+// IPv6).
+func InboundReady(a netip.Addr) bool {
+	fi := familyIndex(a)
+	for _, name := range inboundSysctls[fi] {
+		b, err := os.ReadFile(name)
+		if err != nil || strings.TrimSpace(string(b)) != "1" {
+			return false
+		}
+	}
+	family := netlink.FAMILY_V4
+	if fi == 1 {
+		family = netlink.FAMILY_V6
+	}
+	rules, err := netlink.RuleListFiltered(family, inboundRule(family), netlink.RT_FILTER_MARK|netlink.RT_FILTER_TABLE)
+	if err != nil || len(rules) == 0 {
+		return false
+	}
+	routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: InboundTable}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return false
+	}
+	for _, r := range routes {
+		if r.Type == unix.RTN_LOCAL && (r.Dst == nil || isDefault(r.Dst)) {
+			return true
+		}
+	}
+	return false
+}
+
+func isDefault(n *net.IPNet) bool {
+	ones, _ := n.Mask.Size()
+	return ones == 0
 }
 
 // netlinkSocket is a netfilter netlink socket of the calling thread's
@@ -168,30 +179,11 @@ func netlinkSocket() (int, error) {
 	return fd, nil
 }
 
-// InboundReady says whether the calling thread's network namespace has the
-// rules for published-port connections of a's family (Install made them;
-// the guest may have deleted or flushed them since, or the kernel may lack
-// IPv6 tables).
-func InboundReady(a netip.Addr) bool {
-	c, err := nftables.New()
-	if err != nil {
-		return false
-	}
-	defer c.CloseLasting()
-	table := &nftables.Table{Family: familyOf(a).table, Name: tableName}
-	if _, err := c.GetSetByName(table, inboundSet); err != nil {
-		return false
-	}
-	rules, err := c.GetRules(table, &nftables.Chain{Name: chainName, Table: table})
-	// Ours: three for published ports, two for the kernel TCP path.
-	return err == nil && len(rules) >= 5
-}
-
 // GuestNAT says whether the calling thread's network namespace
 // destination-NATs what it receives: nftables chains of type nat on the
 // prerouting hook, or iptables' (legacy) nat table. The published-port
-// connections the rules swap are untracked and arrive over lo, so they
-// would bypass such rules (podman's port forwarding into containers in its
+// connections of the kernel path arrive over lo, so they would bypass such
+// rules (podman's port forwarding into containers in its
 // rootless network namespace, a redirect of a privileged port), which the
 // userspace stack's connections, arriving on the TAP, go through.
 func GuestNAT() bool {
@@ -207,7 +199,7 @@ func GuestNAT() bool {
 	defer c.CloseLasting()
 	chains, err := c.ListChains()
 	if err != nil {
-		// Unknown: the kernel path's rules need nftables anyway.
+		// No nftables here: no chains of the guest's either.
 		return false
 	}
 	for _, ch := range chains {

@@ -18,12 +18,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A marked socket bound to the guest's address and connected to a client's
-// address ends at the guest's server, which sees the client's address and
-// port; every byte arrives intact both ways and none crosses the TAP. A
-// port nobody listens on refuses at once, and ForgetInbound empties the
-// set.
-func TestInboundSwapsAddresses(t *testing.T) {
+// A marked, transparent socket bound to a client's address and connected
+// to the guest's server ends there; the server sees the client's address
+// and port, every byte arrives intact both ways and none crosses the TAP.
+// A port nobody listens on refuses at once.
+func TestInboundKeepsClientAddress(t *testing.T) {
 	inFreshNetns(t, func(skip func(string)) {
 		// No IPv6 on the TAP: its router solicitations would count as
 		// bytes that crossed it.
@@ -46,19 +45,12 @@ func TestInboundSwapsAddresses(t *testing.T) {
 			t.Error("InboundReady says no after Install")
 			return
 		}
-		m, err := Dial()
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		defer m.Close()
 		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: guest.AsSlice()})
 		if err != nil {
 			t.Error(err)
 			return
 		}
 		defer ln.Close()
-		server := ln.Addr().(*net.TCPAddr).AddrPort()
 		client := netip.MustParseAddrPort("203.0.113.7:41999")
 		l, err := netlink.LinkByName("tap0")
 		if err != nil {
@@ -67,7 +59,7 @@ func TestInboundSwapsAddresses(t *testing.T) {
 		}
 		tapBefore := l.Attrs().Statistics.TxBytes
 
-		c, s, ok := connectThroughSwap(t, ln, client)
+		c, s, ok := connectAsClient(t, ln, client)
 		if !ok {
 			return
 		}
@@ -99,40 +91,20 @@ func TestInboundSwapsAddresses(t *testing.T) {
 			}
 		}
 
-		closed := netip.AddrPortFrom(client.Addr(), 1)
 		start := time.Now()
-		_, err = dialMarked(netip.AddrPortFrom(guest, client.Port()+1), closed)
+		_, err = dialMarked(netip.AddrPortFrom(client.Addr(), client.Port()+1), netip.AddrPortFrom(guest, 1))
 		if !errors.Is(err, unix.ECONNREFUSED) {
 			t.Errorf("dial a port nobody listens on: %v, want ECONNREFUSED", err)
 		} else if d := time.Since(start); d > time.Second {
 			t.Errorf("the refusal took %v", d)
 		}
-
-		keys := []InboundKey{
-			{Server: server, Client: client},
-			{Server: netip.AddrPortFrom(guest, 1), Client: netip.AddrPortFrom(client.Addr(), client.Port()+1)},
-			// Gone already: no error, and the others still go.
-			{Server: netip.AddrPortFrom(guest, 2), Client: client},
-		}
-		if n := inboundElements(t); n != 2 {
-			t.Errorf("%d keys in the set, want 2", n)
-		}
-		if err := m.ForgetInbound(keys); err != nil {
-			t.Errorf("forget: %v", err)
-		}
-		if n := inboundElements(t); n != 0 {
-			t.Errorf("%d keys left in the set after ForgetInbound", n)
-		}
-		if !InboundReady(guest) {
-			t.Error("the rules are gone after ForgetInbound")
-		}
 	})
 }
 
-// connectThroughSwap connects a marked socket, bound to ln's address and
-// client's port, to client's address at ln's port, and returns it with the
-// connection ln accepted, which must come from client.
-func connectThroughSwap(t *testing.T, ln *net.TCPListener, client netip.AddrPort) (c, s *net.TCPConn, ok bool) {
+// connectAsClient connects a marked socket, bound to client, to ln's
+// address, and returns it with the connection ln accepted, which must come
+// from client.
+func connectAsClient(t *testing.T, ln *net.TCPListener, client netip.AddrPort) (c, s *net.TCPConn, ok bool) {
 	t.Helper()
 	server := ln.Addr().(*net.TCPAddr).AddrPort()
 	accepted := make(chan *net.TCPConn, 1)
@@ -143,9 +115,9 @@ func connectThroughSwap(t *testing.T, ln *net.TCPListener, client netip.AddrPort
 		}
 		close(accepted)
 	}()
-	c, err := dialMarked(netip.AddrPortFrom(server.Addr(), client.Port()), netip.AddrPortFrom(client.Addr(), server.Port()))
+	c, err := dialMarked(client, server)
 	if err != nil {
-		t.Errorf("dial the server through the swap: %v", err)
+		t.Errorf("dial the server as the client: %v", err)
 		return nil, nil, false
 	}
 	s, ok = <-accepted
@@ -160,8 +132,8 @@ func connectThroughSwap(t *testing.T, ln *net.TCPListener, client netip.AddrPort
 	return c, s, true
 }
 
-// dialMarked connects from a marked socket bound to from, as launcher's
-// port helper does.
+// dialMarked connects from a marked, transparent socket bound to from, as
+// launcher's port helper's are.
 func dialMarked(from, to netip.AddrPort) (*net.TCPConn, error) {
 	d := net.Dialer{
 		LocalAddr: net.TCPAddrFromAddrPort(from),
@@ -169,7 +141,12 @@ func dialMarked(from, to netip.AddrPort) (*net.TCPConn, error) {
 		Control: func(_, _ string, rc syscall.RawConn) error {
 			var err error
 			cerr := rc.Control(func(fd uintptr) {
-				err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, InboundMark)
+				level, name := unix.SOL_IP, unix.IP_TRANSPARENT
+				if from.Addr().Is6() {
+					level, name = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+				}
+				err = errors.Join(unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, InboundMark),
+					unix.SetsockoptInt(int(fd), level, name, 1))
 			})
 			return errors.Join(cerr, err)
 		},
@@ -181,29 +158,8 @@ func dialMarked(from, to netip.AddrPort) (*net.TCPConn, error) {
 	return c.(*net.TCPConn), nil
 }
 
-func inboundElements(t *testing.T) int {
-	t.Helper()
-	c, err := nftables.New()
-	if err != nil {
-		t.Error(err)
-		return -1
-	}
-	defer c.CloseLasting()
-	set, err := c.GetSetByName(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: tableName}, inboundSet)
-	if err != nil {
-		t.Error(err)
-		return -1
-	}
-	es, err := c.GetSetElements(set)
-	if err != nil {
-		t.Error(err)
-		return -1
-	}
-	return len(es)
-}
-
-// InboundReady wants the rules, not only the set; GuestNAT sees a
-// destination NAT chain of the guest's own.
+// InboundReady wants the routing rule and the kernel settings Install
+// made; GuestNAT sees a destination NAT chain of the guest's own.
 func TestInboundReadyAndGuestNAT(t *testing.T) {
 	inFreshNetns(t, func(skip func(string)) {
 		guest := netip.MustParseAddr("10.0.2.100")
@@ -219,13 +175,30 @@ func TestInboundReadyAndGuestNAT(t *testing.T) {
 		if !InboundReady(guest) || GuestNAT() {
 			t.Errorf("after Install: ready %v, guest NAT %v; want true, false", InboundReady(guest), GuestNAT())
 		}
+		if err := netlink.RuleDel(inboundRule(netlink.FAMILY_V4)); err != nil {
+			t.Error(err)
+			return
+		}
+		if InboundReady(guest) {
+			t.Error("InboundReady without the routing rule")
+		}
+		if err := installInbound(); err != nil {
+			t.Error(err)
+			return
+		}
+		if err := os.WriteFile("/proc/sys/net/ipv4/fwmark_reflect", []byte("0"), 0); err != nil {
+			t.Error(err)
+			return
+		}
+		if InboundReady(guest) {
+			t.Error("InboundReady without fwmark_reflect")
+		}
 		c, err := nftables.New()
 		if err != nil {
 			t.Error(err)
 			return
 		}
 		defer c.CloseLasting()
-		c.FlushTable(&nftables.Table{Family: nftables.TableFamilyIPv4, Name: tableName})
 		nat := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: "guest"})
 		c.AddChain(&nftables.Chain{Table: nat, Name: "pre", Type: nftables.ChainTypeNAT,
 			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest})
@@ -233,14 +206,14 @@ func TestInboundReadyAndGuestNAT(t *testing.T) {
 			t.Error(err)
 			return
 		}
-		if InboundReady(guest) || !GuestNAT() {
-			t.Errorf("after a flush and a NAT chain: ready %v, guest NAT %v; want false, true", InboundReady(guest), GuestNAT())
+		if !GuestNAT() {
+			t.Error("GuestNAT does not see the guest's NAT chain")
 		}
 	})
 }
 
-// The IPv6 rules do the same for IPv6 connections.
-func TestInboundSwapsAddressesIPv6(t *testing.T) {
+// The IPv6 routes do the same for IPv6 connections.
+func TestInboundKeepsClientAddressIPv6(t *testing.T) {
 	inFreshNetns(t, func(skip func(string)) {
 		dev, _, ok := setUpGuest(t)
 		if !ok {
@@ -281,7 +254,7 @@ func TestInboundSwapsAddressesIPv6(t *testing.T) {
 			return
 		}
 		defer ln.Close()
-		c, s, ok := connectThroughSwap(t, ln, client)
+		c, s, ok := connectAsClient(t, ln, client)
 		if !ok {
 			return
 		}

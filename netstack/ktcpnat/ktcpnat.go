@@ -40,9 +40,6 @@ const (
 	localSet = "local"
 	// chainName is the route chain of the output hook with every rule.
 	chainName = "out"
-	// inboundSet holds the guest-side keys of published-port connections
-	// (see inboundRules).
-	inboundSet = "inbound"
 	// mapSize bounds each map; a flow past it keeps the TAP path.
 	mapSize = 65536
 )
@@ -50,13 +47,17 @@ const (
 // Install creates the tables (ip, and ip6 where the kernel has it) in the
 // calling thread's network namespace for the segments routed out of the
 // interface tapName (which need not exist yet), and returns a netlink
-// socket of that namespace for Map. Every thread of the process must be in
-// the namespace (the launcher's child joins it before the Go runtime
-// starts).
+// socket of that namespace for Map. It also sets up the routes of
+// published-port connections (see InboundMark), which need no tables.
+// Every thread of the process must be in the namespace (the launcher's
+// child joins it before the Go runtime starts).
 func Install(tapName string) (*os.File, error) {
 	if len(tapName) == 0 || len(tapName) >= unix.IFNAMSIZ {
 		return nil, fmt.Errorf("tap name %q", tapName)
 	}
+	// Without them, published ports keep the userspace stack
+	// (InboundReady says so to the port helper).
+	_ = installInbound()
 	var oifname [unix.IFNAMSIZ]byte
 	copy(oifname[:], tapName)
 	// Both families in one transaction (each commit costs a few ms of
@@ -158,7 +159,6 @@ func (af addrFamily) install(c *nftables.Conn, oifname [unix.IFNAMSIZ]byte) erro
 		// again, where the namespace's conntrack (notrack kept it
 		// out meanwhile) could find its segments out of window.
 		{Name: localSet, Dynamic: true},
-		{Name: inboundSet, Dynamic: true},
 	} {
 		s.Table, s.Concatenation, s.KeyType, s.Size = table, true, tuple, mapSize
 		if err := c.AddSet(s, nil); err != nil {
@@ -168,8 +168,7 @@ func (af addrFamily) install(c *nftables.Conn, oifname [unix.IFNAMSIZ]byte) erro
 	}
 	chain := c.AddChain(&nftables.Chain{Table: table, Name: chainName, Type: nftables.ChainTypeRoute,
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRaw})
-	rules := append(af.inboundRules(oifname, sets[inboundSet]), af.rules(oifname, sets[outMap], sets[backMap], sets[localSet])...)
-	for _, exprs := range rules {
+	for _, exprs := range af.rules(oifname, sets[outMap], sets[backMap], sets[localSet]) {
 		c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs})
 	}
 	return nil
