@@ -15,7 +15,8 @@ import (
 // runtime's monitor awake (see sockrelay.Loop).
 type rawGuest interface {
 	Guest
-	// forwardRawTCP owns fd, the non-blocking socket of client.
+	// forwardRawTCP owns fd, the non-blocking socket of client. It
+	// must not block: the accept loop calls it.
 	forwardRawTCP(fd int, client, guest netip.AddrPort) error
 }
 
@@ -39,10 +40,8 @@ func (f *forward) acceptRaw(lf *os.File, guest rawGuest, log *slog.Logger) {
 		sockrelay.SetConnOptions(fd)
 		target := f.rule.guestFor(client.Addr())
 		// As acceptTCP's: the Guest owns the connection.
-		go func() {
-			if err := guest.forwardRawTCP(fd, client, target); err != nil {
-				log.Debug("published tcp connection", "rule", f.rule.String(), "client", client, "err", err)
-			}
-		}()
+		if err := guest.forwardRawTCP(fd, client, target); err != nil {
+			log.Debug("published tcp connection", "rule", f.rule.String(), "client", client, "err", err)
+		}
 	}
 }

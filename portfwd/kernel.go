@@ -94,7 +94,11 @@ func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 }
 
 // forwardRawTCP implements rawGuest: the forward's listener accepted fd
-// without the net package.
+// without the net package. It runs in the listener's accept loop, so what
+// may wait (the userspace stack's connection, a connect that did not end
+// within its call) goes on in a goroutine of its own: a goroutine per
+// connection, whose stack grows on the way, had cost a short connection
+// 3-4 % of the helper's CPU.
 func (k *KernelPath) forwardRawTCP(fd int, client, guest netip.AddrPort) error {
 	client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 	guest = netip.AddrPortFrom(guest.Addr().Unmap(), guest.Port())
@@ -105,40 +109,71 @@ func (k *KernelPath) forwardRawTCP(fd int, client, guest netip.AddrPort) error {
 	}
 	a := guest.Addr()
 	if k.loops == nil || time.Now().UnixNano() < k.offUntil[fam].Load() || !from.IsValid() || from.Addr().Is4() != a.Is4() || a.IsLoopback() || a.IsUnspecified() {
-		return k.toStack(fd, guest)
+		go k.toStack(fd, client, guest)
+		return nil
 	}
-	inner, err := k.dialFrom(fam, from, guest)
-	if err != nil {
-		var pause time.Duration
-		switch {
-		case errors.Is(err, unix.ENOPROTOOPT):
-			// No routes (or a guest NAT the connections would
-			// bypass): ask again in a while.
-			pause = offFor
-		case errors.Is(err, errNoSockets):
-			// The port helper is gone, or cannot start: not for
-			// every connection.
-			pause = offFor
-		case errors.Is(err, unix.ETIMEDOUT):
-			// Something in the guest drops what the rules deliver
-			// (a firewall on lo): no other connection should wait.
-			pause = offAfterTimeout
-		}
-		if pause > 0 {
-			if k.offUntil[fam].Swap(time.Now().Add(pause).UnixNano()) == 0 {
-				k.log.Debug("published ports of this family go through the userspace stack for now", "ipv6", fam == 1, "for", pause, "err", err)
+	inner, connected, err := k.dialFrom(fam, from, guest)
+	switch {
+	case err != nil:
+		k.fallBack(fam, client, guest, err)
+		go k.toStack(fd, client, guest)
+		return nil
+	case !connected:
+		// On loopback the connect usually ended within the call; else
+		// (the server's backlog is full, or something drops what the
+		// routes deliver) the wait is inboundDialTimeout at most (then
+		// ETIMEDOUT).
+		go func() {
+			inner, err := sockrelay.AwaitConnected(k.ctx, inner, inboundDialTimeout)
+			if err != nil {
+				k.fallBack(fam, client, guest, err)
+				k.toStack(fd, client, guest)
+				return
 			}
-		} else {
-			// Refused too: a NAT rule of the guest's may send the
-			// stack's connection elsewhere.
-			k.log.Debug("published port: the guest's kernel did not take the connection; the userspace stack does", "client", client, "guest", guest, "err", err)
-		}
-		return k.toStack(fd, guest)
+			if err := k.relay(inner, fd); err != nil {
+				k.log.Debug("published tcp connection", "client", client, "guest", guest, "err", err)
+			}
+		}()
+		return nil
 	}
+	return k.relay(inner, fd)
+}
+
+// fallBack notes that the guest's kernel did not take a connection of fam,
+// for err: for a while, if err says the others would fare no better.
+func (k *KernelPath) fallBack(fam int, client, guest netip.AddrPort, err error) {
+	var pause time.Duration
+	switch {
+	case errors.Is(err, unix.ENOPROTOOPT):
+		// No routes (or a guest NAT the connections would bypass):
+		// ask again in a while.
+		pause = offFor
+	case errors.Is(err, errNoSockets):
+		// The port helper is gone, or cannot start: not for every
+		// connection.
+		pause = offFor
+	case errors.Is(err, unix.ETIMEDOUT):
+		// Something in the guest drops what the routes deliver (a
+		// firewall on lo): no other connection should wait.
+		pause = offAfterTimeout
+	}
+	if pause > 0 {
+		if k.offUntil[fam].Swap(time.Now().Add(pause).UnixNano()) == 0 {
+			k.log.Debug("published ports of this family go through the userspace stack for now", "ipv6", fam == 1, "for", pause, "err", err)
+		}
+		return
+	}
+	// Refused too: a NAT rule of the guest's may send the stack's
+	// connection elsewhere.
+	k.log.Debug("published port: the guest's kernel did not take the connection; the userspace stack does", "client", client, "guest", guest, "err", err)
+}
+
+// relay hands the connected pair to the relay loops, which own both
+// sockets from here, also when they fail.
+func (k *KernelPath) relay(inner, fd int) error {
 	k.counts.open.Add(1)
 	k.counts.total.Add(1)
-	// The loop owns both sockets from here, also when it fails.
-	err = k.loops.Add(inner, fd, nil, func(fromGuest, toGuest int64) {
+	err := k.loops.Add(inner, fd, nil, func(fromGuest, toGuest int64) {
 		k.counts.open.Add(-1)
 		k.counts.toGuest.Add(uint64(toGuest))
 		k.counts.fromGuest.Add(uint64(fromGuest))
@@ -149,13 +184,16 @@ func (k *KernelPath) forwardRawTCP(fd int, client, guest netip.AddrPort) error {
 	return err
 }
 
-// toStack hands the client's socket fd to the userspace stack.
-func (k *KernelPath) toStack(fd int, guest netip.AddrPort) error {
+// toStack hands the client's socket fd to the userspace stack, and
+// returns when that connection is over.
+func (k *KernelPath) toStack(fd int, client, guest netip.AddrPort) {
 	conn, err := connOf(fd)
-	if err != nil {
-		return err
+	if err == nil {
+		err = k.stack.ForwardTCP(conn, guest)
 	}
-	return k.stack.ForwardTCP(conn, guest)
+	if err != nil {
+		k.log.Debug("published tcp connection", "client", client, "guest", guest, "err", err)
+	}
 }
 
 // KernelPathStats counts the connections the guest's kernel took.

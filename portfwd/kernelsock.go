@@ -113,37 +113,40 @@ func connOf(fd int) (*net.TCPConn, error) {
 	return tc, nil
 }
 
-// dialFrom connects a marked, transparent socket of the guest's namespace,
-// bound to from (any port of its address when another connection has that
-// one), to guest: the server sees from. The socket is a raw non-blocking
-// descriptor, for the relay loop.
-func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (int, error) {
-	fd, err := k.dialOnce(fam, from, guest, false)
+// dialFrom starts connecting a marked, transparent socket of the guest's
+// namespace, bound to from (any port of its address when another connection
+// has that one), to guest: the server sees from. The socket is a raw
+// non-blocking descriptor, for the relay loop; connected says whether its
+// connect ended (sockrelay.AwaitConnected waits for the rest).
+func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (fd int, connected bool, err error) {
+	fd, connected, err = k.dialOnce(fam, from, guest, false)
 	if errors.Is(err, unix.EADDRNOTAVAIL) {
 		// Another client with the same port shows as the same address
 		// (the gateway, for all loopback clients): its connection has
 		// these addresses. Any port will do.
-		fd, err = k.dialOnce(fam, from, guest, true)
+		fd, connected, err = k.dialOnce(fam, from, guest, true)
 	}
-	return fd, err
+	return fd, connected, err
 }
 
 // errNoSockets wraps the port helper's failure to make sockets.
 var errNoSockets = errors.New("no sockets from the port helper")
 
-func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (int, error) {
+func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (int, bool, error) {
 	fd, err := k.pools[fam].get(k.sockets, fam == 1)
 	if err != nil {
-		return -1, fmt.Errorf("%w: %w", errNoSockets, err)
+		return -1, false, fmt.Errorf("%w: %w", errNoSockets, err)
 	}
 	if err := startConnect(fd, from, guest, anyPort); err != nil {
 		unix.Close(fd)
-		return -1, err
+		return -1, false, err
 	}
-	// On loopback the connect usually ended within the call; else (the
-	// server's backlog is full, or something drops what the routes
-	// deliver) the wait is inboundDialTimeout at most (then ETIMEDOUT).
-	return sockrelay.AwaitConnected(k.ctx, fd, inboundDialTimeout)
+	connected, err := sockrelay.Connected(fd)
+	if err != nil {
+		unix.Close(fd)
+		return -1, false, err
+	}
+	return fd, connected, nil
 }
 
 // startConnect binds fd to from (or, with anyPort or that port taken, to
