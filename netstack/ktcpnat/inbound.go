@@ -29,7 +29,7 @@ import (
 //   - net.ipv{4,6}.fwmark_reflect: so do the resets and ICMP errors that
 //     answer a marked segment without a socket (a port nobody listens on
 //     refuses at once);
-//   - a rule routes marked packets by a table of their own (InboundTable),
+//   - a rule routes marked packets by a table of their own (inboundTable),
 //     whose only route makes every address local, over lo.
 // Nothing rewrites a segment and nothing keeps an entry per connection: the
 // segments take the routes the sockets keep, as any local connection's. An
@@ -46,11 +46,11 @@ import (
 // published-port connections, and of the server's sockets that accept them.
 const InboundMark = 0x6e72696e // "nrin"
 
-// InboundTable is the routing table of marked packets, and inboundPref its
+// inboundTable is the routing table of marked packets, and inboundPref its
 // rule's priority: before the main table's (32766), after the local one's
 // (0), which still takes the namespace's own addresses.
 const (
-	InboundTable = 0x6e72696e
+	inboundTable = 0x6e72696e
 	inboundPref  = 100
 )
 
@@ -72,7 +72,7 @@ func inboundRule(family int) *netlink.Rule {
 	r := netlink.NewRule()
 	r.Family = family
 	r.Mark = InboundMark
-	r.Table = InboundTable
+	r.Table = inboundTable
 	r.Priority = inboundPref
 	return r
 }
@@ -82,7 +82,7 @@ func inboundRoute(family int, lo int) *netlink.Route {
 	if family == netlink.FAMILY_V6 {
 		dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
 	}
-	return &netlink.Route{Family: family, Dst: dst, LinkIndex: lo, Table: InboundTable,
+	return &netlink.Route{Family: family, Dst: dst, LinkIndex: lo, Table: inboundTable,
 		Type: unix.RTN_LOCAL, Scope: netlink.SCOPE_HOST}
 }
 
@@ -146,7 +146,7 @@ func InboundReady(a netip.Addr) bool {
 	if err != nil || len(rules) == 0 {
 		return false
 	}
-	routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: InboundTable}, netlink.RT_FILTER_TABLE)
+	routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: inboundTable}, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return false
 	}
