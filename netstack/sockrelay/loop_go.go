@@ -16,8 +16,12 @@ type Loop struct {
 	ep    *os.File
 	epfd  int
 	pipes *Pipes
-	// fast, if not nil, relays busy pairs (cgo: loop_c.go).
-	fast *cLoop
+	// fast, if not nil, relays busy pairs (cgo: loop_c.go). The loop's
+	// goroutine starts it for the first busy pair (noFast: it could
+	// not), so that a helper that relays none keeps no thread of it per
+	// P; set under mu, for keptPipes.
+	fast   *cLoop
+	noFast bool
 
 	mu     sync.Mutex
 	pairs  map[uint32]*loopPair
@@ -67,12 +71,7 @@ func NewLoop(pipes *Pipes) (*Loop, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("epoll: %w", err)
 	}
-	fast, err := newCLoop()
-	if err != nil {
-		unix.Close(fd)
-		return nil, err
-	}
-	l := &Loop{ep: os.NewFile(uintptr(fd), "epoll"), epfd: fd, pipes: pipes, fast: fast,
+	l := &Loop{ep: os.NewFile(uintptr(fd), "epoll"), epfd: fd, pipes: pipes,
 		pairs: make(map[uint32]*loopPair), done: make(chan struct{})}
 	go l.run()
 	return l, nil
@@ -144,7 +143,9 @@ func (l *Loop) Close() {
 		l.pipes.put(p.dir[1].pipe, true)
 	}
 	// After the goroutine ended: it hands pairs to fast.
-	l.fast.close()
+	if l.fast != nil {
+		l.fast.close()
+	}
 }
 
 func (l *Loop) watch(fd int, key uint64, op int, out bool) error {
@@ -225,9 +226,22 @@ func (l *Loop) event(ev *unix.EpollEvent) {
 		l.finish(p, true)
 	case p.dir[0].eof && p.dir[1].eof && p.dir[0].pending == 0 && p.dir[1].pending == 0:
 		l.finish(p, false)
-	case p.counted && l.fast != nil && !p.dir[0].eof && !p.dir[1].eof && p.dir[0].pending == 0 && p.dir[1].pending == 0:
+	case p.counted && !p.dir[0].eof && !p.dir[1].eof && p.dir[0].pending == 0 && p.dir[1].pending == 0:
 		l.handOver(p)
 	}
+}
+
+// startFast starts the fast loop unless it runs, or could not start (or
+// needs cgo), and says whether it runs. Only the loop's goroutine calls it.
+func (l *Loop) startFast() bool {
+	if l.fast != nil || l.noFast {
+		return l.fast != nil
+	}
+	fast, err := newCLoop()
+	l.mu.Lock()
+	l.fast, l.noFast = fast, err != nil || fast == nil
+	l.mu.Unlock()
+	return fast != nil
 }
 
 // remove takes p out of the Loop's pairs, and says whether it was there.
@@ -241,9 +255,10 @@ func (l *Loop) remove(p *loopPair) bool {
 	return true
 }
 
-// handOver moves p, busy and with nothing pending, to the fast loop.
+// handOver moves p, busy and with nothing pending, to the fast loop, if
+// there is one.
 func (l *Loop) handOver(p *loopPair) {
-	if !l.remove(p) {
+	if !l.startFast() || !l.remove(p) {
 		return
 	}
 	for _, fd := range []int{p.a, p.b} {
@@ -352,7 +367,12 @@ func (l *Loop) finish(p *loopPair, failed bool) {
 
 // keptPipes counts the pipes kept for later pairs.
 func (l *Loop) keptPipes() int {
-	n := l.fast.keptPipes()
+	n := 0
+	l.mu.Lock()
+	if l.fast != nil {
+		n = l.fast.keptPipes()
+	}
+	l.mu.Unlock()
 	if l.pipes != nil {
 		l.pipes.mu.Lock()
 		n += len(l.pipes.free)
