@@ -18,6 +18,10 @@
 // user namespace, holds CAP_NET_ADMIN there). SYNs still cross the TAP, so
 // the helper holds a flow's first until its host connect succeeds, exactly
 // as without the map.
+//
+// Install also sets up the namespace's routes for published ports' TCP
+// connections through the guest's kernel (inbound.go: InboundMark), which
+// need no table and no entry per connection.
 package ktcpnat
 
 import (
