@@ -29,6 +29,9 @@ func (f *forward) acceptRaw(lf *os.File, guest rawGuest, log *slog.Logger) {
 		log.Warn("published port stopped accepting", "rule", f.rule.String(), "err", err)
 		return
 	}
+	// Accepted sockets inherit these options from the listener: four
+	// system calls once, not per connection.
+	_ = rc.Control(func(fd uintptr) { sockrelay.SetConnOptions(int(fd)) })
 	for {
 		fd, client, err := sockrelay.Accept(rc)
 		if err != nil {
@@ -37,7 +40,6 @@ func (f *forward) acceptRaw(lf *os.File, guest rawGuest, log *slog.Logger) {
 			}
 			return
 		}
-		sockrelay.SetConnOptions(fd)
 		target := f.rule.guestFor(client.Addr())
 		// As acceptTCP's: the Guest owns the connection.
 		if err := guest.forwardRawTCP(fd, client, target); err != nil {
