@@ -590,6 +590,10 @@ func (k *kernelTCP) serve() {
 	if err != nil {
 		return
 	}
+	// As the net package's listener did: the guest's small answers
+	// leave at once. Accepted sockets inherit the option from the
+	// listener. (Keepalive is the guest's own.)
+	_ = rc.Control(func(fd uintptr) { sockrelay.SetOption(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1) })
 	for {
 		fd, peer, err := sockrelay.Accept(rc)
 		if err != nil {
@@ -611,9 +615,6 @@ func (k *kernelTCP) serve() {
 			unix.Close(fd)
 			continue
 		}
-		// As the net package's listener did: the guest's small
-		// answers leave at once. (Keepalive is the guest's own.)
-		sockrelay.SetOption(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 		k.relay(f, fd)
 	}
 }
