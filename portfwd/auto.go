@@ -111,6 +111,17 @@ func SocketPort(f *os.File) uint16 {
 	return portOf(sa)
 }
 
+// portOf is an IP socket address's port (0: not an IP one).
+func portOf(sa unix.Sockaddr) uint16 {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return uint16(sa.Port)
+	case *unix.SockaddrInet6:
+		return uint16(sa.Port)
+	}
+	return 0
+}
+
 // EphemeralPorts returns the kernel's range for automatic local ports.
 func EphemeralPorts() (from, to uint16) {
 	from, to = 32768, 60999

@@ -170,14 +170,3 @@ func startConnect(fd int, from, guest netip.AddrPort, anyPort bool) error {
 	}
 	return nil
 }
-
-// portOf is an IP socket address's port (0: not an IP one).
-func portOf(sa unix.Sockaddr) uint16 {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return uint16(sa.Port)
-	case *unix.SockaddrInet6:
-		return uint16(sa.Port)
-	}
-	return 0
-}
