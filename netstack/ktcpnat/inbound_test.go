@@ -1,11 +1,9 @@
 package ktcpnat
 
 import (
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -52,43 +50,16 @@ func TestInboundKeepsClientAddress(t *testing.T) {
 		}
 		defer ln.Close()
 		client := netip.MustParseAddrPort("203.0.113.7:41999")
-		l, err := netlink.LinkByName("tap0")
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		tapBefore := l.Attrs().Statistics.TxBytes
-
+		sentBefore := tapSent(t)
 		c, s, ok := connectAsClient(t, ln, client)
 		if !ok {
 			return
 		}
 		defer c.Close()
 		defer s.Close()
-		payload := make([]byte, 2<<20)
-		for i := range payload {
-			payload[i] = byte(rand.Uint32())
-		}
-		deadline := time.Now().Add(10 * time.Second)
-		c.SetDeadline(deadline)
-		s.SetDeadline(deadline)
-		for _, dir := range []struct {
-			name     string
-			src, dst *net.TCPConn
-		}{{"ours -> server", c, s}, {"server -> ours", s, c}} {
-			go func() {
-				dir.src.Write(payload)
-				dir.src.CloseWrite()
-			}()
-			got, err := io.ReadAll(dir.dst)
-			if err != nil || sha256.Sum256(got) != sha256.Sum256(payload) {
-				t.Errorf("%s: %d of %d bytes, err %v", dir.name, len(got), len(payload), err)
-			}
-		}
-		if l, err = netlink.LinkByName("tap0"); err == nil {
-			if sent := l.Attrs().Statistics.TxBytes - tapBefore; sent > 0 {
-				t.Errorf("%d bytes crossed the TAP", sent)
-			}
+		checkBothWays(t, c, s, 2<<20, 2<<20)
+		if sent := tapSent(t) - sentBefore; sent > 0 {
+			t.Errorf("%d bytes crossed the TAP", sent)
 		}
 
 		start := time.Now()
@@ -107,14 +78,7 @@ func TestInboundKeepsClientAddress(t *testing.T) {
 func connectAsClient(t *testing.T, ln *net.TCPListener, client netip.AddrPort) (c, s *net.TCPConn, ok bool) {
 	t.Helper()
 	server := ln.Addr().(*net.TCPAddr).AddrPort()
-	accepted := make(chan *net.TCPConn, 1)
-	go func() {
-		c, err := ln.AcceptTCP()
-		if err == nil {
-			accepted <- c
-		}
-		close(accepted)
-	}()
+	accepted := acceptOne(ln)
 	c, err := dialMarked(client, server)
 	if err != nil {
 		t.Errorf("dial the server as the client: %v", err)

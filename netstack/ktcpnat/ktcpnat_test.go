@@ -2,11 +2,8 @@ package ktcpnat
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -98,22 +95,7 @@ func checkRewrites(t *testing.T, m Table, tapQueue *os.File, ln *net.TCPListener
 		<-forwarded
 		_ = tapQueue.SetReadDeadline(time.Time{})
 	}()
-	tapSent := func() uint64 {
-		l, err := netlink.LinkByName("tap0")
-		if err != nil {
-			t.Error(err)
-			return 0
-		}
-		return l.Attrs().Statistics.TxBytes
-	}
-	accepted := make(chan *net.TCPConn, 1)
-	go func() {
-		c, err := ln.AcceptTCP()
-		if err == nil {
-			accepted <- c
-		}
-		close(accepted)
-	}()
+	accepted := acceptOne(ln)
 	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(client), Timeout: 3 * time.Second}
 	cc, err := d.Dial("tcp4", remote.String())
 	if err != nil {
@@ -134,32 +116,9 @@ func checkRewrites(t *testing.T, m Table, tapQueue *os.File, ln *net.TCPListener
 	if got := c.RemoteAddr().(*net.TCPAddr).AddrPort(); got != remote {
 		t.Errorf("client sees peer %v, want %v", got, remote)
 	}
-	sentBefore := tapSent()
-	payload := make([]byte, 4<<20)
-	for i := range payload {
-		payload[i] = byte(rand.Uint32())
-	}
-	want := sha256.Sum256(payload)
-	go func() {
-		c.Write(payload)
-		c.CloseWrite()
-	}()
-	deadline := time.Now().Add(10 * time.Second)
-	s.SetDeadline(deadline)
-	got, err := io.ReadAll(s)
-	if err != nil || sha256.Sum256(got) != want {
-		t.Errorf("guest -> listener: %d of %d bytes, err %v, intact %v", len(got), len(payload), err, sha256.Sum256(got) == want)
-	}
-	go func() {
-		s.Write(payload[:1<<20])
-		s.CloseWrite()
-	}()
-	c.SetDeadline(deadline)
-	back, err := io.ReadAll(c)
-	if err != nil || !bytes.Equal(back, payload[:1<<20]) {
-		t.Errorf("listener -> guest: %d of %d bytes, err %v", len(back), 1<<20, err)
-	}
-	if sent := tapSent() - sentBefore; sent > 64<<10 {
+	sentBefore := tapSent(t)
+	checkBothWays(t, c, s, 4<<20, 1<<20)
+	if sent := tapSent(t) - sentBefore; sent > 64<<10 {
 		t.Errorf("%d bytes left through the TAP during 5 MiB of transfers", sent)
 	}
 	if err := m.Remove(f, Both); err != nil {
@@ -334,11 +293,7 @@ func TestRemoveForgetsConntrack(t *testing.T) {
 		f := Flow{Guest: netip.AddrPortFrom(guest, 41010), Remote: netip.MustParseAddrPort("203.0.113.7:80"),
 			Fake: netip.MustParseAddrPort("203.0.113.7:30010"), Listener: ln.Addr().(*net.TCPAddr).AddrPort()}
 		go forwardTAP(dev.Queues()[0], f, false)
-		accepted := make(chan *net.TCPConn, 1)
-		go func() {
-			c, _ := ln.AcceptTCP()
-			accepted <- c
-		}()
+		accepted := acceptOne(ln)
 		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(f.Guest), Timeout: 3 * time.Second}
 		cc, err := d.Dial("tcp4", f.Remote.String())
 		if err != nil {
