@@ -42,7 +42,11 @@ struct cl_dir {
 };
 
 struct cl_pair {
+	// id is the pair's slot, reused once it is free; key is the caller's
+	// name for it, never reused, which notes carry: a note may wait while
+	// the slot takes another pair.
 	uint32_t id;
+	uint64_t key;
 	int fd[2];
 	int out[2];
 	struct cl_dir dir[2];
@@ -125,7 +129,7 @@ static int64_t ms_since(const struct timespec *t) {
 }
 
 // Under mu.
-static void note(struct cl_loop *l, uint32_t id, int64_t up, int64_t down) {
+static void note(struct cl_loop *l, uint64_t key, int64_t up, int64_t down) {
 	if (l->nnotes == l->capnotes) {
 		size_t cap = l->capnotes ? 2 * l->capnotes : 64;
 		struct cl_note *n = realloc(l->notes, cap * sizeof *n);
@@ -134,7 +138,7 @@ static void note(struct cl_loop *l, uint32_t id, int64_t up, int64_t down) {
 		l->notes = n;
 		l->capnotes = cap;
 	}
-	l->notes[l->nnotes++] = (struct cl_note){.id = id, .up = up, .down = down};
+	l->notes[l->nnotes++] = (struct cl_note){.key = key, .up = up, .down = down};
 	if (l->signaled)
 		return;
 	if (l->nnotes == 1)
@@ -217,7 +221,7 @@ static void finish(struct cl_loop *l, struct cl_pair *p, int failed) {
 	l->pairs[p->id] = NULL;
 	pipe_put(l, &p->dir[0].p, failed);
 	pipe_put(l, &p->dir[1].p, failed);
-	note(l, p->id, p->dir[0].total, p->dir[1].total);
+	note(l, p->key, p->dir[0].total, p->dir[1].total);
 	pthread_mutex_unlock(&l->mu);
 	free(p);
 }
@@ -344,13 +348,14 @@ fail:
 	return NULL;
 }
 
-int64_t cl_add(struct cl_loop *l, int a, int b, int64_t up, int64_t down) {
+int cl_add(struct cl_loop *l, int a, int b, int64_t up, int64_t down, uint64_t key) {
 	struct cl_pair *p = calloc(1, sizeof *p);
 	int err = 0;
 	if (!p) {
 		err = -ENOMEM;
 		goto fail;
 	}
+	p->key = key;
 	p->fd[0] = a;
 	p->fd[1] = b;
 	p->dir[0].total = up;
@@ -398,8 +403,10 @@ int64_t cl_add(struct cl_loop *l, int a, int b, int64_t up, int64_t down) {
 		pipe_put(l, &p->dir[1].p, 1);
 	}
 	pthread_mutex_unlock(&l->mu);
+	// Not p's fields: once registered and unlocked, p is the thread's,
+	// which may have ended and freed it already.
 	if (!err)
-		return p->id;
+		return 0;
 fail:
 	reset_close(a);
 	reset_close(b);

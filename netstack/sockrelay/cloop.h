@@ -3,7 +3,7 @@
 
 // What the loop's thread tells Go: a pair ended, with its bytes each way.
 struct cl_note {
-	uint32_t id;
+	uint64_t key;
 	int64_t up, down;
 };
 
@@ -13,8 +13,8 @@ struct cl_loop;
 // waiting; NULL and *err on failure.
 struct cl_loop *cl_new(int notefd, int *err);
 // cl_add relays a and b (the loop owns them from here, also on failure),
-// counting on from up and down; the pair's id, or -errno.
-int64_t cl_add(struct cl_loop *l, int a, int b, int64_t up, int64_t down);
+// counting on from up and down; the pair's note carries key. 0 or -errno.
+int cl_add(struct cl_loop *l, int a, int b, int64_t up, int64_t down, uint64_t key);
 // cl_take_notes moves up to max waiting notes into buf; how many.
 size_t cl_take_notes(struct cl_loop *l, struct cl_note *buf, size_t max);
 // cl_stop stops the thread and resets every pair: nothing is noted after

@@ -29,8 +29,11 @@ type cLoop struct {
 	c    *C.struct_cl_loop
 	note *os.File
 
-	mu     sync.Mutex
-	ends   map[uint32]func(up, down int64)
+	mu   sync.Mutex
+	ends map[uint64]func(up, down int64)
+	// next names the last pair added: the C loop's own ids are slots,
+	// reused while an ended pair's note may still wait.
+	next   uint64
 	closed bool
 	done   chan struct{}
 }
@@ -46,7 +49,7 @@ func newCLoop() (*cLoop, error) {
 		unix.Close(efd)
 		return nil, fmt.Errorf("relay loop: %w", syscall.Errno(cerr))
 	}
-	l := &cLoop{c: c, note: os.NewFile(uintptr(efd), "relay-notes"), ends: make(map[uint32]func(up, down int64)), done: make(chan struct{})}
+	l := &cLoop{c: c, note: os.NewFile(uintptr(efd), "relay-notes"), ends: make(map[uint64]func(up, down int64)), done: make(chan struct{})}
 	go l.notes()
 	return l, nil
 }
@@ -62,11 +65,11 @@ func (l *cLoop) add(a, b int, up, down int64, end func(up, down int64)) error {
 		return errLoopClosed
 	}
 	// Under the lock: the pair's end waits for its function.
-	id := int64(C.cl_add(l.c, C.int(a), C.int(b), C.int64_t(up), C.int64_t(down)))
-	if id < 0 {
-		return fmt.Errorf("relay loop: %w", syscall.Errno(-id))
+	l.next++
+	if rc := C.cl_add(l.c, C.int(a), C.int(b), C.int64_t(up), C.int64_t(down), C.uint64_t(l.next)); rc < 0 {
+		return fmt.Errorf("relay loop: %w", syscall.Errno(-rc))
 	}
-	l.ends[uint32(id)] = end
+	l.ends[l.next] = end
 	return nil
 }
 
@@ -113,10 +116,10 @@ func (l *cLoop) notes() {
 }
 
 func (l *cLoop) ended(note C.struct_cl_note) {
-	id := uint32(note.id)
+	key := uint64(note.key)
 	l.mu.Lock()
-	end := l.ends[id]
-	delete(l.ends, id)
+	end := l.ends[key]
+	delete(l.ends, key)
 	l.mu.Unlock()
 	if end != nil {
 		end(int64(note.up), int64(note.down))

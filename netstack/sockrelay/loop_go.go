@@ -135,6 +135,10 @@ func (l *Loop) Close() {
 	l.mu.Lock()
 	pairs := l.pairs
 	l.pairs = nil
+	// After the goroutine ended: it hands pairs to fast. Taken under mu:
+	// keptPipes must not reach a freed C loop.
+	fast := l.fast
+	l.fast = nil
 	l.mu.Unlock()
 	for _, p := range pairs {
 		resetClose(p.a)
@@ -142,9 +146,8 @@ func (l *Loop) Close() {
 		l.pipes.put(p.dir[0].pipe, true)
 		l.pipes.put(p.dir[1].pipe, true)
 	}
-	// After the goroutine ended: it hands pairs to fast.
-	if l.fast != nil {
-		l.fast.close()
+	if fast != nil {
+		fast.close()
 	}
 }
 
