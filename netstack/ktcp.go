@@ -594,17 +594,16 @@ func (k *kernelTCP) serve() {
 	// leave at once. Accepted sockets inherit the option from the
 	// listener. (Keepalive is the guest's own.)
 	_ = rc.Control(func(fd uintptr) { sockrelay.SetOption(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1) })
+	var backoff sockrelay.AcceptBackoff
 	for {
 		fd, peer, err := sockrelay.Accept(rc)
 		if err != nil {
-			var errno unix.Errno
-			if !errors.As(err, &errno) {
-				return
+			if backoff.Wait(err) {
+				continue
 			}
-			// Out of descriptors for a moment.
-			time.Sleep(10 * time.Millisecond)
-			continue
+			return
 		}
+		backoff.Reset()
 		v, ok := k.byFake.Load(peer)
 		if !ok {
 			unix.Close(fd)

@@ -32,14 +32,20 @@ func (f *forward) acceptRaw(lf *os.File, guest rawGuest, log *slog.Logger) {
 	// Accepted sockets inherit these options from the listener: four
 	// system calls once, not per connection.
 	_ = rc.Control(func(fd uintptr) { sockrelay.SetConnOptions(int(fd)) })
+	var backoff sockrelay.AcceptBackoff
 	for {
 		fd, client, err := sockrelay.Accept(rc)
 		if err != nil {
+			if !f.stopping.Load() && backoff.Wait(err) {
+				log.Debug("published port: accept", "rule", f.rule.String(), "err", err)
+				continue
+			}
 			if !f.stopping.Load() {
 				log.Warn("published port stopped accepting", "rule", f.rule.String(), "err", err)
 			}
 			return
 		}
+		backoff.Reset()
 		target := f.rule.guestFor(client.Addr())
 		// As acceptTCP's: the Guest owns the connection.
 		if err := guest.forwardRawTCP(fd, client, target); err != nil {

@@ -163,14 +163,20 @@ func (f *forward) stop() {
 }
 
 func (f *forward) acceptTCP(ln *net.TCPListener, guest Guest, log *slog.Logger) {
+	var backoff sockrelay.AcceptBackoff
 	for {
 		conn, err := ln.AcceptTCP()
 		if err != nil {
+			if !f.stopping.Load() && backoff.Wait(err) {
+				log.Debug("published port: accept", "rule", f.rule.String(), "err", err)
+				continue
+			}
 			if !errors.Is(err, net.ErrClosed) {
 				log.Warn("published port stopped accepting", "rule", f.rule.String(), "err", err)
 			}
 			return
 		}
+		backoff.Reset()
 		// Connection goroutines are not waited for by stop: a removed
 		// rule lets its open connections finish. Their owner is the
 		// Guest, which ends them when it shuts down.

@@ -2,11 +2,13 @@ package sockrelay
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -56,6 +58,32 @@ func Accept(rc syscall.RawConn) (int, netip.AddrPort, error) {
 	}
 	return fd, addrPortOf(&sa), nil
 }
+
+// AcceptBackoff paces an accept loop through the errors that pass: the
+// kernel out of descriptors or memory for a moment, or a connection's own
+// failure. A listener that stops at the first one is dead until the helper
+// restarts. The zero value is ready.
+type AcceptBackoff struct{ delay time.Duration }
+
+// Wait returns false if err ends the loop (the listener closed, or is no
+// listener); else it waits, twice as long as the time before while errors
+// come in a row (5 ms to 1 s), and returns true.
+func (b *AcceptBackoff) Wait(err error) bool {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) || errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
+		return false
+	}
+	switch errno {
+	case unix.EBADF, unix.EINVAL, unix.ENOTSOCK, unix.EFAULT:
+		return false
+	}
+	b.delay = min(max(2*b.delay, 5*time.Millisecond), time.Second)
+	time.Sleep(b.delay)
+	return true
+}
+
+// Reset starts the next run of errors from the shortest wait.
+func (b *AcceptBackoff) Reset() { b.delay = 0 }
 
 func addrPortOf(sa *unix.RawSockaddrAny) netip.AddrPort {
 	switch sa.Addr.Family {
