@@ -180,12 +180,14 @@ func netlinkSocket() (int, error) {
 }
 
 // GuestNAT says whether the calling thread's network namespace
-// destination-NATs what it receives: nftables chains of type nat on the
-// prerouting hook, or iptables' (legacy) nat table. The published-port
-// connections of the kernel path arrive over lo, so they would bypass such
-// rules (podman's port forwarding into containers in its
-// rootless network namespace, a redirect of a privileged port), which the
-// userspace stack's connections, arriving on the TAP, go through.
+// destination-NATs connections: nftables chains of type nat on the
+// prerouting or output hook, or iptables' (legacy) nat table. The
+// published-port connections of the kernel path start in the namespace, so
+// they would bypass prerouting's rules (podman's port forwarding into
+// containers in its rootless network namespace, a redirect of a privileged
+// port), which the userspace stack's connections, arriving on the TAP, go
+// through, and would go through output's (a redirect of the guest's own
+// traffic to a proxy), which the stack's do not.
 func GuestNAT() bool {
 	for _, name := range []string{"/proc/self/net/ip_tables_names", "/proc/self/net/ip6_tables_names"} {
 		if b, err := os.ReadFile(name); err == nil && slices.Contains(strings.Fields(string(b)), "nat") {
@@ -203,7 +205,7 @@ func GuestNAT() bool {
 		return false
 	}
 	for _, ch := range chains {
-		if ch.Type == nftables.ChainTypeNAT && ch.Hooknum != nil && *ch.Hooknum == *nftables.ChainHookPrerouting {
+		if ch.Type == nftables.ChainTypeNAT && ch.Hooknum != nil && (*ch.Hooknum == *nftables.ChainHookPrerouting || *ch.Hooknum == *nftables.ChainHookOutput) {
 			return true
 		}
 	}

@@ -163,15 +163,28 @@ func TestInboundReadyAndGuestNAT(t *testing.T) {
 			return
 		}
 		defer c.CloseLasting()
-		nat := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: "guest"})
-		c.AddChain(&nftables.Chain{Table: nat, Name: "pre", Type: nftables.ChainTypeNAT,
-			Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest})
-		if err := c.Flush(); err != nil {
-			t.Error(err)
-			return
-		}
-		if !GuestNAT() {
-			t.Error("GuestNAT does not see the guest's NAT chain")
+		for _, hook := range []struct {
+			name string
+			num  *nftables.ChainHook
+		}{{"output", nftables.ChainHookOutput}, {"prerouting", nftables.ChainHookPrerouting}} {
+			nat := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: "guest"})
+			c.AddChain(&nftables.Chain{Table: nat, Name: hook.name, Type: nftables.ChainTypeNAT,
+				Hooknum: hook.num, Priority: nftables.ChainPriorityNATDest})
+			if err := c.Flush(); err != nil {
+				t.Error(err)
+				return
+			}
+			if !GuestNAT() {
+				t.Errorf("GuestNAT does not see the guest's NAT chain on the %s hook", hook.name)
+			}
+			c.DelTable(nat)
+			if err := c.Flush(); err != nil {
+				t.Error(err)
+				return
+			}
+			if GuestNAT() {
+				t.Error("GuestNAT sees a NAT chain after the guest removed it")
+			}
 		}
 	})
 }
