@@ -96,7 +96,8 @@ func (k *KernelPath) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 // forwardRawTCP implements rawGuest: the forward's listener accepted fd
 // without the net package. It runs in the listener's accept loop, so what
 // may wait (the userspace stack's connection, a connect that did not end
-// within its call) goes on in a goroutine of its own: a goroutine per
+// within its call, sockets from the port helper when none were made
+// ahead) goes on in a goroutine of its own: a goroutine per
 // connection, whose stack grows on the way, had cost a short connection
 // 3-4 % of the helper's CPU.
 func (k *KernelPath) forwardRawTCP(fd int, client, guest netip.AddrPort) error {
@@ -112,7 +113,27 @@ func (k *KernelPath) forwardRawTCP(fd int, client, guest netip.AddrPort) error {
 		go k.toStack(fd, client, guest)
 		return nil
 	}
-	inner, connected, err := k.dialFrom(fam, from, guest)
+	inner, connected, err := k.dialFrom(fam, from, guest, false)
+	if errors.Is(err, errPoolEmpty) {
+		// The pool's refill waits for the port helper: not in the
+		// accept loop, which would stall every published port of the
+		// family while the helper is slow.
+		go func() {
+			inner, connected, err := k.dialFrom(fam, from, guest, true)
+			if err := k.dialed(fd, client, guest, fam, inner, connected, err); err != nil {
+				k.log.Debug("published tcp connection", "client", client, "guest", guest, "err", err)
+			}
+		}()
+		return nil
+	}
+	return k.dialed(fd, client, guest, fam, inner, connected, err)
+}
+
+// dialed goes on from dialFrom's result for the client's socket fd: the
+// stack takes the connection if the guest's kernel did not, a connect in
+// progress ends in a goroutine of its own, and a connected pair goes to
+// the relay loops.
+func (k *KernelPath) dialed(fd int, client, guest netip.AddrPort, fam, inner int, connected bool, err error) error {
 	switch {
 	case err != nil:
 		k.fallBack(fam, client, guest, err)

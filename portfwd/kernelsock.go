@@ -40,15 +40,33 @@ type socketPool struct {
 	made   time.Time
 	batch  int
 	closed bool
+	// failed, failedAt: the last refill's error, for the callers that
+	// waited for it (the port helper's is a wait of seconds at worst).
+	failed   error
+	failedAt time.Time
 }
 
-func (p *socketPool) get(src InboundSockets, ipv6 bool) (int, error) {
+// errPoolEmpty: get without wait found no fresh socket.
+var errPoolEmpty = errors.New("no socket made ahead")
+
+// get returns a socket made by src. With wait false it does not ask src
+// for more (a round trip to the port helper, seconds if that is stuck):
+// errPoolEmpty.
+func (p *socketPool) get(src InboundSockets, ipv6, wait bool) (int, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
 		return -1, net.ErrClosed
 	}
 	aged := time.Since(p.made) > poolMaxAge
+	if len(p.fds) == 0 || aged {
+		switch {
+		case !wait:
+			return -1, errPoolEmpty
+		case p.failed != nil && time.Since(p.failedAt) < poolMaxAge:
+			return -1, p.failed
+		}
+	}
 	switch {
 	case len(p.fds) > 0 && aged:
 		closeAll(p.fds)
@@ -61,8 +79,10 @@ func (p *socketPool) get(src InboundSockets, ipv6 bool) (int, error) {
 		p.batch = min(max(p.batch, poolMin), poolMax)
 		files, err := src.InboundSockets(ipv6, p.batch)
 		if err != nil {
+			p.failed, p.failedAt = err, time.Now()
 			return -1, err
 		}
+		p.failed = nil
 		for _, f := range files {
 			fd, err := sockrelay.Detach(f)
 			if err != nil {
@@ -118,13 +138,14 @@ func connOf(fd int) (*net.TCPConn, error) {
 // has that one), to guest: the server sees from. The socket is a raw
 // non-blocking descriptor, for the relay loop; connected says whether its
 // connect ended (sockrelay.AwaitConnected waits for the rest).
-func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (fd int, connected bool, err error) {
-	fd, connected, err = k.dialOnce(fam, from, guest, false)
+// With wait false it takes only a socket made ahead (else errPoolEmpty).
+func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort, wait bool) (fd int, connected bool, err error) {
+	fd, connected, err = k.dialOnce(fam, from, guest, false, wait)
 	if errors.Is(err, unix.EADDRNOTAVAIL) {
 		// Another client with the same port shows as the same address
 		// (the gateway, for all loopback clients): its connection has
 		// these addresses. Any port will do.
-		fd, connected, err = k.dialOnce(fam, from, guest, true)
+		fd, connected, err = k.dialOnce(fam, from, guest, true, wait)
 	}
 	return fd, connected, err
 }
@@ -132,8 +153,11 @@ func (k *KernelPath) dialFrom(fam int, from, guest netip.AddrPort) (fd int, conn
 // errNoSockets wraps the port helper's failure to make sockets.
 var errNoSockets = errors.New("no sockets from the port helper")
 
-func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort bool) (int, bool, error) {
-	fd, err := k.pools[fam].get(k.sockets, fam == 1)
+func (k *KernelPath) dialOnce(fam int, from, guest netip.AddrPort, anyPort, wait bool) (int, bool, error) {
+	fd, err := k.pools[fam].get(k.sockets, fam == 1, wait)
+	if errors.Is(err, errPoolEmpty) {
+		return -1, false, err
+	}
 	if err != nil {
 		return -1, false, fmt.Errorf("%w: %w", errNoSockets, err)
 	}
