@@ -7,26 +7,15 @@ import (
 	"io"
 	"net"
 	"testing"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay/relaytest"
 )
 
 // tcpPair returns both ends of a loopback TCP connection with small
 // buffers, so that writes fill the socket quickly.
 func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
 	t.Helper()
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
+	c, s := relaytest.TCPPair(t)
 	_ = c.SetWriteBuffer(32 << 10)
 	_ = s.SetReadBuffer(32 << 10)
 	return c, s

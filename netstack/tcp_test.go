@@ -4,13 +4,14 @@ import (
 	"errors"
 	"net"
 	"net/netip"
-	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay/relaytest"
 )
 
 // A SYN the guest resends while the host-side dial is slow leaves no note
@@ -20,27 +21,10 @@ import (
 func TestSlowDialLeavesNoNote(t *testing.T) {
 	// A listener whose accept queue is full drops SYNs: the dial waits
 	// for the kernel's SYN retransmission.
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, _ := unix.Getsockname(fd)
-	port := sa.(*unix.SockaddrInet4).Port
-	filler, err := net.Dial("tcp4", "127.0.0.1:"+strconv.Itoa(port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer filler.Close()
+	fd, listener := relaytest.FullListener(t)
 
 	s, peer := stackOnSocketpair(t, DefaultConfig(), 0)
-	syn := synFrame(netip.MustParseAddrPort("10.0.2.100:40000"), netip.AddrPortFrom(DefaultGateway, uint16(port)))
+	syn := synFrame(netip.MustParseAddrPort("10.0.2.100:40000"), netip.AddrPortFrom(DefaultGateway, listener.Port()))
 	if _, err := unix.Write(peer, syn); err != nil {
 		t.Fatal(err)
 	}

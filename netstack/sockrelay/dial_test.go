@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay/relaytest"
 )
 
 // Dial's socket is connected; a refused connect says so.
@@ -58,22 +60,7 @@ func TestDialConnectsAndRefuses(t *testing.T) {
 // once when its context ends.
 func TestDialTimesOut(t *testing.T) {
 	// A listener with a full accept queue drops SYNs.
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, err := unix.Getsockname(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	to := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(sa.(*unix.SockaddrInet4).Port))
+	fd, to := relaytest.FullListener(t)
 	full := false
 	for range 8 {
 		fd, err := Dial(context.Background(), netip.Addr{}, to, 300*time.Millisecond)

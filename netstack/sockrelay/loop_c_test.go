@@ -5,6 +5,8 @@ package sockrelay
 import (
 	"testing"
 	"time"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay/relaytest"
 )
 
 // An ended pair's note may wait while its slot in the C loop takes a new
@@ -17,8 +19,8 @@ func TestCLoopNoteOutlivesSlot(t *testing.T) {
 	defer cl.close()
 	ends := make(chan string, 128)
 	add := func(name string) (closePeers func()) {
-		a, peerA := pair(t)
-		b, peerB := pair(t)
+		a, peerA := relaytest.TCPPair(t)
+		b, peerB := relaytest.TCPPair(t)
 		if err := cl.add(rawOf(t, a), rawOf(t, b), 0, 0, func(up, down int64) { ends <- name }); err != nil {
 			t.Fatal(err)
 		}

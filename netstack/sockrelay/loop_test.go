@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay/relaytest"
 )
 
 // rawOf returns a non-blocking duplicate of c's socket, which the caller
@@ -45,8 +47,8 @@ func TestLoopCopiesAndHalfCloses(t *testing.T) {
 	const pairs = 3
 	errs := make(chan error, pairs)
 	for range pairs {
-		guestApp, guest := pair(t)
-		host, hostApp := pair(t)
+		guestApp, guest := relaytest.TCPPair(t)
+		host, hostApp := relaytest.TCPPair(t)
 		done := make(chan ended, 1)
 		if err := l.Add(rawOf(t, guest), rawOf(t, host), nil, func(up, down int64) { done <- ended{up, down} }); err != nil {
 			t.Fatal(err)
@@ -123,8 +125,8 @@ func TestLoopPassesReset(t *testing.T) {
 
 func passesReset(t *testing.T, exchanges int) {
 	l := newLoop(t, nil)
-	guestApp, guest := pair(t)
-	host, hostApp := pair(t)
+	guestApp, guest := relaytest.TCPPair(t)
+	host, hostApp := relaytest.TCPPair(t)
 	if err := l.Add(rawOf(t, guest), rawOf(t, host), nil, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -160,8 +162,8 @@ func TestLoopCloseResets(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	guestApp, guest := pair(t)
-	host, hostApp := pair(t)
+	guestApp, guest := relaytest.TCPPair(t)
+	host, hostApp := relaytest.TCPPair(t)
 	if err := l.Add(rawOf(t, guest), rawOf(t, host), nil, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +178,7 @@ func TestLoopCloseResets(t *testing.T) {
 	if _, err := hostApp.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("host side after the loop closed: %v, want a reset", err)
 	}
-	a, b := pair(t)
+	a, b := relaytest.TCPPair(t)
 	if err := l.Add(rawOf(t, a), rawOf(t, b), nil, nil); !errors.Is(err, errLoopClosed) {
 		t.Errorf("Add after Close: %v", err)
 	}
@@ -185,8 +187,8 @@ func TestLoopCloseResets(t *testing.T) {
 // busy runs once a pair carried more than a request and its answer.
 func TestLoopBusy(t *testing.T) {
 	l := newLoop(t, nil)
-	guestApp, guest := pair(t)
-	host, hostApp := pair(t)
+	guestApp, guest := relaytest.TCPPair(t)
+	host, hostApp := relaytest.TCPPair(t)
 	busy := make(chan struct{}, 2)
 	if err := l.Add(rawOf(t, guest), rawOf(t, host), func() { busy <- struct{}{} }, nil); err != nil {
 		t.Fatal(err)

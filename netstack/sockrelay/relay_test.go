@@ -9,33 +9,15 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// pair returns both ends of a loopback TCP connection.
-func pair(t *testing.T) (a, b *net.TCPConn) {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.DialTCP("tcp4", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c, s
-}
+	"github.com/netns-run/netns-run/netstack/sockrelay/relaytest"
+)
 
 // Bytes cross whole both ways, counted; each end of stream arrives as one,
 // after which the other direction still flows.
 func TestRelayCopiesAndHalfCloses(t *testing.T) {
-	guestApp, guest := pair(t)
-	host, hostApp := pair(t)
+	guestApp, guest := relaytest.TCPPair(t)
+	host, hostApp := relaytest.TCPPair(t)
 	done := make(chan ended, 1)
 	go func() {
 		up, down := Relay(guest, host, nil)
@@ -49,8 +31,8 @@ func TestRelayCopiesAndHalfCloses(t *testing.T) {
 // A reset of the guest's side, even after its end of stream, resets the
 // host's.
 func TestRelayPassesReset(t *testing.T) {
-	guestApp, guest := pair(t)
-	host, hostApp := pair(t)
+	guestApp, guest := relaytest.TCPPair(t)
+	host, hostApp := relaytest.TCPPair(t)
 	go Relay(guest, host, nil)
 	checkResetPasses(t, guestApp, hostApp, "")
 }
@@ -97,8 +79,8 @@ func TestRelayFilesAndPipeReuse(t *testing.T) {
 	var pipes Pipes
 	defer pipes.Close()
 	for round := range 3 {
-		guestApp, guestConn := pair(t)
-		host, hostApp := pair(t)
+		guestApp, guestConn := relaytest.TCPPair(t)
+		host, hostApp := relaytest.TCPPair(t)
 		guest := fileOf(t, guestConn)
 		done := make(chan struct{})
 		go func() {
