@@ -116,8 +116,10 @@ type ktcpFlow struct {
 	handoff ktcpHandoff
 	// release ends the egress policy's hold on the flow's pins.
 	release func()
-	// inKernel: the flow is in the guest kernel's maps (k.nat).
-	inKernel bool
+	// nat: whether the flow is in the guest kernel's maps (k.nat); see
+	// translateInKernel, which runs on a goroutine of its own and may
+	// still be adding when the flow's linger ends.
+	nat atomic.Int32
 	// supersedes is the ended flow whose addresses the guest reused for
 	// this one, if any.
 	supersedes *ktcpFlow

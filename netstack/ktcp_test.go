@@ -2,6 +2,7 @@ package netstack
 
 import (
 	"bytes"
+	"log/slog"
 	"net/netip"
 	"os"
 	"testing"
@@ -10,6 +11,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/netns-run/netns-run/netstack/ktcpnat"
 )
 
 // segmentFrame builds an Ethernet frame with a TCP segment from src to dst
@@ -192,4 +195,60 @@ func TestKernelTCPRewriteIPv6(t *testing.T) {
 		k.rewrite(vh, frame, l3, seg, remote, guest)
 		checkSegment(t, vh, frame, remote, guest, payload)
 	}
+}
+
+// gatedTable is a ktcpnat.Table whose Add waits to be let go, and which
+// records what Remove takes out.
+type gatedTable struct {
+	adding  chan struct{}
+	letGo   chan struct{}
+	removed chan ktcpnat.Parts
+}
+
+func (g *gatedTable) Add(ktcpnat.Flow) error {
+	g.adding <- struct{}{}
+	<-g.letGo
+	return nil
+}
+
+func (g *gatedTable) Remove(_ ktcpnat.Flow, p ktcpnat.Parts) error {
+	g.removed <- p
+	return nil
+}
+
+func (g *gatedTable) Close() error { return nil }
+
+// A flow whose linger ends while its entries are still going into the
+// guest kernel's maps (a slow broker) does not leave them there: the adder
+// takes them out once in. A flow whose linger ended first never adds.
+func TestTranslationOutlivesLinger(t *testing.T) {
+	tbl := &gatedTable{adding: make(chan struct{}), letGo: make(chan struct{}), removed: make(chan ktcpnat.Parts, 2)}
+	s := &Stack{cfg: DefaultConfig(), log: slog.New(slog.DiscardHandler)}
+	k := &kernelTCP{s: s, nat: tbl}
+	f := &ktcpFlow{key: ktcpKey{guest: netip.MustParseAddrPort("10.0.2.100:40000"), remote: netip.MustParseAddrPort("203.0.113.7:80")}}
+	k.byGuest.Store(f.key, f)
+	go k.translateInKernel(f)
+	<-tbl.adding
+	// The linger ends (laterUnmap's order: untranslated, then forgotten).
+	k.translateHere(f)
+	k.byGuest.CompareAndDelete(f.key, f)
+	select {
+	case p := <-tbl.removed:
+		t.Fatalf("removed %v before the entries went in", p)
+	default:
+	}
+	close(tbl.letGo)
+	select {
+	case p := <-tbl.removed:
+		if p != ktcpnat.Both {
+			t.Errorf("removed %v, want both sides", p)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the entries stayed in the guest's kernel")
+	}
+	s.flows.closeAndWait()
+
+	late := &ktcpFlow{key: f.key}
+	k.translateHere(late)
+	k.translateInKernel(late) // Add would block: it must not be called
 }

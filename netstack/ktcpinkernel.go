@@ -12,12 +12,22 @@ import (
 // The kernel TCP path's flows move into the guest kernel's own translation
 // (package ktcpnat) once they are busy, and out of it after their linger.
 
+// A flow's place in the guest kernel's maps (ktcpFlow.nat).
+const (
+	natNone   int32 = iota
+	natAdding       // translateInKernel is at work
+	natIn           // the entries are in, or may be (an answer lost)
+	natOver         // translateHere ran: no entries may stay
+)
+
 // translateInKernel hands f's translation to the guest's kernel, if it can
 // take it, once the relay found the flow busy (sockrelay.Loop): a connection
 // that carries one request and its answer is over before the two netlink
-// transactions (in, and out at the end) would pay off.
+// transactions (in, and out at the end) would pay off. It runs on a
+// goroutine of its own, so the flow's linger may end meanwhile: then it
+// takes the entries out again itself.
 func (k *kernelTCP) translateInKernel(f *ktcpFlow) {
-	if k.nat == nil || k.natOff[f.family()].Load() {
+	if k.nat == nil || k.natOff[f.family()].Load() || !f.nat.CompareAndSwap(natNone, natAdding) {
 		return
 	}
 	nf := f.natFlow()
@@ -30,14 +40,20 @@ func (k *kernelTCP) translateInKernel(f *ktcpFlow) {
 			err = k.nat.Add(nf)
 		}
 	}
+	// Unless the kernel said no, the entries may be in (an answer
+	// lost): removing them at the end is harmless if not.
+	in := err == nil || !errors.Is(err, unix.EEXIST) && !errors.Is(err, unix.ENFILE)
+	next := natNone
+	if in {
+		next = natIn
+	}
+	if !f.nat.CompareAndSwap(natAdding, next) && in {
+		k.untranslate(f)
+	}
 	if err != nil {
-		// Unless the kernel said no, the entries may be in (an
-		// answer lost): removing them at the end is harmless if not.
-		f.inKernel = !errors.Is(err, unix.EEXIST) && !errors.Is(err, unix.ENFILE)
 		k.natFailed(f, err)
 		return
 	}
-	f.inKernel = true
 	k.s.counters.tcpKernelNATTotal.Add(1)
 }
 
@@ -75,12 +91,16 @@ func (k *kernelTCP) natFailed(f *ktcpFlow, err error) {
 // it over (translateInKernel): the rules leave SYNs alone, so a new
 // connection always reaches divert.
 func (k *kernelTCP) translateHere(f *ktcpFlow) {
-	if !f.inKernel {
-		return
+	if f.nat.Swap(natOver) == natIn {
+		k.untranslate(f)
 	}
-	f.inKernel = false
+}
+
+// untranslate removes f's entries from the guest kernel's maps: the
+// guest's side only if no other flow took its addresses over.
+func (k *kernelTCP) untranslate(f *ktcpFlow) {
 	parts := ktcpnat.Back
-	if v, _ := k.byGuest.Load(f.key); v == f {
+	if v, ok := k.byGuest.Load(f.key); !ok || v == f {
 		parts = ktcpnat.Both
 	}
 	// On a goroutine of its own: with a broker, a removal may take
