@@ -3,6 +3,7 @@ package portfwd
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"math"
@@ -10,12 +11,15 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay"
 )
 
 // The API speaks slirp4netns's protocol byte for byte: one JSON request per
-// connection, read until EOF (at most 4095 bytes), one compact JSON reply in
-// a single write, then close. Runtimes (podman, rootlesskit) depend on the
-// exact shapes, including list_hostfwd's reply having no "return" wrapper.
+// connection, read until it is whole or EOF (at most 4095 bytes), one
+// compact JSON reply in a single write, then close. Runtimes (podman,
+// rootlesskit) depend on the exact shapes, including list_hostfwd's reply
+// having no "return" wrapper.
 const (
 	apiMaxRequest = 4096
 	// apiReadTimeout bounds a client that never finishes its request.
@@ -97,11 +101,17 @@ func (a *API) Serve(ctx context.Context, ln net.Listener) {
 	defer wg.Wait()
 	slots := make(chan struct{}, apiMaxClients)
 	ownNetns := netnsCookie(ln)
+	var backoff sockrelay.AcceptBackoff
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
+			if ctx.Err() == nil && backoff.Wait(err) {
+				a.log.Debug("api: accept", "err", err)
+				continue
+			}
 			return
 		}
+		backoff.Reset()
 		slots <- struct{}{}
 		wg.Add(1)
 		go func() {
@@ -123,7 +133,7 @@ func (a *API) serveConn(conn net.Conn, ownNetns uint64) {
 		// instead of a reset from a socket closed on its unread request.
 		refused = a.guest.check(conn, ownNetns)
 	}
-	req, err := io.ReadAll(io.LimitReader(conn, apiMaxRequest))
+	req, err := readRequest(conn)
 	var resp []byte
 	switch {
 	case refused != nil:
@@ -139,6 +149,30 @@ func (a *API) serveConn(conn net.Conn, ownNetns uint64) {
 		resp = a.Handle(req)
 	}
 	_, _ = conn.Write(resp)
+}
+
+// readRequest reads a request until it is one whole JSON value, the client
+// shut its side, or it is apiMaxRequest bytes long. slirp4netns answers
+// what one read gave it, so its clients need not shut their side: a client
+// that writes and then waits for the answer must get it.
+func readRequest(conn net.Conn) ([]byte, error) {
+	buf := make([]byte, 0, 512)
+	for len(buf) < apiMaxRequest {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := conn.Read(buf[len(buf):min(cap(buf), apiMaxRequest)])
+		buf = buf[:len(buf)+n]
+		switch {
+		case errors.Is(err, io.EOF):
+			return buf, nil
+		case err != nil:
+			return buf, err
+		case n > 0 && json.Valid(buf):
+			return buf, nil
+		}
+	}
+	return buf, nil
 }
 
 // Handle answers one request with slirp4netns's exact reply bytes.

@@ -88,6 +88,20 @@ func TestAPIOverSocket(t *testing.T) {
 	if got := call(`{"execute":"list_hostfwd"}`); got != `{"entries":[]}` {
 		t.Errorf("list: %q", got)
 	}
+	// As slirp4netns, answered once the request is whole: the client
+	// need not shut its side first.
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(`{"execute":"list_hostfwd"}`)); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(2 * apiReadTimeout))
+	if got, err := io.ReadAll(c); string(got) != `{"entries":[]}` {
+		t.Errorf("list without shutting the client's side: %q, %v", got, err)
+	}
 	big := `{"execute":"list_hostfwd","pad":"` + strings.Repeat("x", 5000) + `"}`
 	if got := call(big); got != `{"error":{"desc":"bad request: too large message"}}` {
 		t.Errorf("oversized: %q", got)
