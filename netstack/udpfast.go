@@ -415,28 +415,6 @@ func (f *udpFlow) relayFromStack(ep tcpip.Endpoint, wq *waiter.Queue) {
 // until its socket is closed: the flow table closes it when the flow
 // expires or is evicted, the stack when it stops.
 func (f *udpFlow) relayReplies(ep tcpip.Endpoint) {
-	var (
-		b         *udpBatch
-		waitFirst bool
-	)
-	// try is called by the netpoller; it takes a batch only once there
-	// is something to read, so a waiting flow holds no buffers.
-	try := func(fd uintptr) bool {
-		if waitFirst {
-			waitFirst = false
-			return false
-		}
-		if b == nil {
-			b = udpBatches.Get().(*udpBatch)
-		}
-		b.recv(fd)
-		if b.err == unix.EAGAIN {
-			udpBatches.Put(b)
-			b = nil
-			return false
-		}
-		return true
-	}
 	oversize := func(p []byte) {
 		var r bytes.Reader
 		r.Reset(p)
@@ -444,21 +422,36 @@ func (f *udpFlow) relayReplies(ep tcpip.Endpoint) {
 			f.down.Add(n)
 		}
 	}
-	for {
-		if err := f.hostRC.Read(try); err != nil {
-			return
+	// The netpoller calls relay when the socket is readable. It takes a
+	// batch only once there is something to read, so a waiting flow holds
+	// no buffers, and waits again after a short batch (the socket was
+	// empty) without a read that would say EAGAIN. Batches go to the
+	// guest within it, not after Read returns: each Read starts by
+	// forgetting the readiness the poller noted, and a reply that came
+	// while the batch went out would wait for the next one.
+	relay := func(fd uintptr) bool {
+		for {
+			b := udpBatches.Get().(*udpBatch)
+			b.recv(fd)
+			short := true
+			switch b.err {
+			case unix.EAGAIN:
+			case 0:
+				f.table.touch(true)
+				f.toGuest(b, oversize)
+				short = b.n < udpBatchSize
+			default:
+				// An ICMP error from the far end (IP_RECVERR); the
+				// flow stays.
+				f.hostErr()
+				short = false
+			}
+			udpBatches.Put(b)
+			if short {
+				return false
+			}
 		}
-		switch b.err {
-		case 0:
-			f.table.touch(true)
-			f.toGuest(b, oversize)
-			waitFirst = b.n < udpBatchSize
-		default:
-			// An ICMP error from the far end (IP_RECVERR); the flow
-			// stays.
-			f.hostErr()
-		}
-		udpBatches.Put(b)
-		b = nil
 	}
+	// Read returns only once the socket is closed: relay never ends it.
+	_ = f.hostRC.Read(relay)
 }

@@ -220,3 +220,67 @@ func TestUDPFastPathOversizeReply(t *testing.T) {
 		}
 	}
 }
+
+// slowEndpoint is a stack endpoint whose first write (a reply too large
+// for the link: all of them here) takes a while; it hands on what it got.
+type slowEndpoint struct {
+	tcpip.Endpoint
+	got    chan []byte
+	writes int
+}
+
+func (e *slowEndpoint) Write(r tcpip.Payloader, _ tcpip.WriteOptions) (int64, tcpip.Error) {
+	b := make([]byte, r.Len())
+	n, _ := r.Read(b)
+	e.writes++
+	if e.writes == 1 {
+		time.Sleep(100 * time.Millisecond)
+	}
+	e.got <- b[:n]
+	return int64(n), nil
+}
+
+// A reply that arrives while the one before is on its way to the guest is
+// not left in the host socket until a third comes (the poller's note of it
+// was forgotten by the next wait).
+func TestUDPFastPathReplyDuringDelivery(t *testing.T) {
+	far, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer far.Close()
+	host, err := net.DialUDP("udp4", nil, far.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer host.Close()
+	rc, err := host.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := newFlowTable(t.Context(), &flowGroup{}, 10, flowTimeouts{time.Hour, time.Hour, time.Hour})
+	f := &udpFlow{path: &udpFastPath{link: &tapLink{mtu: 1}}, hostRC: rc, table: &tableFlow{t: table}, hostErr: func() {}}
+	ep := &slowEndpoint{got: make(chan []byte, 4)}
+	relayed := make(chan struct{})
+	go func() { f.relayReplies(ep); close(relayed) }()
+	defer func() { host.Close(); <-relayed }()
+	to := host.LocalAddr()
+	if _, err := far.WriteTo([]byte("one"), to); err != nil {
+		t.Fatal(err)
+	}
+	// While "one" is being written to the stack:
+	time.Sleep(20 * time.Millisecond)
+	if _, err := far.WriteTo([]byte("two"), to); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"one", "two"} {
+		select {
+		case b := <-ep.got:
+			if string(b) != want {
+				t.Errorf("got %q, want %q", b, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%q stayed in the host socket", want)
+		}
+	}
+}
