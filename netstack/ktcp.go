@@ -281,8 +281,25 @@ func (k *kernelTCP) take(vh []byte, parts [][]byte, n int) bool {
 			return true
 		}
 	}
+	if !syn {
+		return false
+	}
+	if k.open(key, old, vh, parts, n) {
+		return true
+	}
+	if old != nil {
+		k.dropGuestSide(old)
+	}
+	return false
+}
+
+// open starts a flow for the guest's SYN (vh and parts, n bytes) on key,
+// superseding old if not nil, and reports whether it took the SYN: if not,
+// the stack does.
+func (k *kernelTCP) open(key ktcpKey, old *ktcpFlow, vh []byte, parts [][]byte, n int) bool {
+	src, dst := key.guest, key.remote
 	lnAddr, ok := k.listenerFor(src.Addr())
-	if !syn || !ok || k.s.isDNS(dst.Addr()) {
+	if !ok || k.s.isDNS(dst.Addr()) {
 		return false
 	}
 	if _, err := k.s.hostTarget(dst); err != nil {
@@ -326,9 +343,20 @@ func (k *kernelTCP) take(vh []byte, parts [][]byte, n int) bool {
 	go func() {
 		defer k.s.flows.leave()
 		defer k.connecting.Add(-1)
-		k.open(f)
+		k.connect(f)
 	}()
 	return true
+}
+
+// dropGuestSide gives up old's guest side: the guest reused its addresses
+// for a connection the stack takes, whose segments must reach neither old's
+// listener nor, through the guest kernel's maps, its listener connection.
+// (A translation still being added when this runs stays until old's linger
+// ends.)
+func (k *kernelTCP) dropGuestSide(old *ktcpFlow) {
+	if k.byGuest.CompareAndDelete(old.key, old) && old.nat.Load() == natIn {
+		k.removeTranslation(old, ktcpnat.Out)
+	}
 }
 
 // allocate picks a fake source port for a flow to remote.
@@ -378,9 +406,9 @@ func (k *kernelTCP) hold(fake netip.AddrPort) {
 	k.expiry = append(k.expiry, quarantined{fake, until})
 }
 
-// open dials the host side of f and, once connected, sends the guest's SYN
-// on to the listener; a failed dial hands the SYN to the stack.
-func (k *kernelTCP) open(f *ktcpFlow) {
+// connect dials the host side of f and, once connected, sends the guest's
+// SYN on to the listener; a failed dial hands the SYN to the stack.
+func (k *kernelTCP) connect(f *ktcpFlow) {
 	s := k.s
 	if old := f.supersedes; old != nil && k.nat != nil {
 		// The old flow's translation of the guest's side may linger

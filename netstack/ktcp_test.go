@@ -252,3 +252,49 @@ func TestTranslationOutlivesLinger(t *testing.T) {
 	k.translateHere(late)
 	k.translateInKernel(late) // Add would block: it must not be called
 }
+
+// A SYN that reuses the addresses of a lingering flow, but which this path
+// cannot take (every dial slot busy, say), goes to the stack, and so do its
+// later segments: none reaches the old flow's listener side, and the old
+// flow's translation of the guest's side leaves the guest's kernel.
+func TestReusedAddressesFallBackWhole(t *testing.T) {
+	guest := netip.MustParseAddrPort("10.0.2.100:40000")
+	remote := netip.MustParseAddrPort("203.0.113.7:80")
+	listener := netip.MustParseAddrPort("10.0.2.100:39000")
+	oldFake := netip.MustParseAddrPort("203.0.113.7:20001")
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devNull.Close()
+	tbl := &gatedTable{removed: make(chan ktcpnat.Parts, 2)}
+	s := &Stack{cfg: DefaultConfig(), log: slog.New(slog.DiscardHandler)}
+	link := &tapLink{fds: []int{int(devNull.Fd())}, vnetHdr: 10, addr: tcpip.LinkAddress("\x52\x55\x0a\x00\x02\x02")}
+	k := &kernelTCP{s: s, link: link, listener: listener, vnetHdr: 10, nat: tbl, quarantine: map[netip.AddrPort]time.Time{}}
+	old := &ktcpFlow{key: ktcpKey{guest: guest, remote: remote}, fake: oldFake, listener: listener}
+	old.state.Store(int32(ktcpClosing))
+	old.answer.Store(ktcpAnswered)
+	old.nat.Store(natIn)
+	k.byGuest.Store(old.key, old)
+	k.byFake.Store(oldFake, old)
+	k.connecting.Store(ktcpMaxConnecting)
+
+	vh, syn := segmentFrame(guest, remote, nil, false)
+	header.TCP(syn[header.EthernetMinimumSize+header.IPv4MinimumSize:]).SetFlags(uint8(header.TCPFlagSyn))
+	if k.take(vh, [][]byte{syn}, len(syn)) {
+		t.Fatal("the SYN was taken with every dial slot busy")
+	}
+	vh, ack := segmentFrame(guest, remote, nil, false)
+	if k.take(vh, [][]byte{ack}, len(ack)) {
+		t.Error("the new connection's ACK went to the old flow's listener side")
+	}
+	s.flows.closeAndWait()
+	select {
+	case p := <-tbl.removed:
+		if p != ktcpnat.Out {
+			t.Errorf("removed %v of the old flow's translation, want the guest's side", p)
+		}
+	default:
+		t.Error("the old flow's translation of the guest's side stayed in the guest's kernel")
+	}
+}

@@ -103,10 +103,14 @@ func (k *kernelTCP) untranslate(f *ktcpFlow) {
 	if v, ok := k.byGuest.Load(f.key); !ok || v == f {
 		parts = ktcpnat.Both
 	}
-	// On a goroutine of its own: with a broker, a removal may take
-	// seconds, and the deferred work of every other flow waits behind
-	// this one (the parts are decided here, before the caller forgets
-	// the flow).
+	// The parts are decided here, before the caller forgets the flow.
+	k.removeTranslation(f, parts)
+}
+
+// removeTranslation removes parts of f's entries from the guest kernel's
+// maps, on a goroutine of its own: with a broker, a removal may take
+// seconds, and the deferred work of every other flow would wait behind it.
+func (k *kernelTCP) removeTranslation(f *ktcpFlow, parts ktcpnat.Parts) {
 	nf := f.natFlow()
 	k.s.flows.spawn(func() {
 		if err := k.nat.Remove(nf, parts); err != nil && !errors.Is(err, os.ErrClosed) {
