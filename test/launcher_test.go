@@ -100,9 +100,15 @@ func TestDetachJoinStop(t *testing.T) {
 	if target, err := os.Readlink(link); err != nil || !strings.HasSuffix(target, "/ns/net") {
 		t.Errorf("--netns link: %q, %v", target, err)
 	}
-	res = wd.runGuest([]string{"--join", state}, "sh", "-c", fmt.Sprintf("hostname; cat /proc/self/uid_map; %s tcp-echo-check %s:7 1048576; exit 5", bins.nettool, remoteAddr))
+	res = wd.runGuest([]string{"--join", state}, "sh", "-c", fmt.Sprintf("hostname; cat /proc/self/uid_map; ls -l /proc/$$/fd; %s tcp-echo-check %s:7 1048576; exit 5", bins.nettool, remoteAddr))
 	if res.code != 5 || !strings.Contains(res.stdout, "detached") {
 		t.Errorf("--join: want exit 5 inside the detached namespace:\n%s", res)
+	}
+	// The namespaces joined are not left open in the command.
+	for _, ns := range []string{"user:[", "mnt:[", "uts:[", "net:[", "pid:["} {
+		if strings.Contains(res.stdout, ns) {
+			t.Errorf("--join: the command holds a %s] descriptor:\n%s", ns, res)
+		}
 	}
 	checkEcho(t, res, 1<<20)
 	cmd := wd.guestCommand(t.Context(), []string{"--join", state}, "cat")

@@ -80,6 +80,22 @@ static int enter_pid_namespace(void) {
 	}
 }
 
+// The launcher passes each namespace as an inherited descriptor, named
+// /proc/self/fd/N. Once our own copy is open, N is closed: left open (it
+// is not close-on-exec), it stayed in the helpers and in the command that
+// --join runs.
+static void close_passed(const char *path) {
+	static const char prefix[] = "/proc/self/fd/";
+	if (strncmp(path, prefix, sizeof(prefix) - 1) != 0)
+		return;
+	const char *digits = path + sizeof(prefix) - 1;
+	char *end;
+	long fd = strtol(digits, &end, 10);
+	if (end == digits || *end != '\0' || fd <= 2 || fd > 1 << 20)
+		return;
+	close((int)fd);
+}
+
 static void close_all(int *fds) {
 	for (int i = 0; i < NS_COUNT; i++)
 		if (fds[i] >= 0)
@@ -101,6 +117,7 @@ __attribute__((constructor)) static void netns_run_nsenter(void) {
 		if (path == NULL || *path == '\0')
 			continue;
 		fds[i] = open(path, O_RDONLY | O_CLOEXEC);
+		close_passed(path);
 		if (fds[i] >= 0)
 			continue;
 		if (i == NS_USER) {
