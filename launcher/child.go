@@ -492,20 +492,16 @@ func execInit(args []string) int {
 // failure, with the exit code a shell would use (127 not found, 126 not
 // executable).
 func execCommand(args []string) int {
-	path, err := exec.LookPath(args[0])
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "netns-run: %s: %v\n", args[0], lookPathReason(err))
-		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
-			return 127
-		}
-		return 126
+	path, code := lookCommand(args[0])
+	if code != 0 {
+		return code
 	}
 	dieWithParent()
 	if err := dropCapabilities(); err != nil {
 		fmt.Fprintf(os.Stderr, "netns-run: %v\n", err)
 		return 125
 	}
-	err = unix.Exec(path, args, os.Environ())
+	err := unix.Exec(path, args, os.Environ())
 	fmt.Fprintf(os.Stderr, "netns-run: exec %s: %v\n", path, err)
 	if errors.Is(err, unix.ENOENT) {
 		return 127
@@ -552,6 +548,20 @@ func dropCapabilities() error {
 		return fmt.Errorf("drop capabilities: %w", err)
 	}
 	return nil
+}
+
+// lookCommand finds the command name, or says why not and returns the exit
+// code a shell would use (127 not found, 126 not executable).
+func lookCommand(name string) (string, int) {
+	path, err := exec.LookPath(name)
+	if err == nil {
+		return path, 0
+	}
+	fmt.Fprintf(os.Stderr, "netns-run: %s: %v\n", name, lookPathReason(err))
+	if errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
+		return "", 127
+	}
+	return "", 126
 }
 
 func lookPathReason(err error) string {

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"os/signal"
 	"syscall"
 
@@ -16,13 +15,14 @@ import (
 // with the command's status (128+N for a signal). A command that were PID
 // 1 itself would ignore SIGTERM without a handler and leave zombies.
 func runInit(args []string) int {
-	path, err := exec.LookPath(args[0])
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "netns-run: %s: %v\n", args[0], lookPathReason(err))
-		if errors.Is(err, exec.ErrNotFound) {
-			return 127
-		}
-		return 126
+	// First: until it is called, a signal sent to init would end it
+	// (the runtime's default, which as PID 1 it cannot die of, falls
+	// back to exit 2) and the command with it.
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, unix.SIGTERM, unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH)
+	path, code := lookCommand(args[0])
+	if code != 0 {
+		return code
 	}
 	// "exe" (from /proc/self/exe) would tell ps users nothing. The main
 	// thread's comm is the process name; this goroutine may run on
@@ -32,8 +32,6 @@ func runInit(args []string) int {
 	_ = os.WriteFile("/proc/self/comm", []byte("netns-run-init"), 0)
 	// No capabilities of the setup here: execInit dropped them before
 	// this copy of the binary started, so the command inherits none.
-	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, unix.SIGTERM, unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH)
 	attr := &os.ProcAttr{Env: os.Environ(), Files: []*os.File{os.Stdin, os.Stdout, os.Stderr}, Sys: &syscall.SysProcAttr{}}
 	if term := foregroundTerminal(); term != nil {
 		// The command takes the terminal: keyboard signals reach it

@@ -157,9 +157,11 @@ func TestExitStatus(t *testing.T) {
 		{[]string{"sh", "-c", "kill -TERM $$"}, 128 + 15},
 		{[]string{"/nonexistent/command"}, 127},
 	}
-	for _, c := range cases {
-		if res := wd.runGuest(nil, c.cmd...); res.code != c.want {
-			t.Errorf("%v: want exit %d\n%s", c.cmd, c.want, res)
+	for _, flags := range [][]string{nil, {"--pid"}} {
+		for _, c := range cases {
+			if res := wd.runGuest(flags, c.cmd...); res.code != c.want {
+				t.Errorf("%v %v: want exit %d\n%s", flags, c.cmd, c.want, res)
+			}
 		}
 	}
 }
