@@ -156,10 +156,12 @@ func (wd *world) startUsernetVia(prefix []string, args ...string) *usernetProc {
 	}
 	full := append([]string{"netns", "exec", wd.w,
 		"setpriv", fmt.Sprintf("--reuid=%d", unprivUID), fmt.Sprintf("--regid=%d", unprivUID), "--clear-groups", "--"}, prefix...)
-	full = append(append(full, bins.usernet, "-r", "3", "-e", "4"), args...)
+	// Above the descriptors usernet's own children get (3 and 4 closed):
+	// those would hide a pipe that leaked into them.
+	full = append(append(full, bins.usernet, "-r", "5", "-e", "6"), args...)
 	u := &usernetProc{cmd: exec.Command("ip", full...), exitW: exitW, done: make(chan error, 1)}
 	u.cmd.Stdout, u.cmd.Stderr = &u.stdout, &u.stderr
-	u.cmd.ExtraFiles = []*os.File{readyW, exitR}
+	u.cmd.ExtraFiles = []*os.File{nil, nil, readyW, exitR}
 	err = u.cmd.Start()
 	readyW.Close()
 	exitR.Close()

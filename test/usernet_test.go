@@ -8,11 +8,15 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestUsernetAttachByPID(t *testing.T) {
@@ -559,4 +563,64 @@ func TestUsernetSeccomp(t *testing.T) {
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Errorf("api socket left behind: %v", err)
 	}
+}
+
+// The runtime's pipes (-r, -e) stay with usernet: the helpers it starts
+// (the published ports' helper in the container's namespaces) do not hold
+// them, or the runtime would see usernet's end of them only once those
+// exited too. (With --enable-sandbox, TestMultiQueueTAP's runs check that
+// the sandboxed copy still has them.)
+func TestUsernetHelpersHoldNoRuntimePipe(t *testing.T) {
+	wd := newWorld(t)
+	sb := wd.startSandbox()
+	sock := apiSocketPath(t)
+	u := wd.startUsernet("-c", "--api-socket", sock, fmt.Sprint(sb.pid), "tap0")
+	// A published port, and a connection through it: its helper starts.
+	wd.startInSandbox(sb, bins.nettool, "tcp-echo-server", "0.0.0.0:9093")
+	if got := apiCall(t, sock, `{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","host_port":19093,"guest_port":9093}}`); got != `{"return":{"id":1}}` {
+		t.Fatalf("add_hostfwd: %s", got)
+	}
+	checkEcho(t, result{stdout: wd.client(wd.w, "tcp-echo-check", "127.0.0.1:19093", "65536")}, 65536)
+	var st unix.Stat_t
+	if err := unix.Fstat(int(u.exitW.Fd()), &st); err != nil {
+		t.Fatal(err)
+	}
+	pipe := fmt.Sprintf("pipe:[%d]", st.Ino)
+	helpers := descendants(u.cmd.Process.Pid)
+	if len(helpers) == 0 {
+		t.Fatal("usernet started no helper")
+	}
+	for _, pid := range helpers {
+		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		for _, fd := range fds {
+			if target, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); target == pipe {
+				comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+				t.Errorf("helper %d (%s) holds the exit fd's pipe as fd %s", pid, strings.TrimSpace(string(comm)), fd.Name())
+			}
+		}
+	}
+	if code := u.stop(t); code != 0 {
+		t.Errorf("exit status %d\n%s", code, &u.stderr)
+	}
+}
+
+// descendants lists the processes below pid (children of any of their
+// threads).
+func descendants(pid int) []int {
+	var all []int
+	for next := []int{pid}; len(next) > 0; {
+		p := next[0]
+		next = next[1:]
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", p))
+		for _, task := range tasks {
+			b, _ := os.ReadFile(task)
+			for _, f := range strings.Fields(string(b)) {
+				if c, err := strconv.Atoi(f); err == nil {
+					all = append(all, c)
+					next = append(next, c)
+				}
+			}
+		}
+	}
+	return all
 }

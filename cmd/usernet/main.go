@@ -157,6 +157,14 @@ func serve(cfg *config, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// The runtime's pipes are ours alone: the helpers we start (the port
+	// helper lives on in the container's namespaces) must not hold them,
+	// or the runtime would wait for those to exit to see our end.
+	for _, fd := range []int{cfg.readyFD, cfg.exitFD} {
+		if fd >= 0 {
+			_, _ = unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+		}
+	}
 	h, err := newHelper(cfg, log)
 	if err != nil {
 		return err
@@ -359,6 +367,16 @@ func (h *helper) enterSandbox() error {
 		}
 		st.APIFD, st.RemoverFD = int(ln.Fd()), int(remover.Fd())
 		keep = append(keep, ln, remover)
+	}
+	for _, fd := range []int{h.cfg.readyFD, h.cfg.exitFD} {
+		if fd < 0 {
+			continue
+		}
+		// Kept by number, which the sandboxed copy reads from the
+		// same flags.
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil {
+			keep = append(keep, os.NewFile(uintptr(fd), "runtime-pipe"))
+		}
 	}
 	return launcher.ReexecSandboxed(h.ns.UserNS, st, keep...)
 }
