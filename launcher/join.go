@@ -119,9 +119,11 @@ func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (*G
 	if err != nil {
 		return nil, fmt.Errorf("start tap helper: %w", err)
 	}
-	defer conn.Close()
 	dev, mac, tcp, err := tapHandshake(channel{conn: conn}, childConfig{Guest: g, Configure: configure})
-	werr := cmd.Wait()
+	// The helper is done, or, after a failed handshake, told so by the
+	// closed channel; one stuck in the namespace is killed.
+	conn.Close()
+	werr := reap(cmd, helperExitGrace)
 	if err != nil {
 		if werr != nil && !errors.Is(err, errPeerGone) {
 			return nil, err
@@ -129,6 +131,16 @@ func OpenTapIn(ctx context.Context, t Target, g GuestConfig, configure bool) (*G
 		return nil, errors.Join(err, werr)
 	}
 	return &GuestLink{Tap: dev, MAC: mac, TCPListener: tcp.listener, TCPNAT: tcp.nat}, nil
+}
+
+// helperExitGrace is how long a helper has to exit once its work is over.
+const helperExitGrace = 5 * time.Second
+
+// reap waits for cmd, killing it if it has not exited within grace.
+func reap(cmd *exec.Cmd, grace time.Duration) error {
+	kill := time.AfterFunc(grace, func() { _ = cmd.Process.Kill() })
+	defer kill.Stop()
+	return cmd.Wait()
 }
 
 // GuestLink is what OpenTapIn set up in the target.

@@ -51,12 +51,12 @@ func RecvFiles(conn *net.UnixConn, buf []byte) (int, []*os.File, error) {
 	}
 	files, perr := parseRights(oob[:oobn])
 	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
-		for _, f := range files {
-			f.Close()
-		}
+		closeFiles(files)
 		return 0, nil, errors.New("receive fds: message or control data truncated")
 	}
 	if perr != nil {
+		// What was parsed before the error came with the message too.
+		closeFiles(files)
 		return 0, nil, perr
 	}
 	return n, files, nil

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -83,5 +84,37 @@ func TestRecvWithoutFiles(t *testing.T) {
 	n, files, err := RecvFiles(b, buf)
 	if err != nil || string(buf[:n]) != "plain" || len(files) != 0 {
 		t.Fatalf("got %q, %d files, %v", buf[:n], len(files), err)
+	}
+}
+
+// A message whose control data holds descriptors and something else is
+// refused, and the descriptors that came with it are closed: the pipe's
+// reader sees its only writer gone.
+func TestRecvClosesFilesOfABadMessage(t *testing.T) {
+	a, b := seqpacketPair(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	rc, err := b.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1) }); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+	oob := append(unix.UnixRights(int(w.Fd())), unix.UnixCredentials(&unix.Ucred{Pid: int32(os.Getpid()), Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid())})...)
+	if _, _, err := a.WriteMsgUnix([]byte("x"), oob, nil); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	if _, files, err := RecvFiles(b, make([]byte, 64)); err == nil {
+		t.Fatalf("a message with credentials beside its descriptors was taken (%d files)", len(files))
+	}
+	_ = r.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if got, err := io.ReadAll(r); err != nil || len(got) != 0 {
+		t.Fatalf("the pipe's writer stayed open: %q, %v", got, err)
 	}
 }
