@@ -77,12 +77,12 @@ func RunChild() {
 		_ = ch.send(message{Kind: kindFailure, Failure: fail})
 		os.Exit(125)
 	}
+	if cfg != nil && cfg.PID {
+		os.Exit(execInit(cfg.Args, conn))
+	}
 	conn.Close()
-	switch {
-	case cfg == nil:
+	if cfg == nil {
 		os.Exit(0)
-	case cfg.PID:
-		os.Exit(execInit(cfg.Args))
 	}
 	os.Exit(execCommand(cfg.Args))
 }
@@ -477,13 +477,26 @@ func replaceResolvConf(g GuestConfig) error {
 // capset changes the calling thread alone, and the Go runtime has others
 // (nor can it change them all: that needs a binary without cgo). Only an
 // exec makes the whole process take one thread's credentials.
-func execInit(args []string) int {
+//
+// The handshake socket stays open for init, which tells the parent through
+// it when the command stops (see initStops).
+func execInit(args []string, conn *net.UnixConn) int {
 	if err := dropCapabilities(); err != nil {
 		fmt.Fprintf(os.Stderr, "netns-run: %v\n", err)
 		return 125
 	}
-	env := append(os.Environ(), childEnv+"="+initEnvValue)
-	err := unix.Exec("/proc/self/exe", append([]string{os.Args[0]}, args...), env)
+	f, err := conn.File()
+	conn.Close()
+	if err == nil {
+		_, err = unix.FcntlInt(f.Fd(), unix.F_SETFD, 0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "netns-run: start init: keep the handshake socket: %v\n", err)
+		return 125
+	}
+	env := append(os.Environ(), childEnv+"="+initEnvValue, fmt.Sprintf("%s=%d", initStopsEnv, f.Fd()))
+	err = unix.Exec("/proc/self/exe", append([]string{os.Args[0]}, args...), env)
+	runtime.KeepAlive(f)
 	fmt.Fprintf(os.Stderr, "netns-run: start init: %v\n", err)
 	return 125
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -20,6 +21,7 @@ func runInit(args []string) int {
 	// back to exit 2) and the command with it.
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, unix.SIGTERM, unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGUSR1, unix.SIGUSR2, unix.SIGWINCH)
+	stops := initStops()
 	path, code := lookCommand(args[0])
 	if code != 0 {
 		return code
@@ -53,7 +55,7 @@ func runInit(args []string) int {
 	}()
 	for {
 		var ws unix.WaitStatus
-		pid, err := unix.Wait4(-1, &ws, 0, nil)
+		pid, err := unix.Wait4(-1, &ws, unix.WUNTRACED, nil)
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -61,11 +63,36 @@ func runInit(args []string) int {
 			return 125
 		}
 		if pid != proc.Pid {
-			continue // an orphan, reaped
+			continue // an orphan, reaped, or one that stopped
+		}
+		if ws.Stopped() {
+			// Init, as PID 1, cannot stop with the command: the
+			// parent, which the user's shell waits for, does.
+			if stops != nil {
+				_, _ = stops.Write([]byte{'T'})
+			}
+			continue
 		}
 		if ws.Signaled() {
 			return 128 + int(ws.Signal())
 		}
 		return ws.ExitStatus()
 	}
+}
+
+// initStopsEnv names the descriptor of the parent's handshake socket, on
+// which init notes that the command stopped.
+const initStopsEnv = "_NETNS_RUN_INIT_STOPS"
+
+// initStops takes the socket execInit left open (nil: none), close-on-exec
+// so that the command does not inherit it.
+func initStops() *os.File {
+	v, ok := os.LookupEnv(initStopsEnv)
+	os.Unsetenv(initStopsEnv)
+	fd, err := strconv.Atoi(v)
+	if !ok || err != nil || fd < 3 {
+		return nil
+	}
+	syscall.CloseOnExec(fd)
+	return os.NewFile(uintptr(fd), "init-stops")
 }

@@ -233,7 +233,12 @@ func Run(ctx context.Context, opts Options) (int, error) {
 		}
 		return 0, err
 	}
-	conn.Close()
+	if opts.PID {
+		// Init's channel for the command's stops; closed with Run.
+		child.stops = commandStops(conn)
+	} else {
+		conn.Close()
+	}
 
 	code, netErr := child.supervise(sigs, network.Failed(), log)
 	child.killLeftovers(log)

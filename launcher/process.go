@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -46,6 +47,9 @@ func (t *terminal) giveTo(pgrp int) {
 type childProcess struct {
 	pid  int
 	term *terminal
+	// stops, with --pid, says the command stopped (Ctrl-Z): init, as
+	// PID 1, cannot stop with it, so waiting for init shows nothing.
+	stops <-chan struct{}
 	// netns identifies the child's network namespace, recorded while the
 	// child is alive, to find what it leaves behind.
 	netns *unix.Stat_t
@@ -83,6 +87,18 @@ func (c *childProcess) supervise(sigs <-chan os.Signal, netFailed <-chan error, 
 			log.Debug("the network failed; killing the command", "err", err)
 			netErr, netFailed = fmt.Errorf("the network stopped, so the command was killed: %w", err), nil
 			_ = unix.Kill(c.pid, unix.SIGKILL)
+		case _, ok := <-c.stops:
+			if !ok {
+				c.stops = nil
+				continue
+			}
+			if c.term != nil {
+				// The terminal names the command's group, as
+				// our PID namespace numbers it.
+				if fg, err := unix.IoctlGetInt(c.term.fd, unix.TIOCGPGRP); err == nil && fg != c.term.pgrp {
+					c.suspendWith(fg)
+				}
+			}
 		case s := <-sigs:
 			log.Debug("forwarding signal", "signal", s)
 			_ = unix.Kill(c.pid, s.(unix.Signal))
@@ -93,7 +109,7 @@ func (c *childProcess) supervise(sigs <-chan os.Signal, netFailed <-chan error, 
 			}
 			switch ws := r.status; {
 			case ws.Stopped():
-				c.suspendWithChild()
+				c.suspendWith(c.pid)
 				next()
 			case ws.Signaled():
 				c.term.giveTo(c.termOwner())
@@ -113,10 +129,10 @@ func (c *childProcess) termOwner() int {
 	return c.term.pgrp
 }
 
-// suspendWithChild mirrors a job-control stop of the command (Ctrl-Z) onto
+// suspendWith mirrors a job-control stop of the command (Ctrl-Z) onto
 // netns-run, so the user's shell sees its job stop; on SIGCONT the terminal
-// and the continue go back to the command.
-func (c *childProcess) suspendWithChild() {
+// and the continue go back to the command's process group, group.
+func (c *childProcess) suspendWith(group int) {
 	if c.term == nil {
 		return
 	}
@@ -124,9 +140,29 @@ func (c *childProcess) suspendWithChild() {
 	_ = unix.Kill(os.Getpid(), unix.SIGSTOP)
 	// Running again: the shell continued us (fg or bg).
 	if fg, err := unix.IoctlGetInt(c.term.fd, unix.TIOCGPGRP); err == nil && fg == c.term.pgrp {
-		c.term.giveTo(c.pid)
+		c.term.giveTo(group)
 	}
-	_ = unix.Kill(-c.pid, unix.SIGCONT)
+	_ = unix.Kill(-group, unix.SIGCONT)
+}
+
+// commandStops passes on init's notes (--pid) that the command stopped,
+// until conn ends; the channel closes then.
+func commandStops(conn *net.UnixConn) <-chan struct{} {
+	stops := make(chan struct{}, 1)
+	go func() {
+		defer close(stops)
+		buf := make([]byte, 16)
+		for {
+			if _, err := conn.Read(buf); err != nil {
+				return
+			}
+			select {
+			case stops <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return stops
 }
 
 // killAndWait ends a child that never reached the command and reports its

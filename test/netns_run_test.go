@@ -7,11 +7,15 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestGuestConfiguration(t *testing.T) {
@@ -398,4 +402,64 @@ func TestLongEchoMTU1500(t *testing.T) {
 	res := wd.mustRunGuest([]string{"--mtu", "1500"}, bins.nettool, "tcp-echo-check", remoteAddr+":7", fmt.Sprint(size))
 	checkEcho(t, res, size)
 	t.Logf("%s", strings.TrimSpace(res.stdout))
+}
+
+// TestCtrlZSuspendsNetnsRun stops the command on a pseudo-terminal, as
+// Ctrl-Z does: netns-run stops with it, so the user's shell sees the job
+// stopped, and once continued it continues the command, which then ends as
+// usual. With --pid the command is init's child, and init, as PID 1,
+// cannot stop: it tells netns-run.
+func TestCtrlZSuspendsNetnsRun(t *testing.T) {
+	wd := newWorld(t)
+	if _, err := exec.LookPath("script"); err != nil {
+		t.Skip("needs script(1) from bsdutils/util-linux")
+	}
+	for _, flags := range []string{"", "--pid"} {
+		inner := fmt.Sprintf("ip netns exec %s setpriv --reuid=%d --regid=%d --clear-groups -- %s %s -- sh -c 'kill -TSTP $$; echo resumed'",
+			wd.w, unprivUID, unprivUID, bins.netnsRun, flags)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, "script", "-q", "-e", "-c", inner, "/dev/null")
+		cmd.Stdin = strings.NewReader("")
+		var out syncBuffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		stopped := 0
+		for deadline := time.Now().Add(20 * time.Second); stopped == 0 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			stopped = stoppedProcess(bins.netnsRun)
+		}
+		if stopped == 0 {
+			cancel()
+			_ = cmd.Wait()
+			t.Errorf("%q: netns-run did not stop with its command:\n%s", flags, &out)
+			continue
+		}
+		// As the user's shell does on fg: script(1) stopped with its
+		// child, and continues it in turn.
+		_ = cmd.Process.Signal(unix.SIGCONT)
+		_ = unix.Kill(stopped, unix.SIGCONT)
+		if err := cmd.Wait(); err != nil || !strings.Contains(out.String(), "resumed") {
+			t.Errorf("%q: after the continue: %v\n%s", flags, err, &out)
+		}
+	}
+}
+
+// stoppedProcess returns a process of the binary exe in the stopped state,
+// or 0.
+func stoppedProcess(exe string) int {
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, d := range dirs {
+		if target, _ := os.Readlink(d + "/exe"); target != exe {
+			continue
+		}
+		stat, _ := os.ReadFile(d + "/stat")
+		i := strings.LastIndex(string(stat), ")")
+		if i >= 0 && strings.HasPrefix(string(stat[i+1:]), " T ") {
+			pid, _ := strconv.Atoi(filepath.Base(d))
+			return pid
+		}
+	}
+	return 0
 }
