@@ -221,7 +221,8 @@ func (f *dnsForwarder) query(source netip.AddrPort, m []byte, reply func([]byte)
 		// Full: the query goes in only in place of the oldest one of
 		// the source that holds most, and only if that source holds
 		// more than this one's would: a flood fails its own queries,
-		// not everyone's.
+		// not everyone's (see displaceLocked for floods from many
+		// sources).
 		if displaced = f.displaceLocked(source); displaced == nil {
 			f.mu.Unlock()
 			f.s.counters.dropDNSOverload.Add(1)
@@ -244,7 +245,11 @@ func (f *dnsForwarder) query(source netip.AddrPort, m []byte, reply func([]byte)
 
 // displaceLocked takes the oldest query of the source with the most in
 // flight out, if that source holds more than one more than source does,
-// and returns it (nil: nothing to displace).
+// and returns it (nil: nothing to displace). If no source holds more than
+// one, and source none, the oldest query of all goes: a flood from a fresh
+// port per query looks like that many clients, and refusing every new
+// query would let it lock the others out; this way each gets its turn
+// (the flood's rate decides how long).
 func (f *dnsForwarder) displaceLocked(source netip.AddrPort) *dnsQuery {
 	var heaviest netip.AddrPort
 	most := 0
@@ -253,12 +258,17 @@ func (f *dnsForwarder) displaceLocked(source netip.AddrPort) *dnsQuery {
 			heaviest, most = src, n
 		}
 	}
-	if most <= f.bySource[source]+1 {
+	oldest := false
+	switch {
+	case most > f.bySource[source]+1:
+	case most <= 1 && f.bySource[source] == 0:
+		oldest = true
+	default:
 		return nil
 	}
 	for e := f.waiting.Front(); e != nil; e = e.Next() {
 		q := e.Value.(*dnsQuery)
-		if q.source != heaviest {
+		if !oldest && q.source != heaviest {
 			continue
 		}
 		f.waiting.Remove(q.elem)

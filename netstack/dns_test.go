@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"encoding/binary"
 	"net"
 	"net/netip"
 	"os"
@@ -458,5 +459,39 @@ func TestDNSFloodCannotLockOutOthers(t *testing.T) {
 		}
 	default:
 		t.Error("the flood's next query was taken while the forwarder is full")
+	}
+}
+
+// A flood from a fresh port per query holds one query per source: a
+// query from another source still gets in, in place of the oldest one.
+func TestDNSFloodFromFreshPortsCannotLockOutOthers(t *testing.T) {
+	_, silentAddr := silentUpstream(t)
+	cfg := DefaultConfig()
+	cfg.Restrict = true
+	cfg.DNSUpstreams = []netip.AddrPort{silentAddr}
+	s, _ := stackOnSocketpair(t, cfg, 0)
+	rcode := func(m []byte) int { return int(m[3] & 0xf) }
+	failed := make(chan uint16, dnsMaxInFlight)
+	for i := range dnsMaxInFlight {
+		s.dns.query(netip.AddrPortFrom(netip.MustParseAddr("10.0.2.100"), uint16(20000+i)), packQuery(uint16(i), "flood.example.test"), func(m []byte) {
+			if rcode(m) == dns.RcodeServerFailure {
+				failed <- binary.BigEndian.Uint16(m)
+			}
+		})
+	}
+	got := make(chan []byte, 1)
+	s.dns.query(netip.MustParseAddrPort("10.0.2.100:5353"), packQuery(7, "real.example.test"), func(m []byte) { got <- m })
+	select {
+	case m := <-got:
+		t.Fatalf("the other source's query was answered at once (rcode %d), not taken", rcode(m))
+	default:
+	}
+	select {
+	case id := <-failed:
+		if id != 0 {
+			t.Errorf("the flood's query %d made room, want its oldest (0)", id)
+		}
+	default:
+		t.Error("no query made room")
 	}
 }
