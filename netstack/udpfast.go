@@ -146,9 +146,13 @@ func (p *udpFastPath) divert(_ []byte, parts [][]byte, n int, scratch *frameScra
 		v.SetLen(len(b))
 		iov = append(iov, v)
 	}
+	if !f.fromGuest(iov, ipLen-l4-header.UDPMinimumSize, ttl) {
+		// The flow just ended (its socket closed, and it is about
+		// to leave the table): the stack opens a new one.
+		return false
+	}
 	p.counters.rxPackets.Add(1)
 	p.counters.rxBytes.Add(uint64(n))
-	f.fromGuest(iov, ipLen-l4-header.UDPMinimumSize, ttl)
 	return true
 }
 
@@ -174,8 +178,9 @@ type udpFlow struct {
 }
 
 // fromGuest sends one datagram the guest sent to the flow's host socket,
-// without blocking: a full socket drops it, as a full link would.
-func (f *udpFlow) fromGuest(iov []unix.Iovec, size int, ttl uint8) {
+// without blocking: a full socket drops it, as a full link would. It
+// reports false if the socket is closed (the flow ended).
+func (f *udpFlow) fromGuest(iov []unix.Iovec, size int, ttl uint8) bool {
 	f.table.touch(false)
 	if uint32(ttl) != f.ttl.Load() && ttl > 0 {
 		f.ttl.Store(uint32(ttl))
@@ -190,6 +195,7 @@ func (f *udpFlow) fromGuest(iov []unix.Iovec, size int, ttl uint8) {
 	})
 	switch {
 	case err != nil:
+		return false
 	case errno == 0:
 		f.up.Add(int64(size))
 	case errno == unix.EAGAIN || errno == unix.ENOBUFS:
@@ -198,6 +204,7 @@ func (f *udpFlow) fromGuest(iov []unix.Iovec, size int, ttl uint8) {
 		// An ICMP error from the far end surfaced on the send.
 		f.hostErr()
 	}
+	return true
 }
 
 // udpChecksumOffset is where the checksum sits in a UDP header.

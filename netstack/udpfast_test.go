@@ -284,3 +284,44 @@ func TestUDPFastPathReplyDuringDelivery(t *testing.T) {
 		}
 	}
 }
+
+// A datagram that finds its flow ended (the socket closed, the flow not
+// yet out of the table) goes to the stack instead of being dropped.
+func TestUDPFastPathEndedFlowPassesOn(t *testing.T) {
+	server := udpServer(t, func(b []byte) []byte { return append([]byte("re:"), b...) })
+	cfg := DefaultConfig()
+	cfg.DNSUpstreams = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}
+	s, peer := stackOnSocketpair(t, cfg, 0)
+	src := netip.MustParseAddrPort("10.0.2.100:40001")
+	dst := netip.AddrPortFrom(DefaultGateway, server.Port())
+	if _, err := unix.Write(peer, vnetUDPFrame(src, dst, []byte("first"), 0)); err != nil {
+		t.Fatal(err)
+	}
+	if got := readUDPReplies(t, peer, 0, 1); len(got) != 1 {
+		t.Fatalf("got %d replies to the first datagram, want 1", len(got))
+	}
+	var flow *udpFlow
+	s.udpFast.flows.Range(func(_, v any) bool { flow = v.(*udpFlow); return false })
+	if flow == nil {
+		t.Fatal("the flow is not on the fast path")
+	}
+	// The flow as it is between its socket's close and its removal.
+	closed, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := closed.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed.Close()
+	ended := &udpFlow{key: flow.key, path: flow.path, hostRC: rc, table: flow.table, drops: flow.drops, hostErr: func() {}}
+	s.udpFast.flows.Store(flow.key, ended)
+	if _, err := unix.Write(peer, vnetUDPFrame(src, dst, []byte("second"), 0)); err != nil {
+		t.Fatal(err)
+	}
+	got := readUDPReplies(t, peer, 0, 1)
+	if len(got) != 1 || string(got[0].payload) != "re:second" {
+		t.Fatalf("replies to the datagram sent on the ended flow: %+v, want re:second", got)
+	}
+}
