@@ -426,11 +426,21 @@ func TestCtrlZSuspendsNetnsRun(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
+		// Whatever is left below script (a stopped command, its
+		// netns-run) goes with the test, also on failure.
+		t.Cleanup(func() {
+			for _, pid := range descendants(cmd.Process.Pid) {
+				_ = unix.Kill(pid, unix.SIGKILL)
+			}
+		})
 		stopped := 0
 		for deadline := time.Now().Add(20 * time.Second); stopped == 0 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 			stopped = stoppedProcess(bins.netnsRun)
 		}
 		if stopped == 0 {
+			for _, pid := range descendants(cmd.Process.Pid) {
+				_ = unix.Kill(pid, unix.SIGKILL)
+			}
 			cancel()
 			_ = cmd.Wait()
 			t.Errorf("%q: netns-run did not stop with its command:\n%s", flags, &out)
