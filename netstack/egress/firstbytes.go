@@ -50,10 +50,17 @@ func parseFirstBytes(b []byte) firstBytes {
 	case b[0] == 0x16:
 		return parseClientHello(b)
 	}
-	if m := httpMethod(b); m != "" {
-		return parseHTTPHead(b, m)
-	} else if couldBeMethod(b) {
+	// Servers skip empty lines before a request line (RFC 9112 2.2):
+	// so must the check, or "\r\nGET" would pass as another protocol.
+	req := bytes.TrimLeft(b, "\r\n")
+	switch requestLine(req) {
+	case firstUnknown:
+		if len(b) >= MaxFirstBytes {
+			return firstBytes{kind: firstOther, complete: true}
+		}
 		return firstBytes{}
+	case firstHTTP:
+		return parseHTTPHead(req)
 	}
 	return firstBytes{kind: firstOther, complete: true}
 }
@@ -178,51 +185,71 @@ func (r *reader) u16() uint16 {
 	return 0
 }
 
-// httpMethods are the request methods recognised as HTTP (PRI is HTTP/2's
-// prior-knowledge preface, which has no Host header to check).
-var httpMethods = []string{"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PRI"}
-
-// httpMethod returns the method b starts with (followed by a space).
-func httpMethod(b []byte) string {
-	for _, m := range httpMethods {
-		if len(b) > len(m) && string(b[:len(m)]) == m && b[len(m)] == ' ' {
-			return m
-		}
+// requestLine says whether b starts with an HTTP/1 request line: any
+// method token (servers route WebDAV's and unknown methods by Host too),
+// then a target, then "HTTP/". A line that is not whole yet, and could
+// still be one, is firstUnknown. HTTP/0.9's "GET /" names no host, and
+// reaches only the address's default site: it counts as another protocol.
+func requestLine(b []byte) firstKind {
+	i := 0
+	for i < len(b) && isTokenChar(b[i]) {
+		i++
 	}
-	return ""
+	switch {
+	case i == len(b):
+		return firstUnknown
+	case i == 0 || b[i] != ' ':
+		return firstOther
+	}
+	nl := bytes.IndexByte(b, '\n')
+	if nl < 0 {
+		return firstUnknown
+	}
+	f := strings.Fields(string(b[:nl]))
+	if len(f) >= 3 && strings.HasPrefix(f[len(f)-1], "HTTP/") {
+		return firstHTTP
+	}
+	return firstOther
 }
 
-// couldBeMethod reports whether b may still become "METHOD ".
-func couldBeMethod(b []byte) bool {
-	for _, m := range httpMethods {
-		if len(b) <= len(m) && string(b) == m[:len(b)] {
-			return true
-		}
+// isTokenChar reports whether c may be part of an RFC 9110 token.
+func isTokenChar(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
 	}
-	return false
+	return strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
 }
 
 // parseHTTPHead reads the request line and the Host header. A request
 // that names its host twice (an absolute target and Host, or two Host
-// headers) must name the same one, or servers might pick either.
-func parseHTTPHead(b []byte, method string) firstBytes {
+// headers) must name the same one, or servers might pick either. Lines end
+// at LF, with or without CR before it, as servers read them.
+func parseHTTPHead(b []byte) firstBytes {
 	f := firstBytes{kind: firstHTTP}
-	end := bytes.Index(b, []byte("\r\n\r\n"))
-	if end < 0 {
-		if len(b) >= maxHTTPHeader {
-			f.complete, f.bad = true, "HTTP request head too large"
+	var lines []string
+	for rest, done := string(b), false; !done; {
+		line, after, ok := strings.Cut(rest, "\n")
+		if !ok {
+			if len(b) >= maxHTTPHeader {
+				f.complete, f.bad = true, "HTTP request head too large"
+			}
+			return f
 		}
-		return f
+		line = strings.TrimSuffix(line, "\r")
+		done, rest = line == "", after
+		if !done {
+			lines = append(lines, line)
+		}
 	}
 	f.complete = true
-	lines := strings.Split(string(b[:end]), "\r\n")
-	parts := strings.Split(lines[0], " ")
+	parts := strings.Fields(lines[0])
 	if len(parts) != 3 || !strings.HasPrefix(parts[2], "HTTP/") {
 		f.bad = "malformed HTTP request line"
 		return f
 	}
 	var hosts []string
-	target := parts[1]
+	method, target := parts[0], parts[1]
 	switch {
 	case method == "CONNECT":
 		hosts = append(hosts, target)
@@ -232,6 +259,12 @@ func parseHTTPHead(b []byte, method string) firstBytes {
 		hosts = append(hosts, authority)
 	}
 	for _, l := range lines[1:] {
+		if l[0] == ' ' || l[0] == '\t' {
+			// A folded line (obsolete): servers that still take it
+			// would add it to the header before, perhaps Host.
+			f.bad = "folded HTTP header line"
+			return f
+		}
 		k, v, ok := strings.Cut(l, ":")
 		if ok && strings.EqualFold(strings.TrimSpace(k), "host") {
 			hosts = append(hosts, strings.TrimSpace(v))

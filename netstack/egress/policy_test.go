@@ -412,6 +412,17 @@ func TestInspect(t *testing.T) {
 		"CONNECT other.example:443 HTTP/1.1\r\nHost: good.example\r\n\r\n":               false,
 		"POST /x HTTP/1.1\r\nHost: good.example\r\nContent-Length: 3\r\n\r\nabc":         true,
 		"GET /" + strings.Repeat("a", MaxFirstBytes) + " HTTP/1.1\r\nHost: good.example": false,
+		// What servers take as a request, so must the check.
+		"\r\nGET / HTTP/1.1\r\nHost: other.example\r\n\r\n":                    false,
+		"\r\n\nGET / HTTP/1.1\r\nHost: good.example\r\n\r\n":                   true,
+		"PROPFIND / HTTP/1.1\r\nHost: other.example\r\n\r\n":                   false,
+		"FOO-BAR / HTTP/1.1\r\nHost: good.example\r\n\r\n":                     true,
+		"GET / HTTP/1.1\nHost: other.example\n\n":                              false,
+		"GET / HTTP/1.1\r\nX: y\nHost: other.example\r\n\r\n":                  false,
+		"GET / HTTP/1.1\r\nHost: good.example\r\nX: y\r\n Host: other\r\n\r\n": false,
+		"GET  /  HTTP/1.1\r\nHost: other.example\r\n\r\n":                      false,
+		"PING\r\n":        true,
+		"HELLO there\r\n": true,
 	} {
 		port := "80"
 		if _, ok := inspect(port, []byte(req), false); ok != want {
