@@ -110,6 +110,21 @@ func (p *Policy) answerFilter(name string, q *dns.Msg, strict bool) func([]byte)
 			// not pass the filter.
 			return localAnswer(q, dns.RcodeServerFailure)
 		}
+		if target := deniedInChain(p.m.Load(), &r, name); target != "" {
+			// A denied name stays unknown also behind an alias: its
+			// addresses would be pinned to the alias, which no
+			// rule denies.
+			rec := record{Proto: "dns", Name: name, QType: dns.TypeToString[q.Question[0].Qtype], Verdict: verdictDeny,
+				Reason: "its CNAME chain reaches " + target + ", which is denied"}
+			if p.audit {
+				rec.Verdict = verdictAudit
+			}
+			p.rep.report(rec, p.now(), false, "")
+			if !p.audit {
+				p.counters.dnsDenied.Add(1)
+				return localAnswer(q, dns.RcodeNameError)
+			}
+		}
 		p.filterAnswer(&r, name, strict)
 		out, err := r.Pack()
 		if err != nil {
@@ -176,6 +191,28 @@ func (p *Policy) filterAnswer(r *dns.Msg, name string, strict bool) {
 		r.Extra = keepTypes(r.Extra, dns.TypeOPT)
 	}
 	r.Compress = true
+}
+
+// deniedInChain follows r's CNAME chain from name and returns the first
+// name on it that a deny rule covers entirely ("" if none).
+func deniedInChain(m *matcher, r *dns.Msg, name string) string {
+	for range r.Answer {
+		next := ""
+		for _, rr := range r.Answer {
+			if c, ok := rr.(*dns.CNAME); ok && normalName(c.Hdr.Name) == name {
+				next = normalName(c.Target)
+				break
+			}
+		}
+		if next == "" {
+			return ""
+		}
+		if _, deny := m.queryRules(next); deny != nil {
+			return next
+		}
+		name = next
+	}
+	return ""
 }
 
 // keepTypes keeps the records of type t.

@@ -278,6 +278,16 @@ func TestDenyOnlyPolicy(t *testing.T) {
 	if m := resolve(t, p, "other.example", dns.TypeTXT, "TXT hello"); m.Rcode != dns.RcodeSuccess || len(m.Answer) != 1 {
 		t.Errorf("deny-only policy must forward other names' TXT: %v", m)
 	}
+	// Nor behind an alias: its address would be pinned to the alias only.
+	if m := resolve(t, p, "alias.example", dns.TypeA, "CNAME hop.example.", "CNAME blocked.example.", "A 198.51.100.67"); m.Rcode != dns.RcodeNameError {
+		t.Errorf("a denied name behind two CNAMEs resolved: %v", m)
+	}
+	if p.Decide(TCP, ap("198.51.100.67:443"), ap("198.51.100.67:443"), false).name != "" {
+		t.Error("the denied name's address was pinned to the alias")
+	}
+	if m := resolve(t, p, "alias2.example", dns.TypeA, "CNAME cdn.example.", "A 198.51.100.68"); m.Rcode != dns.RcodeSuccess || len(m.Answer) != 2 {
+		t.Errorf("an alias of an allowed name: %v", m)
+	}
 	// One resolver, and no metadata service, even without an allow list.
 	if p.Decide(UDP, ap("198.51.100.10:53"), ap("198.51.100.10:53"), false).Allowed || p.Decide(TCP, ap("169.254.169.254:80"), ap("169.254.169.254:80"), false).Allowed {
 		t.Error("DNS elsewhere or metadata allowed")
