@@ -295,6 +295,10 @@ func replyUDP(pc *net.UDPConn, fl *udpFlow, client netip.AddrPort, mu *sync.Mute
 		fl.lastSeen = time.Now()
 		from := fl.replyFrom
 		mu.Unlock()
-		_, _, _ = pc.WriteMsgUDPAddrPort(buf[:n], from, client)
+		if _, _, err := pc.WriteMsgUDPAddrPort(buf[:n], from, client); err != nil && from != nil {
+			// The client sent to an address no reply can leave from
+			// (a broadcast): the kernel picks the source instead.
+			_, _, _ = pc.WriteMsgUDPAddrPort(buf[:n], nil, client)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -144,5 +145,36 @@ func TestPublishedUDPRepliesFromAddressUsed(t *testing.T) {
 		if _, err := c.Read(make([]byte, 16)); err != nil {
 			t.Errorf("published on %s: no reply from 127.0.0.2: %v", name, err)
 		}
+	}
+}
+
+// A client that sent to a broadcast address gets its reply, from an
+// address of the host's: no reply can leave from the broadcast address.
+func TestPublishedUDPAnswersBroadcast(t *testing.T) {
+	for _, host := range []netip.Addr{netip.IPv4Unspecified(), {}} {
+		ports := New(echoGuest{startUDPEcho(t)}, nil)
+		port := freePort(t)
+		if _, err := ports.Add(Rule{Proto: "udp", HostAddr: host, HostPort: uint16(port),
+			GuestAddr: netip.MustParseAddr("10.0.2.100"), GuestPort: 53}); err != nil {
+			t.Fatal(err)
+		}
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc, err := c.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = rc.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_BROADCAST, 1) })
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.WriteToUDP([]byte("hello"), &net.UDPAddr{IP: net.IPv4(127, 255, 255, 255), Port: port}); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := c.ReadFromUDP(make([]byte, 16)); err != nil {
+			t.Errorf("listening on %v: no reply to a broadcast: %v", host, err)
+		}
+		c.Close()
+		ports.Close()
 	}
 }

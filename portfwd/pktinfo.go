@@ -71,8 +71,12 @@ func (r *replySource) control(oob []byte) []byte {
 			}
 			return unix.PktInfo6(&info)
 		case !r.v6 && m.Header.Level == unix.IPPROTO_IP && m.Header.Type == unix.IP_PKTINFO && len(m.Data) >= unix.SizeofInet4Pktinfo:
-			// struct in_pktinfo: ifindex, spec_dst, addr (the header's
-			// destination). A reply's source is spec_dst.
+			// struct in_pktinfo: ifindex, spec_dst, addr. The reply
+			// leaves from addr, the header's destination: spec_dst is
+			// the address routing would pick (127.0.0.1 for a client
+			// of 127.0.0.2). A broadcast destination cannot be a
+			// source: the send fails, and the caller sends again
+			// without this.
 			return unix.PktInfo4(&unix.Inet4Pktinfo{Spec_dst: [4]byte(m.Data[8:12])})
 		}
 	}
