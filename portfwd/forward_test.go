@@ -178,3 +178,33 @@ func TestPublishedUDPAnswersBroadcast(t *testing.T) {
 		ports.Close()
 	}
 }
+
+// One host port may be published once per family's wildcard, as the kernel
+// allows (an IPv6 listener is IPv6-only); what would take the same
+// connections is refused.
+func TestPublishSamePortPerFamily(t *testing.T) {
+	if ln, err := net.Listen("tcp6", "[::1]:0"); err != nil {
+		t.Skip("no IPv6 here")
+	} else {
+		ln.Close()
+	}
+	m := New(nullGuest{}, nil)
+	defer m.Close()
+	port := uint16(freePort(t))
+	add := func(host string) error {
+		var a netip.Addr
+		if host != "" {
+			a = netip.MustParseAddr(host)
+		}
+		_, err := m.Add(Rule{Proto: "tcp", HostAddr: a, HostPort: port, GuestAddr: netip.MustParseAddr("10.0.2.100"), GuestPort: 80})
+		return err
+	}
+	for _, c := range []struct {
+		host string
+		ok   bool
+	}{{"0.0.0.0", true}, {"::", true}, {"127.0.0.1", false}, {"::1", false}, {"", false}, {"0.0.0.0", false}} {
+		if err := add(c.host); (err == nil) != c.ok {
+			t.Errorf("publish %q: %v, want ok %v", c.host, err, c.ok)
+		}
+	}
+}

@@ -112,8 +112,7 @@ func (m *PortMap) Add(r Rule) (int, error) {
 		return 0, net.ErrClosed
 	}
 	for _, f := range m.fwds {
-		if f.rule.Proto == r.Proto && f.rule.HostPort == r.HostPort &&
-			(f.rule.HostAddr == r.HostAddr || anyAddr(f.rule.HostAddr) || anyAddr(r.HostAddr)) {
+		if f.rule.Proto == r.Proto && f.rule.HostPort == r.HostPort && overlaps(f.rule.HostAddr, r.HostAddr) {
 			return 0, fmt.Errorf("publish %s: host port already published as %s", r, f.rule)
 		}
 	}
@@ -129,8 +128,21 @@ func (m *PortMap) Add(r Rule) (int, error) {
 	return id, nil
 }
 
-// anyAddr reports whether a rule on a listens on every address.
-func anyAddr(a netip.Addr) bool { return !a.IsValid() || a.IsUnspecified() }
+// overlaps reports whether listeners on host addresses a and b (of one
+// protocol and port) would take the same connections: the same address, or
+// a wildcard and an address of its family. 0.0.0.0 and :: do not overlap
+// (an IPv6 listener is IPv6-only, as Docker's -p 0.0.0.0:80:80 -p [::]:80:80
+// needs); no address (one dual-stack socket) overlaps everything.
+func overlaps(a, b netip.Addr) bool {
+	a, b = a.Unmap(), b.Unmap()
+	switch {
+	case !a.IsValid() || !b.IsValid():
+		return true
+	case a.Is4() != b.Is4():
+		return false
+	}
+	return a == b || a.IsUnspecified() || b.IsUnspecified()
+}
 
 // Remove stops listening for the rule with this ID. Connections already
 // forwarded keep running until they end.
