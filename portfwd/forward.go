@@ -22,7 +22,7 @@ const (
 	// datagram either way.
 	udpFlowIdle = 60 * time.Second
 	// maxUDPFlows bounds the clients one published UDP port tracks; a
-	// datagram from a new client beyond it is dropped.
+	// new client beyond it takes the place of the least recently used.
 	maxUDPFlows = 4096
 )
 
@@ -202,18 +202,87 @@ type udpFlow struct {
 	replyFrom []byte
 }
 
-func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, log *slog.Logger) {
-	var mu sync.Mutex
-	flows := map[netip.AddrPort]*udpFlow{}
-	var wg sync.WaitGroup
-	defer func() {
-		mu.Lock()
-		for _, fl := range flows {
-			fl.conn.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
+// udpFlows are a published UDP port's clients, each with its connection
+// to the guest and a goroutine relaying the guest's replies.
+type udpFlows struct {
+	pc    *net.UDPConn
+	guest Guest
+	rule  Rule
+	max   int // maxUDPFlows but in tests
+	mu    sync.Mutex
+	m     map[netip.AddrPort]*udpFlow
+	wg    sync.WaitGroup
+}
+
+// get returns client's flow, dialing the guest for a new one. At the bound
+// the least recently used flow makes room: refusing new clients would let
+// one host that keeps maxUDPFlows source ports busy lock every other out.
+func (u *udpFlows) get(client netip.AddrPort) (*udpFlow, error) {
+	u.mu.Lock()
+	fl, ok := u.m[client]
+	u.mu.Unlock()
+	if ok {
+		return fl, nil
+	}
+	// Without the lock: the dial may wait (the port helper, the
+	// engine), and every flow's replies take the lock. Only the read
+	// loop adds flows, so no other can add this one meanwhile.
+	conn, err := u.guest.DialGuestUDP(client, u.rule.guestFor(client.Addr()))
+	if err != nil {
+		return nil, err
+	}
+	fl = &udpFlow{conn: conn, lastSeen: time.Now()}
+	u.mu.Lock()
+	if len(u.m) >= u.max {
+		u.evictLocked()
+	}
+	u.m[client] = fl
+	u.mu.Unlock()
+	u.wg.Add(1)
+	go func() {
+		defer u.wg.Done()
+		u.replies(fl, client)
 	}()
+	return fl, nil
+}
+
+// evictLocked ends the least recently used flow.
+func (u *udpFlows) evictLocked() {
+	var oldest netip.AddrPort
+	var seen time.Time
+	for c, fl := range u.m {
+		if seen.IsZero() || fl.lastSeen.Before(seen) {
+			oldest, seen = c, fl.lastSeen
+		}
+	}
+	if fl, ok := u.m[oldest]; ok {
+		delete(u.m, oldest)
+		fl.conn.Close()
+	}
+}
+
+// forget removes fl, if it is still client's flow.
+func (u *udpFlows) forget(client netip.AddrPort, fl *udpFlow) {
+	u.mu.Lock()
+	if u.m[client] == fl {
+		delete(u.m, client)
+	}
+	u.mu.Unlock()
+}
+
+// closeAll ends every flow and waits for their goroutines.
+func (u *udpFlows) closeAll() {
+	u.mu.Lock()
+	for _, fl := range u.m {
+		fl.conn.Close()
+	}
+	u.mu.Unlock()
+	u.wg.Wait()
+}
+
+func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, log *slog.Logger) {
+	flows := &udpFlows{pc: pc, guest: guest, rule: f.rule, max: maxUDPFlows, m: map[netip.AddrPort]*udpFlow{}}
+	defer flows.closeAll()
 	rs, err := newReplySource(pc)
 	if err != nil {
 		log.Debug("published udp port: replies leave from the kernel's choice of address", "rule", f.rule.String(), "err", err)
@@ -232,73 +301,67 @@ func (f *forward) serveUDP(pc *net.UDPConn, guest Guest, log *slog.Logger) {
 			return
 		}
 		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
-		mu.Lock()
-		fl, ok := flows[client]
-		if !ok {
-			if len(flows) >= maxUDPFlows {
-				mu.Unlock()
-				log.Debug("published udp port: flow table full; dropping", "rule", f.rule.String(), "client", client)
-				continue
-			}
-			conn, err := guest.DialGuestUDP(client, f.rule.guestFor(client.Addr()))
-			if err != nil {
-				mu.Unlock()
-				log.Debug("published udp flow", "rule", f.rule.String(), "client", client, "err", err)
-				continue
-			}
-			fl = &udpFlow{conn: conn}
-			flows[client] = fl
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				replyUDP(pc, fl, client, &mu)
-				mu.Lock()
-				if flows[client] == fl {
-					delete(flows, client)
-				}
-				mu.Unlock()
-			}()
-		}
-		fl.lastSeen = time.Now()
+		var replyFrom []byte
 		if rs != nil {
-			fl.replyFrom = rs.control(oob[:oobn])
+			replyFrom = rs.control(oob[:oobn])
 		}
-		mu.Unlock()
-		_, _ = fl.conn.Write(buf[:n])
+		// A flow may end between the look-up and the write (idle, or
+		// its guest side gone): the datagram then opens the next one.
+		for range 2 {
+			fl, err := flows.get(client)
+			if err != nil {
+				log.Debug("published udp flow", "rule", f.rule.String(), "client", client, "err", err)
+				break
+			}
+			flows.mu.Lock()
+			fl.lastSeen = time.Now()
+			fl.replyFrom = replyFrom
+			flows.mu.Unlock()
+			if _, err := fl.conn.Write(buf[:n]); !errors.Is(err, net.ErrClosed) {
+				break
+			}
+			flows.forget(client, fl)
+		}
 	}
 }
 
-// replyUDP sends the guest's datagrams back to client until the flow has
-// been idle for udpFlowIdle.
-func replyUDP(pc *net.UDPConn, fl *udpFlow, client netip.AddrPort, mu *sync.Mutex) {
+// replies sends the guest's datagrams on fl back to client until the flow
+// has been idle for udpFlowIdle, or is closed. An idle flow leaves the
+// table in the same step that finds it idle: a datagram from the client
+// either kept it or finds it gone.
+func (u *udpFlows) replies(fl *udpFlow, client netip.AddrPort) {
 	defer fl.conn.Close()
+	defer u.forget(client, fl)
 	buf := make([]byte, 65535)
 	for {
-		mu.Lock()
+		u.mu.Lock()
 		deadline := fl.lastSeen.Add(udpFlowIdle)
-		mu.Unlock()
+		u.mu.Unlock()
 		_ = fl.conn.SetReadDeadline(deadline)
 		n, err := fl.conn.Read(buf)
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
-				mu.Lock()
+				u.mu.Lock()
 				idle := time.Since(fl.lastSeen) >= udpFlowIdle
-				mu.Unlock()
+				if idle && u.m[client] == fl {
+					delete(u.m, client)
+				}
+				u.mu.Unlock()
 				if !idle {
 					continue
 				}
 			}
 			return
 		}
-		mu.Lock()
+		u.mu.Lock()
 		fl.lastSeen = time.Now()
 		from := fl.replyFrom
-		mu.Unlock()
-		if _, _, err := pc.WriteMsgUDPAddrPort(buf[:n], from, client); err != nil && from != nil {
+		u.mu.Unlock()
+		if _, _, err := u.pc.WriteMsgUDPAddrPort(buf[:n], from, client); err != nil && from != nil {
 			// The client sent to an address no reply can leave from
 			// (a broadcast): the kernel picks the source instead.
-			_, _, _ = pc.WriteMsgUDPAddrPort(buf[:n], nil, client)
+			_, _, _ = u.pc.WriteMsgUDPAddrPort(buf[:n], nil, client)
 		}
 	}
 }

@@ -208,3 +208,41 @@ func TestPublishSamePortPerFamily(t *testing.T) {
 		}
 	}
 }
+
+// At the bound a new client takes the place of the least recently used one
+// (whose flow ends), and one whose flow ended gets a new one.
+func TestPublishedUDPFlowsMakeRoom(t *testing.T) {
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	u := &udpFlows{pc: pc, guest: echoGuest{startUDPEcho(t)}, max: 2, m: map[netip.AddrPort]*udpFlow{}}
+	defer u.closeAll()
+	client := func(port uint16) netip.AddrPort { return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port) }
+	first, err := u.get(client(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.mu.Lock()
+	first.lastSeen = time.Now().Add(-time.Minute)
+	u.mu.Unlock()
+	for _, p := range []uint16{2, 3} {
+		if _, err := u.get(client(p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	u.mu.Lock()
+	_, kept := u.m[client(1)]
+	n := len(u.m)
+	u.mu.Unlock()
+	if kept || n != 2 {
+		t.Errorf("after a third client: the first kept %v, %d flows; want it gone, 2", kept, n)
+	}
+	if _, err := first.conn.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("the evicted flow's connection: %v, want closed", err)
+	}
+	if again, err := u.get(client(1)); err != nil || again == first {
+		t.Errorf("the evicted client again: %v, same flow %v", err, again == first)
+	}
+}
