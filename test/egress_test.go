@@ -493,3 +493,36 @@ func fillerRules(n int) string {
 	}
 	return b.String()
 }
+
+// A policy of thousands of rules crosses from the engine whole: its
+// listing is larger than one control message.
+func TestEgressLargePolicyOverAPI(t *testing.T) {
+	ew := newEgressWorld(t)
+	dir := userDir(t, "egress-large-")
+	sock := filepath.Join(dir, "api.sock")
+	var rules strings.Builder
+	const n = 3000
+	for i := range n {
+		fmt.Fprintf(&rules, "allow host%d.egress.test:443\n", i)
+	}
+	policy := filepath.Join(dir, "policy")
+	if err := os.WriteFile(policy, []byte(rules.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := ew.startGuestScript([]string{"--api-socket", sock, "--policy", policy}, "echo up; sleep 60")
+	if line, err := out.ReadString('\n'); err != nil || strings.TrimSpace(line) != "up" {
+		t.Fatalf("guest: %q, %v", line, err)
+	}
+	reply := apiCall(t, sock, `{"execute":"get_egress_policy"}`)
+	var got struct {
+		Return struct {
+			Rules []struct{ Rule string } `json:"rules"`
+		} `json:"return"`
+	}
+	if err := json.Unmarshal([]byte(reply), &got); err != nil || len(got.Return.Rules) != n || got.Return.Rules[n-1].Rule != fmt.Sprintf("host%d.egress.test:443", n-1) {
+		t.Errorf("get_egress_policy: %d rules, %v; reply starts %.200q", len(got.Return.Rules), err, reply)
+	}
+	if stats, err := execCommand(bins.netnsRun, "stats", sock); err != nil || !strings.Contains(stats, fmt.Sprintf("%d rules", n)) {
+		t.Errorf("netns-run stats: %v\n%.300s", err, stats)
+	}
+}

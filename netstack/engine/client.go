@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -170,7 +171,9 @@ func (c *Client) read() {
 		var m message
 		var f *os.File
 		m, f, err = recv(c.conn)
-		if f != nil {
+		if f != nil && m.Large && err == nil {
+			m.file = f
+		} else if f != nil {
 			f.Close()
 		}
 		if err != nil {
@@ -182,6 +185,8 @@ func (c *Client) read() {
 		c.mu.Unlock()
 		if ok {
 			ch <- m
+		} else if m.file != nil {
+			m.file.Close()
 		}
 	}
 	c.mu.Lock()
@@ -330,9 +335,43 @@ func (c *Client) request(m message) (json.RawMessage, error) {
 		if r.Error != "" {
 			return nil, errors.New(r.Error)
 		}
+		if r.Large {
+			return readLarge(r.file)
+		}
 		return r.Result, nil
 	case <-time.After(requestTimeout):
 		forget()
 		return nil, fmt.Errorf("network engine: no answer to %s within %v", m.Op, requestTimeout)
 	}
+}
+
+// readLarge reads a result the engine sent through a pipe (message.Large),
+// and closes f.
+func readLarge(f *os.File) (json.RawMessage, error) {
+	if f == nil {
+		return nil, errors.New("network engine: a large result without its pipe")
+	}
+	// A pollable copy, for the deadline: a descriptor that came over a
+	// socket is blocking, and an engine stuck before its end of the
+	// pipe closed would hold this caller for good.
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("network engine: a large result: %w", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("network engine: a large result: %w", err)
+	}
+	p := os.NewFile(uintptr(fd), "engine-result")
+	defer p.Close()
+	_ = p.SetReadDeadline(time.Now().Add(requestTimeout))
+	b, err := io.ReadAll(io.LimitReader(p, maxLarge+1))
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("network engine: reading a large result: %w", err)
+	case len(b) > maxLarge:
+		return nil, fmt.Errorf("network engine: a result over %d bytes", maxLarge)
+	}
+	return b, nil
 }

@@ -90,7 +90,19 @@ type message struct {
 	// by its netlink socket (netstack.Config.KernelTCPNAT).
 	Listener bool `json:"listener,omitempty"`
 	NAT      bool `json:"nat,omitempty"`
+	// Large: the result did not fit in a message (thousands of egress
+	// rules, an audit's suggestions); it comes through the pipe whose
+	// read end is attached (file, on the receiving side).
+	Large bool     `json:"large,omitempty"`
+	file  *os.File `json:"-"`
 }
+
+// A result longer than maxInline goes through a pipe; maxLarge bounds
+// what the parent reads from one.
+const (
+	maxInline = 32 << 10
+	maxLarge  = 64 << 20
+)
 
 // maxMessage bounds one control message (get_stats is the largest).
 const maxMessage = 64 << 10

@@ -74,3 +74,28 @@ func TestRecvRejectsGarbage(t *testing.T) {
 		t.Errorf("after close: %v, want hang-up", err)
 	}
 }
+
+// A result larger than a control message holds (thousands of egress rules)
+// comes through a pipe, whole, and the channel stays in step.
+func TestLargeResult(t *testing.T) {
+	engineEnd, parentEnd := seqpacketPair(t)
+	e := &server{ctrl: engineEnd}
+	big := []byte(`"` + strings.Repeat("r", 3*maxMessage) + `"`)
+	if err := e.sendLarge(message{Op: opResult, ID: 7}, big); err != nil {
+		t.Fatal(err)
+	}
+	if err := send(engineEnd, message{Op: opResult, ID: 8, Result: []byte(`1`)}); err != nil {
+		t.Fatal(err)
+	}
+	m, f, err := recv(parentEnd)
+	if err != nil || !m.Large || m.ID != 7 {
+		t.Fatalf("first reply: %+v, %v", m, err)
+	}
+	got, err := readLarge(f)
+	if err != nil || string(got) != string(big) {
+		t.Fatalf("large result: %d of %d bytes, %v", len(got), len(big), err)
+	}
+	if m, _, err := recv(parentEnd); err != nil || m.ID != 8 || string(m.Result) != "1" {
+		t.Errorf("the reply after it: %+v, %v", m, err)
+	}
+}

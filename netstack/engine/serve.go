@@ -206,12 +206,40 @@ func (e *server) report(m message) error {
 	if err == nil {
 		b, err = json.Marshal(v)
 	}
-	if err != nil {
+	switch {
+	case err != nil:
 		reply.Error = err.Error()
-	} else {
+	case len(b) > maxInline:
+		return e.sendLarge(reply, b)
+	default:
 		reply.Result = b
 	}
 	return send(e.ctrl, reply)
+}
+
+// sendLarge sends reply with its result b through a pipe: a control
+// message holds 64 KiB at most, and one too long for the socket's buffer
+// would end the engine.
+func (e *server) sendLarge(reply message, b []byte) error {
+	r, w, err := os.Pipe()
+	if err != nil {
+		reply.Error = fmt.Sprintf("result of %d bytes: %v", len(b), err)
+		return send(e.ctrl, reply)
+	}
+	reply.Large = true
+	err = send(e.ctrl, reply, int(r.Fd()))
+	r.Close()
+	if err != nil {
+		w.Close()
+		return err
+	}
+	// The parent reads while this writes; a parent that gave up closes
+	// its end, and the write fails.
+	go func() {
+		defer w.Close()
+		_, _ = w.Write(b)
+	}()
+	return nil
 }
 
 // forwardTCP relays a published connection the parent accepted into the
