@@ -22,6 +22,12 @@ const (
 	maxPins = 1 << 16
 	// sweepEvery is how often pinning also drops what has expired.
 	sweepEvery = 30 * time.Second
+	// maxNamesPerAddr bounds the names one address holds. Names below an
+	// allowed wildcard that all answer one address (a CDN's, *.github.io)
+	// would otherwise grow its list without end while a flow to it stays
+	// open (which keeps them all alive, and outside maxPins' eviction),
+	// and every pin and decision walks the list.
+	maxNamesPerAddr = 64
 )
 
 type pinTable struct {
@@ -57,6 +63,7 @@ func (t *pinTable) pin(a netip.Addr, name string, until, now time.Time) {
 		t.sweepLocked(now)
 	}
 	if p := t.byAddr[a]; p != nil {
+		soonest := 0
 		for i := range p.names {
 			if p.names[i].name == name {
 				if until.After(p.names[i].until) {
@@ -64,6 +71,15 @@ func (t *pinTable) pin(a netip.Addr, name string, until, now time.Time) {
 				}
 				return
 			}
+			if p.names[i].until.Before(p.names[soonest].until) {
+				soonest = i
+			}
+		}
+		if len(p.names) >= maxNamesPerAddr {
+			// The name due to expire first makes room; a flow it
+			// allowed stays open, and asking again pins it again.
+			p.names[soonest] = pinName{name, until}
+			return
 		}
 	}
 	if t.n >= t.max {

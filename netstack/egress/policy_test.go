@@ -651,3 +651,22 @@ func TestNoticesQuoteGuestNames(t *testing.T) {
 		t.Errorf("the notice carries the guest's bytes as they are: %q", got)
 	}
 }
+
+// An address held by an open flow keeps at most maxNamesPerAddr names,
+// however many names below an allowed wildcard answer it; the newest stay.
+func TestPinsPerAddressBounded(t *testing.T) {
+	tab := newPinTable(maxPins)
+	now := time.Unix(0, 0)
+	a := netip.MustParseAddr("198.51.100.9")
+	release := tab.hold(a)
+	defer release()
+	for i := range 10 * maxNamesPerAddr {
+		tab.pin(a, fmt.Sprintf("n%d.example", i), now.Add(time.Minute+time.Duration(i)*time.Second), now)
+	}
+	if n := tab.size(); n != maxNamesPerAddr {
+		t.Errorf("%d names pinned to one address, want %d", n, maxNamesPerAddr)
+	}
+	if last := fmt.Sprintf("n%d.example", 10*maxNamesPerAddr-1); !tab.has(a, last, now) {
+		t.Error("the newest name was not kept")
+	}
+}
