@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestMapAuto(t *testing.T) {
@@ -132,6 +134,32 @@ func TestDetachJoinStop(t *testing.T) {
 	res = wd.runGuest([]string{"--join", state}, "true")
 	if res.code != 125 || !strings.Contains(res.stderr, "no running namespace") {
 		t.Errorf("--join after --stop: %s", res)
+	}
+
+	// A netns-run that is starting on the directory (it holds its lock
+	// before it has written a record) keeps a second one out, which
+	// touches nothing there.
+	if err := os.MkdirAll(state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	_ = os.Remove(filepath.Join(state, "log"))
+	if err := os.Chown(state, unprivUID, unprivUID); err != nil {
+		t.Fatal(err)
+	}
+	d, err := os.Open(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := unix.Flock(int(d.Fd()), unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	res = wd.runGuest([]string{"--detach", "--state-dir", state}, "sleep", "600")
+	if res.code != 125 || !strings.Contains(res.stderr, "another netns-run is starting or serving there") {
+		t.Errorf("--detach on a locked state dir: %s", res)
+	}
+	if names, _ := os.ReadDir(state); len(names) != 0 {
+		t.Errorf("--detach on a locked state dir left %v", names)
 	}
 }
 

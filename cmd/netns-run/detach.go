@@ -55,6 +55,14 @@ func startDaemon(path string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netns-run: %s is in use by a running netns-run (PID %d); stop it with `netns-run --stop %s`\n", path, p.PID, path)
 		return exitSetupFailed
 	}
+	// The daemon holds the directory's lock for its lifetime (one that is
+	// starting has not written its records yet); a look at it here spares
+	// that one's log.
+	if err := dir.TryLock(); err != nil {
+		fmt.Fprintf(stderr, "netns-run: --state-dir %v: another netns-run is starting or serving there\n", err)
+		return exitSetupFailed
+	}
+	dir.Unlock()
 	logf, err := dir.Create("log")
 	if err != nil {
 		fmt.Fprintf(stderr, "netns-run: --state-dir: %v\n", err)

@@ -154,6 +154,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return exitSetupFailed
 		}
 		defer stateDir.Close()
+		// Held until exit: a second daemon started on the same
+		// directory at the same moment stops here, before it could
+		// overwrite or remove this one's records.
+		if err := stateDir.TryLock(); err != nil {
+			ready.report(err.Error() + ": another netns-run is starting or serving there")
+			return exitSetupFailed
+		}
 		defer removeState(stateDir, false)
 		if opts.apiSocket == "" {
 			opts.apiSocket = filepath.Join(opts.stateDir, "api.sock")

@@ -72,6 +72,25 @@ func (d *Dir) Close() error { return d.f.Close() }
 
 func (d *Dir) fd() int { return int(d.f.Fd()) }
 
+// ErrLocked: another process holds the directory's lock.
+var ErrLocked = errors.New("locked by another process")
+
+// TryLock takes the directory's exclusive lock (flock), held until Close,
+// or says ErrLocked at once.
+func (d *Dir) TryLock() error {
+	err := unix.Flock(d.fd(), unix.LOCK_EX|unix.LOCK_NB)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return fmt.Errorf("%s: %w", d.path, ErrLocked)
+	}
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", d.path, err)
+	}
+	return nil
+}
+
+// Unlock releases the lock TryLock took.
+func (d *Dir) Unlock() { _ = unix.Flock(d.fd(), unix.LOCK_UN) }
+
 // Create makes a new, empty file name in d (mode 0600) for writing,
 // replacing what was there: an old file is unlinked, not truncated, and the
 // new one is created exclusively without following a symlink.
