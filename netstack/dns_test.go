@@ -417,17 +417,40 @@ type guestNet struct {
 	gs *stack.Stack
 }
 
-// A source that fills the forwarder fails its own queries, not others':
-// at the bound, a query from another source takes the place of the
-// heaviest source's oldest one (which gets SERVFAIL), and the heaviest
-// source's next query is refused at once.
-func TestDNSFloodCannotLockOutOthers(t *testing.T) {
+// silentForwarder is a stack whose DNS forwarder asks an upstream that
+// never answers: queries stay in flight.
+func silentForwarder(t *testing.T) *Stack {
+	t.Helper()
 	_, silentAddr := silentUpstream(t)
 	cfg := DefaultConfig()
 	cfg.Restrict = true
 	cfg.DNSUpstreams = []netip.AddrPort{silentAddr}
 	s, _ := stackOnSocketpair(t, cfg, 0)
-	rcode := func(m []byte) int { return int(m[3] & 0xf) }
+	return s
+}
+
+// queryTaken sends a query from source to s's full forwarder, which must
+// take it (not answer at once).
+func queryTaken(t *testing.T, s *Stack, source netip.AddrPort) {
+	t.Helper()
+	got := make(chan []byte, 1)
+	s.dns.query(source, packQuery(7, "real.example.test"), func(m []byte) { got <- m })
+	select {
+	case m := <-got:
+		t.Fatalf("the other source's query was answered at once (rcode %d), not taken", rcode(m))
+	default:
+	}
+}
+
+// rcode is a DNS message's response code.
+func rcode(m []byte) int { return int(m[3] & 0xf) }
+
+// A source that fills the forwarder fails its own queries, not others':
+// at the bound, a query from another source takes the place of the
+// heaviest source's oldest one (which gets SERVFAIL), and the heaviest
+// source's next query is refused at once.
+func TestDNSFloodCannotLockOutOthers(t *testing.T) {
+	s := silentForwarder(t)
 	flood := netip.MustParseAddrPort("10.0.2.100:10000")
 	var floodFails atomic.Int64
 	for i := range dnsMaxInFlight {
@@ -440,13 +463,7 @@ func TestDNSFloodCannotLockOutOthers(t *testing.T) {
 	if n := s.dns.pending(); n != dnsMaxInFlight {
 		t.Fatalf("%d queries in flight, want the bound %d", n, dnsMaxInFlight)
 	}
-	got := make(chan []byte, 1)
-	s.dns.query(netip.MustParseAddrPort("10.0.2.100:5353"), packQuery(7, "real.example.test"), func(m []byte) { got <- m })
-	select {
-	case m := <-got:
-		t.Fatalf("the other source's query was answered at once (rcode %d), not taken", rcode(m))
-	default:
-	}
+	queryTaken(t, s, netip.MustParseAddrPort("10.0.2.100:5353"))
 	if n := floodFails.Load(); n != 1 {
 		t.Errorf("the flood lost %d queries to make room, want 1", n)
 	}
@@ -465,12 +482,7 @@ func TestDNSFloodCannotLockOutOthers(t *testing.T) {
 // A flood from a fresh port per query holds one query per source: a
 // query from another source still gets in, in place of the oldest one.
 func TestDNSFloodFromFreshPortsCannotLockOutOthers(t *testing.T) {
-	_, silentAddr := silentUpstream(t)
-	cfg := DefaultConfig()
-	cfg.Restrict = true
-	cfg.DNSUpstreams = []netip.AddrPort{silentAddr}
-	s, _ := stackOnSocketpair(t, cfg, 0)
-	rcode := func(m []byte) int { return int(m[3] & 0xf) }
+	s := silentForwarder(t)
 	failed := make(chan uint16, dnsMaxInFlight)
 	for i := range dnsMaxInFlight {
 		s.dns.query(netip.AddrPortFrom(netip.MustParseAddr("10.0.2.100"), uint16(20000+i)), packQuery(uint16(i), "flood.example.test"), func(m []byte) {
@@ -479,13 +491,7 @@ func TestDNSFloodFromFreshPortsCannotLockOutOthers(t *testing.T) {
 			}
 		})
 	}
-	got := make(chan []byte, 1)
-	s.dns.query(netip.MustParseAddrPort("10.0.2.100:5353"), packQuery(7, "real.example.test"), func(m []byte) { got <- m })
-	select {
-	case m := <-got:
-		t.Fatalf("the other source's query was answered at once (rcode %d), not taken", rcode(m))
-	default:
-	}
+	queryTaken(t, s, netip.MustParseAddrPort("10.0.2.100:5353"))
 	select {
 	case id := <-failed:
 		if id != 0 {

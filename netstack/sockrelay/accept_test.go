@@ -4,14 +4,17 @@ import (
 	"errors"
 	"net"
 	"os"
+	"syscall"
 	"testing"
 
 	"golang.org/x/sys/unix"
 )
 
-// Accept takes connections with their client's address, from the
-// listener's pollable file.
-func TestAcceptRaw(t *testing.T) {
+// listenerWithClient returns a loopback listener's file and its raw
+// connection, with a client's connection waiting in its queue; all are
+// closed at the end of the test.
+func listenerWithClient(t *testing.T) (*os.File, syscall.RawConn, *net.TCPConn) {
+	t.Helper()
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -21,16 +24,23 @@ func TestAcceptRaw(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer lf.Close()
+	t.Cleanup(func() { lf.Close() })
 	c, err := net.DialTCP("tcp4", nil, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	rc, err := lf.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
+	return lf, rc, c
+}
+
+// Accept takes connections with their client's address, from the
+// listener's pollable file.
+func TestAcceptRaw(t *testing.T) {
+	_, rc, c := listenerWithClient(t)
 	fd, client, err := Accept(rc)
 	if err != nil {
 		t.Fatalf("accept: %v", err)
@@ -45,25 +55,7 @@ func TestAcceptRaw(t *testing.T) {
 // AcceptBackoff lets pass; the waiting connection is taken once there are
 // descriptors again. A closed listener ends the loop.
 func TestAcceptOutOfDescriptorsPasses(t *testing.T) {
-	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().(*net.TCPAddr)
-	lf, err := ListenerFile(ln)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lf.Close()
-	c, err := net.DialTCP("tcp4", nil, addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	rc, err := lf.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
+	lf, rc, c := listenerWithClient(t)
 	var lim unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
 		t.Fatal(err)
