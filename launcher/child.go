@@ -77,14 +77,24 @@ func RunChild() {
 		_ = ch.send(message{Kind: kindFailure, Failure: fail})
 		os.Exit(125)
 	}
-	if cfg != nil && cfg.PID {
-		os.Exit(execInit(cfg.Args, conn))
-	}
-	conn.Close()
 	if cfg == nil {
+		conn.Close()
 		os.Exit(0)
 	}
-	os.Exit(execCommand(cfg.Args))
+	if cfg.PID {
+		// Looked up here, where a failure can still be told: init
+		// runs what is found.
+		if _, code := lookCommand(cfg.Args[0]); code != 0 {
+			_ = ch.send(message{Kind: kindFailure, Failure: &childFailure{Step: "exec", Message: "cannot run " + cfg.Args[0]}})
+			os.Exit(code)
+		}
+		os.Exit(execInit(cfg.Args, conn))
+	}
+	// The channel stays open through the exec, which closes it (it is
+	// close-on-exec): the parent learns that the command runs.
+	code := execCommand(cfg.Args)
+	_ = ch.send(message{Kind: kindFailure, Failure: &childFailure{Step: "exec", Message: "cannot run " + cfg.Args[0]}})
+	os.Exit(code)
 }
 
 // waitMapsEnv tells the child its id maps are written by the parent (with

@@ -18,7 +18,13 @@ import (
 //	parent -> child   childConfig
 //	child  -> parent  tapReady (+ TAP queue fds)   or  childFailure
 //	parent -> child   proceed                      (or the socket closes)
-//	child             execs CMD
+//	child             execs CMD: the socket closes with the exec, or
+//	child  -> parent  childFailure (CMD could not be run)
+//
+// With --pid the child execs init instead, which keeps the socket:
+//
+//	init   -> parent  started (CMD runs), then stopped at each job-control
+//	                  stop of CMD
 const maxMessage = 64 << 10
 
 type messageKind string
@@ -30,6 +36,8 @@ const (
 	kindProceed messageKind = "proceed"
 	kindDial    messageKind = "dial"
 	kindDialed  messageKind = "dialed"
+	kindStarted messageKind = "started"
+	kindStopped messageKind = "stopped"
 )
 
 // message is the envelope of every datagram; exactly one body field is set,

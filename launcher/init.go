@@ -9,6 +9,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netns-run/netns-run/tap"
 )
 
 // runInit is PID 1 of a new PID namespace: it starts the command, forwards
@@ -48,6 +50,9 @@ func runInit(args []string) int {
 		}
 		return 126
 	}
+	if stops != nil {
+		_ = stops.send(message{Kind: kindStarted})
+	}
 	go func() {
 		for s := range sigs {
 			_ = unix.Kill(proc.Pid, s.(unix.Signal))
@@ -69,7 +74,7 @@ func runInit(args []string) int {
 			// Init, as PID 1, cannot stop with the command: the
 			// parent, which the user's shell waits for, does.
 			if stops != nil {
-				_, _ = stops.Write([]byte{'T'})
+				_ = stops.send(message{Kind: kindStopped})
 			}
 			continue
 		}
@@ -81,18 +86,21 @@ func runInit(args []string) int {
 }
 
 // initStopsEnv names the descriptor of the parent's handshake socket, on
-// which init notes that the command stopped.
+// which init says that the command runs, and when it stops.
 const initStopsEnv = "_NETNS_RUN_INIT_STOPS"
 
-// initStops takes the socket execInit left open (nil: none), close-on-exec
-// so that the command does not inherit it.
-func initStops() *os.File {
+// initStops takes the socket execInit left open (nil: none), as a channel
+// whose descriptor the command does not inherit.
+func initStops() *channel {
 	v, ok := os.LookupEnv(initStopsEnv)
 	os.Unsetenv(initStopsEnv)
 	fd, err := strconv.Atoi(v)
 	if !ok || err != nil || fd < 3 {
 		return nil
 	}
-	syscall.CloseOnExec(fd)
-	return os.NewFile(uintptr(fd), "init-stops")
+	conn, err := tap.UnixConn(os.NewFile(uintptr(fd), "init-stops"))
+	if err != nil {
+		return nil
+	}
+	return &channel{conn: conn}
 }

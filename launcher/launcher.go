@@ -140,6 +140,9 @@ type Options struct {
 	// CopyUp lists directories made writable inside (tmpfs copies), so
 	// files such as /etc/hosts can be replaced without touching the host.
 	CopyUp []string
+	// Started, if set, is called once the command runs (it was found and
+	// executed); not if it could not be.
+	Started func()
 }
 
 // Run starts opts.Args in new namespaces, serves its network and returns its
@@ -232,6 +235,12 @@ func Run(ctx context.Context, opts Options) (int, error) {
 			return 0, fmt.Errorf("namespace child exited with status %d before it was ready: %w", code, err)
 		}
 		return 0, err
+	}
+	if err := awaitStarted(ch, opts.PID); err != nil {
+		// supervise collects its exit status.
+		log.Debug("the command did not start", "err", err)
+	} else if opts.Started != nil {
+		opts.Started()
 	}
 	if opts.PID {
 		// Init's channel for the command's stops; closed with Run.

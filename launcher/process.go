@@ -151,9 +151,8 @@ func commandStops(conn *net.UnixConn) <-chan struct{} {
 	stops := make(chan struct{}, 1)
 	go func() {
 		defer close(stops)
-		buf := make([]byte, 16)
 		for {
-			if _, err := conn.Read(buf); err != nil {
+			if _, _, err := (channel{conn: conn}).recv(kindStopped); err != nil {
 				return
 			}
 			select {
@@ -163,6 +162,23 @@ func commandStops(conn *net.UnixConn) <-chan struct{} {
 		}
 	}()
 	return stops
+}
+
+// awaitStarted waits for the word that the command runs (see handshake.go):
+// the channel's end, or init's "started" under --pid. It returns why not,
+// if the child said so; a command slow to start counts as started after
+// handshakeTimeout.
+func awaitStarted(ch channel, pid bool) error {
+	_ = ch.conn.SetReadDeadline(time.Now().Add(handshakeTimeout))
+	defer func() { _ = ch.conn.SetReadDeadline(time.Time{}) }()
+	_, _, err := ch.recv(kindStarted)
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return nil
+	case !pid && errors.Is(err, errChannelClosed):
+		return nil
+	}
+	return err
 }
 
 // killAndWait ends a child that never reached the command and reports its

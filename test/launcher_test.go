@@ -136,6 +136,18 @@ func TestDetachJoinStop(t *testing.T) {
 		t.Errorf("--join after --stop: %s", res)
 	}
 
+	// --detach returns once the command runs: one that cannot be run
+	// fails it, and leaves no state behind.
+	for _, flags := range [][]string{nil, {"--pid"}} {
+		res = wd.runGuest(append([]string{"--detach", "--state-dir", state}, flags...), "/nonexistent/command")
+		if res.code != 125 || !strings.Contains(res.stderr, "exited before its command ran") {
+			t.Errorf("--detach %v of a missing command: %s", flags, res)
+		}
+		if _, err := os.Stat(filepath.Join(state, "pid")); !os.IsNotExist(err) {
+			t.Errorf("--detach %v of a missing command left its state: %v", flags, err)
+		}
+	}
+
 	// A netns-run that is starting on the directory (it holds its lock
 	// before it has written a record) keeps a second one out, which
 	// touches nothing there.

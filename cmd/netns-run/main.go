@@ -148,7 +148,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		// must start its own).
 		os.Unsetenv(daemonEnv)
 		ready = newDaemonReady()
-		defer ready.report("exited before the namespace was up")
+		defer ready.report("exited before its command ran")
 		if stateDir, err = safefs.OpenDir(opts.stateDir, false); err != nil {
 			ready.report(err.Error())
 			return exitSetupFailed
@@ -252,6 +252,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		PID:      opts.pid,
 		Hostname: opts.hostname,
 		CopyUp:   opts.copyUp,
+		// A detached namespace is up once its command runs: --detach
+		// -- nosuchcmd fails, instead of returning 0.
+		Started: func() { ready.report("ok") },
 		Network: func(ctx context.Context, ns launcher.Namespace) (launcher.Network, error) {
 			host, err := startHostSide(ctx, ns, netCfg, eng, opts, rules, log)
 			if err != nil {
@@ -273,7 +276,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 					host.Close()
 					return nil, err
 				}
-				ready.report("ok")
 			}
 			return host, nil
 		},
