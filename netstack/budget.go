@@ -3,6 +3,7 @@ package netstack
 import (
 	"math/bits"
 	"sync"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 )
@@ -33,14 +34,36 @@ type tcpBuffers struct {
 	budget int64
 
 	mu  sync.Mutex
-	eps map[tcpip.Endpoint]struct{}
+	eps map[tcpip.Endpoint]*flowBuffers
 	// share is the size every endpoint's buffers are cut to, each way;
 	// 0 while the budget holds every flow at tcpBufferMax.
 	share int64
 }
 
+// flowBuffers is one flow's place in the budget. Its send buffer is cut by
+// the flow's own writer, before its next write (applySend): gVisor reads a
+// write's payload with its locks let go and then keeps only what still
+// fits, so a cut from another flow's goroutine during a write would drop
+// bytes already taken from the host socket, a hole in the guest's stream.
+// (An atomic write would hold the locks while it reads the host socket:
+// a fifth to a third of the throughput.)
+type flowBuffers struct {
+	sendCut atomic.Int64 // the size to set before the next write; 0: none
+}
+
+// applySend cuts ep's send buffer as the budget asked, if it did; f may be
+// nil.
+func (f *flowBuffers) applySend(ep tcpip.Endpoint) {
+	if f == nil {
+		return
+	}
+	if size := f.sendCut.Swap(0); size != 0 {
+		ep.SocketOptions().SetSendBufferSize(size, true)
+	}
+}
+
 func newTCPBuffers(budget int64) *tcpBuffers {
-	return &tcpBuffers{budget: budget, eps: make(map[tcpip.Endpoint]struct{})}
+	return &tcpBuffers{budget: budget, eps: make(map[tcpip.Endpoint]*flowBuffers)}
 }
 
 // shareFor is the per-flow, per-direction share for n flows (0: no cut).
@@ -56,22 +79,24 @@ func (b *tcpBuffers) shareFor(n int) int64 {
 }
 
 // add counts a new flow's endpoint in, cutting every flow's buffers when
-// its arrival lowers the share.
-func (b *tcpBuffers) add(ep tcpip.Endpoint) {
+// its arrival lowers the share; the flow's writer applies its send cut.
+func (b *tcpBuffers) add(ep tcpip.Endpoint) *flowBuffers {
+	f := &flowBuffers{}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.eps[ep] = struct{}{}
+	b.eps[ep] = f
 	share := b.shareFor(len(b.eps))
 	if share != 0 && (b.share == 0 || share < b.share) {
 		b.share = share
-		for e := range b.eps {
-			cutBuffers(e, share)
+		for e, fb := range b.eps {
+			cutBuffers(e, fb, share)
 		}
-		return
+		return f
 	}
 	if b.share != 0 {
-		cutBuffers(ep, b.share)
+		cutBuffers(ep, f, b.share)
 	}
+	return f
 }
 
 // remove counts a flow's endpoint out. Flows opened later get the larger
@@ -85,10 +110,10 @@ func (b *tcpBuffers) remove(ep tcpip.Endpoint) {
 	}
 }
 
-// cutBuffers sets both of ep's buffers to size (which also ends gVisor's
-// automatic growth of them).
-func cutBuffers(ep tcpip.Endpoint, size int64) {
-	so := ep.SocketOptions()
-	so.SetSendBufferSize(size, true)
-	so.SetReceiveBufferSize(size, true)
+// cutBuffers sets ep's receive buffer to size, and has its writer set the
+// send buffer to size (see flowBuffers); either ends gVisor's automatic
+// growth of that buffer.
+func cutBuffers(ep tcpip.Endpoint, f *flowBuffers, size int64) {
+	f.sendCut.Store(size)
+	ep.SocketOptions().SetReceiveBufferSize(size, true)
 }

@@ -23,6 +23,7 @@ func TestTCPBufferBudget(t *testing.T) {
 	const budget = 16 * tcpBufferMax // room for 8 flows at the maximum
 	b := newTCPBuffers(budget)
 	var eps []tcpip.Endpoint
+	fbs := map[tcpip.Endpoint]*flowBuffers{}
 	var rcv0 int64
 	open := func() tcpip.Endpoint {
 		var wq waiter.Queue
@@ -31,12 +32,14 @@ func TestTCPBufferBudget(t *testing.T) {
 			t.Fatal(terr)
 		}
 		t.Cleanup(ep.Close)
-		b.add(ep)
+		fbs[ep] = b.add(ep)
 		eps = append(eps, ep)
 		return ep
 	}
-	// Both buffers are cut alike; the receive buffer stands for both.
+	// Both buffers are cut alike (the send buffer once the flow's
+	// writer writes again); the receive buffer stands for both.
 	size := func(ep tcpip.Endpoint) int64 {
+		fbs[ep].applySend(ep)
 		so := ep.SocketOptions()
 		if snd, rcv := so.GetSendBufferSize(), so.GetReceiveBufferSize(); snd != rcv && rcv != rcv0 {
 			t.Fatalf("send buffer %d, receive buffer %d: cut differently", snd, rcv)

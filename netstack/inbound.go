@@ -88,7 +88,7 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	if err := s.lim.keepalive.set(gc.ep); err != nil {
 		s.log.Debug("tcp keepalive", "client", client, "guest", guest, "err", err)
 	}
-	s.tcpBufs.add(gc.ep)
+	gc.bufs = s.tcpBufs.add(gc.ep)
 	defer s.tcpBufs.remove(gc.ep)
 	start := time.Now()
 	flowStarted(&s.counters.tcpOpen, &s.counters.tcpTotal)

@@ -115,7 +115,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 // both are done, and counts the flow; sent is what was already written to
 // host on the guest's behalf.
 func (s *Stack) relayFlow(g guestConn, host *net.TCPConn, src, dst netip.AddrPort, sent int) {
-	s.tcpBufs.add(g.ep)
+	g.bufs = s.tcpBufs.add(g.ep)
 	defer s.tcpBufs.remove(g.ep)
 	start := time.Now()
 	s.counters.tcpTotal.Add(1)

@@ -20,6 +20,8 @@ import (
 type guestConn struct {
 	ep tcpip.Endpoint
 	wq *waiter.Queue
+	// bufs is the flow's place in the buffer budget (nil: none).
+	bufs *flowBuffers
 }
 
 // relayTCP copies both ways between a guest connection and a host socket
@@ -148,7 +150,7 @@ func copyHostToGuest(guest guestConn, rc syscall.RawConn) (int64, error) {
 	write := func(b []byte) {
 		r.Reset(b)
 		var m int64
-		m, terr = guest.ep.Write(&r, tcpip.WriteOptions{})
+		m, terr = writePayload(guest, &r)
 		total += m
 		pending = b[m:]
 	}
@@ -173,7 +175,7 @@ func copyHostToGuest(guest guestConn, rc syscall.RawConn) (int64, error) {
 		if avail, errno := socketInq(fd); errno == 0 && avail > 0 {
 			p.fd, p.left = fd, avail
 			var m int64
-			m, terr = guest.ep.Write(&p, tcpip.WriteOptions{})
+			m, terr = writePayload(guest, &p)
 			total += m
 		}
 		return true
@@ -227,4 +229,13 @@ func waitGuestReset(guest guestConn, done <-chan struct{}, closing *atomic.Bool)
 		case <-ch:
 		}
 	}
+}
+
+// writePayload writes what p reads (from the host socket, or from what was
+// read from it) to guest. The budget's cut of the send buffer lands here,
+// between writes: during one, gVisor would drop what no longer fits of
+// what it already took from p (see flowBuffers).
+func writePayload(guest guestConn, p tcpip.Payloader) (int64, tcpip.Error) {
+	guest.bufs.applySend(guest.ep)
+	return guest.ep.Write(p, tcpip.WriteOptions{})
 }
