@@ -41,11 +41,17 @@ type dhcpServer struct {
 
 type dhcpSlot struct {
 	owner net.HardwareAddr // nil: nobody's
-	// declined: a client found the address in use by someone else.
-	declined bool
+	// declinedUntil: a client found the address in use by someone else;
+	// it is not offered until then.
+	declinedUntil time.Time
 }
 
-func (s dhcpSlot) free() bool { return s.owner == nil && !s.declined }
+// dhcpDeclineHold is how long a declined address is kept out of the pool:
+// what used it may be gone, and a pool that only shrinks would in the end
+// offer nothing.
+const dhcpDeclineHold = 10 * time.Minute
+
+func (s dhcpSlot) free() bool { return s.owner == nil && time.Now().After(s.declinedUntil) }
 
 func newDHCPServer(cfg Config) *dhcpServer {
 	d := &dhcpServer{
@@ -173,7 +179,10 @@ func (d *dhcpServer) reply(req *dhcpv4.DHCPv4) *dhcpv4.DHCPv4 {
 		// Release: the slot is free again. Decline: the client found
 		// the address in use; it asks again and gets another one.
 		if i := d.slotOf(mac); i >= 0 && (typ == dhcpv4.MessageTypeDecline || d.pool[i] == ip4(req.ClientIPAddr)) {
-			d.slots[i] = dhcpSlot{declined: typ == dhcpv4.MessageTypeDecline}
+			d.slots[i] = dhcpSlot{}
+			if typ == dhcpv4.MessageTypeDecline {
+				d.slots[i].declinedUntil = time.Now().Add(dhcpDeclineHold)
+			}
 		}
 	}
 	return nil

@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"golang.org/x/sys/unix"
@@ -149,6 +150,15 @@ func TestDHCPLeases(t *testing.T) {
 			t.Fatalf("client %d of a 16-address pool with 3 taken: reply %v", n, r)
 		}
 	}
+	// Once its hold is over, the declined address is offered again.
+	d.mu.Lock()
+	for i := range d.slots {
+		if !d.slots[i].declinedUntil.IsZero() {
+			d.slots[i].declinedUntil = time.Now().Add(-time.Second)
+		}
+	}
+	d.mu.Unlock()
+	wantLease(t, exchange(t, d, discover(t, testMAC(30))), dhcpv4.MessageTypeOffer, "10.0.2.16")
 }
 
 // TestDHCPConfigMovesIt: --cidr moves the pool, router, DNS and netmask;

@@ -160,6 +160,18 @@ func (s *Stack) start(vnetHdr int) error {
 			}
 		}
 	}
+	// Before the other diverts (and also with a capture, which has
+	// none): ARP probes and announcements go unanswered (arpfilter.go).
+	var own4 []netip.Addr
+	for _, a := range []netip.Addr{s.cfg.Gateway, s.cfg.DNS} {
+		if a.Is4() {
+			own4 = append(own4, a)
+		}
+	}
+	next := tl.divert
+	tl.divert = func(vh []byte, parts [][]byte, n int, scratch *frameScratch) bool {
+		return arpUnanswered(parts[0], own4) || next != nil && next(vh, parts, n, scratch)
+	}
 	var link stack.LinkEndpoint = ethernet.New(tl)
 	if s.cfg.Capture != nil {
 		// The sniffer also logs every packet to stderr unless told not
