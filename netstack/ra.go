@@ -47,11 +47,15 @@ func (s *Stack) routerAdvertisement() []byte {
 	icmp = binary.BigEndian.AppendUint32(icmp, raPreferred)
 	icmp = append(icmp, 0, 0, 0, 0)
 	icmp = append(icmp, prefix[:]...)
-	// Recursive DNS server.
-	dns := s.cfg.DNS6.As16()
-	icmp = append(icmp, 25, 3, 0, 0)
-	icmp = binary.BigEndian.AppendUint32(icmp, raRouterLifetime)
-	icmp = append(icmp, dns[:]...)
+	// Recursive DNS server: only a forwarder that answers (none with
+	// DisableDNS; none in pasta mode without an IPv6 --dns-forward,
+	// where :: would make strict receivers drop the whole RA).
+	if s.cfg.DNS6.Is6() && !s.cfg.DNS6.IsUnspecified() && !s.cfg.DisableDNS {
+		dns := s.cfg.DNS6.As16()
+		icmp = append(icmp, 25, 3, 0, 0)
+		icmp = binary.BigEndian.AppendUint32(icmp, raRouterLifetime)
+		icmp = append(icmp, dns[:]...)
+	}
 
 	src, dst := tcpipAddr(linkLocalGateway), tcpipAddr(allNodes)
 	binary.BigEndian.PutUint16(icmp[2:], header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: icmp, Src: src, Dst: dst}))
