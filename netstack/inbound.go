@@ -73,6 +73,16 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 		return net.ErrClosed
 	}
 	defer s.flows.leave()
+	// Published ports' clients have a bound of their own: counted with
+	// the guest's flows, outside clients holding connections open would
+	// refuse the guest's own outbound connections.
+	if !reserve(&s.counters.tcpInboundOpen, s.lim.tcpFlows) {
+		s.counters.dropFlowLimit.Add(1)
+		_ = conn.SetLinger(0)
+		conn.Close()
+		return errors.New("too many published-port connections")
+	}
+	defer s.counters.tcpInboundOpen.Add(-1)
 	client, _ := netip.ParseAddrPort(conn.RemoteAddr().String())
 	guest, err := s.guestTarget(guest)
 	src := s.ClientSource(client, guest)
@@ -91,8 +101,7 @@ func (s *Stack) ForwardTCP(conn *net.TCPConn, guest netip.AddrPort) error {
 	gc.bufs = s.tcpBufs.add(gc.ep)
 	defer s.tcpBufs.remove(gc.ep)
 	start := time.Now()
-	flowStarted(&s.counters.tcpOpen, &s.counters.tcpTotal)
-	defer s.counters.tcpOpen.Add(-1)
+	s.counters.tcpTotal.Add(1)
 	s.log.Debug("inbound tcp flow opened", "client", client, "src", src, "guest", guest)
 	up, down := relayTCP(s.ctx, gc, conn)
 	s.counters.bytesFromGuest.Add(uint64(up))

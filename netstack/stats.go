@@ -13,7 +13,10 @@ import (
 
 // counters are the Stack's own statistics; gVisor keeps the packet ones.
 type counters struct {
-	tcpOpen, udpOpen, icmpOpen    atomic.Int64
+	tcpOpen, udpOpen, icmpOpen atomic.Int64
+	// tcpInboundOpen counts the published ports' connections through
+	// the stack, which have their own bound (Stack.ForwardTCP).
+	tcpInboundOpen                atomic.Int64
 	tcpTotal, udpTotal, icmpTotal atomic.Uint64
 	tcpKernelTotal                atomic.Uint64
 	tcpKernelNATTotal             atomic.Uint64
@@ -105,7 +108,7 @@ func (s *Stack) Stats() Stats {
 	var st Stats
 	st.UptimeSeconds = time.Since(s.started).Seconds()
 	c := &s.counters
-	st.Flows.TCPOpen, st.Flows.UDPOpen, st.Flows.ICMPOpen = c.tcpOpen.Load(), c.udpOpen.Load(), c.icmpOpen.Load()
+	st.Flows.TCPOpen, st.Flows.UDPOpen, st.Flows.ICMPOpen = c.tcpOpen.Load()+c.tcpInboundOpen.Load(), c.udpOpen.Load(), c.icmpOpen.Load()
 	st.Flows.TCPTotal, st.Flows.UDPTotal, st.Flows.ICMPTotal = c.tcpTotal.Load(), c.udpTotal.Load(), c.icmpTotal.Load()
 	st.Flows.TCPKernelTotal = c.tcpKernelTotal.Load()
 	st.Flows.TCPKernelNATTotal = c.tcpKernelNATTotal.Load()
