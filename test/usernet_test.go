@@ -590,6 +590,15 @@ func TestUsernetHelpersHoldNoRuntimePipe(t *testing.T) {
 	if len(helpers) == 0 {
 		t.Fatal("usernet started no helper")
 	}
+	// The helpers joined the container's user namespace, where its root
+	// has every capability: they must not be open to it (their /proc
+	// entries lead to the host's files, ptrace to the host's mount
+	// namespace).
+	for _, pid := range helpers {
+		if out, err := wd.sandboxCommand(sb, "cat", fmt.Sprintf("/proc/%d/environ", pid)).CombinedOutput(); err == nil {
+			t.Errorf("the container's root reads helper %d's environment (%d bytes)", pid, len(out))
+		}
+	}
 	for _, pid := range helpers {
 		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 		for _, fd := range fds {

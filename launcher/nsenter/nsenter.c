@@ -106,6 +106,12 @@ __attribute__((constructor)) static void netns_run_nsenter(void) {
 	const char *netns = getenv(ns_kinds[NS_NET].env);
 	if (netns == NULL || *netns == '\0')
 		return;
+	// Not dumpable, first: joining a user namespace we own keeps the
+	// flag, and in the target's (a container's) its root would then hold
+	// every capability over us: /proc/PID/root and /proc/PID/environ
+	// would lead it to the host's files, ptrace into our mount namespace.
+	// (An exec resets it: the command that --join runs is as any.)
+	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 	// Every handle is opened before the first setns: after joining the
 	// mount namespace, /proc is the target's, where a /proc/PID/ns path
 	// of ours (or /proc/self/fd/N, for a process outside the target's PID
