@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	seccomp "github.com/elastic/go-seccomp-bpf"
+	"github.com/elastic/go-seccomp-bpf/arch"
 	"golang.org/x/sys/unix"
 )
 
@@ -28,7 +29,8 @@ var steadyStateSyscalls = []string{
 	"getuid", "geteuid", "getgid", "getegid",
 	// Files and the netpoller.
 	"read", "write", "readv", "writev", "pread64", "pwrite64", "lseek", "close", "fcntl", "dup", "dup3",
-	"openat", "newfstatat", "fstat", "getdents64", "unlinkat",
+	// (fstatat is arm64's name for newfstatat.)
+	"openat", "newfstatat", "fstatat", "fstat", "getdents64", "unlinkat",
 	"epoll_create1", "epoll_ctl", "epoll_pwait", "epoll_wait", "ppoll", "poll", "pipe2", "eventfd2",
 	// Sockets.
 	"socket", "connect", "bind", "listen", "accept4", "getsockname", "getpeername",
@@ -49,12 +51,29 @@ var steadyStateIoctls = []uint64{
 	unix.SIOCINQ,       // bytes queued on a socket (FIONREAD)
 }
 
+// syscallsOf is steadyStateSyscalls less the names info's architecture
+// lacks (arch_prctl, poll and epoll_wait are amd64's): the filter library
+// refuses a name it does not know, and the filter would not load.
+func syscallsOf(info *arch.Info) []string {
+	var names []string
+	for _, n := range steadyStateSyscalls {
+		if _, ok := info.SyscallNames[n]; ok {
+			names = append(names, n)
+		}
+	}
+	return names
+}
+
 // LoadSeccomp confines the calling process (all threads) to the helper's
 // steady-state system calls; anything else fails with EPERM instead of
 // killing the helper. With logDenied the kernel also logs each refused call
 // (SECCOMP_FILTER_FLAG_LOG: see dmesg or the audit log). It sets
 // no_new_privs.
 func LoadSeccomp(logDenied bool) error {
+	info, err := arch.GetInfo("")
+	if err != nil {
+		return fmt.Errorf("seccomp: %w", err)
+	}
 	flag := seccomp.FilterFlagTSync
 	if logDenied {
 		flag |= seccomp.FilterFlagLog
@@ -64,7 +83,7 @@ func LoadSeccomp(logDenied bool) error {
 		Flag:       flag,
 		Policy: seccomp.Policy{
 			DefaultAction: seccomp.ActionErrno,
-			Syscalls:      []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: steadyStateSyscalls, NamesWithCondtions: ioctlRules()}},
+			Syscalls:      []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: syscallsOf(info), NamesWithCondtions: ioctlRules()}},
 		},
 	}
 	if err := seccomp.LoadFilter(filter); err != nil {

@@ -5,9 +5,13 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
+	"slices"
 	"syscall"
 	"testing"
 
+	seccomp "github.com/elastic/go-seccomp-bpf"
+	"github.com/elastic/go-seccomp-bpf/arch"
 	"golang.org/x/sys/unix"
 )
 
@@ -71,5 +75,41 @@ func seccompChild(t *testing.T) {
 	}
 	if _, err := unix.IoctlRetInt(pidfd, 0xff09); err != nil {
 		t.Errorf("ioctl PIDFD_GET_USER_NAMESPACE: %v", err)
+	}
+}
+
+// The allow-list builds for both architectures the binaries are made for:
+// each keeps the calls it has, and every name is some architecture's (a
+// typo would silently allow nothing).
+func TestSeccompListPerArchitecture(t *testing.T) {
+	known := map[string]bool{}
+	for _, name := range []string{"amd64", "arm64"} {
+		info, err := arch.GetInfo(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		names := syscallsOf(info)
+		for _, n := range names {
+			known[n] = true
+		}
+		for _, must := range []string{"read", "write", "futex", "epoll_pwait", "socket", "splice"} {
+			if !slices.Contains(names, must) {
+				t.Errorf("%s: %s not allowed", name, must)
+			}
+		}
+		p := seccomp.Policy{DefaultAction: seccomp.ActionErrno,
+			Syscalls: []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: names, NamesWithCondtions: ioctlRules()}}}
+		if _, err := p.Assemble(); name == runtime.GOARCH && err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	for _, n := range steadyStateSyscalls {
+		if !known[n] {
+			t.Errorf("%q is no architecture's system call", n)
+		}
+	}
+	arm, _ := arch.GetInfo("arm64")
+	if names := syscallsOf(arm); !slices.Contains(names, "fstatat") || slices.Contains(names, "arch_prctl") {
+		t.Errorf("arm64: %v", names)
 	}
 }
