@@ -32,8 +32,8 @@ var steadyStateSyscalls = []string{
 	// (fstatat is arm64's name for newfstatat.)
 	"openat", "newfstatat", "fstatat", "fstat", "getdents64", "unlinkat",
 	"epoll_create1", "epoll_ctl", "epoll_pwait", "epoll_wait", "ppoll", "poll", "pipe2", "eventfd2",
-	// Sockets.
-	"socket", "connect", "bind", "listen", "accept4", "getsockname", "getpeername",
+	// Sockets (socket itself only of the families in socketRules).
+	"connect", "bind", "listen", "accept4", "getsockname", "getpeername",
 	// The kernel TCP path moves bytes between two sockets through a pipe.
 	"splice",
 	"getsockopt", "setsockopt", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
@@ -83,13 +83,30 @@ func LoadSeccomp(logDenied bool) error {
 		Flag:       flag,
 		Policy: seccomp.Policy{
 			DefaultAction: seccomp.ActionErrno,
-			Syscalls:      []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: syscallsOf(info), NamesWithCondtions: ioctlRules()}},
+			Syscalls:      []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: syscallsOf(info), NamesWithCondtions: append(socketRules(), ioctlRules()...)}},
 		},
 	}
 	if err := seccomp.LoadFilter(filter); err != nil {
 		return fmt.Errorf("seccomp: %w", err)
 	}
 	return nil
+}
+
+// socketRules allow new sockets of the Internet families and route
+// netlink only. The helper's Unix sockets (the API's, the engine's
+// channels) are made before the filter: a new one could reach the user's
+// abstract sockets (an X server, a session bus), which belong to the
+// network namespace the engine shares with the host; other netlink
+// families (netfilter) are the usual way in to a kernel bug.
+func socketRules() []seccomp.NameWithConditions {
+	arg := func(n int, v uint64) seccomp.Condition {
+		return seccomp.Condition{Argument: uint32(n), Operation: seccomp.Equal, Value: v}
+	}
+	return []seccomp.NameWithConditions{
+		{Name: "socket", Conditions: seccomp.ArgumentConditions{arg(0, unix.AF_INET)}},
+		{Name: "socket", Conditions: seccomp.ArgumentConditions{arg(0, unix.AF_INET6)}},
+		{Name: "socket", Conditions: seccomp.ArgumentConditions{arg(0, unix.AF_NETLINK), arg(2, unix.NETLINK_ROUTE)}},
+	}
 }
 
 func ioctlRules() []seccomp.NameWithConditions {

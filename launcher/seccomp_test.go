@@ -56,6 +56,25 @@ func seccompChild(t *testing.T) {
 		t.Fatalf("read under seccomp: %q %v", buf, err)
 	}
 	c.Close()
+	// New sockets of the Internet families and route netlink only.
+	for _, c := range []struct {
+		name               string
+		domain, typ, proto int
+		want               error
+	}{
+		{"udp", unix.AF_INET6, unix.SOCK_DGRAM, 0, nil},
+		{"route netlink", unix.AF_NETLINK, unix.SOCK_RAW, unix.NETLINK_ROUTE, nil},
+		{"unix", unix.AF_UNIX, unix.SOCK_STREAM, 0, syscall.EPERM},
+		{"netfilter netlink", unix.AF_NETLINK, unix.SOCK_RAW, unix.NETLINK_NETFILTER, syscall.EPERM},
+	} {
+		fd, err := unix.Socket(c.domain, c.typ|unix.SOCK_CLOEXEC, c.proto)
+		if err == nil {
+			unix.Close(fd)
+		}
+		if !errors.Is(err, c.want) && err != c.want {
+			t.Errorf("socket %s: %v, want %v", c.name, err, c.want)
+		}
+	}
 	if err := syscall.Exec("/bin/true", []string{"true"}, nil); !errors.Is(err, syscall.EPERM) {
 		t.Errorf("execve: %v, want EPERM", err)
 	}
@@ -92,13 +111,13 @@ func TestSeccompListPerArchitecture(t *testing.T) {
 		for _, n := range names {
 			known[n] = true
 		}
-		for _, must := range []string{"read", "write", "futex", "epoll_pwait", "socket", "splice"} {
+		for _, must := range []string{"read", "write", "futex", "epoll_pwait", "connect", "splice"} {
 			if !slices.Contains(names, must) {
 				t.Errorf("%s: %s not allowed", name, must)
 			}
 		}
 		p := seccomp.Policy{DefaultAction: seccomp.ActionErrno,
-			Syscalls: []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: names, NamesWithCondtions: ioctlRules()}}}
+			Syscalls: []seccomp.SyscallGroup{{Action: seccomp.ActionAllow, Names: names, NamesWithCondtions: append(socketRules(), ioctlRules()...)}}}
 		if _, err := p.Assemble(); name == runtime.GOARCH && err != nil {
 			t.Errorf("%s: %v", name, err)
 		}
