@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -130,6 +131,21 @@ func checkSandboxed(t *testing.T, pid int, want ...string) {
 	}
 	if strings.Join(names, ",") != "etc,run" {
 		t.Errorf("sandbox root holds %v, want only etc and run", names)
+	}
+	// Every mount in the sandbox is read-only, also those below /run and
+	// /etc (/run/netns, /run/user/UID), not only the binds' tops.
+	mounts, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(mounts)), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 6 || f[4] == "/" {
+			continue
+		}
+		if !slices.Contains(strings.Split(f[5], ","), "ro") {
+			t.Errorf("sandbox mount %s is writable: %s", f[4], line)
+		}
 	}
 	checkNoHostPaths(t, pid)
 }

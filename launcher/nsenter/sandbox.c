@@ -59,6 +59,12 @@ static int bind_ro(const char *src, const char *dst) {
 		return fail("make sandbox bind a slave");
 	if (mount(NULL, dst, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
 		return fail("remount sandbox bind read-only");
+	// The remount changes the top mount alone: the mounts below it
+	// (/run/user/UID, /run/netns, ...) would stay writable. Kernels
+	// before 5.12 lack the call, and keep only the top read-only.
+	struct mount_attr attr = {.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC};
+	if (syscall(SYS_mount_setattr, AT_FDCWD, dst, AT_RECURSIVE, &attr, sizeof attr) < 0 && errno != ENOSYS)
+		return fail("make sandbox binds read-only");
 	return 0;
 }
 
