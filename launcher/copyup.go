@@ -2,6 +2,7 @@ package launcher
 
 import (
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -82,7 +83,7 @@ func captureEntries(dir string) ([]copyUpEntry, error) {
 				return out, fmt.Errorf("copy-up %s: %w", path, err)
 			}
 		case info.Mode().IsRegular() && total+int(info.Size()) <= maxCopyUp:
-			if data, rerr := os.ReadFile(path); rerr == nil {
+			if data, ok := readRegular(path, maxCopyUp-total); ok {
 				e.data = data
 				total += len(data)
 				break
@@ -98,6 +99,28 @@ func captureEntries(dir string) ([]copyUpEntry, error) {
 		out = append(out, e)
 	}
 	return out, nil
+}
+
+// readRegular reads the regular file at path if it holds at most limit
+// bytes. The entry may have been replaced since it was listed (a shared
+// directory: /tmp): a symlink is not followed, and a FIFO or device, or a
+// file grown past the limit, is not read (no hang, no unbounded read); the
+// caller binds the original instead.
+func readRegular(path string, limit int) ([]byte, bool) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, false
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil || !st.Mode().IsRegular() || st.Size() > int64(limit) {
+		return nil, false
+	}
+	data, err := io.ReadAll(io.LimitReader(f, int64(limit)+1))
+	if err != nil || len(data) > limit {
+		return nil, false
+	}
+	return data, true
 }
 
 func restoreEntry(dir string, e copyUpEntry) error {
