@@ -37,18 +37,36 @@ func subIDs(r io.Reader, u *user.User, id string) [][2]int {
 	return out
 }
 
+// The kernel's bounds on an id map: lines, and ids (2^32-1 is no id).
+const (
+	maxIDMapLines = 340
+	maxID         = 1<<32 - 2
+)
+
 // buildMap puts the caller's own id at inside and fills the ids around it
 // from the subordinate ranges, in order: 0..inside-1, then inside+1 on.
+// The own id is left out of the ranges (an id mapped twice makes the
+// kernel refuse the map), and the map is kept within the kernel's bounds.
 func buildMap(own, inside int, sub [][2]int) []idRange {
 	m := []idRange{{inside: inside, outside: own, count: 1}}
-	next := 0
+	var ranges [][2]int
 	for _, r := range sub {
-		start, count := r[0], r[1]
-		for count > 0 {
+		start, end := r[0], r[0]+r[1]
+		if own >= start && own < end {
+			ranges = append(ranges, [2]int{start, own - start}, [2]int{own + 1, end - own - 1})
+		} else {
+			ranges = append(ranges, r)
+		}
+	}
+	next := 0
+	for _, r := range ranges {
+		start, count := r[0], min(r[1], maxID+1-r[0])
+		for count > 0 && len(m) < maxIDMapLines && next <= maxID {
 			if next == inside {
 				next++
+				continue
 			}
-			n := count
+			n := min(count, maxID+1-next)
 			if next < inside && next+n > inside {
 				n = inside - next
 			}
@@ -88,7 +106,9 @@ func writeIDMaps(pid, insideUID, insideGID int) error {
 		if err != nil {
 			return fmt.Errorf("map subordinate ids: %w", err)
 		}
-		sub := subIDs(f, u, strconv.Itoa(m.own))
+		// Both files list ranges by user name or uid (as newgidmap
+		// reads /etc/subgid), never by gid.
+		sub := subIDs(f, u, strconv.Itoa(os.Getuid()))
 		f.Close()
 		if len(sub) == 0 {
 			return fmt.Errorf("map subordinate ids: no range for %s in %s: add one with `sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 %s`", u.Username, m.file, u.Username)

@@ -30,4 +30,22 @@ func TestBuildMap(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("map-user: got %v", got)
 	}
+	// A range that holds our own id maps around it, not over it.
+	got = buildMap(1000, 0, [][2]int{{999, 3}})
+	want = []idRange{{0, 1000, 1}, {1, 999, 1}, {2, 1001, 1}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("own id inside a range: got %v", got)
+	}
+	// Within the kernel's bounds: ids below 2^32-1, at most 340 lines.
+	got = buildMap(1000, 0, [][2]int{{100000, 1 << 33}})
+	if last := got[len(got)-1]; last.inside+last.count-1 > maxID {
+		t.Errorf("a huge range maps ids up to %d", last.inside+last.count-1)
+	}
+	var many [][2]int
+	for i := range 1000 {
+		many = append(many, [2]int{100000 + 2*i, 1})
+	}
+	if got = buildMap(1000, 0, many); len(got) > maxIDMapLines {
+		t.Errorf("%d lines", len(got))
+	}
 }
