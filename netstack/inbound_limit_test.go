@@ -10,6 +10,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+
+	"github.com/netns-run/netns-run/netstack/sockrelay/relaytest"
 )
 
 // Published ports' connections through the stack have a bound of their
@@ -27,59 +29,22 @@ func TestInboundFlowsLeaveOutboundAlone(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer gl.Close()
-	go func() {
-		for {
-			c, err := gl.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	go holdAccepted(gl)
 	hl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer hl.Close()
-	go func() {
-		for {
-			c, err := hl.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	go holdAccepted(hl)
 	// Two outside clients of a published port, idle.
-	pl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pl.Close()
 	for range 2 {
-		c, err := net.Dial("tcp", pl.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		sc, err := pl.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		go func() { _ = s.ForwardTCP(sc.(*net.TCPConn), netip.AddrPortFrom(DefaultGuestAddr, 8080)) }()
+		_, sc := relaytest.TCPPair(t)
+		go func() { _ = s.ForwardTCP(sc, netip.AddrPortFrom(DefaultGuestAddr, 8080)) }()
 	}
 	eventually(t, "inbound flows up", func() bool { return s.counters.tcpInboundOpen.Load() == 2 })
-	c, err := net.Dial("tcp", pl.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	sc, err := pl.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, sc := relaytest.TCPPair(t)
 	third := make(chan error, 1)
-	go func() { third <- s.ForwardTCP(sc.(*net.TCPConn), netip.AddrPortFrom(DefaultGuestAddr, 8080)) }()
+	go func() { third <- s.ForwardTCP(sc, netip.AddrPortFrom(DefaultGuestAddr, 8080)) }()
 	select {
 	case err := <-third:
 		if err == nil {
@@ -96,4 +61,22 @@ func TestInboundFlowsLeaveOutboundAlone(t *testing.T) {
 		t.Fatalf("the guest's outbound connection, with two published-port ones open: %v", err)
 	}
 	out.Close()
+}
+
+// holdAccepted accepts connections on ln and holds them open until ln
+// closes.
+func holdAccepted(ln net.Listener) {
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		held = append(held, c)
+	}
 }
