@@ -66,13 +66,17 @@ func syscallsOf(info *arch.Info) []string {
 
 // LoadSeccomp confines the calling process (all threads) to the helper's
 // steady-state system calls; anything else fails with EPERM instead of
-// killing the helper. With logDenied the kernel also logs each refused call
+// killing the helper. New namespaces are refused too (loadCloneFilter). With logDenied the kernel also logs each refused call
 // (SECCOMP_FILTER_FLAG_LOG: see dmesg or the audit log). It sets
 // no_new_privs.
 func LoadSeccomp(logDenied bool) error {
 	info, err := arch.GetInfo("")
 	if err != nil {
 		return fmt.Errorf("seccomp: %w", err)
+	}
+	// First: the allow-list refuses seccomp itself.
+	if err := loadCloneFilter(); err != nil {
+		return err
 	}
 	flag := seccomp.FilterFlagTSync
 	if logDenied {

@@ -56,6 +56,23 @@ func seccompChild(t *testing.T) {
 		t.Fatalf("read under seccomp: %q %v", buf, err)
 	}
 	c.Close()
+	// No new namespaces: clone with a CLONE_NEW* flag is refused before
+	// the kernel looks at it (without the filter, CLONE_NEWUSER with
+	// CLONE_THREAD is EINVAL, and no child is ever made), and clone3 says
+	// ENOSYS (without the filter, a NULL argument is EFAULT).
+	if _, _, errno := unix.RawSyscall(unix.SYS_CLONE, unix.CLONE_NEWUSER|unix.CLONE_THREAD|unix.CLONE_SIGHAND|unix.CLONE_VM, 0, 0); errno != unix.EPERM {
+		t.Errorf("clone(CLONE_NEWUSER): %v, want EPERM", errno)
+	}
+	if _, _, errno := unix.RawSyscall(unix.SYS_CLONE3, 0, 0, 0); errno != unix.ENOSYS {
+		t.Errorf("clone3: %v, want ENOSYS", errno)
+	}
+	// Threads are still made.
+	started := make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		close(started)
+	}()
+	<-started
 	// New sockets of the Internet families and route netlink only.
 	for _, c := range []struct {
 		name               string
