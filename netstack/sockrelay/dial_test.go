@@ -80,8 +80,15 @@ func TestDialTimesOut(t *testing.T) {
 	// queue makes room, and the SYN's resend (after a second) gets in.
 	go func() {
 		time.Sleep(200 * time.Millisecond)
-		if nfd, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC); err == nil {
-			unix.Close(nfd)
+		for {
+			// (The runtime's preemption signal may interrupt it.)
+			nfd, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC)
+			if err == nil {
+				unix.Close(nfd)
+			}
+			if err != unix.EINTR {
+				return
+			}
 		}
 	}()
 	late, err := Dial(context.Background(), netip.Addr{}, to, 10*time.Second)
