@@ -31,7 +31,7 @@ func TestARPProbesUnanswered(t *testing.T) {
 		}
 		buf := make([]byte, 2048)
 		for {
-			n, err := unix.Read(peer, buf)
+			n, err := readPeer(peer, buf)
 			if err != nil {
 				return false
 			}

@@ -200,7 +200,7 @@ func TestEgressUDPDeniedIsProhibited(t *testing.T) {
 	buf := make([]byte, 65536)
 	_ = unix.SetsockoptTimeval(peer, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 5})
 	for {
-		n, err := unix.Read(peer, buf)
+		n, err := readPeer(peer, buf)
 		if err != nil {
 			t.Fatalf("no ICMP administratively prohibited: %v", err)
 		}

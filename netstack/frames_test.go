@@ -60,7 +60,7 @@ func TestFrameStackAnswersARP(t *testing.T) {
 	_ = unix.SetsockoptTimeval(peer, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
 	// Router advertisements may come first.
 	for i := 0; i < 10; i++ {
-		n, err := unix.Read(peer, buf)
+		n, err := readPeer(peer, buf)
 		if err != nil {
 			t.Fatalf("no ARP reply: %v", err)
 		}
@@ -105,4 +105,16 @@ func FuzzFrames(f *testing.F) {
 			}
 		}
 	})
+}
+
+// readPeer reads a frame from the guest's end of a test link (blocking,
+// with a receive timeout), again when the runtime's preemption signal
+// interrupts the read.
+func readPeer(peer int, buf []byte) (int, error) {
+	for {
+		n, err := unix.Read(peer, buf)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
 }

@@ -47,7 +47,7 @@ func awaitFrame(peer int, match func(header.Ethernet) bool) header.Ethernet {
 	_ = unix.SetsockoptTimeval(peer, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
 	buf := make([]byte, 65536)
 	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
-		n, err := unix.Read(peer, buf)
+		n, err := readPeer(peer, buf)
 		if err != nil {
 			break
 		}

@@ -40,7 +40,7 @@ func readICMP(t *testing.T, peer int, typ4, typ6 uint8) []byte {
 	_ = unix.SetsockoptTimeval(peer, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
 	buf := make([]byte, 65536)
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
-		n, err := unix.Read(peer, buf)
+		n, err := readPeer(peer, buf)
 		if err != nil {
 			break
 		}

@@ -57,7 +57,7 @@ func TestFramesDuringStart(t *testing.T) {
 		_ = unix.SetsockoptTimeval(peer, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 200000})
 		unreachable := 0
 		for {
-			n, err := unix.Read(peer, buf)
+			n, err := readPeer(peer, buf)
 			if err != nil {
 				break
 			}

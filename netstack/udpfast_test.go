@@ -61,7 +61,7 @@ func readUDPReplies(t *testing.T, peer, vnetHdr, want int) []udpReply {
 	var got []udpReply
 	frags := map[uint16][]byte{}
 	for len(got) < want {
-		n, err := unix.Read(peer, buf)
+		n, err := readPeer(peer, buf)
 		if err != nil {
 			break
 		}
