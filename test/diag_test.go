@@ -164,9 +164,9 @@ func TestStats(t *testing.T) {
 // it: the namespace's kernel by default, IPv6 included; the userspace stack
 // with --userspace-tcp. The bytes arrive whole either way. A busy flow is
 // translated by the namespace's kernel (where nftables works in a user
-// namespace), IPv6 too: then most of its megabyte each way never crosses
-// the TAP.
+// namespace), IPv6 too: then its bytes stop crossing the TAP.
 func TestTCPPaths(t *testing.T) {
+	const pathsEcho = 8 << 20
 	wd := newWorld(t)
 	wd.startServer(wd.w, "tcp-echo-server", "127.0.0.1:8080")
 	wd.startServer(wd.w, "tcp-echo-server", "[::1]:8080")
@@ -185,7 +185,7 @@ func TestTCPPaths(t *testing.T) {
 			dir := userDir(t, "netns-run-paths-")
 			sock := filepath.Join(dir, "api.sock")
 			n := bins.nettool
-			script := fmt.Sprintf("%s tcp-echo-check '%s' 1000000 >/dev/null || exit 1; echo done; exec %s sleep stats", n, c.target, n)
+			script := fmt.Sprintf("%s tcp-echo-check '%s' %d >/dev/null || exit 1; echo done; exec %s sleep stats", n, c.target, pathsEcho, n)
 			stdout := wd.startGuestScript(append([]string{"--api-socket", sock}, c.flags...), script)
 			if line, _ := stdout.ReadString('\n'); strings.TrimSpace(line) != "done" {
 				t.Fatalf("exchange failed: %q", line)
@@ -198,10 +198,12 @@ func TestTCPPaths(t *testing.T) {
 			if got := st.Flows.TCPNAT; got != btou(nat) {
 				t.Errorf("%d flows translated in the namespace's kernel, want %d", got, btou(nat))
 			}
-			// The echo's megabyte from the guest, in frames on the TAP
-			// or not.
-			if crossed := st.Link.RxBytes > 1000000; crossed == nat {
-				t.Errorf("the TAP carried %d bytes from the guest; translated in the kernel: %v", st.Link.RxBytes, nat)
+			// The echo's bytes from the guest: all in frames on the
+			// TAP, or, once the translation is in the kernel (it is
+			// added while the flow runs, through the NAT broker:
+			// later on a busy machine), not all.
+			if crossed := st.Link.RxBytes >= pathsEcho; crossed == nat {
+				t.Errorf("the TAP carried %d of the %d bytes from the guest; translated in the kernel: %v", st.Link.RxBytes, pathsEcho, nat)
 			}
 		})
 	}
