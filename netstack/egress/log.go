@@ -173,9 +173,6 @@ func notice(rec record, suggest string) string {
 	return b.String()
 }
 
-// suggestion is the allow rule for host (a name, or an address) and ports
-// in the notices' form: TCP as host:ports, UDP with /udp, ICMP as
-// host/icmp.
 // plain returns s as it is if it is made of what host names are made of,
 // else quoted: the guest chooses a server name or Host header, which must
 // not reach the user's terminal as control sequences.
@@ -189,6 +186,9 @@ func plain(s string) string {
 	return s
 }
 
+// suggestion is the allow rule for host (a name, or an address) and ports
+// in the notices' form: TCP as host:ports, UDP with /udp, ICMP as
+// host/icmp.
 func suggestion(host string, p Proto, ports string) string {
 	if a, err := netip.ParseAddr(host); err == nil && a.Is6() {
 		host = "[" + host + "]"
