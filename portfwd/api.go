@@ -156,20 +156,18 @@ func (a *API) serveConn(conn net.Conn, ownNetns uint64) {
 // what one read gave it, so its clients need not shut their side: a client
 // that writes and then waits for the answer must get it.
 func readRequest(conn net.Conn) ([]byte, error) {
-	buf := make([]byte, 0, 512)
-	for len(buf) < apiMaxRequest {
-		if len(buf) == cap(buf) {
-			buf = append(buf, 0)[:len(buf)]
-		}
-		n, err := conn.Read(buf[len(buf):min(cap(buf), apiMaxRequest)])
-		buf = buf[:len(buf)+n]
+	buf := make([]byte, apiMaxRequest)
+	n := 0
+	for n < len(buf) {
+		m, err := conn.Read(buf[n:])
+		n += m
 		switch {
 		case errors.Is(err, io.EOF):
-			return buf, nil
+			return buf[:n], nil
 		case err != nil:
-			return buf, err
-		case n > 0 && json.Valid(buf):
-			return buf, nil
+			return buf[:n], err
+		case m > 0 && json.Valid(buf[:n]):
+			return buf[:n], nil
 		}
 	}
 	return buf, nil
