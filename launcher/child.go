@@ -81,11 +81,12 @@ func RunChild() {
 		conn.Close()
 		os.Exit(0)
 	}
+	cannotRun := message{Kind: kindFailure, Failure: &childFailure{Step: "exec", Message: "cannot run " + cfg.Args[0]}}
 	if cfg.PID {
 		// Looked up here, where a failure can still be told: init
 		// runs what is found.
 		if _, code := lookCommand(cfg.Args[0]); code != 0 {
-			_ = ch.send(message{Kind: kindFailure, Failure: &childFailure{Step: "exec", Message: "cannot run " + cfg.Args[0]}})
+			_ = ch.send(cannotRun)
 			os.Exit(code)
 		}
 		os.Exit(execInit(cfg.Args, conn))
@@ -93,7 +94,7 @@ func RunChild() {
 	// The channel stays open through the exec, which closes it (it is
 	// close-on-exec): the parent learns that the command runs.
 	code := execCommand(cfg.Args)
-	_ = ch.send(message{Kind: kindFailure, Failure: &childFailure{Step: "exec", Message: "cannot run " + cfg.Args[0]}})
+	_ = ch.send(cannotRun)
 	os.Exit(code)
 }
 
